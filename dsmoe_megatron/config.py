@@ -1,0 +1,263 @@
+"""DeepSeekMoE configuration: Megatron-core's TransformerConfig plus the few fields it has no name for.
+
+Megatron-core names are reused wherever they mean the same thing:
+
+=============================================  ==============================================
+DeepSeekMoE                                    field
+=============================================  ==============================================
+routed experts mN - Ks                         ``num_moe_experts``
+activated routed experts mK - Ks               ``moe_router_topk``
+expert width (FFN / m)                         ``moe_ffn_hidden_size``
+dense-layer FFN width                          ``ffn_hidden_size``
+shared width Ks x expert width                 ``moe_shared_expert_intermediate_size`` (derived)
+expert-level balance factor a1                 ``moe_aux_loss_coeff``
+per-batch / per-sequence balance statistics    ``moe_router_load_balancing_type``:
+                                               ``aux_loss`` / ``seq_aux_loss``
+top-k weights not renormalised (DeepSeekMoE)   ``moe_router_pre_softmax=True`` (softmax over all
+                                               experts, then top-k); ``False`` renormalises
+FP8                                            ``fp8`` (``"e4m3"`` / ``"hybrid"``), needs TE
+=============================================  ==============================================
+
+Added here: the shared-expert count, the first dense layers, the device-level balance loss and
+the expert GEMM backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "sequential")
+BALANCE_TYPES = ("aux_loss", "seq_aux_loss", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class DeepSeekMoEConfig(TransformerConfig):
+    moe_num_shared_experts: int = 0
+    """Ks: shared experts, always active; fused into one MLP of width Ks x moe_ffn_hidden_size."""
+
+    moe_first_k_dense: int = 0
+    """The first k layers keep a dense FFN of width ffn_hidden_size (the 16B and 145B models: 1)."""
+
+    moe_device_balance_coeff: float = 0.0
+    """a2, the device-level balance factor."""
+
+    moe_device_groups: int | None = None
+    """D, the number of device groups for the device-level loss; None means the EP size."""
+
+    moe_expert_backend: str = "auto"
+    """Routed-expert GEMMs: auto | te | grouped_mm | sequential (the plain-loop reference)."""
+
+    def __post_init__(self):
+        _fill_deepseek_defaults(self)
+        super().__post_init__()
+        validate(self)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    def moe_layer_pattern(self) -> list[bool]:
+        """True for each layer (0-based) whose FFN is a DeepSeekMoE block."""
+        if not self.is_moe:
+            return [False] * self.num_layers
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            pattern = [i % freq == 0 for i in range(self.num_layers)]
+        else:
+            pattern = [bool(v) for v in freq]
+        return [moe and i >= self.moe_first_k_dense for i, moe in enumerate(pattern)]
+
+    def num_device_groups(self) -> int:
+        return self.moe_device_groups or self.expert_model_parallel_size
+
+
+def _fill_deepseek_defaults(cfg: DeepSeekMoEConfig) -> None:
+    # DeepSeekMoE's FFNs are SwiGLU without biases.
+    if cfg.moe_num_shared_experts and cfg.moe_shared_expert_intermediate_size is None:
+        if cfg.moe_ffn_hidden_size is None:
+            raise ConfigError(
+                "moe_num_shared_experts > 0 needs an expert width: set moe_ffn_hidden_size"
+            )
+        cfg.moe_shared_expert_intermediate_size = (
+            cfg.moe_num_shared_experts * cfg.moe_ffn_hidden_size
+        )
+
+
+def validate(cfg: DeepSeekMoEConfig) -> None:
+    """Checks beyond TransformerConfig's own, each with the field and the fix in its message."""
+    tp = cfg.tensor_model_parallel_size
+    ep = cfg.expert_model_parallel_size
+    etp = cfg.expert_tensor_parallel_size or tp
+    if cfg.moe_expert_backend not in EXPERT_BACKENDS:
+        raise ConfigError(
+            f"moe_expert_backend={cfg.moe_expert_backend!r} is unknown; use one of {EXPERT_BACKENDS}"
+        )
+    if not 0 <= cfg.moe_first_k_dense <= cfg.num_layers:
+        raise ConfigError(
+            f"moe_first_k_dense={cfg.moe_first_k_dense} must be between 0 and num_layers "
+            f"({cfg.num_layers})"
+        )
+    if cfg.ffn_hidden_size % tp:
+        raise ConfigError(
+            f"ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by "
+            f"tensor_model_parallel_size={tp}; pick a width that is a multiple of {tp}"
+        )
+    if cfg.moe_num_shared_experts < 0:
+        raise ConfigError("moe_num_shared_experts must be >= 0")
+    if cfg.fp8 and not _te_available():
+        raise ConfigError(
+            f"fp8={cfg.fp8!r} needs Transformer Engine, which does not import here; "
+            "install dsmoe-megatron[te] on a CUDA machine or set fp8: null"
+        )
+    if cfg.fp8 and not _gpu_supports_fp8():
+        raise ConfigError(
+            f"fp8={cfg.fp8!r} needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
+            "set fp8: null on this machine"
+        )
+    if not cfg.is_moe:
+        if cfg.moe_num_shared_experts or cfg.moe_device_balance_coeff:
+            raise ConfigError(
+                "moe_num_shared_experts / moe_device_balance_coeff are set but num_moe_experts is "
+                "not; set num_moe_experts (the routed experts) or drop the MoE fields"
+            )
+        return
+    n, k = cfg.num_moe_experts, cfg.moe_router_topk
+    if not 1 <= k <= n:
+        raise ConfigError(
+            f"moe_router_topk={k} must be between 1 and num_moe_experts={n} (the routed experts; "
+            "shared experts are not counted)"
+        )
+    if cfg.moe_ffn_hidden_size % etp:
+        raise ConfigError(
+            f"moe_ffn_hidden_size={cfg.moe_ffn_hidden_size} is not divisible by the expert "
+            f"tensor parallel size {etp}; pick an expert width that is a multiple of {etp} or "
+            "set expert_tensor_parallel_size: 1"
+        )
+    if n % ep:
+        raise ConfigError(
+            f"num_moe_experts={n} is not divisible by expert_model_parallel_size={ep}; "
+            f"choose an EP size that divides {n}"
+        )
+    shared = cfg.moe_shared_expert_intermediate_size
+    if cfg.moe_num_shared_experts:
+        if shared != cfg.moe_num_shared_experts * cfg.moe_ffn_hidden_size:
+            raise ConfigError(
+                f"moe_shared_expert_intermediate_size={shared} disagrees with "
+                f"moe_num_shared_experts={cfg.moe_num_shared_experts} x moe_ffn_hidden_size="
+                f"{cfg.moe_ffn_hidden_size}; set only moe_num_shared_experts"
+            )
+    elif shared:
+        raise ConfigError(
+            f"moe_shared_expert_intermediate_size={shared} is set with moe_num_shared_experts=0; "
+            "set moe_num_shared_experts (the width is derived from it)"
+        )
+    if shared and shared % tp:
+        raise ConfigError(
+            f"shared expert width {shared} is not divisible by tensor_model_parallel_size={tp}"
+        )
+    if cfg.moe_router_load_balancing_type not in BALANCE_TYPES:
+        raise ConfigError(
+            f"moe_router_load_balancing_type={cfg.moe_router_load_balancing_type!r}: DeepSeekMoE "
+            f"supports {BALANCE_TYPES} (aux_loss = per-batch statistics, seq_aux_loss = "
+            "per-sequence)"
+        )
+    if cfg.moe_router_score_function != "softmax":
+        raise ConfigError(
+            "moe_router_score_function must be 'softmax' for DeepSeekMoE "
+            f"(got {cfg.moe_router_score_function!r})"
+        )
+    groups = cfg.num_device_groups()
+    if cfg.moe_device_balance_coeff < 0 or cfg.moe_aux_loss_coeff < 0:
+        raise ConfigError("moe_aux_loss_coeff and moe_device_balance_coeff must be >= 0")
+    if cfg.moe_device_balance_coeff > 0 and groups < 2:
+        raise ConfigError(
+            f"moe_device_balance_coeff={cfg.moe_device_balance_coeff} needs at least 2 device "
+            f"groups but there is {groups} (moe_device_groups, default the EP size); set "
+            "moe_device_groups >= 2 or moe_device_balance_coeff: 0"
+        )
+    if n % groups:
+        raise ConfigError(
+            f"num_moe_experts={n} is not divisible by moe_device_groups={groups}"
+        )
+    if ep > 1 and cfg.moe_device_groups and cfg.moe_device_groups % ep and ep % cfg.moe_device_groups:
+        raise ConfigError(
+            f"moe_device_groups={cfg.moe_device_groups} neither divides nor is a multiple of "
+            f"expert_model_parallel_size={ep}; groups should follow the EP ranks"
+        )
+    if cfg.moe_expert_backend == "te" and not _te_available():
+        raise ConfigError(
+            "moe_expert_backend='te' needs Transformer Engine, which does not import here; use "
+            "'auto' (picks te > grouped_mm > sequential) or install dsmoe-megatron[te]"
+        )
+    if cfg.moe_expert_backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        raise ConfigError(
+            "moe_expert_backend='grouped_mm' needs torch >= 2.8 (torch._grouped_mm); use 'auto'"
+        )
+
+
+def _te_available() -> bool:
+    from dsmoe_megatron.backends import te_available
+
+    return te_available()
+
+
+def _gpu_supports_fp8() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def deepseek_defaults() -> dict:
+    """Field values shared by every DeepSeekMoE model (SwiGLU, RMSNorm, RoPE, no biases)."""
+    return dict(
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        moe_router_pre_softmax=True,
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_router_topk_scaling_factor=None,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def derive_from_baseline(ffn_hidden_size: int, num_experts: int, topk: int,
+                         segmentation: int, shared: int) -> dict:
+    """The paper's recipe: split each of N experts (top-K) into m, isolate Ks of them as shared.
+
+    Returns the DeepSeekMoE fields: mN - Ks routed experts, mK - Ks activated, width FFN / m.
+    """
+    m, ks = segmentation, shared
+    if m < 1 or ffn_hidden_size % m:
+        raise ConfigError(
+            f"segmentation factor m={m} must be >= 1 and divide the FFN width {ffn_hidden_size}"
+        )
+    if not 0 <= ks < m * topk:
+        raise ConfigError(
+            f"shared experts Ks={ks} must be >= 0 and below m*K={m * topk} "
+            "(at least one routed expert must stay active)"
+        )
+    return dict(
+        num_moe_experts=m * num_experts - ks,
+        moe_router_topk=m * topk - ks,
+        moe_ffn_hidden_size=ffn_hidden_size // m,
+        moe_num_shared_experts=ks,
+    )
+
+
+def replace(cfg: DeepSeekMoEConfig, **changes) -> DeepSeekMoEConfig:
+    """A copy with some fields changed, validated again."""
+    return dataclasses.replace(cfg, **changes)

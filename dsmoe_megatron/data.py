@@ -1,0 +1,356 @@
+"""Offline data pipeline: raw text -> Megatron indexed dataset (.bin/.idx) -> GPTDataset batches.
+
+Command line (also ``python -m dsmoe_megatron.data``)::
+
+    dsmoe-preprocess --input a.txt b.jsonl --output-prefix data/my_corpus
+
+then train with ``data_path=["data/my_corpus"]`` or a blend such as
+``["0.7", "data/a", "0.3", "data/b"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from importlib import resources
+
+import numpy
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import (
+    DType,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    get_bin_path,
+    get_idx_path,
+)
+from megatron.core.datasets.utils import Split, get_blend_from_list
+
+from dsmoe_megatron.tokenizer import ByteTokenizer
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+# Paragraphs are merged up to this size so that a training sequence mostly sees coherent text.
+DEFAULT_MIN_DOCUMENT_CHARS = 2000
+_PREPROCESS_HINT = "create it with: dsmoe-preprocess --input TEXT_FILE [...] --output-prefix {prefix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw text -> documents -> .bin/.idx
+
+
+def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
+    """.jsonl: one document per line's "text"; other files: blank-line paragraphs, merged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                for line in f:
+                    text = json.loads(line)["text"] if line.strip() else ""
+                    if text:
+                        yield text
+                return
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"input file {path} is not UTF-8 text ({err})") from err
+
+    chunk: list[str] = []
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        if paragraph.strip():
+            chunk.append(paragraph.strip("\n"))
+        if chunk and sum(map(len, chunk)) >= min_document_chars:
+            yield "\n\n".join(chunk)
+            chunk = []
+    if chunk:
+        yield "\n\n".join(chunk)
+
+
+def preprocess(
+    input_paths: Sequence[str | os.PathLike],
+    output_prefix: str | os.PathLike,
+    tokenizer: ByteTokenizer | None = None,
+    append_eod: bool = True,
+    min_document_chars: int = DEFAULT_MIN_DOCUMENT_CHARS,
+) -> str:
+    """Tokenize text files into ``<output_prefix>.bin/.idx`` and return the prefix.
+
+    Files are written under temporary names and renamed at the end, so a reader never sees a
+    half-written dataset.
+    """
+    tokenizer = tokenizer or ByteTokenizer()
+    input_paths = [os.fspath(p) for p in input_paths]
+    output_prefix = os.fspath(output_prefix)
+    if not input_paths:
+        raise ValueError("preprocess needs at least one input file")
+    for path in input_paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"input file {path} does not exist; pass existing UTF-8 text (.txt) or "
+                'JSON-lines (.jsonl, one {"text": ...} object per line) files to --input'
+            )
+
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    suffix = f".tmp{os.getpid()}"
+    bin_tmp, idx_tmp = get_bin_path(output_prefix) + suffix, get_idx_path(output_prefix) + suffix
+    try:
+        builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
+        num_documents = 0
+        for path in input_paths:
+            for document in _read_documents(path, min_document_chars):
+                ids = tokenizer.tokenize(document) + ([tokenizer.eod] if append_eod else [])
+                builder.add_item(torch.tensor(ids, dtype=torch.int64))
+                builder.end_document()
+                num_documents += 1
+        builder.finalize(idx_tmp)
+        if num_documents == 0:
+            raise ValueError(f"no text found in {input_paths}")
+        os.replace(bin_tmp, get_bin_path(output_prefix))
+        # The .idx goes last: its presence marks a complete dataset.
+        os.replace(idx_tmp, get_idx_path(output_prefix))
+    finally:
+        for tmp in (bin_tmp, idx_tmp):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return output_prefix
+
+
+def corpus_files() -> list[str]:
+    """Paths of the public-domain .txt files shipped in ``dsmoe_megatron/corpus``."""
+    corpus = resources.files("dsmoe_megatron") / "corpus"
+    return sorted(str(p) for p in corpus.iterdir() if p.name.endswith(".txt"))
+
+
+def default_corpus_prefix(
+    cache_dir: str | os.PathLike | None = None, tokenizer: ByteTokenizer | None = None
+) -> str:
+    """Preprocess the shipped corpus into ``cache_dir`` once and return its prefix.
+
+    The prefix name carries a hash of the corpus files and tokenizer, so an edited corpus or a
+    different tokenizer gets a fresh dataset and an existing one is reused as is.
+    """
+    tokenizer = tokenizer or ByteTokenizer()
+    if cache_dir is None:
+        cache_dir = os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dsmoe_megatron"
+        )
+    digest = hashlib.sha256(json.dumps(tokenizer.unique_identifiers, sort_keys=True).encode())
+    digest.update(str(DEFAULT_MIN_DOCUMENT_CHARS).encode())
+    files = corpus_files()
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
+    prefix = os.path.join(os.fspath(cache_dir), f"dsmoe_corpus_{digest.hexdigest()[:16]}")
+    if not os.path.exists(get_idx_path(prefix)) or not os.path.exists(get_bin_path(prefix)):
+        preprocess(files, prefix, tokenizer)
+    return prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# .bin/.idx -> GPTDataset
+
+
+def open_indexed_dataset(prefix: str) -> IndexedDataset:
+    """Open ``prefix.bin/.idx`` after checking that both exist and agree with each other."""
+    fix = _PREPROCESS_HINT.format(prefix=prefix)
+    if prefix.endswith((".bin", ".idx")):
+        fix += f" (data_path takes the prefix without the extension: {prefix[:-4]})"
+    for path in (get_idx_path(prefix), get_bin_path(prefix)):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"indexed dataset file {path} not found; {fix}")
+    try:
+        dataset = IndexedDataset(prefix)
+        index = dataset.index
+        expected_bin_bytes = (
+            int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+            if len(index)
+            else 0
+        )
+    except Exception as err:
+        raise ValueError(
+            f"indexed dataset file {get_idx_path(prefix)} is corrupt or not a Megatron "
+            f"indexed dataset ({type(err).__name__}: {err}); re-{fix}"
+        ) from err
+    bin_bytes = os.path.getsize(get_bin_path(prefix))
+    if bin_bytes != expected_bin_bytes:
+        raise ValueError(
+            f"indexed dataset file {get_bin_path(prefix)} holds {bin_bytes} bytes but its .idx "
+            f"describes {expected_bin_bytes}: the pair is corrupt or mismatched; re-{fix}"
+        )
+    if len(index) == 0:
+        raise ValueError(f"indexed dataset {prefix} holds no documents; re-{fix}")
+    return dataset
+
+
+def _check_split_sizes(prefix: str, dataset: IndexedDataset, split: str, seq_length: int) -> None:
+    # Megatron repeats a split's documents until it has enough tokens, and loops forever when
+    # the split has none, so every split in use must hold at least one full sample.
+    lengths = dataset.sequence_lengths
+    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for part, bookends in zip(Split, split_matrix):
+        if bookends is None:
+            continue
+        begin, end = (int(round(b * len(lengths))) for b in bookends)
+        num_tokens = int(lengths[begin:end].sum())
+        if num_tokens < seq_length + 1:
+            raise ValueError(
+                f"corpus {prefix} is too small for seq_length={seq_length}: its {part.name} "
+                f"split (split={split!r}, documents {begin}..{end} of {len(lengths)}) holds "
+                f"{num_tokens} tokens, fewer than seq_length + 1 = {seq_length + 1}; use more "
+                "text, a shorter seq_length, or a larger share for that split"
+            )
+
+
+def _require_dataset_helpers() -> None:
+    try:
+        from megatron.core.datasets import helpers  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "megatron-core's compiled dataset helpers (megatron/core/datasets/helpers_cpp) do not "
+            "import. Binary megatron-core wheels ship them; for a source install, reinstall "
+            "megatron-core with pybind11 and a C++ compiler available."
+        ) from err
+
+
+def build_gpt_datasets(
+    data_path: Sequence[str] | str,
+    seq_length: int,
+    seed: int,
+    split: str = "98,2,0",
+    train_samples: int | None = None,
+    valid_samples: int | None = None,
+    tokenizer: ByteTokenizer | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    is_built_on_rank: Callable[[], bool] | None = None,
+) -> tuple[GPTDataset | None, GPTDataset | None]:
+    """Build Megatron-core (train, valid) datasets from a Megatron blend.
+
+    ``data_path`` is ``["prefix"]`` or ``["w1", "prefix1", "w2", "prefix2", ...]`` (a
+    whitespace-separated string works too). Samples hold ``seq_length`` tokens plus the shifted
+    labels, i.e. ``seq_length + 1`` tokens of text. ``*_samples=None`` means one epoch of that
+    split (not allowed with weights). Sample indices are cached in ``cache_dir`` (default: a
+    ``gpt_index_cache`` folder next to the first prefix). A split with no share yields None.
+    """
+    tokenizer = tokenizer or ByteTokenizer()
+    blend = data_path.split() if isinstance(data_path, str) else [os.fspath(p) for p in data_path]
+    if not blend:
+        raise ValueError("data_path is empty; give at least one indexed dataset prefix")
+    prefixes, weights = get_blend_from_list(blend)
+    if weights is not None and (train_samples is None or valid_samples is None):
+        raise ValueError("a weighted data_path blend needs train_samples and valid_samples")
+    for prefix in prefixes:
+        _check_split_sizes(prefix, open_indexed_dataset(prefix), split, seq_length)
+    _require_dataset_helpers()
+
+    if cache_dir is None:
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "gpt_index_cache")
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=os.fspath(cache_dir),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal attention builds its own mask
+    )
+    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], is_built_on_rank or (lambda: True), config
+    ).build()
+    return train_ds, valid_ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset -> batches
+
+
+def iterate_batches(
+    dataset: torch.utils.data.Dataset,
+    micro_batch_size: int,
+    seed: int,
+    consumed_samples: int = 0,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+) -> Iterator[dict[str, torch.Tensor | None]]:
+    """Yield micro batches forever, reshuffling the dataset each epoch.
+
+    The global sample stream is fixed by ``seed``: position ``k`` is sample
+    ``permutation(seed, k // len)[k % len]``. Each step consumes ``micro_batch_size *
+    data_parallel_size`` samples of it and this rank takes its slice, so restarting with the
+    ``consumed_samples`` of a checkpoint continues exactly where that run stopped.
+    Batches hold ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` ([micro_batch_size,
+    seq_length]) and ``attention_mask=None`` (causal).
+    """
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise ValueError("cannot draw batches from an empty dataset")
+    if not 0 <= data_parallel_rank < data_parallel_size:
+        raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+    epoch, order = -1, None
+    step_start = consumed_samples
+    while True:
+        first = step_start + data_parallel_rank * micro_batch_size
+        samples = []
+        for position in range(first, first + micro_batch_size):
+            if position // num_samples != epoch:
+                epoch = position // num_samples
+                order = numpy.random.default_rng([seed, epoch]).permutation(num_samples)
+            samples.append(dataset[int(order[position % num_samples])])
+        batch = {key: torch.stack([s[key] for s in samples]) for key in BATCH_KEYS}
+        batch["attention_mask"] = None
+        yield batch
+        step_start += micro_batch_size * data_parallel_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dsmoe-preprocess",
+        description="Tokenize text into a Megatron indexed dataset (PREFIX.bin / PREFIX.idx) "
+        "with the byte-level tokenizer.",
+    )
+    parser.add_argument(
+        "--input", nargs="+", required=True, metavar="FILE",
+        help="UTF-8 .txt files (blank-line separated paragraphs) or .jsonl files "
+        '(one {"text": ...} per line)',
+    )
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX")
+    parser.add_argument(
+        "--no-append-eod", dest="append_eod", action="store_false",
+        help="do not end each document with the end-of-document token",
+    )
+    parser.add_argument(
+        "--min-document-chars", type=int, default=DEFAULT_MIN_DOCUMENT_CHARS,
+        help="merge consecutive paragraphs of a .txt file into documents of at least this size",
+    )
+    args = parser.parse_args(argv)
+    try:
+        prefix = preprocess(
+            args.input, args.output_prefix, append_eod=args.append_eod,
+            min_document_chars=args.min_document_chars,
+        )
+    except (OSError, ValueError) as err:
+        print(f"dsmoe-preprocess: error: {err}", file=sys.stderr)
+        return 1
+    dataset = open_indexed_dataset(prefix)
+    print(
+        f"wrote {get_bin_path(prefix)} and {get_idx_path(prefix)}: {len(dataset)} documents, "
+        f"{int(dataset.sequence_lengths.sum())} tokens"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""DeepSeekMoE for transformers 5.x, with the state-dict layout of the released ``deepseek-moe-16b-base``.
+
+This file is shipped as Hugging Face remote code next to exported weights and loaded with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``, so it may import only ``torch``,
+``transformers`` and its sibling configuration module (relatively).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+
+from .configuration_deepseek import DeepseekConfig
+
+
+class DeepseekRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(config: DeepseekConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of shape [batch, seq, head_dim] for the half-split ("rotate_half") rotary embedding."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    positions = position_ids.float()
+    scaling = config.rope_scaling
+    if scaling:
+        if scaling.get("type", scaling.get("rope_type")) != "linear":
+            raise NotImplementedError(f"rope_scaling {scaling} is not supported (only 'linear')")
+        positions = positions / scaling["factor"]
+    freqs = positions[..., None] * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+def build_attention_bias(
+    attention_mask: torch.Tensor | None, query_len: int, past_len: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """Additive [batch|1, 1, query, key] bias from causality and a [batch, key] padding mask (1 = real token).
+
+    None means plain causal attention. A 4D mask is used as given. Masked entries get the dtype's minimum
+    instead of -inf so that all-padding query rows (left-padded prompts) stay finite instead of NaN.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
+    if attention_mask is None and past_len == 0:
+        return None
+    key_len = past_len + query_len
+    query_pos = torch.arange(past_len, key_len, device=device)[:, None]
+    key_pos = torch.arange(key_len, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class DeepseekAttention(nn.Module):
+    def __init__(self, config: DeepseekConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x, cos, sin, attention_bias, past_key_values: Cache | None):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_bias,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attention_bias is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class DeepseekMLP(nn.Module):
+    def __init__(self, config: DeepseekConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DeepseekMoE(nn.Module):
+    """Softmax top-k routed experts plus always-on shared experts (no auxiliary loss is computed)."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.n_routed_experts, bias=False)
+        self.experts = nn.ModuleList(
+            DeepseekMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = (
+            DeepseekMLP(config, config.n_shared_experts * config.moe_intermediate_size)
+            if config.n_shared_experts
+            else None
+        )
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (weights, expert ids) per token, both [tokens, top_k]; weights in float32.
+
+        The released code ran this softmax in the model dtype; in bf16 that can flip the choice between
+        near-tied experts, so we route in float32.
+        """
+        scores = F.linear(tokens.float(), self.gate.weight.float()).softmax(dim=-1)
+        weights, expert_ids = scores.topk(self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights, expert_ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        weights, expert_ids = self.route(tokens)
+        routed = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        for expert_id, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(expert_ids == expert_id)
+            if token_idx.numel() == 0:
+                continue
+            expert_out = expert(tokens[token_idx]).float() * weights[token_idx, slot, None]
+            routed.index_add_(0, token_idx, expert_out)
+        out = routed.to(x.dtype).view_as(x)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DeepseekAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = DeepseekMoE(config)
+        else:
+            self.mlp = DeepseekMLP(config, config.intermediate_size)
+        self.input_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, cos, sin, attention_bias, past_key_values):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attention_bias, past_key_values)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DeepseekPreTrainedModel(PreTrainedModel):
+    config_class = DeepseekConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DeepseekDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, DeepseekRMSNorm):
+            init.ones_(module.weight)
+
+
+class DeepseekModel(DeepseekPreTrainedModel):
+    def __init__(self, config: DeepseekConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        batch, seq = hidden.shape[:2]
+
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq, device=hidden.device).expand(batch, -1)
+        cos, sin = rotary_cos_sin(self.config, position_ids, hidden.dtype)
+        attention_bias = build_attention_bias(attention_mask, seq, past_len, hidden.dtype, hidden.device)
+
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            hidden = layer(hidden, cos, sin, attention_bias, past_key_values if use_cache else None)
+        hidden = self.norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__(config)
+        self.model = DeepseekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear):
+        self.lm_head = value
+
+    def get_decoder(self) -> DeepseekModel:
+        return self.model
+
+    def set_decoder(self, decoder: DeepseekModel):
+        self.model = decoder
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        # float32 logits, as the released code returned.
+        logits = self.lm_head(hidden).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["DeepseekForCausalLM", "DeepseekModel", "DeepseekPreTrainedModel"]

@@ -1,0 +1,50 @@
+"""The model provider shared by every trainer: DeepSeekMoEConfig -> Megatron-core GPTModel."""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from dsmoe_megatron.config import DeepSeekMoEConfig
+from dsmoe_megatron.specs import get_dsmoe_block_spec
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, multiple: int = 128) -> int:
+    """Megatron pads the vocabulary so it splits evenly over TP with aligned GEMMs."""
+    step = multiple * tensor_parallel_size
+    return -(-vocab_size // step) * step
+
+
+def build_model(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length: int,
+                pre_process: bool | None = None, post_process: bool | None = None,
+                vp_stage: int | None = None, pg_collection=None) -> GPTModel:
+    """GPTModel (RoPE, untied embeddings) for this rank's pipeline stage / virtual stage."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_dsmoe_block_spec(config, vp_stage=vp_stage),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=10000,
+        vp_stage=vp_stage,
+        **kwargs,
+    )
+
+
+def model_provider(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length: int):
+    """A `model_provider(pre_process, post_process, vp_stage=None)` closure for Megatron loops."""
+
+    def provide(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                **_unused):
+        return build_model(config, vocab_size, max_sequence_length, pre_process, post_process,
+                           vp_stage)
+
+    return provide

@@ -1,0 +1,139 @@
+"""The DeepSeekMoE block: the MLP of a Megatron-core TransformerLayer.
+
+    y = shared(x) + sum_i g_i * expert_i(x)      (the residual stays in the layer)
+
+Tensor parallelism. The shared experts are Megatron's column/row parallel MLP. The routed
+experts either shard their width over the tensor-parallel group (expert TP = TP) or keep whole
+experts (expert TP = 1). Tokens are moved into the layout the experts need and back:
+
+=======================  ==============================  ===================================
+layout                   into the experts                back
+=======================  ==============================  ===================================
+TP = 1                   as is                           as is
+SP, expert TP = TP       all-gather tokens and gates     reduce-scatter partial sums
+SP, expert TP = 1        as is (each rank its slice)     as is
+no SP, expert TP = TP    identity fwd / all-reduce bwd   all-reduce partial sums
+no SP, expert TP = 1     each rank takes 1/TP of tokens  all-gather
+=======================  ==============================  ===================================
+
+The router always sees the tokens the rank holds, so its logits are identical on all TP ranks
+for the same token. The balance loss enters the backward through Megatron's
+MoEAuxLossAutoScaler, so the pipeline schedules scale it with the number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core.tensor_parallel import mappings
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig
+from dsmoe_megatron.experts import RoutedExperts, _group_size
+from dsmoe_megatron.router import TopKRouter
+
+
+class DeepSeekMoE(MegatronModule):
+    def __init__(self, config: DeepSeekMoEConfig, submodules: MLPSubmodules, pg_collection=None,
+                 is_mtp_layer: bool = False, name: str | None = None):
+        super().__init__(config=config)
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.tp_group = pg_collection.tp
+        self.tp_size = _group_size(self.tp_group)
+        self.expert_tp_size = _group_size(pg_collection.expt_tp)
+        if self.expert_tp_size not in (1, self.tp_size):
+            raise ConfigError(
+                f"expert_tensor_parallel_size={self.expert_tp_size} must be 1 or equal to "
+                f"tensor_model_parallel_size={self.tp_size}"
+            )
+        self.router = TopKRouter(config, tp_group=self.tp_group)
+        self.experts = RoutedExperts(
+            config, ep_group=pg_collection.ep, expert_tp_group=pg_collection.expt_tp,
+            expert_dp_group=pg_collection.expt_dp,
+        )
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size:
+            # Megatron's MLP sizes fc2's input from config.ffn_hidden_size, so give it a copy.
+            shared_config = copy.copy(config)
+            shared_config.ffn_hidden_size = config.moe_shared_expert_intermediate_size
+            self.shared_experts = MLP(
+                shared_config, submodules,
+                ffn_hidden_size=config.moe_shared_expert_intermediate_size, tp_group=self.tp_group,
+            )
+        # Tokens routed to each expert since the last `take_expert_load()` (for logging); an
+        # int64 attribute rather than a buffer so bf16 conversion cannot round the counts.
+        self.expert_load: torch.Tensor | None = None
+
+    @classmethod
+    def as_mlp_submodule(cls, submodules: MLPSubmodules, config, pg_collection, is_mtp_layer,
+                         name=None):
+        """Megatron-core 0.19's MLP builder protocol."""
+        return cls(config, submodules, pg_collection, is_mtp_layer, name)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+        self.router.set_layer_number(layer_number)
+
+    def take_expert_load(self) -> torch.Tensor | None:
+        load, self.expert_load = self.expert_load, None
+        return load
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        """hidden [S, B, H] (S sharded over TP under sequence parallelism) -> (output, None)."""
+        routing = self.router(hidden)
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        x, expert_idx, gates = self._into_experts(tokens, routing.expert_idx, routing.gates)
+        routed, tokens_per_expert = self.experts(x, expert_idx, gates)
+        routed = self._out_of_experts(routed)
+        load = tokens_per_expert.detach()
+        self.expert_load = load if self.expert_load is None else self.expert_load + load
+        output = routed.view(hidden.shape)
+        if self.shared_experts is not None:
+            shared, _ = self.shared_experts(hidden)
+            output = output + shared
+        if self.training and routing.aux_loss.requires_grad:
+            output = MoEAuxLossAutoScaler.apply(output, routing.aux_loss)
+        return output, None
+
+    def _experts_sharded(self) -> bool:
+        return self.tp_size > 1 and self.expert_tp_size == self.tp_size
+
+    def _into_experts(self, x, expert_idx, gates):
+        if self.tp_size == 1:
+            return x, expert_idx, gates
+        group = self.tp_group
+        if self.config.sequence_parallel:
+            if not self._experts_sharded():
+                return x, expert_idx, gates
+            gather = mappings.gather_from_sequence_parallel_region
+            return (gather(x, group=group), gather(expert_idx, False, group=group),
+                    gather(gates, group=group))
+        if self._experts_sharded():
+            copy = mappings.copy_to_tensor_model_parallel_region
+            return copy(x, group=group), expert_idx, copy(gates, group=group)
+        if x.shape[0] % self.tp_size:
+            raise ConfigError(
+                f"{x.shape[0]} tokens per micro-batch cannot be split over "
+                f"tensor_model_parallel_size={self.tp_size} with expert_tensor_parallel_size=1; "
+                "use sequence_parallel or a micro-batch whose seq_length x batch divides evenly"
+            )
+        split = mappings.scatter_to_sequence_parallel_region
+        return split(x, group=group), split(expert_idx, group=group), split(gates, group=group)
+
+    def _out_of_experts(self, routed):
+        if self.tp_size == 1:
+            return routed
+        group = self.tp_group
+        if self.config.sequence_parallel:
+            if not self._experts_sharded():
+                return routed
+            return mappings.reduce_scatter_to_sequence_parallel_region(routed, group=group)
+        if self._experts_sharded():
+            return mappings.reduce_from_tensor_model_parallel_region(routed, group=group)
+        return mappings.gather_from_sequence_parallel_region(routed, False, group=group)

@@ -1,0 +1,76 @@
+"""Run a function on N gloo ranks in spawned processes and return every rank's result.
+
+    results = run_on_ranks(check_fn, world_size=2, layout=ParallelLayout(tensor=2), args=(...))
+
+`check_fn` must be a module-level function (it is pickled into each process). Each rank brings up
+`dsmoe_megatron.runtime.initialize(layout)` before calling it. A failure on any rank raises
+`RankFailed` with that rank's traceback; a rank that hangs is killed after `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+
+import torch.multiprocessing as mp
+
+from dsmoe_megatron.runtime import ParallelLayout, free_port
+
+
+class RankFailed(AssertionError):
+    pass
+
+
+def _rank_main(rank, world_size, port, layout, seed, fn, args, results):
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        # One thread per rank: the ranks share two cores.
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    from dsmoe_megatron import runtime
+
+    try:
+        runtime.initialize(layout, seed=seed)
+        results.put((rank, "ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        runtime.shutdown()
+
+
+def run_on_ranks(fn, world_size: int, layout: ParallelLayout = ParallelLayout(), args=(),
+                 seed: int = 1234, timeout: float = 240.0) -> list:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world_size, port, layout, seed, fn, args, results))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    collected: dict[int, object] = {}
+    try:
+        while len(collected) < world_size:
+            try:
+                rank, status, payload = results.get(timeout=timeout)
+            except queue.Empty:
+                raise RankFailed(
+                    f"ranks {sorted(set(range(world_size)) - set(collected))} gave no result "
+                    f"within {timeout:.0f} s (hang or deadlock)"
+                ) from None
+            if status == "error":
+                raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
+            collected[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [collected[r] for r in range(world_size)]
