@@ -31,6 +31,7 @@ from megatron.core.datasets.indexed_dataset import (
     DType,
     IndexedDataset,
     IndexedDatasetBuilder,
+    _IndexReader,
     get_bin_path,
     get_idx_path,
 )
@@ -41,7 +42,9 @@ from dsmoe_megatron.tokenizer import ByteTokenizer
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 # Paragraphs are merged up to this size so that a training sequence mostly sees coherent text.
 DEFAULT_MIN_DOCUMENT_CHARS = 2000
-_PREPROCESS_HINT = "create it with: dsmoe-preprocess --input TEXT_FILE [...] --output-prefix {prefix}"
+_PREPROCESS_HINT = (
+    "create it with: dsmoe-preprocess --input TEXT_FILE [...] --output-prefix {prefix}"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,12 +66,14 @@ def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
         raise ValueError(f"input file {path} is not UTF-8 text ({err})") from err
 
     chunk: list[str] = []
+    chunk_chars = 0
     for paragraph in re.split(r"\n[ \t]*\n", text):
         if paragraph.strip():
             chunk.append(paragraph.strip("\n"))
-        if chunk and sum(map(len, chunk)) >= min_document_chars:
+            chunk_chars += len(chunk[-1])
+        if chunk_chars >= min_document_chars:
             yield "\n\n".join(chunk)
-            chunk = []
+            chunk, chunk_chars = [], 0
     if chunk:
         yield "\n\n".join(chunk)
 
@@ -100,8 +105,8 @@ def preprocess(
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     suffix = f".tmp{os.getpid()}"
     bin_tmp, idx_tmp = get_bin_path(output_prefix) + suffix, get_idx_path(output_prefix) + suffix
+    builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
     try:
-        builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
         num_documents = 0
         for path in input_paths:
             for document in _read_documents(path, min_document_chars):
@@ -116,6 +121,7 @@ def preprocess(
         # The .idx goes last: its presence marks a complete dataset.
         os.replace(idx_tmp, get_idx_path(output_prefix))
     finally:
+        builder.data_file.close()  # finalize() closes it too, but not on an error
         for tmp in (bin_tmp, idx_tmp):
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -165,28 +171,33 @@ def open_indexed_dataset(prefix: str) -> IndexedDataset:
     for path in (get_idx_path(prefix), get_bin_path(prefix)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"indexed dataset file {path} not found; {fix}")
+    corrupt = (
+        f"indexed dataset {get_idx_path(prefix)} / .bin is corrupt or not in Megatron's format"
+    )
     try:
-        dataset = IndexedDataset(prefix)
-        index = dataset.index
+        # Read the index on its own first: a half-built IndexedDataset fails noisily in __del__.
+        index = _IndexReader(get_idx_path(prefix), multimodal=False)
+        num_sequences = len(index)
         expected_bin_bytes = (
             int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
-            if len(index)
+            if num_sequences
             else 0
         )
+        del index
     except Exception as err:
-        raise ValueError(
-            f"indexed dataset file {get_idx_path(prefix)} is corrupt or not a Megatron "
-            f"indexed dataset ({type(err).__name__}: {err}); re-{fix}"
-        ) from err
+        raise ValueError(f"{corrupt} ({type(err).__name__}: {err}); re-{fix}") from err
+    if num_sequences == 0:
+        raise ValueError(f"indexed dataset {prefix} holds no documents; re-{fix}")
     bin_bytes = os.path.getsize(get_bin_path(prefix))
     if bin_bytes != expected_bin_bytes:
         raise ValueError(
             f"indexed dataset file {get_bin_path(prefix)} holds {bin_bytes} bytes but its .idx "
             f"describes {expected_bin_bytes}: the pair is corrupt or mismatched; re-{fix}"
         )
-    if len(index) == 0:
-        raise ValueError(f"indexed dataset {prefix} holds no documents; re-{fix}")
-    return dataset
+    try:
+        return IndexedDataset(prefix)
+    except Exception as err:
+        raise ValueError(f"{corrupt} ({type(err).__name__}: {err}); re-{fix}") from err
 
 
 def _check_split_sizes(prefix: str, dataset: IndexedDataset, split: str, seq_length: int) -> None:
@@ -229,9 +240,11 @@ def build_gpt_datasets(
     tokenizer: ByteTokenizer | None = None,
     cache_dir: str | os.PathLike | None = None,
     is_built_on_rank: Callable[[], bool] | None = None,
-) -> tuple[GPTDataset | None, GPTDataset | None]:
+) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset | None]:
     """Build Megatron-core (train, valid) datasets from a Megatron blend.
 
+    Each is a GPTDataset, or for several prefixes a BlendedDataset of them (its samples carry an
+    extra ``dataset_id``).
     ``data_path`` is ``["prefix"]`` or ``["w1", "prefix1", "w2", "prefix2", ...]`` (a
     whitespace-separated string works too). Samples hold ``seq_length`` tokens plus the shifted
     labels, i.e. ``seq_length + 1`` tokens of text. ``*_samples=None`` means one epoch of that
@@ -294,7 +307,9 @@ def iterate_batches(
     if num_samples == 0:
         raise ValueError("cannot draw batches from an empty dataset")
     if not 0 <= data_parallel_rank < data_parallel_size:
-        raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        raise ValueError(
+            f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})"
+        )
     epoch, order = -1, None
     step_start = consumed_samples
     while True:

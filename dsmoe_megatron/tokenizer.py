@@ -92,8 +92,9 @@ def write_hf_tokenizer(directory: str | os.PathLike, tokenizer: ByteTokenizer | 
     by_id = sorted(tokenizer.special_token_ids.items(), key=lambda item: item[1])
     hf.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok, _ in by_id])
     for tok, expected_id in by_id:
-        if hf.token_to_id(tok) != expected_id:
-            raise RuntimeError(f"special token {tok} got id {hf.token_to_id(tok)}, not {expected_id}")
+        got_id = hf.token_to_id(tok)
+        if got_id != expected_id:
+            raise RuntimeError(f"special token {tok} got id {got_id}, not {expected_id}")
 
     os.makedirs(directory, exist_ok=True)
     hf.save(os.path.join(directory, "tokenizer.json"))

@@ -1,0 +1,146 @@
+"""Tiny models, fixed batches and a layout-independent training step for the tests.
+
+Every layout starts from the same weights (a dist checkpoint saved by a single-rank run) and
+its gradients are written back as a dist checkpoint, so Megatron's own resharding gathers them
+into full tensors that compare directly with the single-rank run's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dsmoe_megatron.config import DeepSeekMoEConfig, deepseek_defaults
+
+VOCAB = 128
+SEQ = 16
+
+
+def tiny_config(layout=None, moe: bool = True, **overrides) -> DeepSeekMoEConfig:
+    """4 layers, first dense, 8 routed + 1 shared experts, top-3 (fp32)."""
+    fields = dict(
+        deepseek_defaults(),
+        num_layers=4, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+        init_method_std=0.05, moe_aux_loss_coeff=0.01,
+    )
+    if moe:
+        fields.update(num_moe_experts=8, moe_router_topk=3, moe_ffn_hidden_size=16,
+                      moe_num_shared_experts=1, moe_first_k_dense=1)
+    if layout is not None:
+        fields.update(
+            tensor_model_parallel_size=layout.tensor,
+            pipeline_model_parallel_size=layout.pipeline,
+            virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+            expert_model_parallel_size=layout.expert,
+            expert_tensor_parallel_size=layout.expert_tensor,
+            sequence_parallel=layout.sequence_parallel,
+        )
+    fields.update(overrides)
+    fields.setdefault("pipeline_dtype", torch.float32)
+    return DeepSeekMoEConfig(**fields)
+
+
+def make_batches(num_microbatches: int, micro_batch_size: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_microbatches):
+        tokens = torch.randint(0, VOCAB, (micro_batch_size, SEQ + 1), generator=gen)
+        batches.append(dict(
+            tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
+            position_ids=torch.arange(SEQ).expand(micro_batch_size, SEQ).contiguous(),
+        ))
+    return batches
+
+
+def build_chunks(config, layout):
+    from megatron.core import parallel_state
+
+    from dsmoe_megatron.model import build_model
+
+    vpp = layout.virtual_pipeline or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if layout.virtual_pipeline else None
+        chunks.append(build_model(
+            config, VOCAB, SEQ,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        ))
+    return chunks
+
+
+def loss_func(labels_mask, output_tensor):
+    losses = output_tensor.float()
+    loss = (losses * labels_mask).sum()
+    num_tokens = labels_mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.float()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = torch.ones_like(batch["labels"], dtype=torch.float32)
+    return output, lambda out: loss_func(mask, out)
+
+
+def forward_backward(chunks, config, batches, forward_only=False):
+    """Megatron's schedule (1F1B / interleaved when PP > 1). Returns per-microbatch LM losses."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    vpp = len(chunks)
+    iterators = [iter(batches) for _ in range(vpp)] if vpp > 1 else iter(batches)
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators,
+        model=chunks if vpp > 1 else chunks[0], num_microbatches=len(batches),
+        seq_length=SEQ, micro_batch_size=batches[0]["tokens"].shape[0], forward_only=forward_only,
+    )
+    return [float(d["lm loss"][0] / d["lm loss"][1]) for d in out]
+
+
+def aux_losses() -> dict[str, float]:
+    """Sum over layers of each balance loss recorded since the last clear."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    return {name: float(entry.values.sum()) for name, entry in tracker.metrics.items()}
+
+
+def save_grads_as_checkpoint(chunks, directory: Path) -> None:
+    """Swap each param's data for its gradient and save: a full-tensor view of the gradients."""
+    from megatron.core import dist_checkpointing
+
+    from dsmoe_megatron.checkpoint import model_sharded_state_dict
+
+    saved = []
+    for chunk in chunks:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            saved.append((param, param.data))
+            param.data = grad.view_as(param).clone()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(model_sharded_state_dict(chunks), str(directory))
+    finally:
+        for param, data in saved:
+            param.data = data
+
+
+def full_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load_plain_tensors(str(directory))
+    return {k: v for k, v in _flatten(loaded).items() if isinstance(v, torch.Tensor)}
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

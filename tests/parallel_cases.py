@@ -1,0 +1,88 @@
+"""Rank functions for the multi-process tests (module level so spawned processes can import them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common import (
+    aux_losses,
+    build_chunks,
+    forward_backward,
+    make_batches,
+    save_grads_as_checkpoint,
+    tiny_config,
+)
+
+
+def wrap_ddp(chunks, config, use_distributed_optimizer=False):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=False, bucket_size=None,
+    )
+    wrapped = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    config.grad_sync_func = None
+    return wrapped
+
+
+def save_initial_weights(directory: str, config_overrides: dict) -> None:
+    """Single rank: build the tiny model from its seed and save it as the common start."""
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.runtime import ParallelLayout
+
+    layout = ParallelLayout()
+    chunks = build_chunks(tiny_config(layout, **config_overrides), layout)
+    checkpoint.save(directory, 0, chunks)
+
+
+def train_step(layout, config_overrides: dict, init_dir: str, grads_dir: str,
+               num_microbatches: int, optimizer_step: bool = False) -> dict:
+    """One forward/backward (and optionally an optimizer step) of the tiny model on `layout`.
+
+    Data-parallel rank r takes micro-batches r, r + DP, ... of the same fixed list, so the union
+    over ranks is exactly the single-rank run's batch.
+    """
+    from megatron.core import parallel_state as ps
+
+    from dsmoe_megatron import checkpoint
+
+    config = tiny_config(layout, **config_overrides)
+    chunks = build_chunks(config, layout)
+    checkpoint.load(init_dir, chunks)
+    model = wrap_ddp(chunks, config, use_distributed_optimizer=optimizer_step)
+    optimizer = _adam(model, config) if optimizer_step else None
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    batches = make_batches(num_microbatches)[dp_rank::dp]
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    losses = forward_backward(model, config, batches)
+    result = dict(
+        losses=losses, aux=aux_losses(), dp_rank=dp_rank,
+        pp_rank=ps.get_pipeline_model_parallel_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
+    )
+    if optimizer is not None:
+        optimizer.step()
+        checkpoint.save(grads_dir, 1, model)
+    else:
+        save_grads_as_checkpoint([c.module for c in model], Path(grads_dir))
+    return result
+
+
+def _adam(model, config):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+        clip_grad=1.0, use_distributed_optimizer=model[0].ddp_config.use_distributed_optimizer,
+        bf16=False, fp16=False, params_dtype=torch.float32,
+    )
+    return get_megatron_optimizer(opt_config, model)

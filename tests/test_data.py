@@ -1,0 +1,306 @@
+"""Tests for the byte tokenizer, preprocessing into Megatron indexed datasets, and GPT datasets."""
+
+import itertools
+import json
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+
+from dsmoe_megatron import data
+from dsmoe_megatron.tokenizer import EOD_TOKEN, ByteTokenizer, write_hf_tokenizer
+
+TOKENIZER = ByteTokenizer()
+TEXTS = [
+    "Hello, world!",
+    "naïve café, Grüße, 日本語, emoji 🙂 and a tab\there",
+    "  leading and trailing spaces  \n",
+    f"a literal {EOD_TOKEN} stays as bytes",
+    "",
+]
+
+
+def write_paragraphs(path, paragraphs):
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def make_prefix(tmp_path, name, paragraphs):
+    source = write_paragraphs(tmp_path / f"{name}.txt", paragraphs)
+    return data.preprocess([source], tmp_path / name, min_document_chars=1)
+
+
+def numbered_paragraphs(tag, count, size=120):
+    return [f"{tag} paragraph {i}: " + (f"{tag}{i} " * size)[:size] for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def corpus_prefix(tmp_path_factory):
+    return data.default_corpus_prefix(tmp_path_factory.mktemp("corpus_cache"))
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_round_trip(text):
+    ids = TOKENIZER.tokenize(text)
+    assert ids == list(text.encode("utf-8"))
+    assert all(0 <= i < 256 for i in ids)
+    assert TOKENIZER.detokenize(ids) == text
+
+
+def test_tokenizer_special_tokens():
+    specials = {TOKENIZER.eod, TOKENIZER.bos, TOKENIZER.pad}
+    assert len(specials) == 3 and specials == set(range(256, TOKENIZER.vocab_size))
+    assert TOKENIZER.eos == TOKENIZER.eod
+    assert TOKENIZER.detokenize([TOKENIZER.bos, *b"hi", TOKENIZER.eod, TOKENIZER.pad]) == "hi"
+    assert TOKENIZER.vocab[EOD_TOKEN] == TOKENIZER.eod
+    assert TOKENIZER.inv_vocab[TOKENIZER.eod] == EOD_TOKEN
+
+
+def test_hf_tokenizer_files_round_trip(tmp_path):
+    pytest.importorskip("tokenizers", reason="optional 'tokenizers' package not installed")
+    transformers = pytest.importorskip(
+        "transformers", reason="optional 'transformers' package not installed"
+    )
+    write_hf_tokenizer(tmp_path)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ids == TOKENIZER.tokenize(text), text
+        assert hf.decode(ids) == text
+    assert (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id) == (
+        TOKENIZER.eod, TOKENIZER.bos, TOKENIZER.pad,
+    )
+    assert len(hf) == TOKENIZER.vocab_size
+
+
+# --- preprocessing ---------------------------------------------------------------------------
+
+
+def test_preprocess_reads_back_exact_ids(tmp_path):
+    first = ["First paragraph.", "Second one, with ünïcödé ✓.", "Third\nspans two lines."]
+    second = ["Another file's only paragraph."]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in ["json doc 🙂", "two"]) + "\n")
+    inputs = [
+        write_paragraphs(tmp_path / "a.txt", first),
+        write_paragraphs(tmp_path / "b.txt", second),
+        str(jsonl),
+    ]
+    prefix = data.preprocess(inputs, tmp_path / "out" / "ds", min_document_chars=1)
+    dataset = data.open_indexed_dataset(prefix)
+    documents = first + second + ["json doc 🙂", "two"]
+    assert len(dataset) == len(documents)
+    for i, text in enumerate(documents):
+        assert dataset[i].tolist() == TOKENIZER.tokenize(text) + [TOKENIZER.eod]
+    assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx"]  # no temp files left
+
+    data.preprocess(inputs[:1], prefix, append_eod=False, min_document_chars=1)
+    # Keep the dataset referenced while reading: its arrays are views of a mmap closed on deletion.
+    without_eod = data.open_indexed_dataset(prefix)
+    assert without_eod[0].tolist() == TOKENIZER.tokenize(first[0])
+
+
+def test_preprocess_merges_short_paragraphs(tmp_path):
+    paragraphs = ["x" * 30] * 10
+    source = write_paragraphs(tmp_path / "short.txt", paragraphs)
+    dataset = data.open_indexed_dataset(
+        data.preprocess([source], tmp_path / "merged", min_document_chars=100)
+    )
+    assert len(dataset) == 3  # 4 + 4 + 2 paragraphs
+    assert dataset[0].tolist() == TOKENIZER.tokenize("\n\n".join(paragraphs[:4])) + [TOKENIZER.eod]
+
+
+def test_preprocess_missing_input_names_the_file(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt.*--input"):
+        data.preprocess([missing], tmp_path / "out")
+    assert not os.listdir(tmp_path)
+
+
+def test_cli(tmp_path, capsys):
+    source = write_paragraphs(tmp_path / "in.txt", ["one", "two"])
+    argv = ["--input", source, "--output-prefix", str(tmp_path / "cli"),
+            "--min-document-chars", "1"]
+    assert data.main(argv) == 0
+    assert "2 documents, 8 tokens" in capsys.readouterr().out  # "one"+eod, "two"+eod
+    assert data.main(["--input", str(tmp_path / "absent.txt"), "--output-prefix", "x"]) == 1
+    assert "absent.txt" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_module_entry_point(tmp_path, monkeypatch):
+    source = write_paragraphs(tmp_path / "in.txt", ["hello"])
+    argv = ["dsmoe_megatron.data", "--input", source, "--output-prefix", str(tmp_path / "m")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:  # what `python -m dsmoe_megatron.data` runs
+        runpy.run_module("dsmoe_megatron.data", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert os.path.exists(tmp_path / "m.idx") and os.path.exists(tmp_path / "m.bin")
+
+
+def test_default_corpus_is_cached(tmp_path):
+    prefix = data.default_corpus_prefix(tmp_path)
+    mtime = os.path.getmtime(prefix + ".bin")
+    assert data.default_corpus_prefix(tmp_path) == prefix
+    assert os.path.getmtime(prefix + ".bin") == mtime
+    dataset = data.open_indexed_dataset(prefix)
+    assert dataset.sequence_lengths.sum() > 100_000
+
+
+# --- GPT datasets ----------------------------------------------------------------------------
+
+
+def test_gpt_samples_come_from_corpus(corpus_prefix, tmp_path):
+    seq_length = 64
+    train, valid = data.build_gpt_datasets(
+        [corpus_prefix], seq_length, seed=7, train_samples=50, valid_samples=5,
+        cache_dir=tmp_path,
+    )
+    corpus = b"".join(open(p, "rb").read() for p in data.corpus_files())
+    for dataset in (train, valid):
+        assert len(dataset) >= 5
+        for idx in range(5):
+            sample = dataset[idx]
+            tokens, labels = sample["tokens"], sample["labels"]
+            assert tokens.shape == labels.shape == (seq_length,)
+            assert torch.equal(tokens[1:], labels[:-1])
+            text = torch.cat([tokens, labels[-1:]]).tolist()  # seq_length + 1 tokens
+            groups = itertools.groupby(text, key=TOKENIZER.eod.__eq__)
+            pieces = [bytes(piece) for is_eod, piece in groups if not is_eod]
+            assert all(piece in corpus for piece in pieces)
+            assert sample["loss_mask"].sum() == seq_length
+            assert torch.equal(sample["position_ids"], torch.arange(seq_length))
+
+
+def test_split_sizes(tmp_path):
+    prefix = make_prefix(tmp_path, "ten", numbered_paragraphs("d", 10))
+    train, valid = data.build_gpt_datasets(
+        [prefix], 32, seed=1, split="80,20,0", train_samples=40, valid_samples=4, cache_dir=tmp_path
+    )
+    assert train.indices.tolist() == list(range(8))
+    assert valid.indices.tolist() == [8, 9]
+    assert len(train) >= 40 and len(valid) >= 4
+
+    train, valid = data.build_gpt_datasets(
+        f"{prefix}", 32, seed=1, split="100,0,0", train_samples=10, cache_dir=tmp_path
+    )
+    assert valid is None and train.indices.tolist() == list(range(10))
+
+
+def test_blending_two_prefixes(tmp_path):
+    prefix_a = make_prefix(tmp_path, "a", ["A" * 200] * 20)
+    prefix_b = make_prefix(tmp_path, "b", ["B" * 200] * 20)
+    train, valid = data.build_gpt_datasets(
+        ["0.7", prefix_a, "0.3", prefix_b], 16, seed=3, split="90,10,0",
+        train_samples=200, valid_samples=20, cache_dir=tmp_path,
+    )
+    assert len(train) == 200 and len(valid) == 20
+    counts = {0: 0, 1: 0}
+    for idx in range(len(train)):
+        sample = train[idx]
+        source = int(sample["dataset_id"])
+        counts[source] += 1
+        letter = ord("A") if source == 0 else ord("B")
+        assert set(sample["tokens"].tolist()) <= {letter, TOKENIZER.eod}
+    assert counts == {0: 140, 1: 60}
+
+
+def test_missing_and_corrupt_dataset_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"absent\.idx.*dsmoe-preprocess"):
+        data.build_gpt_datasets([str(tmp_path / "absent")], 16, seed=0)
+    with pytest.raises(FileNotFoundError, match="without the extension"):
+        data.build_gpt_datasets([str(tmp_path / "absent.bin")], 16, seed=0)
+
+    prefix = make_prefix(tmp_path, "ok", numbered_paragraphs("x", 5))
+    os.remove(prefix + ".bin")
+    with pytest.raises(FileNotFoundError, match=r"ok\.bin.*dsmoe-preprocess"):
+        data.open_indexed_dataset(prefix)
+
+    prefix = make_prefix(tmp_path, "garbage", numbered_paragraphs("x", 5))
+    with open(prefix + ".idx", "wb") as f:
+        f.write(b"not an index at all")
+    with pytest.raises(ValueError, match=r"garbage\.idx.*corrupt.*dsmoe-preprocess"):
+        data.build_gpt_datasets([prefix], 16, seed=0)
+
+    prefix = make_prefix(tmp_path, "truncated", numbered_paragraphs("x", 5))
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"truncated\.bin.*corrupt.*dsmoe-preprocess"):
+        data.build_gpt_datasets([prefix], 16, seed=0)
+
+
+def test_corpus_too_small_for_seq_length(tmp_path):
+    prefix = make_prefix(tmp_path, "tiny", ["just a few words"] * 10)
+    with pytest.raises(ValueError, match=r"too small for seq_length=512.*train split"):
+        data.build_gpt_datasets([prefix], 512, seed=0)
+    # 2% of 10 documents rounds to none for validation: Megatron would loop forever on it.
+    with pytest.raises(ValueError, match=r"valid split.*holds 0 tokens"):
+        data.build_gpt_datasets([prefix], 8, seed=0)
+
+
+def test_weighted_blend_needs_sample_counts(tmp_path):
+    prefix = make_prefix(tmp_path, "w", numbered_paragraphs("w", 10))
+    with pytest.raises(ValueError, match="train_samples and valid_samples"):
+        data.build_gpt_datasets(["1", prefix], 16, seed=0, split="80,20,0")
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_train_set(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("batches")
+    prefix = make_prefix(tmp_path, "s", numbered_paragraphs("s", 12))
+    train, _ = data.build_gpt_datasets(
+        [prefix], 16, seed=5, split="100,0,0", train_samples=30, cache_dir=tmp_path
+    )
+    return train
+
+
+def take(iterator, count):
+    return list(itertools.islice(iterator, count))
+
+
+def assert_same_batches(left, right):
+    assert len(left) == len(right)
+    for a, b in zip(left, right):
+        assert a["attention_mask"] is None and b["attention_mask"] is None
+        for key in data.BATCH_KEYS:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_batches_are_deterministic_and_resumable(small_train_set):
+    micro_batch_size = 4
+    num_batches = 3 * len(small_train_set) // micro_batch_size  # crosses epoch boundaries
+    reference = take(data.iterate_batches(small_train_set, micro_batch_size, seed=11), num_batches)
+    assert reference[0]["tokens"].shape == (micro_batch_size, 16)
+    assert reference[0]["loss_mask"].dtype == torch.float32
+    again = data.iterate_batches(small_train_set, micro_batch_size, seed=11)
+    assert_same_batches(reference, take(again, num_batches))
+    other_seed = take(data.iterate_batches(small_train_set, micro_batch_size, seed=12), 3)
+    assert any(not torch.equal(a["tokens"], b["tokens"]) for a, b in zip(reference, other_seed))
+
+    for stopped_after in (1, 9, num_batches - 2):
+        resumed = data.iterate_batches(
+            small_train_set, micro_batch_size, seed=11,
+            consumed_samples=stopped_after * micro_batch_size,
+        )
+        assert_same_batches(reference[stopped_after:], take(resumed, num_batches - stopped_after))
+
+
+def test_batches_split_across_data_parallel_ranks(small_train_set):
+    single = take(data.iterate_batches(small_train_set, 4, seed=2), 4)
+    ranks = [
+        take(data.iterate_batches(small_train_set, 2, seed=2, data_parallel_rank=r,
+                                  data_parallel_size=2), 4)
+        for r in range(2)
+    ]
+    for step in range(4):
+        joined = torch.cat([ranks[0][step]["tokens"], ranks[1][step]["tokens"]])
+        assert torch.equal(joined, single[step]["tokens"])
