@@ -81,7 +81,9 @@ class DeepSeekMoEConfig(TransformerConfig):
 
 
 def _fill_deepseek_defaults(cfg: DeepSeekMoEConfig) -> None:
-    # DeepSeekMoE's FFNs are SwiGLU without biases.
+    # Dense and MoE layers differ, so checkpoints key every layer by its global index
+    # (decoder.layers.N....) instead of stacking layers along one axis.
+    cfg.hetereogenous_dist_checkpoint = True
     if cfg.moe_num_shared_experts and cfg.moe_shared_expert_intermediate_size is None:
         if cfg.moe_ffn_hidden_size is None:
             raise ConfigError(

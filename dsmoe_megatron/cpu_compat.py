@@ -5,8 +5,9 @@ redirects exactly these, and nothing else:
 
 1. ``device="cuda"``, ``device=<int>``, ``torch.device("cuda")``, ``.cuda()`` and ``.to("cuda")``
    on tensors become CPU (a ``TorchFunctionMode``, so every torch call site is covered).
-2. ``torch.cuda.current_device()`` returns 0 and ``set_device`` does nothing (device ids are
-   rewritten to CPU by 1).
+2. ``torch.cuda.current_device()`` returns ``torch.device("cpu")`` (so ``device=current_device()``
+   also works inside autograd backward, where the mode of 1 is not active) and ``set_device``
+   does nothing.
 3. ``torch.cuda.Stream`` / ``Event`` become inert objects usable as context managers;
    ``stream()``, ``current_stream()``, ``synchronize()`` and the memory statistics are no-ops.
 4. The CUDA RNG (``torch.cuda.{get,set}_rng_state``, ``manual_seed``) and Megatron's RNG tracker
@@ -113,7 +114,7 @@ def _zero(*args, **kwargs):
 
 
 _CUDA_REDIRECTS = {
-    "current_device": _zero,
+    "current_device": lambda: _CPU,
     "set_device": _no_op,
     "synchronize": _no_op,
     "empty_cache": _no_op,

@@ -99,12 +99,12 @@ def forward_backward(chunks, config, batches, forward_only=False):
     return [float(d["lm loss"][0] / d["lm loss"][1]) for d in out]
 
 
-def aux_losses() -> dict[str, float]:
-    """Sum over layers of each balance loss recorded since the last clear."""
+def aux_losses() -> dict[str, list[float]]:
+    """Per-layer sums of each balance loss recorded by this rank since the last clear."""
     from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 
     tracker = get_moe_metrics_tracker()
-    return {name: float(entry.values.sum()) for name, entry in tracker.metrics.items()}
+    return {name: entry.values.tolist() for name, entry in tracker.metrics.items()}
 
 
 def save_grads_as_checkpoint(chunks, directory: Path) -> None:
@@ -129,18 +129,20 @@ def save_grads_as_checkpoint(chunks, directory: Path) -> None:
             param.data = data
 
 
-def full_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from megatron.core import dist_checkpointing
+def load_full_state(directory: str, config_overrides: dict) -> dict[str, torch.Tensor]:
+    """Rank function: load a dist checkpoint (any layout) into a single-rank model, return it."""
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.runtime import ParallelLayout
 
-    loaded = dist_checkpointing.load_plain_tensors(str(directory))
-    return {k: v for k, v in _flatten(loaded).items() if isinstance(v, torch.Tensor)}
+    layout = ParallelLayout()
+    chunks = build_chunks(tiny_config(layout, **config_overrides), layout)
+    checkpoint.load(directory, chunks)
+    return {k: v for k, v in chunks[0].state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def _flatten(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def max_differences(dir_a: str, dir_b: str, config_overrides: dict) -> dict[str, float]:
+    """Rank function: per-tensor max |a - b| between two full-model dist checkpoints."""
+    a = load_full_state(dir_a, config_overrides)
+    b = load_full_state(dir_b, config_overrides)
+    assert a.keys() == b.keys()
+    return {k: float((a[k] - b[k]).abs().max()) for k in a}
