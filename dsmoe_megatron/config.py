@@ -84,6 +84,10 @@ def _fill_deepseek_defaults(cfg: DeepSeekMoEConfig) -> None:
     # Dense and MoE layers differ, so checkpoints key every layer by its global index
     # (decoder.layers.N....) instead of stacking layers along one axis.
     cfg.hetereogenous_dist_checkpoint = True
+    if cfg.virtual_pipeline_model_parallel_size:
+        # Interleaved stages at PP=2 send both ways between the same two ranks in one step;
+        # batched p2p would pair the messages wrongly (Megatron-LM turns it off here too).
+        cfg.batch_p2p_comm = False
     if cfg.moe_num_shared_experts and cfg.moe_shared_expert_intermediate_size is None:
         if cfg.moe_ffn_hidden_size is None:
             raise ConfigError(

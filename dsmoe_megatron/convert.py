@@ -3,38 +3,40 @@
     dsmoe-convert to-hf   --checkpoint SAVE_OR_ITER_DIR --out HF_DIR [--dtype auto|bf16|fp16|fp32]
     dsmoe-convert from-hf --hf HF_DIR --out SAVE_DIR [--tensor-model-parallel-size N ...]
 
-to-hf reads a checkpoint saved under any TP/PP/EP layout by loading it into a single-rank model
-(dist-checkpoint keys are layout independent) and writes ``config.json``,
-``generation_config.json``, sharded safetensors with their index, the remote-code files and,
-when the run used the byte tokenizer, its tokenizer files. from-hf reads a Hugging Face
-directory (safetensors only) and writes ``run.yaml`` + an iteration-0 dist checkpoint that the
-trainer loads. Both write into ``<out>.partial`` and rename it when complete.
+to-hf loads a checkpoint saved under any TP/PP/EP layout into a single-rank model (dist-checkpoint
+keys are layout independent), builds it from the checkpoint's run.yaml, and writes config.json
+(every field explicit), generation_config.json, sharded safetensors + index, the remote-code
+files and the tokenizer files (see ``choose_tokenizer``). from-hf reads config.json and the
+safetensors (never pickles), and writes a save directory: an iteration-0 dist checkpoint with its
+run.yaml, which the trainer loads. Both write ``<out>.partial`` and rename it when complete.
 
-Tensor mapping (H hidden, d head dim, g query groups, q = heads per group, V vocabulary):
+Tensor mapping (H hidden, d head dim, g query groups = kv heads, q heads per group, F widths):
 
-=========================================================  ==========================================
-Megatron (single rank)                                     Hugging Face
-=========================================================  ==========================================
-embedding.word_embeddings.weight [Vpad, H]                 model.embed_tokens.weight [V, H] (rows :V)
-decoder.layers.i.input_layernorm.weight                    model.layers.i.input_layernorm.weight
-decoder.layers.i.self_attention.linear_qkv.weight          self_attn.{q,k,v}_proj.weight; rows are
-  [g * (q + 2) * d, H]                                     [q heads of group j, k_j, v_j] for j < g
-decoder.layers.i.self_attention.linear_proj.weight         self_attn.o_proj.weight
-decoder.layers.i.pre_mlp_layernorm.weight                  post_attention_layernorm.weight
-decoder.layers.i.mlp.linear_fc1.weight [2F, H]             mlp.gate_proj (rows :F), mlp.up_proj (F:)
-decoder.layers.i.mlp.linear_fc2.weight                     mlp.down_proj.weight
-decoder.layers.i.mlp.router.weight [E, H]                  mlp.gate.weight
-decoder.layers.i.mlp.experts.{gate,up,down}_proj [E, ...]  mlp.experts.e.{gate,up,down}_proj.weight
-decoder.layers.i.mlp.shared_experts.linear_fc1.weight      mlp.shared_experts.{gate,up}_proj.weight
-decoder.layers.i.mlp.shared_experts.linear_fc2.weight      mlp.shared_experts.down_proj.weight
-decoder.final_layernorm.weight                             model.norm.weight
-output_layer.weight [Vpad, H]                              lm_head.weight [V, H] (rows :V)
-=========================================================  ==========================================
+========================================================  ========================================
+Megatron (single rank)                                    Hugging Face (model.layers.i. ...)
+========================================================  ========================================
+embedding.word_embeddings.weight [Vpad, H]                model.embed_tokens.weight [V, H]
+decoder.layers.i.input_layernorm.weight                   input_layernorm.weight
+decoder.layers.i.self_attention.linear_qkv.weight         self_attn.{q,k,v}_proj.weight; its rows
+  [g * (q + 2) * d, H]                                    are [q heads of group j; k_j; v_j], j < g
+decoder.layers.i.self_attention.linear_proj.weight        self_attn.o_proj.weight
+decoder.layers.i.pre_mlp_layernorm.weight                 post_attention_layernorm.weight
+decoder.layers.i.mlp.linear_fc1.weight [2F, H]            mlp.gate_proj (rows :F), up_proj (F:)
+decoder.layers.i.mlp.linear_fc2.weight                    mlp.down_proj.weight
+decoder.layers.i.mlp.router.weight [E, H]                 mlp.gate.weight
+decoder.layers.i.mlp.experts.{gate,up,down}_proj [E,..]   mlp.experts.e.{gate,up,down}_proj.weight
+decoder.layers.i.mlp.shared_experts.linear_fc1.weight     mlp.shared_experts.{gate,up}_proj.weight
+decoder.layers.i.mlp.shared_experts.linear_fc2.weight     mlp.shared_experts.down_proj.weight
+decoder.final_layernorm.weight                            model.norm.weight
+output_layer.weight [Vpad, H]                             lm_head.weight [V, H]
+========================================================  ========================================
 
-Vocabulary: Megatron pads the vocabulary (``model.padded_vocab_size``); the export keeps only the
-run's true vocabulary (``vocab_size`` in config.json is the tokenizer's size), so the padding rows,
-which no token ever selects, are dropped; the import pads with zero rows. Logits agree on every
-real token id.
+Vocabulary: Megatron pads it (``model.padded_vocab_size``, a multiple of 1024, whatever the TP size). config.json's
+``vocab_size`` is the run's true vocabulary (``vocab_size`` in run.yaml, the tokenizer's): the
+export keeps rows ``:V`` of the embedding and the output layer and drops the padding rows, which
+no token id selects; the import pads with zero rows for the run's TP size. Logits agree on every
+real token id. Transformer Engine's fused-norm names (``linear_qkv.layer_norm_weight``...) are
+read as the norms they are.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -57,7 +58,6 @@ import torch
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-HF_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 ROPE_THETA = 10000.0  # model.build_model's rotary_base
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -148,15 +148,17 @@ _TE_RENAMES = (
 )
 
 
+def _canonical_name(name: str) -> str:
+    """The local-spec name of a state-dict entry (TE's fused-norm names mapped back)."""
+    for pattern, repl in _TE_RENAMES:
+        name = pattern.sub(repl, name)
+    return name
+
+
 def _normalise_megatron_names(state: Mapping) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, value in state.items():
-        if name.endswith("_extra_state") or not isinstance(value, torch.Tensor):
-            continue
-        for pattern, repl in _TE_RENAMES:
-            name = pattern.sub(repl, name)
-        out[name] = value
-    return out
+    """Tensors only (no ``_extra_state``), under their local-spec names."""
+    return {_canonical_name(name): value for name, value in state.items()
+            if isinstance(value, torch.Tensor) and not name.endswith("_extra_state")}
 
 
 def _qkv_split(qkv: torch.Tensor, dims: Dims):
@@ -232,42 +234,47 @@ def megatron_to_hf(state: Mapping, dims: Dims) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_to_megatron(get, dims: Dims, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """``get(hf_name) -> tensor`` -> single-rank GPTModel state dict (padding rows zero)."""
+def iter_hf_to_megatron(get, dims: Dims, padded_vocab: int
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``get(hf_name) -> tensor`` -> (name, tensor) of a single-rank GPTModel state dict, one
+    at a time (vocabulary padding rows are zero)."""
 
     def padded(t: torch.Tensor) -> torch.Tensor:
         if t.shape[0] == padded_vocab:
             return t
         return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], t.shape[1])])
 
-    out: dict[str, torch.Tensor] = {}
-    out["embedding.word_embeddings.weight"] = padded(get("model.embed_tokens.weight"))
+    yield "embedding.word_embeddings.weight", padded(get("model.embed_tokens.weight"))
     for i, moe in enumerate(dims.moe_layers):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[m + "input_layernorm.weight"] = get(p + "input_layernorm.weight")
-        out[m + "self_attention.linear_qkv.weight"] = _qkv_merge(
+        yield m + "input_layernorm.weight", get(p + "input_layernorm.weight")
+        yield m + "self_attention.linear_qkv.weight", _qkv_merge(
             get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
             get(p + "self_attn.v_proj.weight"), dims)
-        out[m + "self_attention.linear_proj.weight"] = get(p + "self_attn.o_proj.weight")
-        out[m + "pre_mlp_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
+        yield m + "self_attention.linear_proj.weight", get(p + "self_attn.o_proj.weight")
+        yield m + "pre_mlp_layernorm.weight", get(p + "post_attention_layernorm.weight")
         if moe:
-            out[m + "mlp.router.weight"] = get(p + "mlp.gate.weight")
+            yield m + "mlp.router.weight", get(p + "mlp.gate.weight")
             for name in ("gate_proj", "up_proj", "down_proj"):
-                out[m + f"mlp.experts.{name}"] = torch.stack(
+                yield m + f"mlp.experts.{name}", torch.stack(
                     [get(p + f"mlp.experts.{e}.{name}.weight") for e in range(dims.experts)])
             if dims.shared:
-                out[m + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+                yield m + "mlp.shared_experts.linear_fc1.weight", torch.cat(
                     [get(p + "mlp.shared_experts.gate_proj.weight"),
                      get(p + "mlp.shared_experts.up_proj.weight")])
-                out[m + "mlp.shared_experts.linear_fc2.weight"] = get(
+                yield m + "mlp.shared_experts.linear_fc2.weight", get(
                     p + "mlp.shared_experts.down_proj.weight")
         else:
-            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+            yield m + "mlp.linear_fc1.weight", torch.cat(
                 [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-            out[m + "mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
-    out["decoder.final_layernorm.weight"] = get("model.norm.weight")
-    out["output_layer.weight"] = padded(get("lm_head.weight"))
-    return out
+            yield m + "mlp.linear_fc2.weight", get(p + "mlp.down_proj.weight")
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    yield "output_layer.weight", padded(get("lm_head.weight"))
+
+
+def hf_to_megatron(get, dims: Dims, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """``get(hf_name) -> tensor`` -> single-rank GPTModel state dict (padding rows zero)."""
+    return dict(iter_hf_to_megatron(get, dims, padded_vocab))
 
 
 def _check_shapes(tensors: Mapping[str, Sequence[int]], expected: Mapping[str, tuple], what: str,
@@ -566,11 +573,27 @@ def single_rank_runtime() -> Iterator[None]:
             runtime.initialize(runtime.ParallelLayout())
         yield
         return
-    runtime.initialize(runtime.ParallelLayout())
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ConversionError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']}: the converter runs as a single process "
+            "(run dsmoe-convert without torchrun)")
+    saved = {k: os.environ.get(k) for k in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        # A MASTER_PORT inherited from a parent that holds it would make the rendezvous fail.
+        os.environ.update(MASTER_PORT=str(runtime.free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
     try:
-        yield
+        runtime.initialize(runtime.ParallelLayout())
+        try:
+            yield
+        finally:
+            runtime.shutdown()
     finally:
-        runtime.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _yaml_config():
@@ -581,8 +604,12 @@ def _yaml_config():
     return yaml_config
 
 
-def _begin_output(out_dir: str | Path, force: bool) -> tuple[Path, Path]:
+def _begin_output(out_dir: str | Path, force: bool, source: Path) -> tuple[Path, Path]:
     out = Path(out_dir)
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or dst in src.parents:
+        raise ConversionError(f"--out {out} contains the input {source}; choose a separate "
+                              "output directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise ConversionError(
@@ -698,7 +725,10 @@ class SafetensorsReader:
         self._handles: dict[Path, object] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for name, path in files.items():
-            self.shapes[name] = tuple(self._handle(path).get_slice(name).get_shape())
+            try:
+                self.shapes[name] = tuple(self._handle(path).get_slice(name).get_shape())
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise ConversionError(f"cannot read tensor {name} from {path.name}: {err}") from err
 
     def _handle(self, path: Path):
         if path not in self._handles:
@@ -708,72 +738,87 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         return self._handle(self.files[name]).get_tensor(name)
 
-    def dtypes(self) -> set[str]:
-        return {str(self._handle(self.files[n]).get_slice(n).get_dtype()) for n in self.files}
-
 
 # ------------------------------------------------------------------------------------------
 # Tokenizer
 # ------------------------------------------------------------------------------------------
 
-def _run_tokenizer(run) -> str | None:
-    """The run's tokenizer setting: None / 'byte' for the byte tokenizer, else a name or path."""
-    for holder in (getattr(run, "train", None), getattr(run, "data", None)):
-        for attr in ("tokenizer", "tokenizer_type", "tokenizer_model"):
-            value = getattr(holder, attr, None) if holder is not None else None
-            if value:
-                return str(value)
-    source = getattr(run, "source", None) or {}
-    for section in ("train", "data", "tokenizer"):
-        value = source.get(section)
-        if isinstance(value, dict):
-            for attr in ("tokenizer", "tokenizer_type", "type", "name"):
-                if value.get(attr):
-                    return str(value[attr])
-        elif section == "tokenizer" and value:
-            return str(value)
-    return None
+HF_SOURCE_DIR = "hf_source"
+"""from-hf keeps the source's config.json and tokenizer files here, next to ``latest``."""
+
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _is_byte_tokenizer(name: str | None) -> bool:
-    return name is None or name.lower().replace("-", "_") in ("byte", "bytes", "byte_tokenizer",
-                                                              "bytetokenizer", "byte_level")
+@dataclasses.dataclass
+class TokenizerExport:
+    """Which tokenizer files go with an export and the special-token ids for config.json."""
+
+    source: str  # "byte", a directory, or "none"
+    token_ids: dict
+    directory: Path | None = None
+
+    def write(self, out: Path) -> list[str]:
+        if self.source == "byte":
+            try:
+                from dsmoe_megatron.tokenizer import write_hf_tokenizer
+            except ImportError:
+                _log("no tokenizer-file writer available; tokenizer files skipped")
+                return []
+            try:
+                write_hf_tokenizer(out)
+            except ImportError as err:
+                _log(f"tokenizer files skipped: {err}")
+                return []
+            return [f for f in TOKENIZER_FILES if (out / f).exists()]
+        if self.directory is not None:
+            copied = []
+            for name in TOKENIZER_FILES:
+                if (self.directory / name).is_file():
+                    shutil.copyfile(self.directory / name, out / name)
+                    copied.append(name)
+            return copied
+        return []
 
 
-def _byte_token_ids() -> dict:
+def _token_ids_from(directory: Path) -> dict:
+    ids = {}
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            for key in _TOKEN_ID_KEYS:
+                if key not in ids and data.get(key) is not None:
+                    ids[key] = data[key]
+    return ids
+
+
+def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | None = None
+                     ) -> TokenizerExport:
+    """The run's tokenizer: an explicit directory of HF tokenizer files, else the one from-hf
+    kept next to the checkpoint (same vocabulary size), else the byte tokenizer when the
+    vocabulary is its size; otherwise none (config.json then has no special-token ids)."""
+    candidates = []
+    if tokenizer_dir is not None:
+        directory = Path(tokenizer_dir)
+        if not directory.is_dir():
+            raise ConversionError(f"tokenizer directory {directory} does not exist (--tokenizer)")
+        return TokenizerExport(str(directory), _token_ids_from(directory), directory)
+    candidates = [ckpt.parent / HF_SOURCE_DIR, ckpt / HF_SOURCE_DIR]
+    for directory in candidates:
+        config = directory / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("vocab_size") == vocab_size:
+            return TokenizerExport(str(directory), _token_ids_from(directory), directory)
     try:
         from dsmoe_megatron.tokenizer import ByteTokenizer
     except ImportError:
-        return {}
-    tok = ByteTokenizer()
-    return dict(bos_token_id=tok.bos, eos_token_id=tok.eod, pad_token_id=tok.pad)
-
-
-def _write_tokenizer(run, out: Path) -> list[str]:
-    """Tokenizer files for the run's tokenizer, when we can produce them; returns their names."""
-    name = _run_tokenizer(run)
-    if _is_byte_tokenizer(name):
-        try:
-            from dsmoe_megatron.tokenizer import write_hf_tokenizer
-        except ImportError:
-            _log("no tokenizer-file writer available; tokenizer files skipped")
-            return []
-        try:
-            write_hf_tokenizer(out)
-        except ImportError as err:
-            _log(f"tokenizer files skipped: {err}")
-            return []
-        return [f for f in TOKENIZER_FILES if (out / f).exists()]
-    path = Path(name)
-    if path.is_dir():
-        copied = []
-        for f in TOKENIZER_FILES:
-            if (path / f).exists():
-                shutil.copyfile(path / f, out / f)
-                copied.append(f)
-        return copied
-    _log(f"tokenizer {name!r} has no local files to export; tokenizer files skipped")
-    return []
+        ByteTokenizer = None
+    if ByteTokenizer is not None and ByteTokenizer().vocab_size == vocab_size:
+        tok = ByteTokenizer()
+        return TokenizerExport("byte", dict(bos_token_id=tok.bos, eos_token_id=tok.eod,
+                                            pad_token_id=tok.pad))
+    _log(f"vocabulary {vocab_size} is not the byte tokenizer's and no tokenizer files are known; "
+         "pass --tokenizer DIR to include them")
+    return TokenizerExport("none", {})
 
 
 # ------------------------------------------------------------------------------------------
@@ -781,19 +826,36 @@ def _write_tokenizer(run, out: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------
 
 def _checkpoint_tensor_info(ckpt: Path) -> tuple[int, torch.dtype]:
-    """(padded vocabulary rows, parameter dtype) as saved."""
-    from megatron.core import dist_checkpointing
+    """(padded vocabulary rows, parameter dtype) as saved (read from the torch_dist metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
 
-    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    emb = meta.get("embedding.word_embeddings.weight")
-    if emb is None:
-        raise ConversionError(f"{ckpt} has no embedding.word_embeddings.weight; is it a model "
-                              "checkpoint of this package?")
-    return int(emb.global_shape[0]), emb.dtype
+    name = "embedding.word_embeddings.weight"
+    try:
+        metadata = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as err:  # noqa: BLE001 - any unreadable metadata gets the same answer
+        raise ConversionError(f"cannot read the checkpoint metadata in {ckpt}: {err}") from err
+    entry = metadata.state_dict_metadata.get(name)
+    if entry is None or not hasattr(entry, "size"):
+        raise ConversionError(f"{ckpt} has no {name}; is it a model checkpoint of this package?")
+    return int(entry.size[0]), entry.properties.dtype
+
+
+def read_checkpoint_run(ckpt: Path):
+    """The RunConfig saved with a checkpoint (machine checks off: the converter runs on CPU)."""
+    from dsmoe_megatron import checkpoint
+
+    run_yaml = ckpt / checkpoint.RUN_CONFIG_NAME
+    if not run_yaml.exists():
+        raise ConversionError(f"{run_yaml} is missing; the checkpoint does not say its model")
+    yaml_config = _yaml_config()
+    try:
+        return yaml_config.load_run_config(run_yaml, instantiate_checks=False)
+    except yaml_config.YamlConfigError as err:
+        raise ConversionError(str(err)) from err
 
 
 def load_checkpoint_state(checkpoint_dir: str | Path):
-    """(run config, single-rank model config, padded vocab, state dict) of a dist checkpoint.
+    """(run config, single-rank model config, state dict) of a dist checkpoint of any layout.
 
     Needs a single-process runtime (see ``single_rank_runtime``).
     """
@@ -801,59 +863,65 @@ def load_checkpoint_state(checkpoint_dir: str | Path):
     from dsmoe_megatron.model import build_model
 
     ckpt = _resolve_checkpoint(checkpoint_dir)
-    run_yaml = ckpt / checkpoint.RUN_CONFIG_NAME
-    if not run_yaml.exists():
-        raise ConversionError(f"{run_yaml} is missing; the checkpoint does not say its model")
-    run = _yaml_config().load_run_config(run_yaml)
+    run = read_checkpoint_run(ckpt)
     padded_vocab, dtype = _checkpoint_tensor_info(ckpt)
+    if padded_vocab < run.train.vocab_size:
+        raise ConversionError(f"the checkpoint has {padded_vocab} vocabulary rows but its run "
+                              f"config says vocab_size={run.train.vocab_size}")
     cfg = single_rank_config(run.model, params_dtype=dtype)
     model = build_model(cfg, padded_vocab, run.train.seq_length, pre_process=True,
                         post_process=True)
     checkpoint.load(ckpt, [model])
-    return run, cfg, padded_vocab, model.state_dict()
+    return run, cfg, model.state_dict()
 
 
 def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-                 tokenizer: bool = True) -> Path:
-    """Megatron dist checkpoint (any layout) -> Hugging Face directory. Returns ``out_dir``.
+                 tokenizer: bool | str | Path = True) -> Path:
+    """Megatron dist checkpoint (any layout) -> Hugging Face directory; returns ``out_dir``.
 
+    ``checkpoint_dir``: a save directory (its latest iteration) or an ``iter_XXXXXXX`` dir.
     ``dtype``: ``auto`` (as stored in the checkpoint), ``bf16``, ``fp16`` or ``fp32``.
+    ``tokenizer``: True (see ``choose_tokenizer``), False (no tokenizer files) or a directory
+    of Hugging Face tokenizer files to include. Works in a fresh process (it brings up a
+    single-process runtime and shuts it down) or inside one that already has a single-rank one.
     """
     from dsmoe_megatron.hf import write_hf_remote_code
 
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     max_shard_size = parse_size(max_shard_size)
-    _resolve_checkpoint(checkpoint_dir)  # clear error before anything is created
-    out, partial = _begin_output(out_dir, force)
+    ckpt = _resolve_checkpoint(checkpoint_dir)
+    run = read_checkpoint_run(ckpt)
+    check_exportable(run.model)  # before anything is loaded or created
+    vocab = run.train.vocab_size
+    if tokenizer is False:
+        tok = TokenizerExport("none", {})
+    else:
+        tok = choose_tokenizer(ckpt, vocab, None if tokenizer is True else tokenizer)
+    out, partial = _begin_output(out_dir, force, source=ckpt)
     try:
         with single_rank_runtime():
-            run, cfg, _padded, state = load_checkpoint_state(checkpoint_dir)
-        vocab = run.train.vocab_size
+            run, cfg, state = load_checkpoint_state(ckpt)
         out_dtype = DTYPES[dtype] if dtype != "auto" else cfg.params_dtype
-        check_exportable(cfg)
         tensors = megatron_to_hf(state, Dims.from_megatron(cfg, vocab))
-        token_ids = _byte_token_ids() if _is_byte_tokenizer(_run_tokenizer(run)) else {}
-        max_pos = max(int(run.train.seq_length),
-                      int(getattr(run.train, "max_position_embeddings", 0) or 0))
-        config = hf_config_dict(cfg, vocab, max_pos, out_dtype, **token_ids)
+        max_pos = max(int(run.train.seq_length), int(run.train.max_position_embeddings or 0))
+        config = hf_config_dict(cfg, vocab, max_pos, out_dtype,
+                                **{k: tok.token_ids.get(k) for k in _TOKEN_ID_KEYS})
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {"_from_model_config": True, **{k: v for k, v in token_ids.items()
-                                                      if k != "pad_token_id"}}
-        if token_ids.get("pad_token_id") is not None:
-            generation["pad_token_id"] = token_ids["pad_token_id"]
+        generation = {"_from_model_config": True,
+                      **{k: v for k, v in tok.token_ids.items() if v is not None}}
         (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         files = write_safetensors_shards(tensors, partial, max_shard_size, out_dtype)
         del state, tensors
-        write_hf_remote_code(partial)
-        tok_files = _write_tokenizer(run, partial) if tokenizer else []
+        write_hf_remote_code(partial)  # after config.json: adds its auto_map
+        tok_files = tok.write(partial)
         _finish_output(out, partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _log(f"wrote {out}: {len(files)} safetensors shard(s), {DTYPE_NAMES[out_dtype]}"
-         f"{', tokenizer ' + ', '.join(tok_files) if tok_files else ''}")
+    _log(f"wrote {out}: {len(files)} safetensors shard(s), {DTYPE_NAMES[out_dtype]}, "
+         f"vocab {vocab}; tokenizer: {', '.join(tok_files) if tok_files else 'none'}")
     return out
 
 
@@ -868,83 +936,119 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     path = hf_dir / "config.json"
     if not path.exists():
         raise ConversionError(f"{path} is missing")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON: {err}") from err
+
+
+def make_run_config(model_fields: Mapping, vocab_size: int | None = None,
+                    seq_length: int | None = None, overrides: Iterable[str] = (),
+                    max_position_embeddings: int | None = None):
+    """A yaml_config RunConfig for a model with these DeepSeekMoEConfig fields (plain values),
+    each placed in its yaml_config section; the rest from the defaults and ``overrides``.
+    ``vocab_size`` None means the byte tokenizer's."""
+    yaml_config = _yaml_config()
+    source: dict = {}
+    for key, value in model_fields.items():
+        section = yaml_config.section_of(key)
+        if section is None:
+            raise ConversionError(f"{key} is not a model field")
+        source.setdefault(section, {})[key] = value
+    for key, value in (("vocab_size", vocab_size), ("seq_length", seq_length),
+                       ("max_position_embeddings", max_position_embeddings)):
+        if value is not None:
+            source[key] = int(value)
+    try:
+        return yaml_config.run_config_from_dict(source, tuple(overrides))
+    except yaml_config.YamlConfigError as err:
+        raise ConversionError(f"run config: {err}") from err
 
 
 def build_run_config(hf: Mapping, overrides: Iterable[str] = ()):
-    """RunConfig for training the HF model: its architecture, the vocabulary and sequence length
-    from config.json, everything else from yaml_config's defaults and ``overrides``."""
-    yaml_config = _yaml_config()
-    fields = model_fields_from_hf(hf)
+    """RunConfig for training the HF model: its architecture and vocabulary from config.json,
+    seq_length = max_position_embeddings unless overridden, the rest from defaults and
+    ``overrides`` (yaml_config's ``section.key=value``)."""
     c = {**_hf_defaults(), **hf}
-    source = _run_source(yaml_config, fields, vocab_size=c["vocab_size"],
-                         seq_length=c["max_position_embeddings"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "run.yaml"
-        _write_yaml(source, path)
-        return yaml_config.load_run_config(path, overrides=tuple(overrides))
+    positions = int(c["max_position_embeddings"])
+    overrides = tuple(overrides)
+    seq_override = any(o.split("=", 1)[0].strip() == "seq_length" for o in overrides)
+    return make_run_config(model_fields_from_hf(hf), c["vocab_size"],
+                           None if seq_override else positions, overrides,
+                           max_position_embeddings=positions)
 
 
-def _write_yaml(source: Mapping, path: Path) -> None:
-    import yaml
-
-    path.write_text(yaml.safe_dump(dict(source), sort_keys=False))
-
-
-def _run_source(yaml_config, model_fields: Mapping, vocab_size: int, seq_length: int) -> dict:
-    """The YAML document (yaml_config's schema) for a model with these fields."""
-    return {
-        "model": dict(model_fields),
-        "train": {"vocab_size": vocab_size, "seq_length": seq_length},
-    }
+# Fields that fix the shapes or the function of the weights; overrides may not change them.
+_ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_num_shared_experts",
+    "moe_first_k_dense", "moe_layer_freq", "moe_router_pre_softmax", "layernorm_epsilon",
+)
 
 
 def _check_run_matches_hf(run, hf: Mapping) -> None:
     """Overrides may change training settings, not the architecture the weights have."""
     expected = model_fields_from_hf(hf)
-    for key, value in expected.items():
+    for key in _ARCHITECTURE_FIELDS:
+        if key not in expected:
+            continue
         got = getattr(run.model, key)
-        if key == "moe_aux_loss_coeff" or key == "init_method_std" or key == "attention_dropout":
-            continue
-        if key == "moe_router_load_balancing_type" or key == "moe_router_pre_softmax":
-            continue
-        if got != value:
+        if got != expected[key]:
             raise ConversionError(
-                f"override changes model.{key} to {got!r} but the Hugging Face weights have "
-                f"{value!r}; architecture fields cannot be overridden")
+                f"the run config has model.{key}={got!r} but the Hugging Face model has "
+                f"{expected[key]!r}; architecture fields cannot be overridden")
+    if "num_moe_experts" not in expected and run.model.num_moe_experts:
+        raise ConversionError(
+            f"the run config has model.num_moe_experts={run.model.num_moe_experts} but the "
+            "Hugging Face model is dense; architecture fields cannot be overridden")
+    check_exportable(run.model)
     if run.train.vocab_size != hf["vocab_size"]:
         raise ConversionError(
-            f"override changes vocab_size to {run.train.vocab_size} but the weights have "
-            f"{hf['vocab_size']} rows")
+            f"the run config has vocab_size={run.train.vocab_size} but the Hugging Face model "
+            f"has {hf['vocab_size']}; it cannot be overridden")
+
+
+def _dtype_overrides(dtype: str) -> list[str]:
+    if dtype == "auto":
+        return []
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return [f"model_parallel.bf16={str(dtype == 'bf16').lower()}",
+            f"model_parallel.fp16={str(dtype == 'fp16').lower()}"]
 
 
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[str] = (),
                    force: bool = False, dtype: str = "auto") -> Path:
-    """Hugging Face directory -> ``out_dir`` with run.yaml-carrying iteration-0 dist checkpoint.
+    """Hugging Face directory -> save directory with an iteration-0 dist checkpoint + run.yaml.
 
-    ``overrides`` are yaml_config overrides (``section.key=value``) for the run (layout, training
-    settings). ``dtype`` is the stored parameter dtype: ``auto`` is the run config's params dtype.
-    Returns the save directory (``out_dir``; the trainer's ``load:``).
+    ``overrides``: yaml_config overrides for the run (``model_parallel.tensor_model_parallel_size
+    =2``, ``lr=1e-4``...); architecture fields come from config.json and cannot be overridden.
+    ``dtype``: the run's parameter dtype (``bf16`` / ``fp16`` set ``model_parallel.bf16`` /
+    ``fp16``; ``auto`` keeps the run config's, fp32 by default); the checkpoint stores that.
+    The vocabulary is padded for the run's tensor-parallel size, as the trainer builds it.
+    The source's config.json and tokenizer files are kept in ``out_dir/hf_source`` so a later
+    to-hf can include them. Returns ``out_dir`` (the trainer's ``load:``).
     """
     from dsmoe_megatron import checkpoint
     from dsmoe_megatron.model import build_model, padded_vocab_size
 
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)
-    run = build_run_config(hf, overrides)
+    run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     _check_run_matches_hf(run, hf)
     dims = hf_dims(hf)
     reader = SafetensorsReader(hf_dir)
     shapes = {n: s for n, s in reader.shapes.items() if not _IGNORED_HF_TENSORS.match(n)}
     _check_shapes(shapes, hf_expected_shapes(dims), f"{hf_dir}:", shape_of=lambda s: s)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-    params_dtype = DTYPES[dtype] if dtype != "auto" else run.model.params_dtype
-    tp = getattr(getattr(run, "layout", None), "tensor", None) or \
-        run.model.tensor_model_parallel_size
-    padded = padded_vocab_size(dims.vocab, tp)
-    out, partial = _begin_output(out_dir, force)
+    params_dtype = run.model.params_dtype
+    padded = padded_vocab_size(dims.vocab, run.layout.tensor)
+    out, partial = _begin_output(out_dir, force, source=hf_dir)
     try:
+        kept = partial / HF_SOURCE_DIR
+        kept.mkdir()
+        for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, kept / name)
         yaml_path = partial / "run.yaml.tmp"
         _yaml_config().dump_run_config(run, yaml_path)
         run_yaml_text = yaml_path.read_text()
@@ -953,22 +1057,28 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
             cfg = single_rank_config(run.model, params_dtype=params_dtype)
             model = build_model(cfg, padded, run.train.seq_length, pre_process=True,
                                 post_process=True)
-            own = {k: v for k, v in model.state_dict().items()
-                   if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-            mapped = hf_to_megatron(reader.get, dims, padded)
-            _check_shapes(mapped, {k: tuple(v.shape) for k, v in own.items()},
-                          "converted (internal error)")
+            own = _normalise_megatron_names(model.state_dict())
+            filled = set()
             with torch.no_grad():
-                for name, target in own.items():
-                    target.copy_(mapped[name].to(target.dtype))
-            del mapped
+                for name, value in iter_hf_to_megatron(reader.get, dims, padded):
+                    target = own.get(name)
+                    if target is None or target.shape != value.shape:
+                        raise ConversionError(
+                            f"internal error: {name} {tuple(value.shape)} has no place in the "
+                            f"Megatron model ({None if target is None else tuple(target.shape)})")
+                    target.copy_(value)
+                    filled.add(name)
+            if filled != set(own):
+                raise ConversionError(f"internal error: Megatron tensors not filled: "
+                                      f"{sorted(set(own) - filled)}")
             checkpoint.save(partial, 0, [model], run_config_yaml=run_yaml_text)
+            del model, own
         _finish_output(out, partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _log(f"wrote {out} (iteration 0, {DTYPE_NAMES[params_dtype]}, vocab {dims.vocab} padded to "
-         f"{padded})")
+    _log(f"wrote {out}: iteration 0, {DTYPE_NAMES[params_dtype]}, vocab {dims.vocab} padded to "
+         f"{padded} for tensor parallel size {run.layout.tensor}")
     return out
 
 
@@ -986,7 +1096,7 @@ _LAYOUT_FLAGS = (
 
 
 def _layout_overrides(args) -> list[str]:
-    return [f"model.{field}={getattr(args, field)}" for _, field in _LAYOUT_FLAGS
+    return [f"model_parallel.{field}={getattr(args, field)}" for _, field in _LAYOUT_FLAGS
             if getattr(args, field) is not None]
 
 
@@ -1003,6 +1113,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights dtype (auto: as stored in the checkpoint)")
     to_hf.add_argument("--max-shard-size", default="5GB",
                        help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    to_hf.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="directory of Hugging Face tokenizer files to include (default: the "
+                       "ones from-hf kept, else the byte tokenizer's when the vocabulary fits)")
     to_hf.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
     to_hf.add_argument("--force", action="store_true", help="replace a non-empty --out")
     from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> Megatron dist checkpoint")
@@ -1011,12 +1124,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="save directory to create (run.yaml + iter_0000000; the "
                          "trainer's load:)")
     for flag, field in _LAYOUT_FLAGS:
-        from_hf.add_argument(flag, dest=field, type=int, default=None,
-                             help="parallel layout recorded in run.yaml")
+        from_hf.add_argument(flag, dest=field, type=int, default=None, metavar="N",
+                             help=f"model_parallel.{field} in run.yaml")
     from_hf.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                         help="stored parameter dtype (auto: the run config's params dtype)")
+                         help="the run's parameter dtype, stored in the checkpoint and run.yaml "
+                         "(auto: the run config's, fp32 unless --set model_parallel.bf16=true)")
     from_hf.add_argument("--set", dest="overrides", action="append", default=[],
-                         metavar="SECTION.KEY=VALUE", help="run config override (repeatable)")
+                         metavar="[SECTION.]KEY=VALUE",
+                         help="run.yaml override, e.g. model_parallel.bf16=true or lr=1e-4 "
+                         "(repeatable)")
     from_hf.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return parser
 
@@ -1027,7 +1143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "to-hf":
             export_to_hf(args.checkpoint, args.out, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, force=args.force,
-                         tokenizer=not args.no_tokenizer)
+                         tokenizer=False if args.no_tokenizer else (args.tokenizer or True))
         else:
             import_from_hf(args.hf, args.out, overrides=[*_layout_overrides(args),
                                                          *args.overrides],

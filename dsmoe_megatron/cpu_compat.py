@@ -14,6 +14,9 @@ redirects exactly these, and nothing else:
    helpers use the CPU generator, so ``model_parallel_cuda_manual_seed`` and
    ``get_cuda_rng_tracker().fork()`` work and stay deterministic.
 
+5. ``tensor.type()`` reports the CUDA type name (``torch.cuda.FloatTensor``): Megatron's
+   optimizers check parameter types by these strings.
+
 ``activate()`` is a no-op when CUDA is available; ``deactivate()`` restores every original.
 The plugin's own modules never rely on this layer: they are device-agnostic.
 """
@@ -47,6 +50,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": _CPU}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

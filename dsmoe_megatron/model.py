@@ -9,10 +9,18 @@ from dsmoe_megatron.config import DeepSeekMoEConfig
 from dsmoe_megatron.specs import get_dsmoe_block_spec
 
 
-def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, multiple: int = 128) -> int:
-    """Megatron pads the vocabulary so it splits evenly over TP with aligned GEMMs."""
-    step = multiple * tensor_parallel_size
-    return -(-vocab_size // step) * step
+VOCAB_PAD_MULTIPLE = 1024
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1) -> int:
+    """Pad the vocabulary to a multiple of 1024 (= 128 x TP 8), independent of the layout, so a
+    checkpoint resumes under any TP size that divides 1024."""
+    if VOCAB_PAD_MULTIPLE % tensor_parallel_size:
+        raise ValueError(
+            f"tensor_model_parallel_size={tensor_parallel_size} must divide {VOCAB_PAD_MULTIPLE} "
+            "(the vocabulary padding)"
+        )
+    return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
 
 def build_model(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length: int,

@@ -68,12 +68,16 @@ def get_dense_layer_spec(use_te: bool | None = None, qk_layernorm: bool = False)
 def get_dsmoe_layer_spec(use_te: bool | None = None, qk_layernorm: bool = False) -> ModuleSpec:
     """A TransformerLayer whose MLP is a DeepSeekMoE block (shared + routed experts)."""
     use_te = te_available() if use_te is None else use_te
+    base = _base_submodules(use_te, qk_layernorm)
     sub = dataclasses.replace(
-        _base_submodules(use_te, qk_layernorm),
-        # The MoE block has its own linear layers, so the pre-MLP norm cannot be fused into fc1.
+        base,
+        # The MoE block has its own linear layers, so the pre-MLP norm cannot be fused into fc1;
+        # it keeps its own checkpoint key on every backend (the input norm keeps TE's fused key).
         pre_mlp_layernorm=_norm(use_te),
         mlp=partial(DeepSeekMoE.as_mlp_submodule, submodules=_linear_pair(use_te)),
-        sharded_state_dict_keys_map={},
+        sharded_state_dict_keys_map={
+            k: v for k, v in base.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."
+        },
     )
     return ModuleSpec(module=TransformerLayer, submodules=sub)
 

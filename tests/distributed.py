@@ -45,6 +45,17 @@ def _rank_main(rank, world_size, port, layout, seed, fn, args, results):
 
 def run_on_ranks(fn, world_size: int, layout: ParallelLayout = ParallelLayout(), args=(),
                  seed: int = 1234, timeout: float = 240.0) -> list:
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, layout, args, seed, timeout)
+        except RankFailed as failure:
+            # The free port we picked can be taken before rank 0 listens on it: pick another.
+            if "EADDRINUSE" not in str(failure) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn, world_size, layout, args, seed, timeout):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

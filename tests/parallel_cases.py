@@ -44,9 +44,21 @@ def save_initial_weights(directory: str, config_overrides: dict) -> None:
     checkpoint.save(directory, 0, chunks)
 
 
-def train_step(layout, config_overrides: dict, init_dir: str, grads_dir: str,
-               num_microbatches: int, optimizer_step: bool = False) -> dict:
-    """One forward/backward (and optionally an optimizer step) of the tiny model on `layout`.
+def resave(layout, config_overrides: dict, src: str, dst: str) -> None:
+    """Load a checkpoint under `layout` and save it again from there."""
+    from dsmoe_megatron import checkpoint
+
+    chunks = build_chunks(tiny_config(layout, **config_overrides), layout)
+    checkpoint.load(src, chunks)
+    checkpoint.save(dst, 0, chunks)
+
+
+def train_step(layout, config_overrides: dict, init_dir: str, out_dir: str,
+               num_microbatches: int, optimizer: str | None = None) -> dict:
+    """One forward/backward of the tiny model on `layout`.
+
+    With `optimizer` ("adam" or "distributed-adam") it also takes one step and saves the new
+    weights to `out_dir`; otherwise it saves the gradients there.
 
     Data-parallel rank r takes micro-batches r, r + DP, ... of the same fixed list, so the union
     over ranks is exactly the single-rank run's batch.
@@ -58,8 +70,9 @@ def train_step(layout, config_overrides: dict, init_dir: str, grads_dir: str,
     config = tiny_config(layout, **config_overrides)
     chunks = build_chunks(config, layout)
     checkpoint.load(init_dir, chunks)
-    model = wrap_ddp(chunks, config, use_distributed_optimizer=optimizer_step)
-    optimizer = _adam(model, config) if optimizer_step else None
+    distributed = optimizer == "distributed-adam"
+    model = wrap_ddp(chunks, config, use_distributed_optimizer=distributed)
+    adam = _adam(model, config) if optimizer else None
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     batches = make_batches(num_microbatches)[dp_rank::dp]
     for chunk in model:
@@ -69,11 +82,11 @@ def train_step(layout, config_overrides: dict, init_dir: str, grads_dir: str,
         losses=losses, aux=aux_losses(), dp_rank=dp_rank,
         pp_rank=ps.get_pipeline_model_parallel_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
     )
-    if optimizer is not None:
-        optimizer.step()
-        checkpoint.save(grads_dir, 1, model)
+    if adam is not None:
+        adam.step()
+        checkpoint.save(out_dir, 1, model)
     else:
-        save_grads_as_checkpoint([c.module for c in model], Path(grads_dir))
+        save_grads_as_checkpoint([c.module for c in model], Path(out_dir))
     return result
 
 

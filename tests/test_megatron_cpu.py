@@ -29,8 +29,8 @@ def test_single_rank_forward_backward_on_cpu(dense_reference):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [ParallelLayout(tensor=2), ParallelLayout(pipeline=2)],
-                         ids=["tp2", "pp2-1f1b"])
+@pytest.mark.parametrize("layout", [ParallelLayout(tensor=2), ParallelLayout(pipeline=2), ParallelLayout(pipeline=2, virtual_pipeline=2)],
+                         ids=["tp2", "pp2-1f1b", "pp2-vpp"])
 def test_layout_matches_single_rank(dense_reference, layout, tmp_path):
     root, single = dense_reference
     results = run_on_ranks(train_step, 2, layout=layout,

@@ -11,7 +11,7 @@ import pytest
 from common import max_differences
 from distributed import run_on_ranks
 from dsmoe_megatron.runtime import ParallelLayout
-from parallel_cases import save_initial_weights, train_step
+from parallel_cases import resave, save_initial_weights, train_step
 
 pytestmark = pytest.mark.distributed
 
@@ -78,3 +78,31 @@ def test_layout_matches_single_rank(reference, name, tmp_path):
     [diffs] = run_on_ranks(max_differences, 1, args=(str(root / "grads"), str(tmp_path), MOE))
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= TOL, f"gradient of {worst} differs by {diffs[worst]:.2e}"
+
+
+def test_distributed_optimizer_step_matches_single_rank(reference, tmp_path):
+    root, _ = reference
+    run_on_ranks(train_step, 1, args=(ParallelLayout(), MOE, str(root / "init"),
+                                      str(tmp_path / "single"), MICROBATCHES, "adam"))
+    layout = ParallelLayout(expert=2)
+    run_on_ranks(train_step, 4, layout=layout,
+                 args=(layout, MOE, str(root / "init"), str(tmp_path / "dp2xep2"), MICROBATCHES,
+                       "distributed-adam"))
+    [diffs] = run_on_ranks(max_differences, 1,
+                           args=(str(tmp_path / "single"), str(tmp_path / "dp2xep2"), MOE))
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= TOL, f"weight {worst} differs by {diffs[worst]:.2e} after one step"
+    [moved] = run_on_ranks(max_differences, 1,
+                           args=(str(root / "init"), str(tmp_path / "single"), MOE))
+    assert min(moved.values()) > 0, "the optimizer step changed nothing"
+
+
+def test_checkpoint_saved_under_ep2_loads_under_ep4_and_ep1(reference, tmp_path):
+    root, single = reference
+    ep2 = ParallelLayout(expert=2)
+    run_on_ranks(resave, 2, layout=ep2, args=(ep2, MOE, str(root / "init"), str(tmp_path / "ep2")))
+    for world, layout in [(4, ParallelLayout(expert=4)), (1, ParallelLayout())]:
+        results = run_on_ranks(train_step, world, layout=layout,
+                               args=(layout, MOE, str(tmp_path / "ep2"), str(tmp_path / "g"),
+                                     MICROBATCHES))
+        assert combined_losses(results, layout) == pytest.approx(single["losses"], abs=TOL)

@@ -1,0 +1,459 @@
+"""dsmoe-convert: Megatron dist checkpoint <-> Hugging Face safetensors (CPU, fp32 unless noted).
+
+* to-hf of a briefly trained single-rank model: the HF model's logits equal Megatron's;
+* HF -> Megatron -> HF is bit-exact on every tensor (fp32 and bf16 files);
+* a synthetic model shaped like the released deepseek-moe-16b-base (narrower and shallower:
+  first layer dense, 2 shared + 64 routed experts, top-6) converts both ways;
+* clear errors for missing / unexpected / mis-shaped tensors, unsupported configs, bad paths.
+
+Conversions run in this process under one module-scoped single-rank runtime; one test runs the
+CLI in a fresh process (how a multi-rank training job's checkpoint is exported).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from dsmoe_megatron import checkpoint, convert, runtime  # noqa: E402
+from dsmoe_megatron.convert import ConversionError  # noqa: E402
+from dsmoe_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES  # noqa: E402
+from dsmoe_megatron.model import build_model, padded_vocab_size  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "deepseek_moe_16b_config.json"
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 259  # the byte tokenizer's (not a multiple of 128: the Megatron side has padding rows)
+SEQ = 16
+TINY = dict(
+    num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,  # GQA: 2 kv heads
+    ffn_hidden_size=64, num_moe_experts=8, moe_router_topk=3, moe_ffn_hidden_size=16,
+    moe_num_shared_experts=1, moe_first_k_dense=1, init_method_std=0.05,
+    moe_aux_loss_coeff=0.01,
+)
+
+
+@pytest.fixture(scope="module")
+def rt():
+    runtime.initialize()
+    yield
+    runtime.shutdown()
+
+
+def positions(batch: int, seq: int = SEQ) -> torch.Tensor:
+    return torch.arange(seq).expand(batch, seq).contiguous()
+
+
+def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(tokens, positions(*tokens.shape), None)
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from dsmoe_megatron.hf.modeling_deepseek import DeepseekForCausalLM
+
+    model = DeepseekForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def assert_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+def load_single_rank(save_dir: Path):
+    """The model of a dist checkpoint, built on one rank from its own run.yaml."""
+    ckpt = checkpoint.resolve(save_dir)
+    run = convert._yaml_config().load_run_config(ckpt / checkpoint.RUN_CONFIG_NAME)
+    padded, dtype = convert._checkpoint_tensor_info(ckpt)
+    model = build_model(convert.single_rank_config(run.model, dtype), padded,
+                        run.train.seq_length, pre_process=True, post_process=True)
+    checkpoint.load(ckpt, [model])
+    return run, model
+
+
+# ------------------------------------------------------------------------------------------
+# Megatron -> HF
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(rt, tmp_path_factory):
+    """A tiny model after a few AdamW steps, saved as a dist checkpoint with its run.yaml."""
+    root = tmp_path_factory.mktemp("trained")
+    run = convert.make_run_config(TINY, vocab_size=None, seq_length=SEQ)  # byte tokenizer
+    assert run.train.vocab_size == VOCAB
+    assert run.model.params_dtype == torch.float32
+    model = build_model(run.model, padded_vocab_size(VOCAB, 1), SEQ, pre_process=True,
+                        post_process=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (4, SEQ + 1), generator=gen)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(tokens[:, :-1], positions(4), None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    convert._yaml_config().dump_run_config(run, root / "run.yaml")
+    checkpoint.save(root / "save", 4, [model],
+                    run_config_yaml=(root / "run.yaml").read_text())
+    model.eval()
+    return SimpleNamespace(save=root / "save", model=model, run=run, root=root)
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    return convert.export_to_hf(trained.save, trained.root / "hf", dtype="fp32",
+                                max_shard_size="60KB")
+
+
+def test_export_writes_a_complete_hf_directory(trained, exported):
+    files = sorted(p.name for p in exported.glob("*.safetensors"))
+    assert len(files) >= 3
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors"
+                     for i in range(1, len(files) + 1)]
+    index = json.loads((exported / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    tensors = read_tensors(exported)
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors.values())
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert tensors["model.embed_tokens.weight"].shape == (VOCAB, 32)
+    assert tensors["lm_head.weight"].shape == (VOCAB, 32)
+    assert tensors["model.layers.1.self_attn.k_proj.weight"].shape == (2 * 8, 32)
+    assert tensors["model.layers.2.mlp.experts.7.down_proj.weight"].shape == (32, 16)
+
+    config = json.loads((exported / "config.json").read_text())
+    expected = dict(
+        model_type="deepseek", architectures=["DeepseekForCausalLM"], auto_map=AUTO_MAP,
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, n_shared_experts=1,
+        n_routed_experts=8, num_experts_per_tok=3, first_k_dense_replace=1, moe_layer_freq=1,
+        norm_topk_prob=False, scoring_func="softmax", aux_loss_alpha=0.01, seq_aux=True,
+        rope_theta=10000.0, rope_scaling=None, rms_norm_eps=trained.run.model.layernorm_epsilon,
+        max_position_embeddings=SEQ, torch_dtype="float32", tie_word_embeddings=False,
+        attention_bias=False, hidden_act="silu",
+    )
+    assert {k: config.get(k) for k in expected} == expected
+    for name in REMOTE_CODE_FILES:
+        assert (exported / name).is_file()
+    generation = json.loads((exported / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == config["eos_token_id"]
+    assert (exported / "tokenizer.json").is_file()
+    assert not exported.with_name(exported.name + ".partial").exists()
+
+
+def test_export_logits_match_megatron(trained, exported):
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    reference = megatron_logits(trained.model, tokens)
+    assert reference.shape[-1] == padded_vocab_size(VOCAB, 1)
+    logits = hf_logits(exported, tokens)
+    assert logits.shape == (2, SEQ, VOCAB)
+    diff = (logits - reference[..., :VOCAB]).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_hf_megatron_hf_round_trip_is_bit_exact(trained, exported, tmp_path):
+    save = convert.import_from_hf(exported, tmp_path / "megatron")
+    run, model = load_single_rank(save)
+    assert run.model.num_query_groups == 2 and run.train.vocab_size == VOCAB
+    # The imported weights are the trained ones; padding rows are zero.
+    ours = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for name, value in trained.model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            assert torch.equal(ours[name][:VOCAB], value[:VOCAB]), name
+            assert not ours[name][VOCAB:].any(), name
+        else:
+            assert torch.equal(ours[name], value), name
+    again = convert.export_to_hf(save, tmp_path / "hf", dtype="fp32")
+    assert_bit_exact(read_tensors(exported), read_tensors(again))
+    assert json.loads((again / "config.json").read_text()) == \
+        json.loads((exported / "config.json").read_text())
+
+
+def test_cli_export_in_a_fresh_process_loads_as_remote_code(trained, exported, tmp_path):
+    """`dsmoe-convert to-hf` as its own process, then AutoModelForCausalLM with remote code."""
+    out = tmp_path / "hf"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    script = f"""
+import sys, torch
+from dsmoe_megatron.convert import main
+assert main(["to-hf", "--checkpoint", {str(trained.save)!r}, "--out", {str(out)!r},
+             "--dtype", "fp32"]) == 0
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True,
+                                             dtype=torch.float32).eval()
+assert type(model).__name__ == "DeepseekForCausalLM"
+with torch.no_grad():
+    torch.save(model(torch.tensor({tokens.tolist()})).logits, {str(tmp_path / "logits.pt")!r})
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True,
+                   timeout=240)
+    assert_bit_exact(read_tensors(exported), read_tensors(out))
+    reference = megatron_logits(trained.model, tokens)[..., :VOCAB]
+    logits = torch.load(tmp_path / "logits.pt")
+    assert (logits - reference).abs().max().item() <= 1e-4
+
+
+def test_export_refuses_a_non_empty_output_unless_forced(trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ConversionError, match="not empty.*--force"):
+        convert.export_to_hf(trained.save, out)
+    assert (out / "keep.txt").exists()
+    assert not (tmp_path / "out.partial").exists()
+    with pytest.raises(ConversionError, match="contains the input"):
+        convert.export_to_hf(trained.save, trained.save, force=True)
+    assert checkpoint.resolve(trained.save).is_dir()
+    convert.export_to_hf(trained.save, out, force=True, dtype="bf16")
+    assert not (out / "keep.txt").exists()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in read_tensors(out).values())
+
+
+def test_missing_checkpoint_dir(tmp_path, capsys):
+    with pytest.raises(ConversionError, match="does not exist"):
+        convert.export_to_hf(tmp_path / "nowhere", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="no checkpoint at"):
+        convert.export_to_hf(tmp_path / "empty", tmp_path / "out")
+    assert convert.main(["to-hf", "--checkpoint", str(tmp_path / "nowhere"),
+                         "--out", str(tmp_path / "out")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# HF -> Megatron
+# ------------------------------------------------------------------------------------------
+
+def scaled_16b_config(**changes) -> dict:
+    """The released deepseek-moe-16b-base config.json, narrower and shallower: same structure
+    (first layer dense, 2 shared + 64 routed experts, top-6, no top-k renormalisation)."""
+    config = json.loads(FIXTURE.read_text())
+    config.update(num_hidden_layers=3, hidden_size=64, intermediate_size=96,
+                  moe_intermediate_size=8, num_attention_heads=4, num_key_value_heads=4,
+                  vocab_size=300, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    config.update(changes)
+    return config
+
+
+def write_hf_model(directory: Path, config: dict, dtype=torch.bfloat16, seed: int = 0,
+                   shards: int = 2) -> dict[str, torch.Tensor]:
+    """A randomly initialised DeepseekForCausalLM (every tensor random, norms included) saved
+    like a released checkpoint: config.json + sharded safetensors + index."""
+    from dsmoe_megatron.hf.configuration_deepseek import DeepseekConfig
+    from dsmoe_megatron.hf.modeling_deepseek import DeepseekForCausalLM
+
+    fields = {k: v for k, v in config.items()
+              if k not in ("architectures", "auto_map", "torch_dtype", "transformers_version")}
+    torch.manual_seed(seed)
+    model = DeepseekForCausalLM(DeepseekConfig(**fields))
+    tensors = {}
+    for name, param in model.state_dict().items():
+        scale = 0.1 if param.dim() > 1 else 0.2
+        base = 1.0 if name.endswith("layernorm.weight") or name == "model.norm.weight" else 0.0
+        tensors[name] = (base + scale * torch.randn(param.shape)).to(dtype)
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    names = list(tensors)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        filename = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
+        save_file(part, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update({n: filename for n in part})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return tensors
+
+
+ARCHITECTURE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_shared_experts",
+    "n_routed_experts", "num_experts_per_tok", "moe_layer_freq", "first_k_dense_replace",
+    "norm_topk_prob", "scoring_func", "hidden_act", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "attention_bias", "tie_word_embeddings", "torch_dtype", "model_type",
+    "architectures",
+)
+
+
+def test_16b_shaped_model_converts_both_ways(rt, tmp_path):
+    config = scaled_16b_config()
+    source = write_hf_model(tmp_path / "hf", config)
+    tokenizer_config = {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<bos>"}
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--out",
+                         str(tmp_path / "megatron"), "--tensor-model-parallel-size", "2",
+                         "--dtype", "fp32"]) == 0
+    run, model = load_single_rank(tmp_path / "megatron")
+    m = run.model
+    assert (m.num_layers, m.num_moe_experts, m.moe_router_topk, m.moe_num_shared_experts,
+            m.moe_ffn_hidden_size, m.moe_first_k_dense) == (3, 64, 6, 2, 8, 1)
+    assert m.moe_router_pre_softmax and m.moe_router_load_balancing_type == "seq_aux_loss"
+    assert m.moe_aux_loss_coeff == pytest.approx(0.001)  # omitted from the released config
+    assert m.layernorm_epsilon == 1e-6 and m.tensor_model_parallel_size == 2
+    assert run.train.vocab_size == 300 and run.train.seq_length == 64
+    # Megatron's vocabulary is padded for TP=2 (multiple of 256).
+    assert model.embedding.word_embeddings.weight.shape == (512, 64)
+
+    # Megatron's forward of the imported weights matches HF's on the source files.
+    tokens = torch.randint(0, 300, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    reference = hf_logits(tmp_path / "hf", tokens)
+    diff = (megatron_logits(model, tokens)[..., :300] - reference).abs().max().item()
+    assert diff <= 1e-4, diff
+
+    back = convert.export_to_hf(tmp_path / "megatron", tmp_path / "back", dtype="bf16")
+    assert_bit_exact(source, read_tensors(back))
+    exported = json.loads((back / "config.json").read_text())
+    assert {k: exported[k] for k in ARCHITECTURE_KEYS} == \
+        {k: config[k] for k in ARCHITECTURE_KEYS}
+    # from-hf kept the source's tokenizer files and special-token ids; to-hf brings them back.
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)
+    assert json.loads((back / "tokenizer_config.json").read_text()) == tokenizer_config
+
+
+@pytest.mark.parametrize("changes", [
+    dict(first_k_dense_replace=1, moe_layer_freq=2, num_hidden_layers=4),
+    dict(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
+         moe_intermediate_size=None, first_k_dense_replace=0),
+    dict(norm_topk_prob=True, seq_aux=False, aux_loss_alpha=0.0, n_shared_experts=0,
+         first_k_dense_replace=0),
+], ids=["moe-every-2nd-layer", "dense", "renormalised-no-shared"])
+def test_other_layer_layouts_round_trip(rt, tmp_path, changes):
+    config = scaled_16b_config(**{"n_routed_experts": 8, "num_experts_per_tok": 2,
+                                  "torch_dtype": "float32", **changes})
+    source = write_hf_model(tmp_path / "hf", config, dtype=torch.float32, shards=1)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    back = convert.export_to_hf(save, tmp_path / "back", tokenizer=False)
+    assert_bit_exact(source, read_tensors(back))
+    exported = json.loads((back / "config.json").read_text())
+    for key in ("n_routed_experts", "moe_layer_freq", "norm_topk_prob", "seq_aux",
+                "aux_loss_alpha", "n_shared_experts", "first_k_dense_replace"):
+        if config.get(key) is not None or key in ("n_routed_experts",):
+            assert exported[key] == config[key], key
+
+
+def small_hf_config(**changes) -> dict:
+    return scaled_16b_config(num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2,
+                             torch_dtype="float32", **changes)
+
+
+def edit_tensors(directory: Path, edit) -> None:
+    """Apply edit(dict) to the tensors of a single-file HF directory."""
+    [path] = directory.glob("*.safetensors")
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    index = directory / "model.safetensors.index.json"
+    weight_map = {name: path.name for name in tensors}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"),
+     r"missing tensors \(1\): model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight"),
+    (lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
+     r"unexpected tensors \(1\): model\.layers\.0\.self_attn\.q_proj\.bias"),
+    (lambda t: t.update({"model.layers.1.mlp.gate.weight": torch.zeros(5, 64)}),
+     r"shape mismatch \(1\): model\.layers\.1\.mlp\.gate\.weight: \(5, 64\), expected \(4, 64\)"),
+], ids=["missing", "extra", "shape"])
+def test_import_names_bad_tensors(rt, tmp_path, edit, message):
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    edit_tensors(tmp_path / "hf", edit)
+    with pytest.raises(ConversionError, match=message):
+        convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    assert not (tmp_path / "megatron").exists()
+    assert not (tmp_path / "megatron.partial").exists()
+
+
+def test_import_ignores_rotary_buffers(rt, tmp_path):
+    source = write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    edit_tensors(tmp_path / "hf", lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    assert_bit_exact(source, read_tensors(convert.export_to_hf(save, tmp_path / "back",
+                                                                tokenizer=False)))
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(scoring_func="sigmoid"), "scoring_func"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_theta=500000), "rope_theta"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+    (dict(model_type="llama"), "model_type"),
+    (dict(moe_layer_freq=0), "moe_layer_freq"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_import_refuses_unsupported_configs(tmp_path, changes, field):
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(small_hf_config(**changes)))
+    with pytest.raises(ConversionError, match=f"unsupported config: {field}="):
+        convert.import_from_hf(directory, tmp_path / "megatron")
+    assert not (tmp_path / "megatron").exists()
+
+
+def test_import_path_errors(tmp_path, capsys):
+    with pytest.raises(ConversionError, match="does not exist"):
+        convert.import_from_hf(tmp_path / "nowhere", tmp_path / "megatron")
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(small_hf_config()))
+    torch.save({}, directory / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="no safetensors weights.*pytorch_model.bin"):
+        convert.import_from_hf(directory, tmp_path / "megatron")
+    assert convert.main(["from-hf", "--hf", str(tmp_path / "nowhere"),
+                         "--out", str(tmp_path / "megatron")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_import_refuses_architecture_overrides(tmp_path):
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(small_hf_config()))
+    with pytest.raises(ConversionError, match="model.hidden_size=128"):
+        convert.import_from_hf(directory, tmp_path / "megatron",
+                               overrides=["language_model.hidden_size=128"])
+
+
+def test_parse_size():
+    assert convert.parse_size("5GB") == 5 * 10**9
+    assert convert.parse_size("60KB") == 60_000
+    assert convert.parse_size("1GiB") == 2**30
+    assert convert.parse_size("4096") == 4096
+    with pytest.raises(ConversionError):
+        convert.parse_size("lots")

@@ -1,0 +1,399 @@
+"""The run-config loader: every shipped file, round trips, overrides and the error messages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dsmoe_megatron import config as config_module
+from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, derive_from_baseline
+from dsmoe_megatron.runtime import ParallelLayout
+from dsmoe_megatron.yaml_config import (
+    SCHEMA,
+    SECTIONS,
+    TRAINING_KEYS,
+    RunConfig,
+    TrainingArgs,
+    YamlConfigError,
+    check_world_size,
+    dump_run_config,
+    load_run_config,
+    parse_overrides,
+    run_config_from_dict,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "yaml_configs"
+TINY = CONFIGS / "tiny.yaml"
+# The GPU count each paper-scale file states in its header comment.
+PAPER_WORLD_SIZES = {"deepseekmoe_2b.yaml": 64, "deepseekmoe_16b.yaml": 128,
+                     "deepseekmoe_145b.yaml": 1024}
+
+
+def write(tmp_path: Path, doc: dict, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def tiny_doc() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def schema_values(cfg: RunConfig) -> dict:
+    """Everything a run config determines, in comparable form."""
+    out = {(s, k): getattr(cfg.model, k) for s in SECTIONS for k in SCHEMA[s]}
+    out["params_dtype"] = cfg.model.params_dtype
+    out["pipeline_dtype"] = cfg.model.pipeline_dtype
+    out["layout"] = cfg.layout
+    out["train"] = cfg.train
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped files
+
+
+def test_expected_files_are_shipped():
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert {"tiny.yaml", "tiny_dense.yaml", "tiny_gshard.yaml", *PAPER_WORLD_SIZES} <= names
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_on_paper(path):
+    cfg = load_run_config(path, instantiate_checks=False)
+    assert isinstance(cfg.model, DeepSeekMoEConfig)
+    assert cfg.model.gated_linear_unit and cfg.model.normalization == "RMSNorm"
+    assert not cfg.model.add_bias_linear
+    assert cfg.source == yaml.safe_load(path.read_text())
+    world = PAPER_WORLD_SIZES.get(path.name, 1)
+    dp = check_world_size(cfg, world)
+    assert cfg.train.global_batch(dp) % (cfg.train.micro_batch_size * dp) == 0
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny_dense.yaml", "tiny_gshard.yaml"])
+def test_tiny_configs_pass_the_instantiate_checks_on_this_machine(name):
+    cfg = load_run_config(CONFIGS / name)
+    assert cfg.model.params_dtype == torch.float32
+    assert cfg.layout == ParallelLayout()
+    assert cfg.train.vocab_size >= 257 and cfg.train.data_path is None
+    check_world_size(cfg, 1)
+
+
+def test_tiny_family_follows_the_paper_recipe_at_equal_compute():
+    moe = load_run_config(TINY).model
+    dense = load_run_config(CONFIGS / "tiny_dense.yaml").model
+    gshard = load_run_config(CONFIGS / "tiny_gshard.yaml").model
+    # fine-grained segmentation m=2 and one shared expert applied to the GShard baseline
+    recipe = derive_from_baseline(ffn_hidden_size=gshard.moe_ffn_hidden_size,
+                                  num_experts=gshard.num_moe_experts,
+                                  topk=gshard.moe_router_topk, segmentation=2, shared=1)
+    assert {k: getattr(moe, k) for k in recipe} == recipe
+    activated = moe.moe_shared_expert_intermediate_size + moe.moe_router_topk * moe.moe_ffn_hidden_size
+    assert activated == gshard.moe_router_topk * gshard.moe_ffn_hidden_size == dense.ffn_hidden_size
+    assert moe.ffn_hidden_size == activated  # the dense first layer
+    assert moe.moe_router_pre_softmax and not gshard.moe_router_pre_softmax
+    assert gshard.moe_num_shared_experts == 0
+    assert moe.moe_layer_pattern() == gshard.moe_layer_pattern() == [False, True, True, True]
+    assert not any(dense.moe_layer_pattern())
+
+
+def test_paper_configs_carry_the_paper_hyperparameters():
+    c2, c16, c145 = (load_run_config(CONFIGS / n, instantiate_checks=False)
+                     for n in PAPER_WORLD_SIZES)
+    for cfg in (c2, c16, c145):
+        m, t = cfg.model, cfg.train
+        assert m.bf16 and m.params_dtype == m.pipeline_dtype == torch.bfloat16
+        assert m.init_method_std == 0.006 and m.hidden_dropout == m.attention_dropout == 0.0
+        assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.clip_grad) == (0.9, 0.95, 0.1, 1.0)
+        assert t.lr_warmup_iters == 2000
+    assert (c2.model.num_layers, c2.model.hidden_size, c2.model.num_attention_heads) == (9, 1280, 10)
+    assert (c2.model.num_moe_experts, c2.model.moe_router_topk, c2.model.moe_num_shared_experts) == (63, 7, 1)
+    assert all(c2.model.moe_layer_pattern())
+    assert (c2.train.lr, c2.model.moe_aux_loss_coeff, c2.train.seq_length) == (1.08e-3, 0.01, 2048)
+    assert c2.train.global_batch_size == 2048 and c2.train.lr_decay_style == "step"
+    assert (c16.model.num_moe_experts, c16.model.moe_router_topk, c16.model.moe_num_shared_experts,
+            c16.model.moe_ffn_hidden_size, c16.model.ffn_hidden_size) == (64, 6, 2, 1408, 10944)
+    assert c16.model.moe_layer_pattern()[0] is False and all(c16.model.moe_layer_pattern()[1:])
+    assert (c16.train.lr, c16.model.moe_aux_loss_coeff, c16.train.vocab_size) == (4.2e-4, 0.001, 102400)
+    assert (c16.train.lr_step_decay_at, c16.train.lr_step_decay_factor) == ([0.8, 0.9], 0.316)
+    assert c16.layout.expert == 8
+    assert (c145.model.num_layers, c145.model.hidden_size, c145.model.num_attention_heads) == (62, 4096, 32)
+    assert (c145.model.num_moe_experts, c145.model.moe_router_topk,
+            c145.model.moe_num_shared_experts) == (128, 12, 4)
+    assert (c145.model.moe_aux_loss_coeff, c145.model.moe_device_balance_coeff,
+            c145.model.num_device_groups()) == (0.003, 0.05, 4)
+    assert (c145.train.lr, c145.train.lr_decay_style, c145.train.global_batch_size) == (3.0e-4, "constant", 4608)
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+
+
+def test_dump_then_load_gives_the_same_config(tmp_path):
+    cfg = load_run_config(TINY, ["language_model.num_layers=6", "lr=2e-3",
+                                 "model_parallel.bf16=true", "language_model.attention_backend=local"])
+    out = tmp_path / "nested" / "run.yaml"
+    dump_run_config(cfg, out)
+    again = load_run_config(out)
+    assert schema_values(again) == schema_values(cfg)
+    assert again.source == cfg.source
+    assert again.model.num_layers == 6 and again.train.lr == 2e-3
+    assert again.model.params_dtype == torch.bfloat16
+    assert [p.name for p in out.parent.iterdir()] == ["run.yaml"]  # no temporary file left
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_round_trips(path, tmp_path):
+    cfg = load_run_config(path, instantiate_checks=False)
+    dump_run_config(cfg, tmp_path / "run.yaml")
+    assert schema_values(load_run_config(tmp_path / "run.yaml", instantiate_checks=False)) == \
+        schema_values(cfg)
+
+
+def test_dump_keeps_changes_made_after_loading(tmp_path):
+    cfg = load_run_config(TINY)
+    cfg.train.load = "runs/tiny/checkpoints"
+    cfg.train.lr = 5e-4
+    cfg.model.moe_aux_loss_coeff = 0.02
+    dump_run_config(cfg, tmp_path / "run.yaml")
+    again = load_run_config(tmp_path / "run.yaml")
+    assert again.train.load == "runs/tiny/checkpoints" and again.train.lr == 5e-4
+    assert again.model.moe_aux_loss_coeff == 0.02
+    assert schema_values(again) == schema_values(cfg)
+
+
+def test_dump_of_a_config_without_source(tmp_path):
+    cfg = load_run_config(TINY)
+    bare = RunConfig(model=cfg.model, layout=cfg.layout, train=cfg.train, source={})
+    dump_run_config(bare, tmp_path / "run.yaml")
+    assert schema_values(load_run_config(tmp_path / "run.yaml")) == schema_values(cfg)
+
+
+def test_run_config_from_dict_and_defaults():
+    cfg = run_config_from_dict({"language_model": {"num_layers": 2, "hidden_size": 64,
+                                                   "num_attention_heads": 2}})
+    assert cfg.train == TrainingArgs(max_position_embeddings=2048, vocab_size=cfg.train.vocab_size)
+    assert cfg.train.vocab_size == 259  # the byte-level tokenizer's
+    assert cfg.model.ffn_hidden_size == 4 * 64  # TransformerConfig's own default
+    assert cfg.model.num_moe_experts is None and cfg.model.hidden_dropout == 0.0
+    assert cfg.model.moe_router_load_balancing_type == "seq_aux_loss"  # deepseek_defaults()
+    assert cfg.train.num_microbatches(2) == 1 and cfg.train.global_batch(2) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+
+def test_parse_overrides_places_keys_in_their_sections():
+    assert parse_overrides([
+        "language_model.num_layers=4", "lr=1e-3", "model_parallel.expert_model_parallel_size=2",
+        "moe_router_topk=2", "moe_num_shared_experts=0", "bf16=true", "data_path=[0.7, a, 0.3, b]",
+        "save=null", "deepseekmoe={moe_first_k_dense: 2}",
+    ]) == {
+        "language_model": {"num_layers": 4, "moe_router_topk": 2},
+        "lr": "1e-3",  # YAML 1.1 reads 1e-3 as a string; the loader converts it for float keys
+        "model_parallel": {"expert_model_parallel_size": 2, "bf16": True},
+        "deepseekmoe": {"moe_num_shared_experts": 0, "moe_first_k_dense": 2},
+        "data_path": [0.7, "a", 0.3, "b"],
+        "save": None,
+    }
+
+
+def test_overrides_apply_before_validation():
+    cfg = load_run_config(TINY, ["language_model.num_layers=2", "lr=1e-3",
+                                 "model_parallel.expert_model_parallel_size=3", "num_moe_experts=6",
+                                 "data_path=[0.7, a, 0.3, b]", "moe_first_k_dense=0"])
+    assert cfg.model.num_layers == 2 and cfg.model.num_moe_experts == 6
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.layout.expert == 3 and cfg.model.expert_model_parallel_size == 3
+    assert cfg.train.data_path == ["0.7", "a", "0.3", "b"]
+    assert cfg.source["language_model"]["num_layers"] == 2
+    assert cfg.model.moe_layer_pattern() == [True, True]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_layers", "expected key=value"),
+    ("modelparallel.bf16=true", "modelparallel: unknown section"),
+    ("model_paralel.bf16=true", "did you mean model_parallel?"),
+    ("language_model.num_moe_expert=4", "language_model.num_moe_expert: unknown key; did you mean "
+                                        "num_moe_experts?"),
+    ("learning_rat=1", "learning_rat: unknown key"),
+    ("language_model.bf16=true", "belongs in model_parallel.bf16"),
+    ("a.b.c=1", "keys are SECTION.KEY or KEY"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(YamlConfigError, match=None) as err:
+        load_run_config(TINY, [override])
+    assert message in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors in files
+
+
+def test_unknown_key_names_section_key_and_suggestion(tmp_path):
+    doc = tiny_doc()
+    doc["language_model"]["num_moe_expert"] = doc["language_model"].pop("num_moe_experts")
+    path = write(tmp_path, doc)
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path)
+    assert "language_model.num_moe_expert: unknown key; did you mean num_moe_experts?" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("language_model", "tensor_model_parallel_size", 2,
+     "language_model.tensor_model_parallel_size: unknown key here; it belongs in "
+     "model_parallel.tensor_model_parallel_size"),
+    ("deepseekmoe", "moe_num_shared_expert", 1, "did you mean moe_num_shared_experts?"),
+    ("language_model", "activation_func", "gelu", "SwiGLU"),
+    ("model_parallel", "params_dtype", "bf16", "set model_parallel.bf16"),
+    ("model_parallel", "context_parallel_size", 2, "context parallelism is not supported"),
+    (None, "lr_warmup_iter", 5, "lr_warmup_iter: unknown key; did you mean lr_warmup_iters?"),
+    (None, "moe_first_k_dense", 1, "it belongs in deepseekmoe.moe_first_k_dense"),
+])
+def test_misplaced_and_unknown_keys(tmp_path, section, key, value, message):
+    doc = tiny_doc()
+    (doc[section] if section else doc)[key] = value
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(write(tmp_path, doc))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("language_model", "num_layers", "four",
+     "language_model.num_layers: expected an integer, got 'four' (a string)"),
+    ("language_model", "num_layers", 4.5, "language_model.num_layers: expected an integer"),
+    ("language_model", "hidden_dropout", "none", "language_model.hidden_dropout: expected a number"),
+    ("language_model", "normalization", "rmsnorm", "expected one of 'LayerNorm', 'RMSNorm'"),
+    ("language_model", "moe_layer_freq", "1,1,1", "expected an integer or a list of integers"),
+    ("model_parallel", "bf16", 1, "model_parallel.bf16: expected true or false, got 1"),
+    ("deepseekmoe", "moe_device_groups", [4], "expected an integer or null"),
+    (None, "lr", "fast", "lr: expected a number, got 'fast'"),
+    (None, "micro_batch_size", True, "micro_batch_size: expected an integer, got True"),
+    (None, "lr_step_decay_at", 0.8, "lr_step_decay_at: expected a list of numbers"),
+    ("language_model", None, [1, 2], "language_model: expected a mapping"),
+])
+def test_wrong_types(tmp_path, section, key, value, message):
+    doc = tiny_doc()
+    if key is None:
+        doc[section] = value
+    else:
+        (doc[section] if section else doc)[key] = value
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(write(tmp_path, doc))
+    assert message in str(err.value)
+
+
+def test_moe_layer_freq_may_be_an_int_or_a_list():
+    cfg = load_run_config(TINY, ["moe_layer_freq=[1, 0, 1, 1]"])
+    assert cfg.model.moe_layer_pattern() == [False, False, True, True]
+    cfg = load_run_config(TINY, ["moe_layer_freq=2", "moe_first_k_dense=0"])
+    assert cfg.model.moe_layer_pattern() == [True, False, True, False]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["language_model.num_layers=0"], "language_model.num_layers: required"),
+    (["moe_router_topk=16"], "moe_router_topk=16 must be between 1 and num_moe_experts=15"),
+    (["model_parallel.bf16=true", "model_parallel.fp16=true"], "bf16 and fp16 are both true"),
+    (["lr_decay_style=cosin"], "did you mean cosine?"),
+    (["min_lr=1.0"], "min_lr: must be between 0 and lr"),
+    (["global_batch_size=6"], "global_batch_size: 6 must be a positive multiple of "
+                              "micro_batch_size (4)"),
+    (["lr_step_decay_at=[0.9, 0.8]"], "lr_step_decay_at"),
+    (["split=98;2"], "split"),
+    (["max_position_embeddings=64"], "smaller than seq_length"),
+    (["model_parallel.pipeline_model_parallel_size=3"],
+     "num_layers=4 does not split evenly over 3 pipeline stages"),
+    (["model_parallel.expert_model_parallel_size=2"],
+     "num_moe_experts=15 is not divisible by expert_model_parallel_size=2"),
+    (["model_parallel.sequence_parallel=true"], "sequence parallelism"),
+])
+def test_invalid_values_are_reported_with_the_file(overrides, message):
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, overrides)
+    assert message in str(err.value)
+    assert str(TINY) in str(err.value)
+
+
+def test_errors_are_config_errors_and_value_errors():
+    assert issubclass(YamlConfigError, ConfigError) and issubclass(YamlConfigError, ValueError)
+
+
+def test_on_paper_mode_skips_only_machine_checks(monkeypatch):
+    te_available = config_module._te_available
+    monkeypatch.setattr(config_module, "_te_available", lambda: False)
+    with pytest.raises(YamlConfigError, match=r"(?i)transformer.engine"):
+        load_run_config(TINY, ["model_parallel.fp8=e4m3", "model_parallel.bf16=true"])
+    cfg = load_run_config(TINY, ["model_parallel.fp8=e4m3", "model_parallel.bf16=true"],
+                          instantiate_checks=False)
+    assert cfg.model.fp8 == "e4m3"
+    assert config_module._te_available() is False  # the patch is undone afterwards
+    with pytest.raises(YamlConfigError, match="moe_router_topk"):  # config-only checks still run
+        load_run_config(TINY, ["moe_router_topk=0"], instantiate_checks=False)
+    monkeypatch.setattr(config_module, "_te_available", te_available)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(YamlConfigError, match="cannot read"):
+        load_run_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("language_model: [1, 2\n")
+    with pytest.raises(YamlConfigError, match="not valid YAML"):
+        load_run_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(YamlConfigError, match="must be a mapping"):
+        load_run_config(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# World size
+
+
+def test_world_size_checks():
+    cfg = load_run_config(TINY, ["model_parallel.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"tensor_model_parallel_size \(2\) .* does not divide "
+                                          r"the world size 3"):
+        check_world_size(cfg, 3)
+    assert check_world_size(cfg, 4) == 2
+    with pytest.raises(ConfigError, match=r"global_batch_size=8 is not divisible by "
+                                          r"micro_batch_size \(4\) x data-parallel size \(4"):
+        check_world_size(cfg, 8)
+
+    moe = load_run_config(CONFIGS / "deepseekmoe_16b.yaml", instantiate_checks=False)
+    with pytest.raises(ConfigError, match="expert_model_parallel_size"):
+        check_world_size(moe, 12)
+    assert check_world_size(moe, 128) == 128
+    assert check_world_size(moe, 8) == 8  # 4608 sequences = 576 micro-batches of 1 per rank
+    big = load_run_config(CONFIGS / "deepseekmoe_145b.yaml", instantiate_checks=False)
+    assert check_world_size(big, 1024) == 64
+    with pytest.raises(ConfigError, match="global_batch_size=4608"):
+        check_world_size(big, 16 * 1000)
+
+
+def test_schema_sections_are_disjoint_and_cover_the_brief():
+    keys = [k for s in SECTIONS for k in SCHEMA[s]]
+    assert len(keys) == len(set(keys)) and not set(keys) & set(TRAINING_KEYS)
+    assert {"num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+            "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_aux_loss_coeff",
+            "moe_router_load_balancing_type", "moe_router_pre_softmax", "moe_layer_freq",
+            "init_method_std", "hidden_dropout", "attention_dropout", "normalization"
+            } <= set(SCHEMA["language_model"])
+    assert {"tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
+            "expert_tensor_parallel_size", "sequence_parallel", "bf16", "fp16", "fp8"
+            } <= set(SCHEMA["model_parallel"])
+    assert set(SCHEMA["deepseekmoe"]) == {"moe_num_shared_experts", "moe_first_k_dense",
+                                          "moe_device_balance_coeff", "moe_device_groups",
+                                          "moe_expert_backend"}
+    assert "activation_func" not in keys and "params_dtype" not in keys
+    assert {"micro_batch_size", "global_batch_size", "seq_length", "max_position_embeddings",
+            "vocab_size", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "lr_step_decay_at",
+            "lr_step_decay_factor", "train_iters", "weight_decay", "adam_beta1", "adam_beta2",
+            "adam_eps", "clip_grad", "seed", "save", "load", "save_interval", "eval_interval",
+            "eval_iters", "log_interval", "data_path", "split", "tensorboard_dir"
+            } == set(TRAINING_KEYS)
