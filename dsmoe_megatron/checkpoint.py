@@ -19,6 +19,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 RUN_CONFIG_NAME = "run.yaml"
+# The distributed optimizer's layout-independent format (its default is deprecated and broken).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(RuntimeError):
@@ -73,7 +75,7 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state["extra"] = extra_state or {}
     state["iteration"] = iteration
     state["has_optimizer"] = optimizer is not None
@@ -124,7 +126,8 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
     state = model_sharded_state_dict(chunks)
     has_optimizer = dist_checkpointing.load_common_state_dict(str(ckpt)).get("has_optimizer")
     if optimizer is not None and has_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=OPTIMIZER_METADATA)
     state["extra"] = {}
     state["iteration"] = 0
     loaded = dist_checkpointing.load(state, str(ckpt))

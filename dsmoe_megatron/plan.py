@@ -5,9 +5,10 @@
     python -m dsmoe_megatron.plan CONFIG [overrides] [--json] [--world-size N]
 
 Parameters are those of the model the trainer builds (Megatron-core GPTModel, untied input
-embedding and output layer, RoPE, RMSNorm, SwiGLU, vocabulary padded to a multiple of
-128 x TP). Activated parameters per token: everything except the routed experts a token does
-not visit (embedding rows and routers included), the paper's "# Activated Params".
+embedding and output layer, RoPE, RMSNorm, SwiGLU, vocabulary padded as
+``dsmoe_megatron.model.padded_vocab_size`` does). Activated parameters per token: everything
+except the routed experts a token does not visit (embedding rows and routers included), the
+paper's "# Activated Params".
 
 Training FLOPs are counted with the convention of DeepSeek LLM (arXiv 2401.02954), which the
 DeepSeekMoE paper's "FLOPs per 4K tokens" follow: 3 x the forward matmul FLOPs (2 per
@@ -46,14 +47,8 @@ NOMINAL_CONVENTION = (
     "the same count on idealised sizes, as the paper's tables mostly do: 6 x layers x d^2 x "
     "(4 + 8 x r) + 12 x layers x d x seq + 6 x vocab x d per token, r = activated FFN size in "
     "standard FFNs of 8/3 x d (an expert of width ~ standard/m counts 1/m, wider FFNs the "
-    "nearest half multiple); reproduces the paper's 16B figure (74.4T) and its dense and "
-    "GShard baselines")
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, multiple: int = 128) -> int:
-    """The vocabulary rows Megatron allocates (same rule as dsmoe_megatron.model)."""
-    step = multiple * tensor_parallel_size
-    return -(-vocab_size // step) * step
+    "nearest half multiple), vocab unpadded; reproduces the paper's 16B figure (74.4T) and "
+    "its dense and GShard baselines")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +152,8 @@ def count_params(cfg: DeepSeekMoEConfig, vocab_size: int) -> ParamCount:
         expert = _swiglu(cfg, h, width)
         layers.append(LayerParams(True, attention, norms, shared_params, n * h, n * expert,
                                   k * expert))
+    from dsmoe_megatron.model import padded_vocab_size  # the trainer's padding rule
+
     padded = padded_vocab_size(vocab_size, cfg.tensor_model_parallel_size)
     return ParamCount(vocab_size=vocab_size, padded_vocab_size=padded, embedding=padded * h,
                       output_layer=padded * h, final_norm=_norm(cfg, h), layers=layers)
@@ -167,7 +164,7 @@ def count_params(cfg: DeepSeekMoEConfig, vocab_size: int) -> ParamCount:
 
 
 def flops_per_token(cfg: DeepSeekMoEConfig, vocab_rows: int, seq_length: int) -> int:
-    """Training FLOPs per token (FLOPS_CONVENTION)."""
+    """Training FLOPs per token (FLOPS_CONVENTION); ``vocab_rows``: the padded vocabulary."""
     h = cfg.hidden_size
     q_width = cfg.num_attention_heads * cfg.kv_channels
     kv_width = cfg.num_query_groups * cfg.kv_channels
@@ -197,8 +194,8 @@ def nominal_ffn_size(width: int, hidden: int) -> float:
     return 1 / round(1 / x)
 
 
-def nominal_flops_per_token(cfg: DeepSeekMoEConfig, vocab_rows: int, seq_length: int) -> float:
-    """The paper's idealised count (NOMINAL_CONVENTION)."""
+def nominal_flops_per_token(cfg: DeepSeekMoEConfig, vocab_size: int, seq_length: int) -> float:
+    """The paper's idealised count (NOMINAL_CONVENTION); ``vocab_size``: the real vocabulary."""
     d = cfg.hidden_size
     total = 0.0
     for is_moe in cfg.moe_layer_pattern():
@@ -208,7 +205,7 @@ def nominal_flops_per_token(cfg: DeepSeekMoEConfig, vocab_rows: int, seq_length:
         else:
             r = nominal_ffn_size(cfg.ffn_hidden_size, d)
         total += 6 * d * d * (4 + 8 * r) + 12 * d * seq_length
-    return total + 6 * vocab_rows * d
+    return total + 6 * vocab_size * d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +231,7 @@ class StageMemory:
 
 
 def stage_layers(cfg: DeepSeekMoEConfig) -> list[list[int]]:
-    """Layer indices held by each pipeline stage (all its virtual chunks), as Megatron splits them."""
+    """Layer indices of each pipeline stage (all its virtual chunks), as Megatron splits them."""
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -368,7 +365,7 @@ def make_plan(run: RunConfig, world_size: int | None = None) -> dict:
     check_world_size(run, world_size)
     params = count_params(cfg, train.vocab_size)
     per_token = flops_per_token(cfg, params.padded_vocab_size, train.seq_length)
-    nominal = nominal_flops_per_token(cfg, params.padded_vocab_size, train.seq_length)
+    nominal = nominal_flops_per_token(cfg, params.vocab_size, train.seq_length)
     pattern = cfg.moe_layer_pattern()
     plan = {
         "total_params": params.total,
@@ -426,8 +423,9 @@ def _mem(value: float, unit: float) -> str:
 def format_plan(plan: dict, config_path: str) -> str:
     lay, mem = plan["layout"], plan["memory"]
     lines = [f"dsmoe-plan: {config_path}", ""]
-    lines.append(f"Model: {plan['num_layers']} layers ({plan['num_layers'] - plan['num_moe_layers']}"
-                 f" dense + {plan['num_moe_layers']} MoE), vocabulary {plan['vocab_size']} "
+    dense = plan["num_layers"] - plan["num_moe_layers"]
+    lines.append(f"Model: {plan['num_layers']} layers ({dense} dense + "
+                 f"{plan['num_moe_layers']} MoE), vocabulary {plan['vocab_size']} "
                  f"(padded to {plan['padded_vocab_size']}), sequence {plan['seq_length']}")
     lines.append("")
     lines.append(f"{'Parameters':<22}{'total':>16}{'activated/token':>18}")
@@ -459,9 +457,10 @@ def format_plan(plan: dict, config_path: str) -> str:
     vpp = f" VPP{lay['virtual_pipeline']}" if lay["virtual_pipeline"] else ""
     unit, unit_name = (2**30, "GiB") if mem["max_bytes_per_gpu"] >= 2**30 else (2**20, "MiB")
     lines.append(
-        f"Memory per GPU ({unit_name}): world {mem['world_size']} = TP{lay['tensor']} x PP{lay['pipeline']}"
-        f"{vpp} x DP{mem['data_parallel_size']}; EP{lay['expert']} x ETP{lay['expert_tensor']}, "
-        f"expert DP {mem['expert_data_parallel_size']}; SP {'on' if lay['sequence_parallel'] else 'off'}; "
+        f"Memory per GPU ({unit_name}): world {mem['world_size']} = TP{lay['tensor']} x "
+        f"PP{lay['pipeline']}{vpp} x DP{mem['data_parallel_size']}; EP{lay['expert']} x "
+        f"ETP{lay['expert_tensor']}, expert DP {mem['expert_data_parallel_size']}; "
+        f"SP {'on' if lay['sequence_parallel'] else 'off'}; "
         f"{mem['num_microbatches']} micro-batches per step")
     lines.append(f"  {'stage':>5}{'layers':>7}{'params':>11}{'weights':>9}{'grads':>8}"
                  f"{'optim':>8}{'activ':>8}{'total':>8}")

@@ -86,7 +86,7 @@ class YamlConfigError(ConfigError):
 class TrainingArgs:
     micro_batch_size: int = 1
     global_batch_size: int | None = None
-    """Sequences per optimizer step; None: micro_batch_size x data-parallel size (no accumulation)."""
+    """Sequences per optimizer step; None: micro_batch_size x data-parallel size."""
     seq_length: int = 2048
     max_position_embeddings: int | None = None
     """None: seq_length."""
@@ -144,7 +144,8 @@ class TrainingArgs:
                 bad("global_batch_size",
                     f"{self.global_batch_size} must be a positive multiple of micro_batch_size "
                     f"({self.micro_batch_size})")
-        if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_length:
+        max_pos = self.max_position_embeddings
+        if max_pos is not None and max_pos < self.seq_length:
             bad("max_position_embeddings",
                 f"{self.max_position_embeddings} is smaller than seq_length ({self.seq_length})")
         if not self.lr > 0:
@@ -153,7 +154,8 @@ class TrainingArgs:
             bad("min_lr", f"must be between 0 and lr={self.lr} (got {self.min_lr})")
         if not 0 <= self.lr_warmup_iters <= self.train_iters:
             bad("lr_warmup_iters",
-                f"must be between 0 and train_iters={self.train_iters} (got {self.lr_warmup_iters})")
+                f"must be between 0 and train_iters={self.train_iters} "
+                f"(got {self.lr_warmup_iters})")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             near = difflib.get_close_matches(self.lr_decay_style, LR_DECAY_STYLES, n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
@@ -288,13 +290,19 @@ _REQUIRED = ("num_layers", "hidden_size", "num_attention_heads")
 
 
 def section_of(key: str) -> str | None:
-    """The section a key belongs to (None for a top-level training key), KeyError if unknown."""
+    """The section of a model field (language_model, model_parallel or deepseekmoe); None for a
+    top-level training key or a key the schema does not have."""
+    for section in SECTIONS:
+        if key in SCHEMA[section]:
+            return section
+    return None
+
+
+def _home(key) -> str | None:
+    """Where a key belongs: its section, "" for a top-level training key, None if unknown."""
     if key in _TRAIN_FIELDS:
-        return None
-    owners = [s for s in SECTIONS if key in SCHEMA[s]]
-    if len(owners) != 1:
-        raise KeyError(key)
-    return owners[0]
+        return ""
+    return section_of(key) if isinstance(key, str) else None
 
 
 def _model_default(name: str):
@@ -437,12 +445,8 @@ def _unknown_key(where_prefix: str, key: str, valid: Iterable[str]) -> YamlConfi
     name = f"{where_prefix}{key}"
     if key in NOT_CONFIGURABLE:
         return YamlConfigError(f"{name}: {NOT_CONFIGURABLE[key]}")
-    home = None
-    try:
-        home = section_of(key)
-    except KeyError:
-        pass
-    else:
+    home = _home(key)
+    if home is not None:
         target = f"{home}.{key}" if home else f"the top level ({key}: ...)"
         return YamlConfigError(f"{name}: unknown key here; it belongs in {target}")
     if not isinstance(key, str):
@@ -475,7 +479,8 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise YamlConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
+            raise YamlConfigError(
+                f"override {item!r}: the value is not valid YAML ({err})") from None
         parts = key.split(".")
         where = f"override {item!r}: "
         if len(parts) == 1:

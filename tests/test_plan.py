@@ -88,7 +88,8 @@ DENSE = ["language_model.num_moe_experts=null", "language_model.moe_ffn_hidden_s
 def dims(layers, hidden, heads, ffn, vocab=None, groups=None):
     out = [f"num_layers={layers}", f"hidden_size={hidden}", f"num_attention_heads={heads}",
            f"ffn_hidden_size={ffn}", "model_parallel.tensor_model_parallel_size=1",
-           "model_parallel.pipeline_model_parallel_size=1", "model_parallel.sequence_parallel=false",
+           "model_parallel.pipeline_model_parallel_size=1",
+           "model_parallel.sequence_parallel=false",
            "model_parallel.account_for_embedding_in_pipeline_split=false",
            "model_parallel.account_for_loss_in_pipeline_split=false"]
     if vocab:
@@ -112,9 +113,12 @@ GSHARD_2B = ["deepseekmoe.moe_num_shared_experts=0", "language_model.num_moe_exp
                                "deepseekmoe.moe_num_shared_experts=0"], 4096, "572.7"),
     # Tables 1 and 2 (2K tokens): Dense, Switch (top-1), GShard (top-2), GShard x1.5, Dense x16
     ("deepseekmoe_2b.yaml", DENSE, 2048, "2.9"),
-    ("deepseekmoe_2b.yaml", GSHARD_2B + ["moe_router_topk=1", "moe_ffn_hidden_size=3424"], 2048, "2.9"),
-    ("deepseekmoe_2b.yaml", GSHARD_2B + ["moe_router_topk=2", "moe_ffn_hidden_size=3424"], 2048, "4.3"),
-    ("deepseekmoe_2b.yaml", GSHARD_2B + ["moe_router_topk=2", "moe_ffn_hidden_size=5136"], 2048, "5.8"),
+    ("deepseekmoe_2b.yaml", GSHARD_2B + ["moe_router_topk=1", "moe_ffn_hidden_size=3424"],
+     2048, "2.9"),
+    ("deepseekmoe_2b.yaml", GSHARD_2B + ["moe_router_topk=2", "moe_ffn_hidden_size=3424"],
+     2048, "4.3"),
+    ("deepseekmoe_2b.yaml", GSHARD_2B + ["moe_router_topk=2", "moe_ffn_hidden_size=5136"],
+     2048, "5.8"),
     ("deepseekmoe_2b.yaml", DENSE + ["ffn_hidden_size=54784"], 2048, "24.6"),
 ], ids=["deepseek-7b", "llama2-7b", "deepseek-67b", "gshard-137b", "2b-dense", "2b-switch",
         "2b-gshard", "2b-gshard-x1.5", "2b-dense-x16"])
@@ -134,7 +138,8 @@ def test_nominal_sizes():
 def test_flops_count_by_hand():
     """The tiny model's training FLOPs per token, term by term."""
     p = make("tiny.yaml")
-    h, s, v, layers = 128, 128, 384, 4
+    h, s, layers = 128, 128, 4
+    v = p["padded_vocab_size"]  # the output layer computes the padded rows
     attention = 4 * h * h * 2 + 2 * 2 * s * h
     ffn = {False: 2 * 3 * h * 256, True: 2 * 3 * h * (64 + 3 * 64)}
     forward = sum(attention + ffn[i > 0] for i in range(layers)) + 2 * v * h
@@ -197,51 +202,75 @@ def test_memory_model_of_the_paper_layouts():
     assert mem["expert_data_parallel_size"] == 16 and mem["num_microbatches"] == 72
     # the optimizer state is sharded: 12 bytes per dense param over DP, per expert param over EDP
     st = mem["stages"][1]
-    assert st["optimizer"] == pytest.approx(12 * st["dense_params"] / 64 + 12 * st["expert_params"] / 16)
+    assert st["optimizer"] == pytest.approx(
+        12 * st["dense_params"] / 64 + 12 * st["expert_params"] / 16)
 
 
 # ---------------------------------------------------------------------------------------------
 # Exact parameter counts against instantiated models
 
 
-def _instantiated(configs: list[str], overrides: list[str]) -> dict:
-    """Runs on gloo ranks: per-rank parameter counts of the models the configs describe."""
+def _instantiated(configs: list[str], sharded_overrides: list[str]) -> dict:
+    """Runs on 2 gloo ranks: parameter counts of the models the configs describe.
+
+    "sharded": this rank's share of tiny.yaml under ``sharded_overrides`` (the layout the ranks
+    were started with); "full": every config on a single-rank layout (TP 1, EP 1).
+    """
     import torch
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from dsmoe_megatron import runtime
     from dsmoe_megatron.model import build_model, padded_vocab_size
 
-    torch.manual_seed(0)
-    out = {}
-    for name in configs:
-        run = load_run_config(CONFIGS / name, overrides)
-        tp = run.model.tensor_model_parallel_size
-        vocab = padded_vocab_size(run.train.vocab_size, tp)
+    def counts(run):
+        vocab = padded_vocab_size(run.train.vocab_size, run.model.tensor_model_parallel_size)
         model = build_model(run.model, vocab, run.train.seq_length)
-        total = sum(p.numel() for p in model.parameters())
-        routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-        out[name] = {"total": total, "routed": routed, "padded_vocab": vocab}
+        return {"total": sum(p.numel() for p in model.parameters()),
+                "routed": sum(p.numel() for n, p in model.named_parameters()
+                              if ".mlp.experts." in n),
+                "padded_vocab": vocab}
+
+    torch.manual_seed(0)
+    out = {"sharded": counts(load_run_config(CONFIGS / "tiny.yaml", sharded_overrides)),
+           "full": {}}
+    runtime.initialize(ParallelLayout())
+    for name in configs:
+        run = load_run_config(CONFIGS / name)
+        out["full"][name] = counts(run)
         if not run.model.is_moe:
             # the same dense model from Megatron-core's own local layer spec
             reference = GPTModel(
                 config=run.model,
                 transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                vocab_size=vocab, max_sequence_length=run.train.seq_length,
+                vocab_size=out["full"][name]["padded_vocab"],
+                max_sequence_length=run.train.seq_length,
                 share_embeddings_and_output_weights=False, position_embedding_type="rope")
-            out[name]["megatron_local_spec"] = sum(p.numel() for p in reference.parameters())
+            out["full"][name]["megatron_local_spec"] = sum(
+                p.numel() for p in reference.parameters())
     return out
 
 
 TINIES = ["tiny.yaml", "tiny_dense.yaml", "tiny_gshard.yaml"]
+# TP 2 x EP 2 (expert TP 1) on 2 ranks
+SHARDED = ["model_parallel.tensor_model_parallel_size=2",
+           "model_parallel.expert_model_parallel_size=2",
+           "model_parallel.expert_tensor_parallel_size=1",
+           "model_parallel.sequence_parallel=true", "language_model.num_moe_experts=14"]
+
+
+@pytest.fixture(scope="module")
+def instantiated():
+    layout = ParallelLayout(tensor=2, expert=2, expert_tensor=1, sequence_parallel=True)
+    return run_on_ranks(_instantiated, 2, layout=layout, args=(TINIES, SHARDED))
 
 
 @pytest.mark.distributed
-def test_total_params_equal_the_instantiated_models():
-    [counts] = run_on_ranks(_instantiated, 1, args=(TINIES, []))
+def test_total_params_equal_the_instantiated_models(instantiated):
+    full = instantiated[0]["full"]
     for name in TINIES:
         p = make(name)
-        got = counts[name]
+        got = full[name]
         assert p["padded_vocab_size"] == got["padded_vocab"]
         assert p["total_params"] == got["total"], name
         run = load_run_config(CONFIGS / name)
@@ -255,23 +284,9 @@ def test_total_params_equal_the_instantiated_models():
 
 
 @pytest.mark.distributed
-def test_per_gpu_params_equal_the_instantiated_shards():
-    """TP 2 x EP 2 (expert TP 1) on 2 ranks: each rank holds what the planner says."""
-    overrides = ["model_parallel.tensor_model_parallel_size=2",
-                 "model_parallel.expert_model_parallel_size=2",
-                 "model_parallel.expert_tensor_parallel_size=1",
-                 "model_parallel.sequence_parallel=true", "language_model.num_moe_experts=14"]
-    layout = ParallelLayout(tensor=2, expert=2, expert_tensor=1, sequence_parallel=True)
-    ranks = run_on_ranks(_instantiated, 2, layout=layout, args=(["tiny.yaml"], overrides))
-    p = make("tiny.yaml", overrides, world_size=2)
+def test_per_gpu_params_equal_the_instantiated_shards(instantiated):
+    p = make("tiny.yaml", SHARDED, world_size=2)
     [stage] = p["memory"]["stages"]
-    for counts in ranks:
-        assert counts["tiny.yaml"]["total"] == stage["params"]
-        assert counts["tiny.yaml"]["routed"] == stage["expert_params"]
-
-
-def _timed(configs, overrides):
-    import time
-    t0 = time.time()
-    out = _instantiated(configs, overrides)
-    return time.time() - t0, out
+    for rank in instantiated:
+        assert rank["sharded"]["total"] == stage["params"]
+        assert rank["sharded"]["routed"] == stage["expert_params"]

@@ -92,7 +92,8 @@ def test_tiny_family_follows_the_paper_recipe_at_equal_compute():
                                   num_experts=gshard.num_moe_experts,
                                   topk=gshard.moe_router_topk, segmentation=2, shared=1)
     assert {k: getattr(moe, k) for k in recipe} == recipe
-    activated = moe.moe_shared_expert_intermediate_size + moe.moe_router_topk * moe.moe_ffn_hidden_size
+    activated = (moe.moe_shared_expert_intermediate_size
+                 + moe.moe_router_topk * moe.moe_ffn_hidden_size)
     assert activated == gshard.moe_router_topk * gshard.moe_ffn_hidden_size == dense.ffn_hidden_size
     assert moe.ffn_hidden_size == activated  # the dense first layer
     assert moe.moe_router_pre_softmax and not gshard.moe_router_pre_softmax
@@ -110,23 +111,27 @@ def test_paper_configs_carry_the_paper_hyperparameters():
         assert m.init_method_std == 0.006 and m.hidden_dropout == m.attention_dropout == 0.0
         assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.clip_grad) == (0.9, 0.95, 0.1, 1.0)
         assert t.lr_warmup_iters == 2000
-    assert (c2.model.num_layers, c2.model.hidden_size, c2.model.num_attention_heads) == (9, 1280, 10)
-    assert (c2.model.num_moe_experts, c2.model.moe_router_topk, c2.model.moe_num_shared_experts) == (63, 7, 1)
+    m2 = c2.model
+    assert (m2.num_layers, m2.hidden_size, m2.num_attention_heads) == (9, 1280, 10)
+    assert (m2.num_moe_experts, m2.moe_router_topk, m2.moe_num_shared_experts) == (63, 7, 1)
     assert all(c2.model.moe_layer_pattern())
     assert (c2.train.lr, c2.model.moe_aux_loss_coeff, c2.train.seq_length) == (1.08e-3, 0.01, 2048)
     assert c2.train.global_batch_size == 2048 and c2.train.lr_decay_style == "step"
     assert (c16.model.num_moe_experts, c16.model.moe_router_topk, c16.model.moe_num_shared_experts,
             c16.model.moe_ffn_hidden_size, c16.model.ffn_hidden_size) == (64, 6, 2, 1408, 10944)
     assert c16.model.moe_layer_pattern()[0] is False and all(c16.model.moe_layer_pattern()[1:])
-    assert (c16.train.lr, c16.model.moe_aux_loss_coeff, c16.train.vocab_size) == (4.2e-4, 0.001, 102400)
+    assert (c16.train.lr, c16.model.moe_aux_loss_coeff, c16.train.vocab_size) == (
+        4.2e-4, 0.001, 102400)
     assert (c16.train.lr_step_decay_at, c16.train.lr_step_decay_factor) == ([0.8, 0.9], 0.316)
     assert c16.layout.expert == 8
-    assert (c145.model.num_layers, c145.model.hidden_size, c145.model.num_attention_heads) == (62, 4096, 32)
+    m145 = c145.model
+    assert (m145.num_layers, m145.hidden_size, m145.num_attention_heads) == (62, 4096, 32)
     assert (c145.model.num_moe_experts, c145.model.moe_router_topk,
             c145.model.moe_num_shared_experts) == (128, 12, 4)
     assert (c145.model.moe_aux_loss_coeff, c145.model.moe_device_balance_coeff,
             c145.model.num_device_groups()) == (0.003, 0.05, 4)
-    assert (c145.train.lr, c145.train.lr_decay_style, c145.train.global_batch_size) == (3.0e-4, "constant", 4608)
+    assert (c145.train.lr, c145.train.lr_decay_style, c145.train.global_batch_size) == (
+        3.0e-4, "constant", 4608)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +140,8 @@ def test_paper_configs_carry_the_paper_hyperparameters():
 
 def test_dump_then_load_gives_the_same_config(tmp_path):
     cfg = load_run_config(TINY, ["language_model.num_layers=6", "lr=2e-3",
-                                 "model_parallel.bf16=true", "language_model.attention_backend=local"])
+                                 "model_parallel.bf16=true",
+                                 "language_model.attention_backend=local"])
     out = tmp_path / "nested" / "run.yaml"
     dump_run_config(cfg, out)
     again = load_run_config(out)
@@ -241,7 +247,8 @@ def test_unknown_key_names_section_key_and_suggestion(tmp_path):
     path = write(tmp_path, doc)
     with pytest.raises(YamlConfigError) as err:
         load_run_config(path)
-    assert "language_model.num_moe_expert: unknown key; did you mean num_moe_experts?" in str(err.value)
+    assert ("language_model.num_moe_expert: unknown key; did you mean num_moe_experts?"
+            in str(err.value))
     assert str(path) in str(err.value)
 
 
@@ -268,7 +275,8 @@ def test_misplaced_and_unknown_keys(tmp_path, section, key, value, message):
     ("language_model", "num_layers", "four",
      "language_model.num_layers: expected an integer, got 'four' (a string)"),
     ("language_model", "num_layers", 4.5, "language_model.num_layers: expected an integer"),
-    ("language_model", "hidden_dropout", "none", "language_model.hidden_dropout: expected a number"),
+    ("language_model", "hidden_dropout", "none",
+     "language_model.hidden_dropout: expected a number"),
     ("language_model", "normalization", "rmsnorm", "expected one of 'LayerNorm', 'RMSNorm'"),
     ("language_model", "moe_layer_freq", "1,1,1", "expected an integer or a list of integers"),
     ("model_parallel", "bf16", 1, "model_parallel.bf16: expected true or false, got 1"),
