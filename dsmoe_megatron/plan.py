@@ -360,7 +360,8 @@ def minimal_world_size(run: RunConfig) -> int:
 
 def make_plan(run: RunConfig, world_size: int | None = None) -> dict:
     cfg, train = run.model, run.train
-    if world_size is None:
+    defaulted = world_size is None
+    if defaulted:
         world_size = minimal_world_size(run)
     check_world_size(run, world_size)
     params = count_params(cfg, train.vocab_size)
@@ -398,6 +399,7 @@ def make_plan(run: RunConfig, world_size: int | None = None) -> dict:
         },
         "memory": estimate_memory(run, params, world_size),
     }
+    plan["memory"]["world_size_defaulted"] = defaulted
     plan["flops_per_step"] = per_token * plan["tokens_per_step"]
     return plan
 
@@ -471,6 +473,9 @@ def format_plan(plan: dict, config_path: str) -> str:
                          ("total", 8))))
     lines.append(f"  peak: {_mem(mem['max_bytes_per_gpu'], unit)} {unit_name} on stage "
                  f"{mem['max_stage']}")
+    if mem.get("world_size_defaulted"):
+        lines.append("  - world size: the smallest this layout fits (least optimizer sharding); "
+                     "pass --world-size for your cluster")
     for note in mem["assumptions"]:
         lines += textwrap.wrap(note, 96, initial_indent="  - ", subsequent_indent="    ")
     return "\n".join(lines)

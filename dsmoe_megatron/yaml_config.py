@@ -252,7 +252,7 @@ _FIXED_VALUES = {
 
 def _yamlable(tp) -> bool:
     """Whether a value of this annotation can be written in YAML (no callables, dtypes...)."""
-    if tp in (int, float, bool, str, type(None), Any):
+    if tp in (int, float, bool, str, type(None), Any, list, dict):
         return True
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return True
@@ -376,6 +376,10 @@ def _convert(value, tp, lenient: bool):
         if args and len(args) != len(value):
             raise _Mismatch(_expected(tp))
         return tuple(_convert(v, a, lenient) for v, a in zip(value, args or [Any] * len(value)))
+    if tp in (list, dict):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch("a list" if tp is list else "a mapping")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -424,7 +428,8 @@ def _expected(tp) -> str:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(m.name for m in tp)
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null", Any: "any value"}.get(tp, str(tp))
+            type(None): "null", Any: "any value", list: "a list", dict: "a mapping"
+            }.get(tp, str(tp))
 
 
 def _plural(tp) -> str:
@@ -585,6 +590,7 @@ def run_config_from_dict(source: Mapping, overrides: Sequence[str] = (), *,
 def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     sections: dict[str, dict] = {}
     train_values: dict = {}
+    normalized: dict = {}  # the document with checked values (e.g. "1e-3" read as a number)
     for key, value in doc.items():
         if key in SECTIONS:
             if value is None:
@@ -598,8 +604,10 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
                 checked[sub_key] = _check_value(f"{key}.{sub_key}", sub_value,
                                                 SCHEMA[key][sub_key])
             sections[key] = checked
+            normalized[key] = {k: _yaml_value(v) for k, v in checked.items()}
         elif key in _TRAIN_FIELDS:
             train_values[key] = _check_train_value(key, value)
+            normalized[key] = _yaml_value(train_values[key])
         else:
             raise _unknown_key("", key, [*TRAINING_KEYS, *SECTIONS])
     lm = sections.get("language_model", {})
@@ -650,7 +658,7 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
         virtual_pipeline=model.virtual_pipeline_model_parallel_size,
         sequence_parallel=model.sequence_parallel,
     )
-    return RunConfig(model=model, layout=layout, train=train, source=doc)
+    return RunConfig(model=model, layout=layout, train=train, source=normalized)
 
 
 def _check_train_value(key: str, value):
@@ -670,6 +678,10 @@ def _check_pipeline_split(lm: dict, mp: dict) -> None:
     """Megatron splits layers evenly over the stages unless told otherwise; say so early."""
     pp = mp.get("pipeline_model_parallel_size", 1)
     vpp = mp.get("virtual_pipeline_model_parallel_size") or 1
+    if vpp > 1 and pp == 1:
+        raise YamlConfigError(
+            "model_parallel.virtual_pipeline_model_parallel_size needs pipeline parallelism; "
+            "set pipeline_model_parallel_size > 1 or virtual_pipeline_model_parallel_size: null")
     if any(mp.get(k) for k in _PIPELINE_SPLIT_FIELDS):
         return
     layers = lm["num_layers"]

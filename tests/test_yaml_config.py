@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -218,6 +217,8 @@ def test_overrides_apply_before_validation():
     assert cfg.layout.expert == 3 and cfg.model.expert_model_parallel_size == 3
     assert cfg.train.data_path == ["0.7", "a", "0.3", "b"]
     assert cfg.source["language_model"]["num_layers"] == 2
+    # the source keeps the checked values: numbers for numbers, strings for blend entries
+    assert cfg.source["lr"] == 1e-3 and cfg.source["data_path"] == ["0.7", "a", "0.3", "b"]
     assert cfg.model.moe_layer_pattern() == [True, True]
 
 
@@ -320,6 +321,7 @@ def test_moe_layer_freq_may_be_an_int_or_a_list():
     (["model_parallel.expert_model_parallel_size=2"],
      "num_moe_experts=15 is not divisible by expert_model_parallel_size=2"),
     (["model_parallel.sequence_parallel=true"], "sequence parallelism"),
+    (["model_parallel.virtual_pipeline_model_parallel_size=2"], "needs pipeline parallelism"),
 ])
 def test_invalid_values_are_reported_with_the_file(overrides, message):
     with pytest.raises(YamlConfigError) as err:
