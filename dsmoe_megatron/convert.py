@@ -579,9 +579,10 @@ def single_rank_runtime() -> Iterator[None]:
             "(run dsmoe-convert without torchrun)")
     saved = {k: os.environ.get(k) for k in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
     if "TORCHELASTIC_RUN_ID" not in os.environ:
-        # A MASTER_PORT inherited from a parent that holds it would make the rendezvous fail.
-        os.environ.update(MASTER_PORT=str(runtime.free_port()), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1")
+        # A MASTER_PORT inherited from a parent that holds it would make the rendezvous fail;
+        # without one the runtime uses an in-memory store.
+        os.environ.pop("MASTER_PORT", None)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     try:
         runtime.initialize(runtime.ParallelLayout())
         try:

@@ -86,14 +86,17 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
-                raise RuntimeError("MASTER_PORT is not set; launch several processes with torchrun")
-            os.environ["MASTER_PORT"] = str(free_port())
+        backend = "nccl" if gpu else "gloo"
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size)
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A lone process needs no rendezvous: an in-memory store avoids picking a port.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            if "MASTER_PORT" not in os.environ:
+                raise RuntimeError("MASTER_PORT is not set; launch several processes with torchrun")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
     world_size = dist.get_world_size()
     layout.check(world_size)
     if parallel_state.model_parallel_is_initialized():

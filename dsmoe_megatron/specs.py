@@ -3,11 +3,15 @@
 Transformer Engine modules are used when TE imports (GPU), Megatron-core's local modules and
 our sequence-parallel RMSNorm otherwise. The block spec places dense and MoE layers itself
 (a single layer spec copied to every layer would ignore the dense first layers).
+
+Megatron-LM's ``--spec dsmoe_megatron.specs NAME`` takes ``megatron_lm_layer`` (either model
+builder) or ``megatron_lm_spec`` (megatron.training's GPTModelBuilder only); see megatron_lm.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import partial
 
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -24,9 +28,15 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     get_transformer_layer_offset,
 )
+from megatron.core.utils import get_pg_rank
 
 from dsmoe_megatron.backends import te_available
-from dsmoe_megatron.config import DeepSeekMoEConfig
+from dsmoe_megatron.config import (
+    ConfigError,
+    DeepSeekMoEConfig,
+    _fill_deepseek_defaults,
+    validate,
+)
 from dsmoe_megatron.moe import DeepSeekMoE
 from dsmoe_megatron.norm import RMSNorm
 
@@ -97,37 +107,113 @@ def get_dsmoe_block_spec(config: DeepSeekMoEConfig, vp_stage: int | None = None,
     )
 
 
-def megatron_lm_spec(config, vp_stage: int | None = None, pp_rank: int | None = None):
-    """For Megatron-LM's ``pretrain_gpt.py --spec dsmoe_megatron.specs megatron_lm_spec``.
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM: ``pretrain_gpt.py --spec dsmoe_megatron.specs megatron_lm_layer`` (see megatron_lm.py)
 
-    Megatron-LM builds a plain TransformerConfig from its own flags; the DeepSeekMoE-only
-    settings (shared-expert count, first dense layers, a2, device groups, backend) are read
-    from ``DSMOE_*`` environment variables (see ``config_from_megatron``).
+
+class DeepSeekMoELayer(TransformerLayer):
+    """A TransformerLayer that is dense or DeepSeekMoE according to its global layer number.
+
+    Megatron-LM copies one layer spec to every layer; this layer still keeps the dense layers
+    (``moe_layer_freq`` and ``moe_first_k_dense``). Transformer Engine or Megatron-core's local
+    modules follow ``config.transformer_impl`` (Megatron-LM's ``--transformer-impl``).
     """
-    return get_dsmoe_block_spec(config_from_megatron(config), vp_stage=vp_stage, pp_rank=pp_rank)
+
+    def __init__(self, config, submodules=None, layer_number: int = 1, **kwargs):
+        config = config_from_megatron(config)
+        if kwargs.get("is_mtp_layer"):
+            moe = config.is_moe
+        else:
+            index = layer_number - 1
+            if kwargs.get("add_layer_offset", True):
+                pg_collection = kwargs.get("pg_collection")
+                pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
+                index += get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
+            moe = config.moe_layer_pattern()[index]
+        spec = get_dsmoe_layer_spec if moe else get_dense_layer_spec
+        use_te = config.transformer_impl == "transformer_engine"
+        super().__init__(config, spec(use_te, config.qk_layernorm).submodules, layer_number,
+                         **kwargs)
+
+
+megatron_lm_layer = ModuleSpec(module=DeepSeekMoELayer)
+"""``--spec dsmoe_megatron.specs megatron_lm_layer``: works with both of Megatron-LM's model
+builders (pretrain_gpt.py's gpt_builder and megatron.training's GPTModelBuilder)."""
+
+
+def megatron_lm_spec(config, vp_stage: int | None = None, pp_rank: int | None = None
+                     ) -> TransformerBlockSubmodules:
+    """``--spec dsmoe_megatron.specs megatron_lm_spec``, for megatron.training's GPTModelBuilder
+    (gpt_config_from_args), which calls it with its GPTModelConfig; the whole decoder block of
+    this pipeline stage, final norm included. gpt_builder (pretrain_gpt.py) needs
+    ``megatron_lm_layer`` instead: it passes the object to GPTModel without calling it."""
+    config = config_from_megatron(config)
+    return get_dsmoe_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank,
+                                use_te=config.transformer_impl == "transformer_engine")
+
+
+# The DeepSeekMoE-only settings Megatron-LM has no flag for: field -> (environment variable, type).
+DSMOE_SETTINGS = {
+    "moe_num_shared_experts": ("DSMOE_NUM_SHARED_EXPERTS", int),
+    "moe_first_k_dense": ("DSMOE_FIRST_K_DENSE", int),
+    "moe_device_balance_coeff": ("DSMOE_DEVICE_BALANCE_COEFF", float),
+    "moe_device_groups": ("DSMOE_DEVICE_GROUPS", int),
+    "moe_expert_backend": ("DSMOE_EXPERT_BACKEND", str),
+}
+
+
+def dsmoe_settings(args=None) -> dict:
+    """The DeepSeekMoE-only settings given to a Megatron-LM run, unset ones left out.
+
+    Each comes from Megatron-LM's parsed arguments when they carry it (the flags of
+    ``megatron_lm.add_dsmoe_args``: ``--moe-first-k-dense``...), else from its ``DSMOE_*``
+    environment variable. ``args`` defaults to megatron.training's global arguments, if any.
+    """
+    args = _megatron_args() if args is None else args
+    settings = {}
+    for name, (env, cast) in DSMOE_SETTINGS.items():
+        value = getattr(args, name, None)
+        if value is None and os.environ.get(env):
+            value = cast(os.environ[env])
+        if value is not None:
+            settings[name] = value
+    return settings
+
+
+def _megatron_args():
+    try:
+        from megatron.training.global_vars import get_args
+
+        return get_args()
+    except (ImportError, AssertionError):  # no megatron.training, or its arguments not parsed
+        return None
 
 
 def config_from_megatron(config) -> DeepSeekMoEConfig:
-    """Turn Megatron-LM's TransformerConfig into ours, in place of class (same object fields)."""
-    import os
+    """Turn the TransformerConfig Megatron-LM built from its flags into a DeepSeekMoEConfig.
 
+    The object itself changes class (the rest of Megatron-LM shares it) and gains the
+    DeepSeekMoE-only fields from ``dsmoe_settings()``; a GPTModelConfig is unwrapped to its
+    TransformerConfig. Without ``moe_num_shared_experts`` the shared-expert count is
+    ``--moe-shared-expert-intermediate-size / --moe-ffn-hidden-size``.
+    """
+    config = getattr(config, "transformer", config)
     if isinstance(config, DeepSeekMoEConfig):
         return config
-    shared_size = config.moe_shared_expert_intermediate_size or 0
-    expert_width = config.moe_ffn_hidden_size or 1
-    extra = dict(
-        moe_num_shared_experts=shared_size // expert_width,
-        moe_first_k_dense=int(os.environ.get("DSMOE_FIRST_K_DENSE", 0)),
-        moe_device_balance_coeff=float(os.environ.get("DSMOE_DEVICE_BALANCE_COEFF", 0.0)),
-        moe_device_groups=int(os.environ["DSMOE_DEVICE_GROUPS"])
-        if os.environ.get("DSMOE_DEVICE_GROUPS") else None,
-        moe_expert_backend=os.environ.get("DSMOE_EXPERT_BACKEND", "auto"),
-    )
-    # Switch the class so the same object (shared with the rest of Megatron-LM) carries our fields.
+    settings = dsmoe_settings()
+    shared, width = config.moe_shared_expert_intermediate_size, config.moe_ffn_hidden_size
+    if shared and "moe_num_shared_experts" not in settings:
+        if not width or shared % width:
+            raise ConfigError(
+                f"--moe-shared-expert-intermediate-size={shared} must be a multiple of "
+                f"--moe-ffn-hidden-size={width}: DeepSeekMoE's shared experts have the routed "
+                "experts' width (or set --moe-num-shared-experts / DSMOE_NUM_SHARED_EXPERTS)"
+            )
+        settings["moe_num_shared_experts"] = shared // width
     config.__class__ = DeepSeekMoEConfig
-    for key, value in extra.items():
-        setattr(config, key, value)
-    from dsmoe_megatron.config import validate
-
+    fields = DeepSeekMoEConfig.__dataclass_fields__
+    for name in DSMOE_SETTINGS:
+        setattr(config, name, settings.get(name, fields[name].default))
+    _fill_deepseek_defaults(config)
     validate(config)
     return config

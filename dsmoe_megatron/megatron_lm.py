@@ -1,0 +1,394 @@
+"""DeepSeekMoE in Megatron-LM's training loop (``megatron.training.pretrain``).
+
+Two ways in, both launched through this module on CPU and GPU alike::
+
+    # 1. Megatron-LM's own pretrain_gpt.py with DeepSeekMoE layers
+    python -m dsmoe_megatron.megatron_lm pretrain_gpt.py --spec dsmoe_megatron.specs \\
+        megatron_lm_layer --num-experts 15 --moe-first-k-dense 1 ...
+    # 2. our drop-in for pretrain_gpt.py, which also takes our YAML files
+    python examples/pretrain_dsmoe_megatron_lm.py --dsmoe-yaml yaml_configs/tiny.yaml ...
+
+(under torchrun: ``torchrun --nproc-per-node 8 -m dsmoe_megatron.megatron_lm SCRIPT.py ...``).
+
+The launcher runs SCRIPT.py as ``__main__`` after (a) ``enable_cpu_training()`` when there is no
+GPU, (b) making Megatron-LM's ``parse_and_validate_args`` accept the DeepSeekMoE flags of
+``add_dsmoe_args`` and ``--dsmoe-yaml``, and (c) when ``--spec`` names our layers, reporting
+their balance losses in Megatron-LM's log.
+
+``--dsmoe-yaml PATH`` turns the YAML file (yaml_config's format) into Megatron-LM flags placed
+*before* the command line's, so a flag given explicitly wins over the YAML. Output paths
+(save, load, save_interval, tensorboard_dir) are not taken from the YAML: pass ``--save`` etc.
+A YAML value with no Megatron-LM equivalent (``lr_decay_style: step``) is an error unless the
+flag it would set is given explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import runpy
+import sys
+import types
+from functools import partial
+
+import torch
+
+from dsmoe_megatron import cpu_compat
+from dsmoe_megatron.config import EXPERT_BACKENDS, deepseek_defaults
+from dsmoe_megatron.specs import config_from_megatron, dsmoe_settings
+
+# Prepended to the command line on CPU (a flag given explicitly wins).
+CPU_FLAGS = ("--transformer-impl", "local", "--no-gradient-accumulation-fusion",
+             "--no-persist-layer-norm", "--no-rope-fusion", "--distributed-backend", "gloo")
+# The model build_model makes: RoPE, untied embeddings (also implied by --dsmoe-yaml).
+MODEL_FLAGS = ("--position-embedding-type", "rope", "--untie-embeddings-and-output-weights")
+# Our example's defaults: the byte-level tokenizer needs no files, Megatron-LM only uses its
+# size (for padded_vocab_size).
+EXAMPLE_FLAGS = (*MODEL_FLAGS, "--tokenizer-type", "NullTokenizer", "--vocab-size", "259")
+
+_state = types.SimpleNamespace(cpu=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running megatron.training on CPU
+
+
+def enable_cpu_training() -> bool:
+    """Let ``megatron.training`` run on CPU with gloo. Returns True if active; no-op with CUDA.
+
+    On top of ``cpu_compat`` (CUDA tensors, streams, RNG -> CPU) this redirects:
+
+    1. ``initialize_megatron`` as called by ``pretrain`` gets ``allow_no_cuda=True``;
+    2. ``torch.cuda.device_count()`` is 1 (Megatron picks the local device modulo it);
+    3. ``torch.cuda.get_device_properties()`` describes a compute capability 9.0 device
+       (read when setting up TP/CP communication), and ``CUDA_DEVICE_MAX_CONNECTIONS=1``
+       (which argument validation asks for with TP/CP > 1);
+    4. ``CPU_FLAGS`` are prepended to the command line by ``parse_and_validate_args``.
+    """
+    use_prebuilt_dataset_helpers()
+    if not cpu_compat.activate():
+        return False
+    if not _state.cpu:
+        from megatron.training import initialize, training
+
+        training.initialize_megatron = partial(initialize.initialize_megatron, allow_no_cuda=True)
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.get_device_properties = lambda *args, **kwargs: types.SimpleNamespace(
+            name="cpu", major=9, minor=0, total_memory=0, multi_processor_count=1)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        _state.cpu = True
+    return True
+
+
+def use_prebuilt_dataset_helpers() -> None:
+    """Megatron-LM runs ``make`` on the dataset helpers at start-up; the megatron-core wheel
+    ships them compiled but without a Makefile, so skip the build when they import."""
+    from megatron.core.datasets import utils
+
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    utils.compile_helpers = lambda: None
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_dsmoe_args(parser):
+    """extra_args_provider: the DeepSeekMoE-only flags (defaults: DSMOE_* environment variables,
+    then DeepSeekMoEConfig's) and ``--dsmoe-yaml``."""
+    if "--dsmoe-yaml" in parser._option_string_actions:
+        return parser
+    group = parser.add_argument_group("DeepSeekMoE (dsmoe_megatron)")
+    group.add_argument("--moe-num-shared-experts", type=int, default=None,
+                       help="Ks, shared experts (default: --moe-shared-expert-intermediate-size"
+                            " / --moe-ffn-hidden-size)")
+    group.add_argument("--moe-first-k-dense", type=int, default=None,
+                       help="the first k layers keep a dense FFN of --ffn-hidden-size")
+    group.add_argument("--moe-device-balance-coeff", type=float, default=None,
+                       help="a2, the device-level balance factor (default 0)")
+    group.add_argument("--moe-device-groups", type=int, default=None,
+                       help="D, device groups for the device-level loss (default: the EP size)")
+    group.add_argument("--moe-expert-backend", choices=EXPERT_BACKENDS, default=None,
+                       help="routed-expert GEMMs (default auto)")
+    group.add_argument("--dsmoe-yaml", metavar="PATH", default=None,
+                       help="a dsmoe_megatron YAML run config; flags given explicitly win")
+    return parser
+
+
+def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
+                            args_defaults={}, default_flags=()):
+    """Megatron-LM's ``parse_and_validate_args`` with ``add_dsmoe_args``. The command line is
+    read as ``CPU_FLAGS`` (on CPU), ``default_flags``, the ``--dsmoe-yaml`` file's flags, then
+    the command line itself: a later flag wins. ``--moe-first-k-dense`` is folded into
+    ``args.moe_layer_freq`` so Megatron-LM's own logic sees the dense layers too."""
+    from megatron.training import arguments
+
+    def provider(parser):
+        parser = add_dsmoe_args(parser)
+        return extra_args_provider(parser) if extra_args_provider else parser
+
+    megatron_parse = arguments.parse_and_validate_args
+    megatron_parse = getattr(megatron_parse, "megatron_original", megatron_parse)
+    defaults = [*(CPU_FLAGS if _state.cpu else ()), *default_flags]
+    sys.argv[1:] = [*defaults, *expand_dsmoe_yaml(sys.argv[1:], provider)]
+    args = megatron_parse(provider, ignore_unknown_args, args_defaults)
+    first_k = dsmoe_settings(args).get("moe_first_k_dense", 0)
+    if first_k and args.num_experts:
+        freq = args.moe_layer_freq
+        pattern = freq if isinstance(freq, list) else [
+            int(i % freq == 0) for i in range(args.num_layers)]
+        args.moe_layer_freq = [0 if i < first_k else int(p) for i, p in enumerate(pattern)]
+    return args
+
+
+def expand_dsmoe_yaml(argv: list[str], extra_args_provider=None) -> list[str]:
+    """``argv`` with the flags of its ``--dsmoe-yaml`` file (if any) put in front of it."""
+    path = None
+    for i, token in enumerate(argv):
+        if token == "--dsmoe-yaml" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif token.startswith("--dsmoe-yaml="):
+            path = token.partition("=")[2]
+    if path is None:
+        return list(argv)
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    parser = (extra_args_provider or add_dsmoe_args)(parser)
+    return [*yaml_to_megatron_flags(path, parser, argv), *argv]
+
+
+# YAML (TransformerConfig) names whose Megatron-LM argument is called differently.
+_ARG_NAMES = {
+    "num_moe_experts": "num_experts",
+    "virtual_pipeline_model_parallel_size": "num_virtual_stages_per_pipeline_rank",
+    "num_layers_in_first_pipeline_stage": "decoder_first_pipeline_num_layers",
+    "num_layers_in_last_pipeline_stage": "decoder_last_pipeline_num_layers",
+    "gated_linear_unit": "swiglu",  # with silu, DeepSeekMoE's only activation
+    "bias_activation_fusion": "bias_swiglu_fusion",
+}
+_NOT_FROM_YAML = ("save", "load", "save_interval", "tensorboard_dir", "lr_step_decay_at",
+                  "lr_step_decay_factor")
+
+
+def yaml_to_megatron_flags(path: str, parser, given: list[str] = ()) -> list[str]:
+    """The Megatron-LM flags for a YAML run config, except those whose argument ``given``
+    (a command line) already sets."""
+    from dsmoe_megatron.yaml_config import YamlConfigError, load_run_config
+
+    run = load_run_config(path, instantiate_checks=False)
+    given_dests = {parser._option_string_actions[t.partition("=")[0]].dest
+                   for t in given if t.partition("=")[0] in parser._option_string_actions}
+    values = {}
+    model_keys = {k for s in ("language_model", "model_parallel", "deepseekmoe")
+                  for k in run.source.get(s, {})}
+    for key in sorted(model_keys | set(deepseek_defaults()) - {"activation_func"}):
+        values[key] = getattr(run.model, key)
+    values.update(dataclasses.asdict(run.train))
+    if run.train.eval_interval is None:  # no evaluation
+        values.update(eval_interval=run.train.train_iters, eval_iters=0)
+    flags = list(MODEL_FLAGS)
+    for key, value in values.items():
+        dest = _ARG_NAMES.get(key, key)
+        if key in _NOT_FROM_YAML or dest in given_dests or value is None:
+            continue
+        try:
+            flags += _flag_for(parser, dest, value)
+        except ValueError as err:
+            raise YamlConfigError(f"{path}: {key}={value!r} {err}") from None
+    return flags
+
+
+def _flag_for(parser, dest: str, value) -> list[str]:
+    actions = [a for a in parser._actions if a.dest == dest and a.option_strings]
+    if not actions:
+        raise ValueError("has no Megatron-LM flag; remove it or train with dsmoe-train")
+    if value == actions[0].default:
+        return []
+    for action in actions:
+        option = action.option_strings[0]
+        if action.nargs == 0:  # store_true / store_false
+            if action.const == value:
+                return [option]
+            continue
+        items = value if isinstance(value, (list, tuple)) and action.nargs in ("*", "+") \
+            else [value]
+        items = [v.name if isinstance(v, enum.Enum) else str(v) for v in items]
+        if action.choices is not None and any(v not in action.choices for v in items):
+            raise ValueError(f"has no Megatron-LM equivalent ({option} takes "
+                             f"{', '.join(map(str, action.choices))}); give {option} explicitly")
+        return [option, *items]
+    raise ValueError(f"cannot be set with {actions[0].option_strings[0]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What megatron.training.pretrain needs: model provider, forward step, datasets
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
+                   pg_collection=None):
+    """DeepSeekMoE GPTModel (dsmoe_megatron.model.build_model) from Megatron-LM's arguments."""
+    from megatron.training import get_args
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from dsmoe_megatron.model import build_model
+
+    args = get_args()
+    if args.position_embedding_type != "rope" or not args.untie_embeddings_and_output_weights:
+        raise ValueError("DeepSeekMoE models use RoPE and untied embeddings: pass "
+                         + " ".join(MODEL_FLAGS))
+    config = config_from_megatron(config or core_transformer_config_from_args(args))
+    return build_model(config, args.padded_vocab_size, args.max_position_embeddings,
+                       pre_process, post_process, vp_stage, pg_collection)
+
+
+_BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
+                 "position_ids": torch.int64}
+
+
+def get_batch(data_iterator, vp_stage=None) -> dict:
+    """The next micro-batch, read on tensor-parallel rank 0 and broadcast to the others;
+    ``None`` values on middle pipeline stages (they take the previous stage's output)."""
+    from megatron.core import mpu
+    from megatron.training import get_args
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    if not is_first_or_last_pipeline_stage(vp_stage):
+        return dict.fromkeys(_BATCH_DTYPES)
+    args = get_args()
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    if mpu.get_tensor_model_parallel_rank() == 0:
+        sample = next(data_iterator)
+        batch = {k: sample[k].to(device=device, dtype=t) for k, t in _BATCH_DTYPES.items()}
+    else:
+        shape = (args.micro_batch_size, args.seq_length)
+        batch = {k: torch.empty(shape, dtype=t, device=device) for k, t in _BATCH_DTYPES.items()}
+    if mpu.get_tensor_model_parallel_world_size() > 1:
+        for tensor in batch.values():
+            torch.distributed.broadcast(tensor, mpu.get_tensor_model_parallel_src_rank(),
+                                        group=mpu.get_tensor_model_parallel_group())
+    return batch
+
+
+def loss_func(loss_mask, output_tensor, model=None):
+    """(summed token loss, token count, {"lm loss": [sum, count]}): Megatron-LM averages over
+    tokens across micro-batches and data-parallel ranks."""
+    mask = loss_mask.reshape(-1).float()
+    loss = (output_tensor.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.float()])}
+
+
+def forward_step(data_iterator, model, return_schedule_plan=False):
+    from megatron.core.utils import get_attr_wrapped_model
+
+    if return_schedule_plan:
+        raise NotImplementedError("--overlap-moe-expert-parallel-comm is not supported by "
+                                  "DeepSeekMoE layers")
+    batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"], model=model)
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """GPTDatasets from ``--data-path``, else the corpus shipped with dsmoe_megatron
+    (preprocessed once into ``--data-cache-path`` or ~/.cache/dsmoe_megatron); byte-level
+    tokens. Built on tensor-parallel rank 0 of the first and last pipeline stages."""
+    from megatron.core import mpu
+    from megatron.training import get_args
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    from dsmoe_megatron.data import build_gpt_datasets, default_corpus_prefix
+    from dsmoe_megatron.tokenizer import ByteTokenizer
+
+    args = get_args()
+    tokenizer = ByteTokenizer()
+    data_path = args.data_path
+    if not data_path:  # every rank calls this provider (is_distributed)
+        prefix = [default_corpus_prefix(args.data_cache_path, tokenizer)
+                  if torch.distributed.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(prefix, src=0)
+        data_path = prefix
+    train_samples, valid_samples, _ = train_val_test_num_samples
+    train, valid = build_gpt_datasets(
+        data_path, args.seq_length, args.seed, split=args.split or "98,2,0",
+        train_samples=train_samples, valid_samples=valid_samples, tokenizer=tokenizer,
+        cache_dir=args.data_cache_path,
+        is_built_on_rank=lambda: mpu.get_tensor_model_parallel_rank() == 0
+        and is_first_or_last_pipeline_stage(vp_stage),
+    )
+    return train, valid, None
+
+
+train_valid_test_datasets_provider.is_distributed = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and the launcher
+
+_MEGATRON_BALANCE_LOSSES = ("load_balancing_loss", "seq_load_balancing_loss",
+                            "global_load_balancing_loss")
+
+
+def log_dsmoe_balance_losses() -> None:
+    """Megatron-LM's training log reports the balance losses named after its
+    ``--moe-router-load-balancing-type``; report DeepSeekMoE's (``load_balancing_loss`` for
+    aux_loss and seq_aux_loss, ``device_balance_loss`` when a2 > 0) instead."""
+    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
+
+    original = MoEMetricsTracker.report
+    if getattr(original, "dsmoe", False):
+        return
+
+    def report(self, *args, track_names=None, **kwargs):
+        if isinstance(track_names, list):
+            track_names = [n for n in track_names if n not in _MEGATRON_BALANCE_LOSSES]
+            track_names.append("load_balancing_loss")
+            if dsmoe_settings().get("moe_device_balance_coeff"):
+                track_names.append("device_balance_loss")
+        return original(self, *args, track_names=track_names, **kwargs)
+
+    report.dsmoe = True
+    MoEMetricsTracker.report = report
+
+
+def _hook_megatron_arg_parsing() -> None:
+    from megatron.training import arguments
+
+    original = arguments.parse_and_validate_args
+    if hasattr(original, "megatron_original"):
+        return
+    hooked = partial(parse_and_validate_args)
+    hooked.megatron_original = original
+    arguments.parse_and_validate_args = hooked
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dsmoe_megatron.megatron_lm SCRIPT.py [args]``: run a Megatron-LM training
+    script (pretrain_gpt.py or ours) with the CPU shim where there is no GPU, our flags and
+    ``--dsmoe-yaml`` accepted, and DeepSeekMoE's balance losses logged."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    script, rest = argv[0], argv[1:]
+    enable_cpu_training()
+    _hook_megatron_arg_parsing()
+    spec = rest[rest.index("--spec") + 1] if "--spec" in rest[:-1] else ""
+    if spec.startswith("dsmoe_megatron") or script.endswith("pretrain_dsmoe_megatron_lm.py"):
+        log_dsmoe_balance_losses()
+    sys.argv = [script, *rest]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python SCRIPT.py` does
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
