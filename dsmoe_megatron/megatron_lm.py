@@ -37,15 +37,19 @@ import torch
 from dsmoe_megatron import cpu_compat
 from dsmoe_megatron.config import EXPERT_BACKENDS, deepseek_defaults
 from dsmoe_megatron.specs import config_from_megatron, dsmoe_settings
+from dsmoe_megatron.tokenizer import ByteTokenizer
 
-# Prepended to the command line on CPU (a flag given explicitly wins).
-CPU_FLAGS = ("--transformer-impl", "local", "--no-gradient-accumulation-fusion",
-             "--no-persist-layer-norm", "--no-rope-fusion", "--distributed-backend", "gloo")
+# Prepended to the command line on CPU (a flag given explicitly wins). The fusions are CUDA
+# kernels or torch.compile, which only slows a CPU run down.
+CPU_FLAGS = ("--transformer-impl", "local", "--distributed-backend", "gloo",
+             "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-rope-fusion",
+             "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-masked-softmax-fusion")
 # The model build_model makes: RoPE, untied embeddings (also implied by --dsmoe-yaml).
 MODEL_FLAGS = ("--position-embedding-type", "rope", "--untie-embeddings-and-output-weights")
 # Our example's defaults: the byte-level tokenizer needs no files, Megatron-LM only uses its
 # size (for padded_vocab_size).
-EXAMPLE_FLAGS = (*MODEL_FLAGS, "--tokenizer-type", "NullTokenizer", "--vocab-size", "259")
+EXAMPLE_FLAGS = (*MODEL_FLAGS, "--tokenizer-type", "NullTokenizer",
+                 "--vocab-size", str(ByteTokenizer().vocab_size))
 
 _state = types.SimpleNamespace(cpu=False)
 
@@ -65,6 +69,8 @@ def enable_cpu_training() -> bool:
        (read when setting up TP/CP communication), and ``CUDA_DEVICE_MAX_CONNECTIONS=1``
        (which argument validation asks for with TP/CP > 1);
     4. ``CPU_FLAGS`` are prepended to the command line by ``parse_and_validate_args``.
+
+    ``use_prebuilt_dataset_helpers()``, which GPU runs need too, is applied either way.
     """
     use_prebuilt_dataset_helpers()
     if not cpu_compat.activate():
@@ -120,7 +126,7 @@ def add_dsmoe_args(parser):
 
 
 def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
-                            args_defaults={}, default_flags=()):
+                            args_defaults=None, default_flags=()):
     """Megatron-LM's ``parse_and_validate_args`` with ``add_dsmoe_args``. The command line is
     read as ``CPU_FLAGS`` (on CPU), ``default_flags``, the ``--dsmoe-yaml`` file's flags, then
     the command line itself: a later flag wins. ``--moe-first-k-dense`` is folded into
@@ -135,7 +141,7 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
     megatron_parse = getattr(megatron_parse, "megatron_original", megatron_parse)
     defaults = [*(CPU_FLAGS if _state.cpu else ()), *default_flags]
     sys.argv[1:] = [*defaults, *expand_dsmoe_yaml(sys.argv[1:], provider)]
-    args = megatron_parse(provider, ignore_unknown_args, args_defaults)
+    args = megatron_parse(provider, ignore_unknown_args, args_defaults or {})
     first_k = dsmoe_settings(args).get("moe_first_k_dense", 0)
     if first_k and args.num_experts:
         freq = args.moe_layer_freq
@@ -185,11 +191,12 @@ def yaml_to_megatron_flags(path: str, parser, given: list[str] = ()) -> list[str
     run = load_run_config(path, instantiate_checks=False)
     given_dests = {parser._option_string_actions[t.partition("=")[0]].dest
                    for t in given if t.partition("=")[0] in parser._option_string_actions}
-    values = {}
+    # The file's model keys and DeepSeekMoE's architecture defaults (SwiGLU, RMSNorm, no biases,
+    # routing); the kernel fusions it turns off stay Megatron-LM's unless the file sets them.
     model_keys = {k for s in ("language_model", "model_parallel", "deepseekmoe")
                   for k in run.source.get(s, {})}
-    for key in sorted(model_keys | set(deepseek_defaults()) - {"activation_func"}):
-        values[key] = getattr(run.model, key)
+    model_keys |= {k for k in deepseek_defaults() if "fusion" not in k} - {"activation_func"}
+    values = {key: getattr(run.model, key) for key in sorted(model_keys)}
     values.update(dataclasses.asdict(run.train))
     if run.train.eval_interval is None:  # no evaluation
         values.update(eval_interval=run.train.train_iters, eval_iters=0)
@@ -287,6 +294,7 @@ def loss_func(loss_mask, output_tensor, model=None):
 
 
 def forward_step(data_iterator, model, return_schedule_plan=False):
+    """One micro-batch through the model: (per-token losses, loss_func)."""
     from megatron.core.utils import get_attr_wrapped_model
 
     if return_schedule_plan:
@@ -300,23 +308,22 @@ def forward_step(data_iterator, model, return_schedule_plan=False):
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
     """GPTDatasets from ``--data-path``, else the corpus shipped with dsmoe_megatron
-    (preprocessed once into ``--data-cache-path`` or ~/.cache/dsmoe_megatron); byte-level
-    tokens. Built on tensor-parallel rank 0 of the first and last pipeline stages."""
+    (preprocessed once per node into ``--data-cache-path`` or ~/.cache/dsmoe_megatron);
+    byte-level tokens. Built on tensor-parallel rank 0 of the first and last pipeline stages."""
     from megatron.core import mpu
     from megatron.training import get_args
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
     from dsmoe_megatron.data import build_gpt_datasets, default_corpus_prefix
-    from dsmoe_megatron.tokenizer import ByteTokenizer
 
     args = get_args()
     tokenizer = ByteTokenizer()
     data_path = args.data_path
     if not data_path:  # every rank calls this provider (is_distributed)
-        prefix = [default_corpus_prefix(args.data_cache_path, tokenizer)
-                  if torch.distributed.get_rank() == 0 else None]
-        torch.distributed.broadcast_object_list(prefix, src=0)
-        data_path = prefix
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            default_corpus_prefix(args.data_cache_path, tokenizer)
+        torch.distributed.barrier()
+        data_path = [default_corpus_prefix(args.data_cache_path, tokenizer)]
     train_samples, valid_samples, _ = train_val_test_num_samples
     train, valid = build_gpt_datasets(
         data_path, args.seq_length, args.seed, split=args.split or "98,2,0",
@@ -366,7 +373,9 @@ def _hook_megatron_arg_parsing() -> None:
     original = arguments.parse_and_validate_args
     if hasattr(original, "megatron_original"):
         return
-    hooked = partial(parse_and_validate_args)
+    def hooked(*args, **kwargs):
+        return parse_and_validate_args(*args, **kwargs)
+
     hooked.megatron_original = original
     arguments.parse_and_validate_args = hooked
 

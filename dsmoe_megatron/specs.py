@@ -108,7 +108,7 @@ def get_dsmoe_block_spec(config: DeepSeekMoEConfig, vp_stage: int | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Megatron-LM: ``pretrain_gpt.py --spec dsmoe_megatron.specs megatron_lm_layer`` (see megatron_lm.py)
+# Megatron-LM: ``pretrain_gpt.py --spec dsmoe_megatron.specs megatron_lm_layer`` (megatron_lm.py)
 
 
 class DeepSeekMoELayer(TransformerLayer):

@@ -99,3 +99,24 @@ def _adam(model, config):
         bf16=False, fp16=False, params_dtype=torch.float32,
     )
     return get_megatron_optimizer(opt_config, model)
+
+
+def resave_run_checkpoint(src: str, dst: str, layout) -> None:
+    """Load a trainer-style checkpoint (with run.yaml) under `layout` and save it from there."""
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.model import build_model, padded_vocab_size
+    from dsmoe_megatron.yaml_config import run_config_from_dict
+
+    import yaml
+
+    text = checkpoint.read_run_config_yaml(src)
+    overrides = [
+        f"model_parallel.tensor_model_parallel_size={layout.tensor}",
+        f"model_parallel.pipeline_model_parallel_size={layout.pipeline}",
+        f"model_parallel.expert_model_parallel_size={layout.expert}",
+    ]
+    run = run_config_from_dict(yaml.safe_load(text), overrides)
+    model = build_model(run.model, padded_vocab_size(run.train.vocab_size, layout.tensor),
+                        run.train.seq_length)
+    checkpoint.load(src, [model])
+    checkpoint.save(dst, 4, [model], run_config_yaml=text)

@@ -457,3 +457,17 @@ def test_parse_size():
     assert convert.parse_size("4096") == 4096
     with pytest.raises(ConversionError):
         convert.parse_size("lots")
+
+
+@pytest.mark.distributed
+def test_export_from_a_tp2_ep2_checkpoint_equals_the_single_rank_export(trained, exported,
+                                                                        tmp_path):
+    from distributed import run_on_ranks
+    from dsmoe_megatron.runtime import ParallelLayout
+    from parallel_cases import resave_run_checkpoint
+
+    layout = ParallelLayout(tensor=2, expert=2)
+    run_on_ranks(resave_run_checkpoint, 4, layout=layout,
+                 args=(str(trained.save), str(tmp_path / "tp2ep2"), layout))
+    again = convert.export_to_hf(tmp_path / "tp2ep2", tmp_path / "hf", dtype="fp32")
+    assert_bit_exact(read_tensors(exported), read_tensors(again))

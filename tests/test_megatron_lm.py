@@ -1,0 +1,177 @@
+"""DeepSeekMoE in Megatron-LM's own training loop (megatron.training.pretrain) on CPU.
+
+(a) examples/pretrain_dsmoe_megatron_lm.py with --dsmoe-yaml tiny.yaml (1 process, and EP2);
+(b) Megatron-LM's `--spec` path: a stand-in for pretrain_gpt.py whose model is built by
+    megatron.training's GPTModelBuilder (gpt_config_from_args resolves --spec), run through
+    `python -m dsmoe_megatron.megatron_lm`.
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsmoe_megatron.config import ConfigError
+from dsmoe_megatron.runtime import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "pretrain_dsmoe_megatron_lm.py")
+TINY = str(ROOT / "yaml_configs" / "tiny.yaml")
+ITERS = 3
+# Shrinks tiny.yaml; flags given explicitly win over the YAML.
+SMALL = ["--num-layers", "2", "--hidden-size", "64", "--seq-length", "64",
+         "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
+         "--train-iters", str(ITERS), "--lr-warmup-iters", "1", "--eval-interval", str(ITERS),
+         "--eval-iters", "1", "--log-interval", "1"]
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([-+.\dEe]+) \|"
+                       r".*?load_balancing_loss: ([-+.\dEe]+)")
+
+STAND_IN = '''
+"""Not pretrain_gpt.py: the least that runs pretrain() with Megatron's GPTModelBuilder."""
+from megatron.core.enums import ModelType
+from megatron.training import pretrain
+from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+from megatron.training.arguments import parse_and_validate_args
+from megatron.training.models.gpt import GPTModelBuilder
+
+from dsmoe_megatron.megatron_lm import forward_step, train_valid_test_datasets_provider
+
+build = GPTModelBuilder.build_model
+
+
+def build_and_report(self, *args, **kwargs):
+    model = build(self, *args, **kwargs)
+    print("MLP_TYPES", [type(layer.mlp).__name__ for layer in model.decoder.layers], flush=True)
+    return model
+
+
+GPTModelBuilder.build_model = build_and_report
+args = parse_and_validate_args()
+pretrain(pretrain_cfg_container_from_args(args, gpt_config_from_args(args)),
+         train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+'''
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One preprocessed copy of the shipped corpus (and its sample indices) for every run."""
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def run(command: list[str], world_size: int = 1, timeout: float = 240) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if world_size > 1 else "2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if world_size == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
+        command = [sys.executable, *command]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
+                   f"--master-port={free_port()}", *command]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return log
+
+
+def check_iterations(log: str) -> list[float]:
+    found = ITERATION.findall(log)
+    assert [int(i) for i, _, _ in found] == list(range(1, ITERS + 1)), log[-4000:]
+    losses = [float(loss) for _, loss, _ in found]
+    # Byte-level tokens, Megatron's padded vocabulary: a fresh model's loss is near ln(384).
+    assert all(4.5 < loss < 7.0 for loss in losses), losses
+    assert all(0 < float(balance) < 1 for _, _, balance in found)  # a1 = 0.01 x ~1
+    assert re.search(r"validation loss at iteration 3 .*lm loss value: ([\d.Ee+-]+)", log)
+    return losses
+
+
+def test_example_trains_with_dsmoe_yaml(cache):
+    log = run([EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--data-cache-path", cache])
+    check_iterations(log)
+    # tiny.yaml: first layer dense (moe_first_k_dense: 1), DeepSeekMoE with a shared expert after.
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in log
+    assert "decoder.layers.0.mlp.router" not in log
+    for name in ("router.weight", "shared_experts.linear_fc1.weight", "experts.gate_proj"):
+        assert f"decoder.layers.1.mlp.{name}" in log
+    assert re.search(r"num_experts \.+ 15\b", log) and re.search(r"swiglu \.+ True", log)
+
+
+@pytest.mark.distributed
+def test_example_expert_parallel_two_ranks(cache):
+    log = run([EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--data-cache-path", cache,
+               "--expert-model-parallel-size", "2", "--num-experts", "4", "--moe-router-topk", "2",
+               "--moe-device-balance-coeff", "0.05"], world_size=2)
+    check_iterations(log)
+    assert re.search(r"expert_model_parallel_size \.+ 2\b", log)
+    assert len(re.findall(r"device_balance_loss: [\d.]+E[-+]\d+", log)) == ITERS
+
+
+@pytest.mark.parametrize("spec", ["megatron_lm_layer", "megatron_lm_spec"])
+def test_stock_spec_path_keeps_dense_first_layer(spec, cache, tmp_path):
+    script = tmp_path / "pretrain_stand_in.py"
+    script.write_text(STAND_IN)
+    log = run(["-m", "dsmoe_megatron.megatron_lm", str(script),
+               "--spec", "dsmoe_megatron.specs", spec,
+               # Megatron-LM's own flags; the shared-expert count comes from the widths (2).
+               "--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4",
+               "--ffn-hidden-size", "128", "--num-experts", "8", "--moe-router-topk", "2",
+               "--moe-ffn-hidden-size", "32", "--moe-shared-expert-intermediate-size", "64",
+               "--moe-layer-freq", "[0]+[1]*2", "--moe-aux-loss-coeff", "0.01",
+               "--moe-router-load-balancing-type", "seq_aux_loss",
+               "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
+               "--position-embedding-type", "rope", "--seq-length", "64",
+               "--max-position-embeddings", "64", "--micro-batch-size", "2",
+               "--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "1e-3",
+               "--eval-interval", str(ITERS), "--eval-iters", "1", "--log-interval", "1",
+               "--tokenizer-type", "NullTokenizer", "--vocab-size", "259",
+               "--data-cache-path", cache])
+    assert "MLP_TYPES ['MLP', 'DeepSeekMoE', 'DeepSeekMoE']" in log
+    assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in log
+    losses = check_iterations(log)
+    assert all(math.isfinite(loss) for loss in losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces, in process
+
+
+def test_yaml_flags_lose_to_explicit_flags():
+    from dsmoe_megatron.megatron_lm import expand_dsmoe_yaml
+    from dsmoe_megatron.yaml_config import YamlConfigError
+
+    argv = expand_dsmoe_yaml(["--dsmoe-yaml", TINY, "--num-layers", "2"])
+    flags = dict(zip(argv, argv[1:]))
+    assert flags["--num-experts"] == "15" and flags["--moe-first-k-dense"] == "1"
+    assert flags["--normalization"] == "RMSNorm" and "--swiglu" in argv
+    assert argv.count("--num-layers") == 1 and argv[-2:] == ["--num-layers", "2"]
+    assert "--save" not in argv  # output paths are not taken from the YAML
+    paper = str(ROOT / "yaml_configs" / "deepseekmoe_16b.yaml")
+    with pytest.raises(YamlConfigError, match="lr_decay_style='step'.*--lr-decay-style"):
+        expand_dsmoe_yaml(["--dsmoe-yaml", paper])
+    assert "--lr-decay-style" in expand_dsmoe_yaml(["--dsmoe-yaml", paper,
+                                                    "--lr-decay-style", "cosine"])
+
+
+def test_config_from_megatron_reads_widths_and_environment(monkeypatch):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from dsmoe_megatron.config import deepseek_defaults
+    from dsmoe_megatron.specs import config_from_megatron
+
+    def megatron_config(**overrides):
+        return TransformerConfig(**{**deepseek_defaults(), **dict(
+            num_layers=4, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+            num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=16), **overrides})
+
+    monkeypatch.setenv("DSMOE_FIRST_K_DENSE", "1")
+    monkeypatch.setenv("DSMOE_DEVICE_GROUPS", "2")
+    config = config_from_megatron(megatron_config(moe_shared_expert_intermediate_size=32))
+    assert config.moe_num_shared_experts == 2 and config.num_device_groups() == 2
+    assert config.moe_layer_pattern() == [False, True, True, True]
+    with pytest.raises(ConfigError, match="multiple of --moe-ffn-hidden-size"):
+        config_from_megatron(megatron_config(moe_shared_expert_intermediate_size=24))
