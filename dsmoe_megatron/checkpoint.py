@@ -132,7 +132,13 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
     state["iteration"] = 0
     loaded = dist_checkpointing.load(state, str(ckpt))
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
-        chunk.load_state_dict(loaded[key])
+        # Transformer Engine modules keep FP8 bookkeeping in `_extra_state`, which is not saved.
+        missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{ckpt} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
     if optimizer is not None and has_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     extra = dict(loaded.get("extra") or {})

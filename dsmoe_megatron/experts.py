@@ -86,26 +86,29 @@ class RoutedExperts(torch.nn.Module):
         width = config.moe_ffn_hidden_size // etp
         hidden = config.hidden_size
         self.backend = resolve_expert_backend(config.moe_expert_backend)
+        self.shapes = {"gate_proj": (width, hidden), "up_proj": (width, hidden),
+                       "down_proj": (hidden, width)}
+        self._build_weights()
+        self.dispatcher = ExpertDispatcher(ep_group, self.num_local_experts)
+
+    def _build_weights(self) -> None:
         if self.backend not in ops.GEMMS:
             raise ConfigError(
-                f"moe_expert_backend={self.backend!r} is not available in this build; "
-                f"use one of {tuple(ops.GEMMS)} or 'auto'"
+                f"moe_expert_backend={self.backend!r} has no torch implementation; use one of "
+                f"{tuple(ops.GEMMS)}, 'te' (with Transformer Engine) or 'auto'"
             )
         self.gemm = ops.GEMMS[self.backend]
-        shapes = {"gate_proj": (width, hidden), "up_proj": (width, hidden),
-                  "down_proj": (hidden, width)}
-        for name, (out_features, in_features) in shapes.items():
+        config = self.config
+        for name, (out_features, in_features) in self.shapes.items():
             weight = torch.empty(self.num_local_experts, out_features, in_features,
                                  dtype=config.params_dtype)
-            init = config.output_layer_init_method if name == "down_proj" else config.init_method
             with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
                 for expert_weight in weight:
-                    init(expert_weight)
+                    _init_method(config, name)(expert_weight)
             param = torch.nn.Parameter(weight)
             # Megatron's DDP reduces params with allreduce=False over the expert-DP group.
             param.allreduce = False
             self.register_parameter(name, param)
-        self.dispatcher = ExpertDispatcher(ep_group, self.num_local_experts)
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor):
         """x [T, H], expert_idx/gates [T, k] -> sum_k gates * expert(x) [T, H] (partial over ETP)."""
@@ -124,13 +127,72 @@ class RoutedExperts(torch.nn.Module):
         ep_rank, ep = _group_rank(self.ep_group), _group_size(self.ep_group)
         etp_rank, etp = _group_rank(self.expert_tp_group), _group_size(self.expert_tp_group)
         n = len(sharded_offsets)
-        width_axis = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}
         out = {}
         for name in PROJECTIONS:
             out[f"{prefix}{name}"] = ShardedTensor.from_rank_offsets(
                 f"{prefix}{name}", getattr(self, name), *sharded_offsets,
-                (n, ep_rank, ep), (n + width_axis[name], etp_rank, etp),
+                (n, ep_rank, ep), (n + WIDTH_AXIS[name], etp_rank, etp),
                 replica_id=(0, 0, _group_rank(self.expert_dp_group)),
                 prepend_axis_num=n,
             )
         return out
+
+
+class TEGroupedExperts(RoutedExperts):
+    """Routed experts on Transformer Engine's GroupedLinear: bf16, or FP8 under TE's autocast
+    (Megatron's TransformerBlock enters it per layer when ``config.fp8`` is set).
+
+    Each projection is one GroupedLinear holding a [W, H] weight per local expert; the checkpoint
+    keys are RoutedExperts', one expert slice each, so checkpoints move between backends.
+    """
+
+    def _build_weights(self) -> None:
+        import transformer_engine.pytorch as te
+
+        config = self.config
+        for name, (out_features, in_features) in self.shapes.items():
+            layer = te.GroupedLinear(
+                self.num_local_experts, in_features, out_features, bias=False,
+                params_dtype=config.params_dtype, device=torch.cuda.current_device(),
+                init_method=_init_method(config, name),
+                get_rng_state_tracker=get_cuda_rng_tracker,
+                rng_tracker_name=get_expert_parallel_rng_tracker_name(),
+            )
+            for param in layer.parameters():
+                param.allreduce = False
+            self.add_module(name, layer)
+
+    def swiglu(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        splits = tokens_per_expert.tolist()  # GroupedLinear takes host-side split sizes
+        gate = self.gate_proj(rows, splits)
+        up = self.up_proj(rows, splits)
+        return self.down_proj(F.silu(gate) * up, splits)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        ep_rank = _group_rank(self.ep_group)
+        etp_rank, etp = _group_rank(self.expert_tp_group), _group_size(self.expert_tp_group)
+        n = len(sharded_offsets)
+        out = {}
+        for name in PROJECTIONS:
+            layer = getattr(self, name)
+            for i in range(self.num_local_experts):
+                out[f"{prefix}{name}.weight{i}"] = ShardedTensor.from_rank_offsets(
+                    f"{prefix}{name}", getattr(layer, f"weight{i}"), *sharded_offsets,
+                    (n, ep_rank * self.num_local_experts + i, self.num_experts),
+                    (n + WIDTH_AXIS[name], etp_rank, etp),
+                    replica_id=(0, 0, _group_rank(self.expert_dp_group)),
+                    prepend_axis_num=n + 1,
+                )
+        return out
+
+
+WIDTH_AXIS = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}  # axis of the expert width
+
+
+def _init_method(config, name: str):
+    return config.output_layer_init_method if name == "down_proj" else config.init_method
+
+
+def build_routed_experts(config, **groups) -> RoutedExperts:
+    backend = resolve_expert_backend(config.moe_expert_backend)
+    return (TEGroupedExperts if backend == "te" else RoutedExperts)(config, **groups)

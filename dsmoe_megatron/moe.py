@@ -32,7 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig
-from dsmoe_megatron.experts import RoutedExperts, _group_size
+from dsmoe_megatron.experts import _group_size, build_routed_experts
 from dsmoe_megatron.router import TopKRouter
 
 
@@ -53,7 +53,7 @@ class DeepSeekMoE(MegatronModule):
                 f"tensor_model_parallel_size={self.tp_size}"
             )
         self.router = TopKRouter(config, tp_group=self.tp_group)
-        self.experts = RoutedExperts(
+        self.experts = build_routed_experts(
             config, ep_group=pg_collection.ep, expert_tp_group=pg_collection.expt_tp,
             expert_dp_group=pg_collection.expt_dp,
         )

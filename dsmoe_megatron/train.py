@@ -432,7 +432,7 @@ def main(argv=None) -> int:
         trainer = Trainer(run, resume=args.resume)
         saved = trainer.fit(stop_at=args.stop_at)
         if saved is not None:
-            _log(f"checkpoint saved to {saved}")
+            _log(f"checkpoint saved to {saved.resolve()}")
         return 0
     except (TrainingDiverged, ConfigError, ValueError, FileNotFoundError) as error:
         print(f"dsmoe-train: {error}", file=sys.stderr)
