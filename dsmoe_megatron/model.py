@@ -47,6 +47,14 @@ def build_model(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length:
     )
 
 
+def build_model_chunks(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length: int
+                       ) -> list[GPTModel]:
+    """This rank's model: one chunk, or one per virtual pipeline stage (interleaved schedule)."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = range(vpp) if vpp else [None]
+    return [build_model(config, vocab_size, max_sequence_length, vp_stage=s) for s in stages]
+
+
 def model_provider(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length: int):
     """A `model_provider(pre_process, post_process, vp_stage=None)` closure for Megatron loops."""
 

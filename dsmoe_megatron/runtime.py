@@ -25,6 +25,17 @@ class ParallelLayout:
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
 
+    def config_fields(self) -> dict:
+        """The same layout as TransformerConfig fields."""
+        return dict(
+            tensor_model_parallel_size=self.tensor,
+            pipeline_model_parallel_size=self.pipeline,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline,
+            expert_model_parallel_size=self.expert,
+            expert_tensor_parallel_size=self.expert_tensor,
+            sequence_parallel=self.sequence_parallel,
+        )
+
     def model_parallel_size(self) -> int:
         return self.tensor * self.pipeline
 

@@ -100,36 +100,18 @@ class Trainer:
 
     # ---- construction ---------------------------------------------------------------------
     def _build_model(self):
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.transformer.module import Float16Module
 
-        from dsmoe_megatron.model import build_model
+        from dsmoe_megatron.model import build_model_chunks
 
-        vpp = self.run.layout.virtual_pipeline
         chunks = []
-        for stage in (range(vpp) if vpp else [None]):
-            chunk = build_model(
-                self.config, self.padded_vocab, self.run.train.seq_length,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                vp_stage=stage,
-            ).to(self.rt.device)
+        for chunk in build_model_chunks(self.config, self.padded_vocab,
+                                        self.run.train.seq_length):
+            chunk = chunk.to(self.rt.device)
             if self.config.bf16 or self.config.fp16:
                 chunk = Float16Module(self.config, chunk)
             chunks.append(chunk)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=self._distributed_optimizer(),
-            overlap_grad_reduce=False,
-        )
-        model = [
-            DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=i > 0)
-            for i, chunk in enumerate(chunks)
-        ]
-        self.config.finalize_model_grads_func = finalize_model_grads
-        self.config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
-        return model
+        return wrap_ddp(chunks, self.config, self._distributed_optimizer())
 
     def _distributed_optimizer(self) -> bool:
         return dist.get_world_size() > 1
@@ -387,6 +369,24 @@ class Trainer:
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+
+
+def wrap_ddp(chunks, config, use_distributed_optimizer: bool) -> list:
+    """Megatron-core DDP around each model chunk, and the config hooks its schedules call."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=False,
+    )
+    model = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    return model
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -28,14 +28,7 @@ def tiny_config(layout=None, moe: bool = True, **overrides) -> DeepSeekMoEConfig
         fields.update(num_moe_experts=8, moe_router_topk=3, moe_ffn_hidden_size=16,
                       moe_num_shared_experts=1, moe_first_k_dense=1)
     if layout is not None:
-        fields.update(
-            tensor_model_parallel_size=layout.tensor,
-            pipeline_model_parallel_size=layout.pipeline,
-            virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-            expert_model_parallel_size=layout.expert,
-            expert_tensor_parallel_size=layout.expert_tensor,
-            sequence_parallel=layout.sequence_parallel,
-        )
+        fields.update(layout.config_fields())
     fields.update(overrides)
     fields.setdefault("pipeline_dtype", torch.float32)
     return DeepSeekMoEConfig(**fields)
@@ -49,45 +42,22 @@ def make_batches(num_microbatches: int, micro_batch_size: int = 2, seed: int = 0
         batches.append(dict(
             tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
             position_ids=torch.arange(SEQ).expand(micro_batch_size, SEQ).contiguous(),
+            loss_mask=torch.ones(micro_batch_size, SEQ),
         ))
     return batches
 
 
-def build_chunks(config, layout):
-    from megatron.core import parallel_state
+def build_chunks(config):
+    from dsmoe_megatron.model import build_model_chunks
 
-    from dsmoe_megatron.model import build_model
-
-    vpp = layout.virtual_pipeline or 1
-    chunks = []
-    for vp_stage in range(vpp):
-        stage = vp_stage if layout.virtual_pipeline else None
-        chunks.append(build_model(
-            config, VOCAB, SEQ,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage,
-        ))
-    return chunks
-
-
-def loss_func(labels_mask, output_tensor):
-    losses = output_tensor.float()
-    loss = (losses * labels_mask).sum()
-    num_tokens = labels_mask.sum().to(torch.int)
-    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.float()])}
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    mask = torch.ones_like(batch["labels"], dtype=torch.float32)
-    return output, lambda out: loss_func(mask, out)
+    return build_model_chunks(config, VOCAB, SEQ)
 
 
 def forward_backward(chunks, config, batches, forward_only=False):
     """Megatron's schedule (1F1B / interleaved when PP > 1). Returns per-microbatch LM losses."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dsmoe_megatron.train import forward_step
 
     vpp = len(chunks)
     iterators = [iter(batches) for _ in range(vpp)] if vpp > 1 else iter(batches)

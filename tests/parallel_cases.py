@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dsmoe_megatron.train import wrap_ddp
 from common import (
     aux_losses,
     build_chunks,
@@ -16,39 +17,34 @@ from common import (
 )
 
 
-def wrap_ddp(chunks, config, use_distributed_optimizer=False):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
-        overlap_grad_reduce=False, bucket_size=None,
-    )
-    wrapped = [
-        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
-        for i, chunk in enumerate(chunks)
-    ]
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
-    config.grad_sync_func = None
-    return wrapped
-
-
 def save_initial_weights(directory: str, config_overrides: dict) -> None:
     """Single rank: build the tiny model from its seed and save it as the common start."""
     from dsmoe_megatron import checkpoint
     from dsmoe_megatron.runtime import ParallelLayout
 
     layout = ParallelLayout()
-    chunks = build_chunks(tiny_config(layout, **config_overrides), layout)
+    chunks = build_chunks(tiny_config(layout, **config_overrides))
     checkpoint.save(directory, 0, chunks)
+
+
+def single_rank_reference(root, config_overrides: dict, num_microbatches: int) -> dict:
+    """Save the common initial weights, then run the single-rank step from them (in `root`)."""
+    from distributed import run_on_ranks
+
+    from dsmoe_megatron.runtime import ParallelLayout
+
+    run_on_ranks(save_initial_weights, 1, args=(str(root / "init"), config_overrides))
+    [single] = run_on_ranks(train_step, 1, args=(ParallelLayout(), config_overrides,
+                                                 str(root / "init"), str(root / "grads"),
+                                                 num_microbatches))
+    return single
 
 
 def resave(layout, config_overrides: dict, src: str, dst: str) -> None:
     """Load a checkpoint under `layout` and save it again from there."""
     from dsmoe_megatron import checkpoint
 
-    chunks = build_chunks(tiny_config(layout, **config_overrides), layout)
+    chunks = build_chunks(tiny_config(layout, **config_overrides))
     checkpoint.load(src, chunks)
     checkpoint.save(dst, 0, chunks)
 
@@ -68,7 +64,7 @@ def train_step(layout, config_overrides: dict, init_dir: str, out_dir: str,
     from dsmoe_megatron import checkpoint
 
     config = tiny_config(layout, **config_overrides)
-    chunks = build_chunks(config, layout)
+    chunks = build_chunks(config)
     checkpoint.load(init_dir, chunks)
     distributed = optimizer == "distributed-adam"
     model = wrap_ddp(chunks, config, use_distributed_optimizer=distributed)

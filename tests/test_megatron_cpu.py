@@ -4,7 +4,7 @@ import pytest
 
 from distributed import run_on_ranks
 from dsmoe_megatron.runtime import ParallelLayout
-from parallel_cases import save_initial_weights, train_step
+from parallel_cases import single_rank_reference, train_step
 
 DENSE = {"num_moe_experts": None, "moe_router_topk": 2, "moe_ffn_hidden_size": None,
          "moe_num_shared_experts": 0, "moe_first_k_dense": 0}
@@ -14,10 +14,7 @@ MICROBATCHES = 4
 @pytest.fixture(scope="module")
 def dense_reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
-    run_on_ranks(save_initial_weights, 1, args=(str(root / "init"), DENSE))
-    [single] = run_on_ranks(train_step, 1, args=(ParallelLayout(), DENSE, str(root / "init"),
-                                                 str(root / "grads1"), MICROBATCHES))
-    return root, single
+    return root, single_rank_reference(root, DENSE, MICROBATCHES)
 
 
 @pytest.mark.distributed

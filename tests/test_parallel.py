@@ -11,7 +11,7 @@ import pytest
 from common import max_differences
 from distributed import run_on_ranks
 from dsmoe_megatron.runtime import ParallelLayout
-from parallel_cases import resave, save_initial_weights, train_step
+from parallel_cases import resave, single_rank_reference, train_step
 
 pytestmark = pytest.mark.distributed
 
@@ -23,10 +23,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    run_on_ranks(save_initial_weights, 1, args=(str(root / "init"), MOE))
-    [single] = run_on_ranks(train_step, 1, args=(ParallelLayout(), MOE, str(root / "init"),
-                                                 str(root / "grads"), MICROBATCHES))
-    return root, single
+    return root, single_rank_reference(root, MOE, MICROBATCHES)
 
 
 def combined_aux(results):
