@@ -97,7 +97,7 @@ def _adam(model, config):
     return get_megatron_optimizer(opt_config, model)
 
 
-def resave_run_checkpoint(src: str, dst: str, layout) -> None:
+def resave_run_checkpoint(src: str, dst: str, layout) -> dict:
     """Load a trainer-style checkpoint (with run.yaml) under `layout` and save it from there."""
     from dsmoe_megatron import checkpoint
     from dsmoe_megatron.model import build_model, padded_vocab_size
@@ -116,3 +116,5 @@ def resave_run_checkpoint(src: str, dst: str, layout) -> None:
                         run.train.seq_length)
     checkpoint.load(src, [model])
     checkpoint.save(dst, 4, [model], run_config_yaml=text)
+    local_experts = model.decoder.layers[-1].mlp.experts.num_local_experts
+    return {"layers": len(model.decoder.layers), "experts": local_experts}

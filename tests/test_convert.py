@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = 259  # the byte tokenizer's (not a multiple of 128: the Megatron side has padding rows)
 SEQ = 16
 TINY = dict(
-    num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,  # GQA: 2 kv heads
+    num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,  # GQA: 2 kv heads
     ffn_hidden_size=64, num_moe_experts=8, moe_router_topk=3, moe_ffn_hidden_size=16,
     moe_num_shared_experts=1, moe_first_k_dense=1, init_method_std=0.05,
     moe_aux_loss_coeff=0.01,
@@ -152,7 +152,7 @@ def test_export_writes_a_complete_hf_directory(trained, exported):
     expected = dict(
         model_type="deepseek", architectures=["DeepseekForCausalLM"], auto_map=AUTO_MAP,
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, n_shared_experts=1,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, n_shared_experts=1,
         n_routed_experts=8, num_experts_per_tok=3, first_k_dense_replace=1, moe_layer_freq=1,
         norm_topk_prob=False, scoring_func="softmax", aux_loss_alpha=0.01, seq_aux=True,
         rope_theta=10000.0, rope_scaling=None, rms_norm_eps=trained.run.model.layernorm_epsilon,
@@ -460,14 +460,15 @@ def test_parse_size():
 
 
 @pytest.mark.distributed
-def test_export_from_a_tp2_ep2_checkpoint_equals_the_single_rank_export(trained, exported,
-                                                                        tmp_path):
+def test_export_from_a_tp2_pp2_ep2_checkpoint_equals_the_single_rank_export(trained, exported,
+                                                                            tmp_path):
     from distributed import run_on_ranks
     from dsmoe_megatron.runtime import ParallelLayout
     from parallel_cases import resave_run_checkpoint
 
-    layout = ParallelLayout(tensor=2, expert=2)
-    run_on_ranks(resave_run_checkpoint, 4, layout=layout,
-                 args=(str(trained.save), str(tmp_path / "tp2ep2"), layout))
-    again = convert.export_to_hf(tmp_path / "tp2ep2", tmp_path / "hf", dtype="fp32")
+    layout = ParallelLayout(tensor=2, pipeline=2, expert=2)
+    shards = run_on_ranks(resave_run_checkpoint, 8, layout=layout,
+                          args=(str(trained.save), str(tmp_path / "tp2pp2ep2"), layout))
+    assert all(s == {"layers": 2, "experts": 4} for s in shards)  # really split 2 x 2 ways
+    again = convert.export_to_hf(tmp_path / "tp2pp2ep2", tmp_path / "hf", dtype="fp32")
     assert_bit_exact(read_tensors(exported), read_tensors(again))
