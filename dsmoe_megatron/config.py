@@ -80,7 +80,29 @@ class DeepSeekMoEConfig(TransformerConfig):
         return self.moe_device_groups or self.expert_model_parallel_size
 
 
+def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
+    """Checks that must come before TransformerConfig's own, whose messages are less direct."""
+    if cfg.moe_num_shared_experts < 0:
+        raise ConfigError("moe_num_shared_experts must be >= 0")
+    if cfg.moe_num_shared_experts and cfg.moe_shared_expert_intermediate_size is None:
+        if cfg.moe_ffn_hidden_size is None:
+            raise ConfigError(
+                "moe_num_shared_experts > 0 needs an expert width: set moe_ffn_hidden_size"
+            )
+    if cfg.fp8 and not _te_available():
+        raise ConfigError(
+            f"fp8={cfg.fp8!r} needs Transformer Engine, which does not import here; "
+            "install dsmoe-megatron[te] on a CUDA machine or set fp8: null"
+        )
+    if cfg.fp8 and not _gpu_supports_fp8():
+        raise ConfigError(
+            f"fp8={cfg.fp8!r} needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
+            "set fp8: null on this machine"
+        )
+
+
 def _fill_deepseek_defaults(cfg: DeepSeekMoEConfig) -> None:
+    _check_before_megatron(cfg)
     # Dense and MoE layers differ, so checkpoints key every layer by its global index
     # (decoder.layers.N....) instead of stacking layers along one axis.
     cfg.hetereogenous_dist_checkpoint = True
@@ -89,10 +111,6 @@ def _fill_deepseek_defaults(cfg: DeepSeekMoEConfig) -> None:
         # batched p2p would pair the messages wrongly (Megatron-LM turns it off here too).
         cfg.batch_p2p_comm = False
     if cfg.moe_num_shared_experts and cfg.moe_shared_expert_intermediate_size is None:
-        if cfg.moe_ffn_hidden_size is None:
-            raise ConfigError(
-                "moe_num_shared_experts > 0 needs an expert width: set moe_ffn_hidden_size"
-            )
         cfg.moe_shared_expert_intermediate_size = (
             cfg.moe_num_shared_experts * cfg.moe_ffn_hidden_size
         )
@@ -116,18 +134,6 @@ def validate(cfg: DeepSeekMoEConfig) -> None:
         raise ConfigError(
             f"ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by "
             f"tensor_model_parallel_size={tp}; pick a width that is a multiple of {tp}"
-        )
-    if cfg.moe_num_shared_experts < 0:
-        raise ConfigError("moe_num_shared_experts must be >= 0")
-    if cfg.fp8 and not _te_available():
-        raise ConfigError(
-            f"fp8={cfg.fp8!r} needs Transformer Engine, which does not import here; "
-            "install dsmoe-megatron[te] on a CUDA machine or set fp8: null"
-        )
-    if cfg.fp8 and not _gpu_supports_fp8():
-        raise ConfigError(
-            f"fp8={cfg.fp8!r} needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
-            "set fp8: null on this machine"
         )
     if not cfg.is_moe:
         if cfg.moe_num_shared_experts or cfg.moe_device_balance_coeff:
