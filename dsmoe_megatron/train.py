@@ -130,8 +130,6 @@ class Trainer:
         return get_megatron_optimizer(opt_config, self.model)
 
     def _build_data(self):
-        from megatron.core import parallel_state as ps
-
         from dsmoe_megatron.data import build_gpt_datasets, default_corpus_prefix
 
         train = self.run.train

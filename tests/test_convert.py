@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from dsmoe_megatron import checkpoint, convert, runtime  # noqa: E402
 from dsmoe_megatron.convert import ConversionError  # noqa: E402
 from dsmoe_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES  # noqa: E402
+from dsmoe_megatron.hf.mapping import single_rank_config  # noqa: E402
 from dsmoe_megatron.model import build_model, padded_vocab_size  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepseek_moe_16b_config.json"
@@ -88,7 +89,7 @@ def load_single_rank(save_dir: Path):
     ckpt = checkpoint.resolve(save_dir)
     run = convert._yaml_config().load_run_config(ckpt / checkpoint.RUN_CONFIG_NAME)
     padded, dtype = convert._checkpoint_tensor_info(ckpt)
-    model = build_model(convert.single_rank_config(run.model, dtype), padded,
+    model = build_model(single_rank_config(run.model, dtype), padded,
                         run.train.seq_length, pre_process=True, post_process=True)
     checkpoint.load(ckpt, [model])
     return run, model

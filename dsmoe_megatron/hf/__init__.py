@@ -1,7 +1,8 @@
 """Hugging Face side of DeepSeekMoE: configuration/modeling files in the deepseek-moe-16b-base format.
 
-The two modules are also shipped as remote code next to exported weights; importing this package does not
-import transformers.
+Those two modules are also shipped as remote code next to exported weights; ``mapping`` maps
+Megatron tensors and config fields onto that format. Importing this package does not import
+transformers.
 """
 
 import json

@@ -1,0 +1,530 @@
+"""Megatron <-> Hugging Face (deepseek-moe-16b-base) mapping: tensor names, shapes and config
+fields. Pure functions of tensors and configs; reading and writing files is ``convert.py``'s job.
+
+Tensor mapping (H hidden, d head dim, g query groups = kv heads, q heads per group, F widths):
+
+========================================================  ========================================
+Megatron (single rank)                                    Hugging Face (model.layers.i. ...)
+========================================================  ========================================
+embedding.word_embeddings.weight [Vpad, H]                model.embed_tokens.weight [V, H]
+decoder.layers.i.input_layernorm.weight                   input_layernorm.weight
+decoder.layers.i.self_attention.linear_qkv.weight         self_attn.{q,k,v}_proj.weight; its rows
+  [g * (q + 2) * d, H]                                    are [q heads of group j; k_j; v_j], j < g
+decoder.layers.i.self_attention.linear_proj.weight        self_attn.o_proj.weight
+decoder.layers.i.pre_mlp_layernorm.weight                 post_attention_layernorm.weight
+decoder.layers.i.mlp.linear_fc1.weight [2F, H]            mlp.gate_proj (rows :F), up_proj (F:)
+decoder.layers.i.mlp.linear_fc2.weight                    mlp.down_proj.weight
+decoder.layers.i.mlp.router.weight [E, H]                 mlp.gate.weight
+decoder.layers.i.mlp.experts.{gate,up,down}_proj [E,..]   mlp.experts.e.{gate,up,down}_proj.weight
+decoder.layers.i.mlp.shared_experts.linear_fc1.weight     mlp.shared_experts.{gate,up}_proj.weight
+decoder.layers.i.mlp.shared_experts.linear_fc2.weight     mlp.shared_experts.down_proj.weight
+decoder.final_layernorm.weight                            model.norm.weight
+output_layer.weight [Vpad, H]                             lm_head.weight [V, H]
+========================================================  ========================================
+
+Vocabulary: Megatron pads it (``model.padded_vocab_size``: a multiple of 1024, whatever the TP
+size). config.json's ``vocab_size`` is the run's true vocabulary (``vocab_size`` in run.yaml, the
+tokenizer's): the export keeps rows ``:V`` of the embedding and the output layer and drops the
+padding rows, which no token id selects; the import pads with zero rows again. Logits agree on every
+real token id. Transformer Engine's fused-norm names (``linear_qkv.layer_norm_weight``...) are
+read as the norms they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+ROPE_THETA = 10000.0  # model.build_model's rotary_base
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint or configuration the converter cannot map; the message names what and why."""
+
+
+def log(msg: str) -> None:
+    print(f"[dsmoe-convert] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes and names
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The sizes both sides agree on; everything the tensor mapping needs."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    groups: int  # key/value heads (Megatron's num_query_groups)
+    head_dim: int
+    ffn: int
+    vocab: int
+    moe_layers: tuple[bool, ...]
+    experts: int = 0
+    expert_width: int = 0
+    shared: int = 0  # number of shared experts
+
+    @classmethod
+    def from_megatron(cls, cfg, vocab_size: int) -> Dims:
+        return cls(
+            num_layers=cfg.num_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+            groups=cfg.num_query_groups or cfg.num_attention_heads, head_dim=cfg.kv_channels,
+            ffn=cfg.ffn_hidden_size, vocab=vocab_size,
+            moe_layers=tuple(cfg.moe_layer_pattern()),
+            experts=cfg.num_moe_experts or 0, expert_width=cfg.moe_ffn_hidden_size or 0,
+            shared=cfg.moe_num_shared_experts or 0,
+        )
+
+
+def hf_expected_shapes(dims: Dims) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a DeepseekForCausalLM with these sizes, in file order."""
+    h, d = dims.hidden, dims.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (dims.vocab, h)}
+    for i, moe in enumerate(dims.moe_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (dims.heads * d, h)
+        shapes[p + "self_attn.k_proj.weight"] = (dims.groups * d, h)
+        shapes[p + "self_attn.v_proj.weight"] = (dims.groups * d, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, dims.heads * d)
+        if moe:
+            w = dims.expert_width
+            shapes[p + "mlp.gate.weight"] = (dims.experts, h)
+            for e in range(dims.experts):
+                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (w, h)
+                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (w, h)
+                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, w)
+            if dims.shared:
+                s = dims.shared * w
+                shapes[p + "mlp.shared_experts.gate_proj.weight"] = (s, h)
+                shapes[p + "mlp.shared_experts.up_proj.weight"] = (s, h)
+                shapes[p + "mlp.shared_experts.down_proj.weight"] = (h, s)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (dims.ffn, h)
+            shapes[p + "mlp.up_proj.weight"] = (dims.ffn, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, dims.ffn)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (dims.vocab, h)
+    return shapes
+
+
+# Buffers some exporters write that carry no weights (recomputed from the config).
+IGNORED_HF_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+# Transformer Engine fuses the norms into the following linear layer; same weights.
+_TE_RENAMES = (
+    (re.compile(r"^(decoder\.layers\.\d+\.)self_attention\.linear_qkv\.layer_norm_weight$"),
+     r"\1input_layernorm.weight"),
+    (re.compile(r"^(decoder\.layers\.\d+\.)mlp\.linear_fc1\.layer_norm_weight$"),
+     r"\1pre_mlp_layernorm.weight"),
+)
+
+
+def _canonical_name(name: str) -> str:
+    """The local-spec name of a state-dict entry (TE's fused-norm names mapped back)."""
+    for pattern, repl in _TE_RENAMES:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def normalise_megatron_names(state: Mapping) -> dict[str, torch.Tensor]:
+    """Tensors only (no ``_extra_state``), under their local-spec names."""
+    return {_canonical_name(name): value for name, value in state.items()
+            if isinstance(value, torch.Tensor) and not name.endswith("_extra_state")}
+
+
+def _qkv_split(qkv: torch.Tensor, dims: Dims):
+    per_group = dims.heads // dims.groups
+    w = qkv.view(dims.groups, per_group + 2, dims.head_dim, -1)
+    hidden = w.shape[-1]
+    q = w[:, :per_group].reshape(dims.heads * dims.head_dim, hidden)
+    k = w[:, per_group].reshape(dims.groups * dims.head_dim, hidden)
+    v = w[:, per_group + 1].reshape(dims.groups * dims.head_dim, hidden)
+    return q, k, v
+
+
+def _qkv_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: Dims) -> torch.Tensor:
+    per_group, d = dims.heads // dims.groups, dims.head_dim
+    hidden = q.shape[-1]
+    fused = torch.cat([q.reshape(dims.groups, per_group, d, hidden),
+                       k.reshape(dims.groups, 1, d, hidden),
+                       v.reshape(dims.groups, 1, d, hidden)], dim=1)
+    return fused.reshape(dims.groups * (per_group + 2) * d, hidden)
+
+
+def megatron_to_hf(state: Mapping, dims: Dims) -> dict[str, torch.Tensor]:
+    """A single-rank GPTModel state dict -> DeepseekForCausalLM tensors (views; not copied)."""
+    src = normalise_megatron_names(state)
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in src:
+            raise ConversionError(f"the checkpoint has no tensor {name!r}")
+        used.add(name)
+        return src[name]
+
+    out: dict[str, torch.Tensor] = {}
+    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[: dims.vocab]
+    for i, moe in enumerate(dims.moe_layers):
+        m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+        q, k, v = _qkv_split(take(m + "self_attention.linear_qkv.weight"), dims)
+        out[p + "self_attn.q_proj.weight"] = q
+        out[p + "self_attn.k_proj.weight"] = k
+        out[p + "self_attn.v_proj.weight"] = v
+        out[p + "self_attn.o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
+        if moe:
+            out[p + "mlp.gate.weight"] = take(m + "mlp.router.weight")
+            gate, up, down = (take(m + f"mlp.experts.{n}") for n in ("gate_proj", "up_proj",
+                                                                      "down_proj"))
+            for e in range(dims.experts):
+                out[p + f"mlp.experts.{e}.gate_proj.weight"] = gate[e]
+                out[p + f"mlp.experts.{e}.up_proj.weight"] = up[e]
+                out[p + f"mlp.experts.{e}.down_proj.weight"] = down[e]
+            if dims.shared:
+                fc1 = take(m + "mlp.shared_experts.linear_fc1.weight")
+                s = dims.shared * dims.expert_width
+                out[p + "mlp.shared_experts.gate_proj.weight"] = fc1[:s]
+                out[p + "mlp.shared_experts.up_proj.weight"] = fc1[s:]
+                out[p + "mlp.shared_experts.down_proj.weight"] = take(
+                    m + "mlp.shared_experts.linear_fc2.weight")
+        else:
+            fc1 = take(m + "mlp.linear_fc1.weight")
+            out[p + "mlp.gate_proj.weight"] = fc1[: dims.ffn]
+            out[p + "mlp.up_proj.weight"] = fc1[dims.ffn:]
+            out[p + "mlp.down_proj.weight"] = take(m + "mlp.linear_fc2.weight")
+        out[p + "input_layernorm.weight"] = take(m + "input_layernorm.weight")
+        out[p + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
+    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
+    out["lm_head.weight"] = take("output_layer.weight")[: dims.vocab]
+    extra = sorted(set(src) - used)
+    if extra:
+        raise ConversionError(
+            f"the checkpoint has tensors the Hugging Face model has no place for: {extra[:8]}"
+            f"{' ...' if len(extra) > 8 else ''} (biases, qk-norm and similar are not supported)"
+        )
+    check_shapes(out, hf_expected_shapes(dims), "exported")
+    return out
+
+
+def iter_hf_to_megatron(get, dims: Dims, padded_vocab: int
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``get(hf_name) -> tensor`` -> (name, tensor) of a single-rank GPTModel state dict, one
+    at a time (vocabulary padding rows are zero)."""
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] == padded_vocab:
+            return t
+        return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], t.shape[1])])
+
+    yield "embedding.word_embeddings.weight", padded(get("model.embed_tokens.weight"))
+    for i, moe in enumerate(dims.moe_layers):
+        m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+        yield m + "input_layernorm.weight", get(p + "input_layernorm.weight")
+        yield m + "self_attention.linear_qkv.weight", _qkv_merge(
+            get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
+            get(p + "self_attn.v_proj.weight"), dims)
+        yield m + "self_attention.linear_proj.weight", get(p + "self_attn.o_proj.weight")
+        yield m + "pre_mlp_layernorm.weight", get(p + "post_attention_layernorm.weight")
+        if moe:
+            yield m + "mlp.router.weight", get(p + "mlp.gate.weight")
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                yield m + f"mlp.experts.{name}", torch.stack(
+                    [get(p + f"mlp.experts.{e}.{name}.weight") for e in range(dims.experts)])
+            if dims.shared:
+                yield m + "mlp.shared_experts.linear_fc1.weight", torch.cat(
+                    [get(p + "mlp.shared_experts.gate_proj.weight"),
+                     get(p + "mlp.shared_experts.up_proj.weight")])
+                yield m + "mlp.shared_experts.linear_fc2.weight", get(
+                    p + "mlp.shared_experts.down_proj.weight")
+        else:
+            yield m + "mlp.linear_fc1.weight", torch.cat(
+                [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+            yield m + "mlp.linear_fc2.weight", get(p + "mlp.down_proj.weight")
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    yield "output_layer.weight", padded(get("lm_head.weight"))
+
+
+def hf_to_megatron(get, dims: Dims, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """``get(hf_name) -> tensor`` -> single-rank GPTModel state dict (padding rows zero)."""
+    return dict(iter_hf_to_megatron(get, dims, padded_vocab))
+
+
+def check_shapes(tensors: Mapping[str, Sequence[int]], expected: Mapping[str, tuple], what: str,
+                  shape_of=lambda t: tuple(t.shape)) -> None:
+    """Missing, unexpected and mis-shaped tensors, each named, in one error."""
+    missing = [n for n in expected if n not in tensors]
+    extra = [n for n in tensors if n not in expected]
+    wrong = [f"{n}: {tuple(shape_of(tensors[n]))}, expected {expected[n]}"
+             for n in expected if n in tensors and tuple(shape_of(tensors[n])) != expected[n]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}"
+                        f"{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors ({len(extra)}): {', '.join(extra[:8])}"
+                        f"{' ...' if len(extra) > 8 else ''}")
+    if wrong:
+        problems.append(f"shape mismatch ({len(wrong)}): {'; '.join(wrong[:8])}"
+                        f"{' ...' if len(wrong) > 8 else ''}")
+    if problems:
+        raise ConversionError(f"{what} tensors do not match the config: " + " | ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------
+# Configurations
+# ------------------------------------------------------------------------------------------
+
+def _unsupported(field: str, value, why: str) -> ConversionError:
+    return ConversionError(f"unsupported config: {field}={value!r}: {why}")
+
+
+def check_exportable(cfg) -> None:
+    """Megatron features the Hugging Face DeepSeekMoE model does not have."""
+    import torch.nn.functional as F
+
+    checks = [
+        ("normalization", cfg.normalization, cfg.normalization == "RMSNorm", "needs RMSNorm"),
+        ("gated_linear_unit", cfg.gated_linear_unit, cfg.gated_linear_unit, "needs SwiGLU"),
+        ("activation_func", getattr(cfg.activation_func, "__name__", cfg.activation_func),
+         cfg.activation_func is F.silu, "needs silu (SwiGLU)"),
+        ("add_bias_linear", cfg.add_bias_linear, not cfg.add_bias_linear, "no biases in HF"),
+        ("add_qkv_bias", cfg.add_qkv_bias, not cfg.add_qkv_bias, "no biases in HF"),
+        ("qk_layernorm", cfg.qk_layernorm, not cfg.qk_layernorm, "no qk-norm in HF"),
+        ("kv_channels", cfg.kv_channels, cfg.kv_channels * cfg.num_attention_heads ==
+         cfg.hidden_size, "HF's head dim is hidden_size / num_attention_heads"),
+        ("rotary_interleaved", cfg.rotary_interleaved, not cfg.rotary_interleaved,
+         "HF uses the half-split rotary embedding"),
+        ("rotary_percent", getattr(cfg, "rotary_percent", 1.0),
+         getattr(cfg, "rotary_percent", 1.0) == 1.0, "HF rotates the whole head"),
+        ("softmax_type", cfg.softmax_type, cfg.softmax_type == "vanilla", "HF has plain softmax"),
+        ("softmax_scale", cfg.softmax_scale, cfg.softmax_scale is None or math.isclose(
+            cfg.softmax_scale, cfg.kv_channels ** -0.5), "HF scales by 1/sqrt(head_dim)"),
+        ("layernorm_zero_centered_gamma", cfg.layernorm_zero_centered_gamma,
+         not cfg.layernorm_zero_centered_gamma, "HF norms multiply by the weight"),
+        ("apply_residual_connection_post_layernorm",
+         cfg.apply_residual_connection_post_layernorm,
+         not cfg.apply_residual_connection_post_layernorm, "HF is pre-norm"),
+    ]
+    if cfg.num_moe_experts:
+        checks += [
+            ("moe_router_topk_scaling_factor", cfg.moe_router_topk_scaling_factor,
+             not cfg.moe_router_topk_scaling_factor, "HF does not scale the gates"),
+            ("moe_router_enable_expert_bias", cfg.moe_router_enable_expert_bias,
+             not cfg.moe_router_enable_expert_bias, "HF routers have no expert bias"),
+            ("moe_router_num_groups", cfg.moe_router_num_groups, not cfg.moe_router_num_groups,
+             "HF has no group-limited routing"),
+        ]
+    for field, value, ok, why in checks:
+        if not ok:
+            raise _unsupported(field, value, why)
+    if cfg.num_moe_experts:
+        _hf_moe_layer_freq(cfg)
+
+
+def _hf_moe_layer_freq(cfg) -> int:
+    """HF places MoE layers at i >= first_k_dense_replace with i % moe_layer_freq == 0."""
+    pattern = cfg.moe_layer_pattern()
+    for freq in range(1, cfg.num_layers + 1):
+        if pattern == [i >= cfg.moe_first_k_dense and i % freq == 0
+                       for i in range(cfg.num_layers)]:
+            return freq
+    raise _unsupported("moe_layer_freq", cfg.moe_layer_freq,
+                       "the MoE layer pattern cannot be written as HF's first_k_dense_replace + "
+                       "moe_layer_freq")
+
+
+def hf_config_dict(cfg, vocab_size: int, max_position_embeddings: int, dtype: torch.dtype,
+                   bos_token_id: int | None = None, eos_token_id: int | None = None,
+                   pad_token_id: int | None = None) -> dict:
+    """config.json for DeepseekForCausalLM with every field written out."""
+    check_exportable(cfg)
+    moe = bool(cfg.num_moe_experts)
+    coeff = cfg.moe_aux_loss_coeff
+    if isinstance(coeff, (list, tuple)):
+        coeff = coeff[0] if coeff else 0.0
+    config = {
+        "architectures": ["DeepseekForCausalLM"],
+        "model_type": "deepseek",
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "moe_intermediate_size": cfg.moe_ffn_hidden_size if moe else None,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups or cfg.num_attention_heads,
+        "n_shared_experts": cfg.moe_num_shared_experts if moe else None,
+        "n_routed_experts": cfg.num_moe_experts if moe else None,
+        "num_experts_per_tok": cfg.moe_router_topk if moe else None,
+        "moe_layer_freq": _hf_moe_layer_freq(cfg) if moe else 1,
+        "first_k_dense_replace": cfg.moe_first_k_dense if moe else 0,
+        "norm_topk_prob": (not cfg.moe_router_pre_softmax) if moe else False,
+        "scoring_func": "softmax",
+        "aux_loss_alpha": float(coeff or 0.0),
+        "seq_aux": cfg.moe_router_load_balancing_type == "seq_aux_loss",
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "initializer_range": cfg.init_method_std,
+        "rms_norm_eps": cfg.layernorm_epsilon,
+        "use_cache": True,
+        "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": False,
+        "rope_theta": ROPE_THETA,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": cfg.attention_dropout,
+        "torch_dtype": DTYPE_NAMES[dtype],
+    }
+    try:
+        import transformers
+
+        config["transformers_version"] = transformers.__version__
+    except ImportError:
+        pass
+    return config
+
+
+def hf_defaults() -> dict:
+    """Values our HF configuration class uses for fields a config.json leaves out."""
+    names = ("moe_layer_freq", "first_k_dense_replace", "norm_topk_prob", "scoring_func",
+             "aux_loss_alpha", "seq_aux", "hidden_act", "max_position_embeddings",
+             "initializer_range", "rms_norm_eps", "rope_theta", "rope_scaling", "attention_bias",
+             "attention_dropout", "tie_word_embeddings", "n_shared_experts", "n_routed_experts",
+             "num_experts_per_tok", "moe_intermediate_size", "intermediate_size")
+    try:
+        from dsmoe_megatron.hf.configuration_deepseek import DeepseekConfig
+    except ImportError:  # transformers missing: the released code's defaults for the few we need
+        return dict(moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
+                    scoring_func="softmax", aux_loss_alpha=0.001, seq_aux=True, hidden_act="silu",
+                    max_position_embeddings=4096, initializer_range=0.02, rms_norm_eps=1e-6,
+                    rope_theta=10000.0, rope_scaling=None, attention_bias=False,
+                    attention_dropout=0.0, tie_word_embeddings=False)
+    return {n: getattr(DeepseekConfig, n) for n in names if hasattr(DeepseekConfig, n)}
+
+
+def model_fields_from_hf(hf: Mapping) -> dict:
+    """config.json of a DeepSeekMoE model -> DeepSeekMoEConfig fields (beyond deepseek_defaults).
+
+    Raises ConversionError for what the Megatron model cannot represent.
+    """
+    c = {**hf_defaults(), **{k: v for k, v in hf.items()}}
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "intermediate_size"):
+        if c.get(key) is None:
+            raise ConversionError(f"config.json has no {key!r}")
+    model_type = hf.get("model_type")
+    if model_type not in (None, "deepseek"):
+        raise _unsupported("model_type", model_type,
+                           "only DeepSeekMoE ('deepseek', deepseek-moe-16b layout) is supported")
+    if c["scoring_func"] != "softmax":
+        raise _unsupported("scoring_func", c["scoring_func"], "only 'softmax' routing is supported")
+    if c["hidden_act"] != "silu":
+        raise _unsupported("hidden_act", c["hidden_act"], "only SwiGLU (silu) is supported")
+    if c["attention_bias"]:
+        raise _unsupported("attention_bias", True, "the Megatron model has no attention biases")
+    if c["rope_scaling"]:
+        raise _unsupported("rope_scaling", c["rope_scaling"], "RoPE scaling is not supported")
+    if c.get("rope_parameters") and c["rope_parameters"].get("rope_type", "default") != "default":
+        raise _unsupported("rope_parameters", c["rope_parameters"],
+                           "RoPE scaling is not supported")
+    if not math.isclose(float(c["rope_theta"]), ROPE_THETA):
+        raise _unsupported("rope_theta", c["rope_theta"],
+                           f"the Megatron model uses rotary base {ROPE_THETA:g}")
+    if c["tie_word_embeddings"]:
+        raise _unsupported("tie_word_embeddings", True, "the Megatron model has untied embeddings")
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    if hidden % heads:
+        raise _unsupported("num_attention_heads", heads, f"does not divide hidden_size={hidden}")
+    if c.get("head_dim") not in (None, hidden // heads):
+        raise _unsupported("head_dim", c["head_dim"], "must be hidden_size / num_attention_heads")
+    kv = c.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise _unsupported("num_key_value_heads", kv,
+                           f"must divide num_attention_heads={heads}")
+    if c.get("pretraining_tp", 1) not in (None, 1):
+        log(f"note: pretraining_tp={c['pretraining_tp']} only split matmuls; ignored")
+    fields = dict(
+        num_layers=c["num_hidden_layers"],
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=kv,
+        ffn_hidden_size=c["intermediate_size"],
+        layernorm_epsilon=float(c["rms_norm_eps"]),
+        init_method_std=float(c["initializer_range"]),
+        attention_dropout=float(c["attention_dropout"] or 0.0),
+    )
+    if c.get("n_routed_experts"):
+        freq = c["moe_layer_freq"]
+        if not isinstance(freq, int) or freq < 1:
+            raise _unsupported("moe_layer_freq", freq, "must be a positive integer")
+        if not c.get("num_experts_per_tok") or not c.get("moe_intermediate_size"):
+            raise ConversionError("config.json sets n_routed_experts but not "
+                                  "num_experts_per_tok / moe_intermediate_size")
+        fields.update(
+            num_moe_experts=c["n_routed_experts"],
+            moe_router_topk=c["num_experts_per_tok"],
+            moe_ffn_hidden_size=c["moe_intermediate_size"],
+            moe_num_shared_experts=c.get("n_shared_experts") or 0,
+            moe_first_k_dense=c["first_k_dense_replace"],
+            moe_layer_freq=freq,
+            moe_router_pre_softmax=not c["norm_topk_prob"],
+            moe_aux_loss_coeff=float(c["aux_loss_alpha"]),
+            moe_router_load_balancing_type="seq_aux_loss" if c["seq_aux"] else "aux_loss",
+        )
+    return fields
+
+
+def hf_dims(hf: Mapping) -> Dims:
+    """Sizes of the HF model that config.json describes (after model_fields_from_hf's checks)."""
+    c = {**hf_defaults(), **hf}
+    n = c["num_hidden_layers"]
+    moe = bool(c.get("n_routed_experts"))
+    first, freq = c["first_k_dense_replace"], c["moe_layer_freq"]
+    return Dims(
+        num_layers=n, hidden=c["hidden_size"], heads=c["num_attention_heads"],
+        groups=c.get("num_key_value_heads") or c["num_attention_heads"],
+        head_dim=c["hidden_size"] // c["num_attention_heads"], ffn=c["intermediate_size"],
+        vocab=c["vocab_size"],
+        moe_layers=tuple(moe and i >= first and i % freq == 0 for i in range(n)),
+        experts=c.get("n_routed_experts") or 0, expert_width=c.get("moe_intermediate_size") or 0,
+        shared=(c.get("n_shared_experts") or 0) if moe else 0,
+    )
+
+
+def single_rank_config(cfg, params_dtype: torch.dtype | None = None):
+    """The same model on one rank (TP = PP = EP = 1, no SP / recompute / FP8), for conversion."""
+    from dsmoe_megatron.config import replace
+
+    changes = dict(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None, context_parallel_size=1, sequence_parallel=False,
+        num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+        pipeline_model_parallel_layout=None, account_for_embedding_in_pipeline_split=False,
+        account_for_loss_in_pipeline_split=False, pipeline_dtype=None,
+        recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
+        recompute_modules=None,
+        fp8=None, fp8_param=False, fp4=None, fp4_param=False,
+        moe_expert_backend="auto", overlap_moe_expert_parallel_comm=False,
+        cpu_offloading=False, enable_cuda_graph=False, cuda_graph_impl="none",
+        use_cpu_initialization=True, perform_initialization=False,
+        # Keep the device-level balance groups (they default to the EP size).
+        moe_device_groups=cfg.num_device_groups() if cfg.num_moe_experts else None,
+    )
+    if params_dtype is not None:
+        changes.update(params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+                       fp16=params_dtype == torch.float16)
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    return replace(cfg, **{k: v for k, v in changes.items() if k in fields})
