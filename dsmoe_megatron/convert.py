@@ -110,7 +110,10 @@ def _yaml_config():
     return yaml_config
 
 
-def _begin_output(out_dir: str | Path, force: bool, source: Path) -> tuple[Path, Path]:
+@contextlib.contextmanager
+def _atomic_output(out_dir: str | Path, force: bool, source: Path) -> Iterator[tuple[Path, Path]]:
+    """Yields (out, partial): write into ``<out>.partial``, which replaces ``out`` when the block
+    completes and is removed if it fails, so ``out`` is never half-written."""
     out = Path(out_dir)
     src, dst = source.resolve(), out.resolve()
     if dst == src or dst in src.parents:
@@ -124,17 +127,17 @@ def _begin_output(out_dir: str | Path, force: bool, source: Path) -> tuple[Path,
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    return out, partial
-
-
-def _finish_output(out: Path, partial: Path) -> Path:
-    if out.exists():
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    os.replace(partial, out)
-    return out
+    try:
+        yield out, partial
+        if out.exists():
+            if out.is_dir():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _resolve_checkpoint(path: str | Path) -> Path:
@@ -323,7 +326,7 @@ def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | No
         return TokenizerExport("byte", dict(bos_token_id=tok.bos, eos_token_id=tok.eod,
                                             pad_token_id=tok.pad))
     log(f"vocabulary {vocab_size} is not the byte tokenizer's and no tokenizer files are known; "
-         "pass --tokenizer DIR to include them")
+        "pass --tokenizer DIR to include them")
     return TokenizerExport("none", {})
 
 
@@ -405,8 +408,7 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
         tok = TokenizerExport("none", {})
     else:
         tok = choose_tokenizer(ckpt, vocab, None if tokenizer is True else tokenizer)
-    out, partial = _begin_output(out_dir, force, source=ckpt)
-    try:
+    with _atomic_output(out_dir, force, source=ckpt) as (out, partial):
         with single_rank_runtime():
             run, cfg, state = load_checkpoint_state(ckpt)
         out_dtype = DTYPES[dtype] if dtype != "auto" else cfg.params_dtype
@@ -422,12 +424,8 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
         del state, tensors
         write_hf_remote_code(partial)  # after config.json: adds its auto_map
         tok_files = tok.write(partial)
-        _finish_output(out, partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     log(f"wrote {out}: {len(files)} safetensors shard(s), {DTYPE_NAMES[out_dtype]}, "
-         f"vocab {vocab}; tokenizer: {', '.join(tok_files) if tok_files else 'none'}")
+        f"vocab {vocab}; tokenizer: {', '.join(tok_files) if tok_files else 'none'}")
     return out
 
 
@@ -548,8 +546,7 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     check_shapes(shapes, hf_expected_shapes(dims), f"{hf_dir}:", shape_of=lambda s: s)
     params_dtype = run.model.params_dtype
     padded = padded_vocab_size(dims.vocab, run.layout.tensor)
-    out, partial = _begin_output(out_dir, force, source=hf_dir)
-    try:
+    with _atomic_output(out_dir, force, source=hf_dir) as (out, partial):
         kept = partial / HF_SOURCE_DIR
         kept.mkdir()
         for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
@@ -579,12 +576,8 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
                                       f"{sorted(set(own) - filled)}")
             checkpoint.save(partial, 0, [model], run_config_yaml=run_yaml_text)
             del model, own
-        _finish_output(out, partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     log(f"wrote {out}: iteration 0, {DTYPE_NAMES[params_dtype]}, vocab {dims.vocab} padded to "
-         f"{padded} for tensor parallel size {run.layout.tensor}")
+        f"{padded} for tensor parallel size {run.layout.tensor}")
     return out
 
 

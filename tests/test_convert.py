@@ -242,6 +242,21 @@ def test_export_refuses_a_non_empty_output_unless_forced(trained, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in read_tensors(out).values())
 
 
+def test_a_failed_export_leaves_the_previous_output_intact(trained, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(convert, "write_safetensors_shards", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert.export_to_hf(trained.save, out, force=True)
+    assert (out / "keep.txt").read_text() == "x"
+    assert not (tmp_path / "out.partial").exists()
+
+
 def test_missing_checkpoint_dir(tmp_path, capsys):
     with pytest.raises(ConversionError, match="does not exist"):
         convert.export_to_hf(tmp_path / "nowhere", tmp_path / "out")
