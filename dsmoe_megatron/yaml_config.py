@@ -21,7 +21,7 @@ Every file follows Megatron-LM's YAML layout::
 Missing fields take TransformerConfig's own dataclass defaults, overlaid with
 ``config.deepseek_defaults()`` (SwiGLU, RMSNorm, no biases, no dropout, DeepSeekMoE routing).
 Unknown keys and wrongly typed values are rejected with the section, the key and the nearest
-valid name. ``load_run_config(path, ["language_model.num_layers=4", "lr=1e-3"])`` applies
+valid name (types: ``yaml_values``). ``load_run_config(path, ["language_model.num_layers=4", "lr=1e-3"])`` applies
 ``key=value`` overrides (values parsed as YAML) before anything is checked.
 
 Precision: ``bf16: true`` sets ``params_dtype=torch.bfloat16`` (``fp16`` likewise); the
@@ -35,17 +35,15 @@ import copy
 import dataclasses
 import difflib
 import enum
-import math
 import os
 import re
 import tempfile
-import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 import torch
 import yaml
@@ -54,6 +52,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from dsmoe_megatron import config as _config_module
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, deepseek_defaults
 from dsmoe_megatron.runtime import ParallelLayout
+from dsmoe_megatron.yaml_values import Mismatch, convert, describe, yamlable
 
 __all__ = [
     "LR_DECAY_STYLES",
@@ -250,28 +249,11 @@ _FIXED_VALUES = {
 }
 
 
-def _yamlable(tp) -> bool:
-    """Whether a value of this annotation can be written in YAML (no callables, dtypes...)."""
-    if tp in (int, float, bool, str, type(None), Any, list, dict):
-        return True
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return True
-    origin = get_origin(tp)
-    if origin is Literal:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_yamlable(a) for a in get_args(tp) if a is not type(None))
-    if origin in (list, tuple, Sequence, typing.List, typing.Tuple):
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        return all(_yamlable(a) for a in args) if args else True
-    return False
-
-
 def _build_schema() -> dict[str, dict[str, Any]]:
     lm, mp, dsm = {}, {}, {}
     for name in _MODEL_FIELDS:
         tp = _MODEL_HINTS.get(name, Any)
-        if name.startswith("_") or name in NOT_CONFIGURABLE or not _yamlable(tp):
+        if name.startswith("_") or name in NOT_CONFIGURABLE or not yamlable(tp):
             continue
         if name in DEEPSEEK_FIELDS:
             dsm[name] = tp
@@ -321,128 +303,11 @@ def _model_default(name: str):
 # Values: type checks with readable errors
 
 
-class _Mismatch(Exception):
-    def __init__(self, expected: str):
-        super().__init__(expected)
-        self.expected = expected
-
-
-def _describe(value) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value),
-                                                                       type(value).__name__)
-    return f"{value!r} ({kind})"
-
-
-def _convert(value, tp, lenient: bool):
-    """``value`` checked (and converted) against annotation ``tp``; _Mismatch if it does not fit.
-
-    ``lenient`` also accepts a string holding a number for a float field: YAML 1.1 (PyYAML)
-    reads ``1e-3`` without a dot as a string.
-    """
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch("null")
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        arms = [a for a in get_args(tp) if _yamlable(a)]
-        # Exact matches in any arm first, then the lenient conversions.
-        for attempt in ((False, True) if lenient else (False,)):
-            for arm in arms:
-                try:
-                    return _convert(value, arm, attempt)
-                except _Mismatch:
-                    pass
-        raise _Mismatch(" or ".join(dict.fromkeys(_expected(a) for a in arms)))
-    if origin is Literal:
-        for choice in get_args(tp):
-            if type(choice) is type(value) and choice == value:
-                return value
-        raise _Mismatch(_expected(tp))
-    if origin in (list, Sequence, typing.List):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch(_expected(tp))
-        (arg,) = get_args(tp) or (Any,)
-        return [_convert(v, arg, lenient) for v in value]
-    if origin in (tuple, typing.Tuple):
-        args = get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch(_expected(tp))
-        if args and args[-1] is Ellipsis:
-            return tuple(_convert(v, args[0], lenient) for v in value)
-        if args and len(args) != len(value):
-            raise _Mismatch(_expected(tp))
-        return tuple(_convert(v, a, lenient) for v, a in zip(value, args or [Any] * len(value)))
-    if tp in (list, dict):
-        if isinstance(value, tp):
-            return value
-        raise _Mismatch("a list" if tp is list else "a mapping")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch("an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if lenient and isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-            else:
-                if math.isfinite(number):
-                    return number
-        raise _Mismatch("a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch("a string")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        for member in tp:
-            if value == member.name or (isinstance(value, str) and value == str(member.value)):
-                return member
-        raise _Mismatch(_expected(tp))
-    raise _Mismatch(f"a {getattr(tp, '__name__', tp)} (not settable from YAML)")
-
-
-def _expected(tp) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(c) for c in get_args(tp))
-    if origin in (list, Sequence, typing.List):
-        (arg,) = get_args(tp) or (Any,)
-        return f"a list of {_plural(arg)}"
-    if origin in (tuple, typing.Tuple):
-        return "a list of " + ", ".join(_expected(a) for a in get_args(tp) if a is not Ellipsis)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_expected(a) for a in get_args(tp) if _yamlable(a))
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(m.name for m in tp)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null", Any: "any value", list: "a list", dict: "a mapping"
-            }.get(tp, str(tp))
-
-
-def _plural(tp) -> str:
-    return {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(
-        tp, _expected(tp))
-
-
 def _check_value(where: str, value, tp):
     try:
-        return _convert(value, tp, lenient=True)
-    except _Mismatch as err:
-        raise YamlConfigError(
-            f"{where}: expected {err.expected}, got {_describe(value)}") from None
+        return convert(value, tp)
+    except Mismatch as err:
+        raise YamlConfigError(f"{where}: {err}") from None
 
 
 def _unknown_key(where_prefix: str, key: str, valid: Iterable[str]) -> YamlConfigError:
@@ -578,7 +443,7 @@ def run_config_from_dict(source: Mapping, overrides: Sequence[str] = (), *,
     """Same as load_run_config for a document already in memory (yaml_config's schema)."""
     if not isinstance(source, Mapping):
         raise YamlConfigError(f"{origin}: the document must be a mapping of sections and keys, "
-                              f"got {_describe(source)}")
+                              f"got {describe(source)}")
     merged = _merge(dict(source), parse_overrides(overrides)) if overrides else copy.deepcopy(
         dict(source))
     try:
@@ -596,7 +461,7 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
             if value is None:
                 value = {}
             if not isinstance(value, Mapping):
-                raise YamlConfigError(f"{key}: expected a mapping of keys, got {_describe(value)}")
+                raise YamlConfigError(f"{key}: expected a mapping of keys, got {describe(value)}")
             checked = {}
             for sub_key, sub_value in value.items():
                 if sub_key not in SCHEMA[key]:
