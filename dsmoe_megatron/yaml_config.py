@@ -21,8 +21,9 @@ Every file follows Megatron-LM's YAML layout::
 Missing fields take TransformerConfig's own dataclass defaults, overlaid with
 ``config.deepseek_defaults()`` (SwiGLU, RMSNorm, no biases, no dropout, DeepSeekMoE routing).
 Unknown keys and wrongly typed values are rejected with the section, the key and the nearest
-valid name (types: ``yaml_values``). ``load_run_config(path, ["language_model.num_layers=4", "lr=1e-3"])`` applies
-``key=value`` overrides (values parsed as YAML) before anything is checked.
+valid name (types: ``yaml_values``), repeated keys and anchors with the line (``strict_yaml``).
+``load_run_config(path, ["language_model.num_layers=4", "lr=1e-3"])`` applies ``key=value``
+overrides (values parsed as YAML) before anything is checked.
 
 Precision: ``bf16: true`` sets ``params_dtype=torch.bfloat16`` (``fp16`` likewise); the
 pipeline P2P dtype follows ``params_dtype``. ``activation_func`` is not configurable: the
@@ -46,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from dsmoe_megatron import config as _config_module
+from dsmoe_megatron import strict_yaml
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, deepseek_defaults
 from dsmoe_megatron.runtime import ParallelLayout
 from dsmoe_megatron.yaml_values import Mismatch, convert, describe, yamlable
@@ -335,7 +336,7 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
 
     A key is ``section.key`` or a top-level training key; a section-less key that exists in
     exactly one section (``num_layers=4``) is placed there. Values are parsed with
-    ``yaml.safe_load`` (``null``, ``[1, 2]``, ``true``...). ``section={...}`` sets several keys.
+    YAML (``null``, ``[1, 2]``, ``true``...). ``section={...}`` sets several keys.
     """
     if isinstance(overrides, str):
         overrides = [overrides]
@@ -347,10 +348,9 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
         key, _, text = item.partition("=")
         key = key.strip()
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise YamlConfigError(
-                f"override {item!r}: the value is not valid YAML ({err})") from None
+            value = strict_yaml.load(text)
+        except strict_yaml.YamlSyntaxError as err:
+            raise YamlConfigError(f"override {item!r}: the value: {err}") from None
         parts = key.split(".")
         where = f"override {item!r}: "
         if len(parts) == 1:
@@ -430,9 +430,9 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = (), *,
     except OSError as err:
         raise YamlConfigError(f"{path}: cannot read the run config ({err.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise YamlConfigError(f"{path}: not valid YAML ({err})") from None
+        raw = strict_yaml.load(text)
+    except strict_yaml.YamlSyntaxError as err:
+        raise YamlConfigError(f"{path}: {err}") from None
     return run_config_from_dict(raw if raw is not None else {}, overrides,
                                 instantiate_checks=instantiate_checks, origin=str(path))
 
@@ -664,8 +664,8 @@ def dump_run_config(cfg: RunConfig, path: str | Path) -> None:
     doc = run_config_to_dict(cfg)
     ordered = {k: doc[k] for k in (*SECTIONS, *TRAINING_KEYS) if k in doc}
     ordered.update({k: v for k, v in doc.items() if k not in ordered})
-    text = "# dsmoe_megatron run config (merged, overrides applied)\n" + yaml.safe_dump(
-        ordered, sort_keys=False, default_flow_style=None)
+    text = "# dsmoe_megatron run config (merged, overrides applied)\n" + strict_yaml.dump(
+        ordered)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from dsmoe_megatron import config as config_module
+from dsmoe_megatron import strict_yaml
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, derive_from_baseline
 from dsmoe_megatron.runtime import ParallelLayout
 from dsmoe_megatron.yaml_config import (
@@ -346,6 +347,50 @@ def test_on_paper_mode_skips_only_machine_checks(monkeypatch):
     with pytest.raises(YamlConfigError, match="moe_router_topk"):  # config-only checks still run
         load_run_config(TINY, ["moe_router_topk=0"], instantiate_checks=False)
     monkeypatch.setattr(config_module, "_te_available", te_available)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML that hides mistakes: repeated keys, anchors and aliases
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(TINY.read_text() + "lr: 5.0e-4\n")
+    first = 1 + TINY.read_text().splitlines().index("lr: 1.0e-3")
+    last = 1 + len(TINY.read_text().splitlines())
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == (f"{path}: line {last}, column 1: duplicate key 'lr' (first set on "
+                              f"line {first}); keep only one")
+    path.write_text("language_model:\n  num_layers: 2\n  hidden_size: 64\n  num_layers: 4\n")
+    with pytest.raises(YamlConfigError, match=r"line 4, column 3: duplicate key 'num_layers' "
+                                              r"\(first set on line 2\)"):
+        load_run_config(path)
+
+
+def test_anchors_and_aliases_are_refused(tmp_path):
+    # The "billion laughs": nine levels of nine aliases would expand to 9**9 strings here.
+    lines = ['l0: &l0 "lol"'] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]"
+                                  for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == (f"{path}: line 1, column 5: anchors and aliases (&name, *name, "
+                              "<<: *name) are not supported in run configs; write the values out")
+    path.write_text("defaults: {seed: 1}\n<<: *defaults\n")  # an alias without its anchor
+    with pytest.raises(YamlConfigError, match="line 2, column 5: anchors and aliases"):
+        load_run_config(path)
+    with pytest.raises(YamlConfigError, match="override 'lr=&x 1': the value: line 1, column 1: "
+                                              "anchors and aliases"):
+        load_run_config(TINY, ["lr=&x 1"])
+
+
+def test_what_is_dumped_loads_again_without_anchors():
+    shared = [0.8, 0.9]
+    text = strict_yaml.dump({"a": shared, "b": shared, "c": {"d": shared}})
+    assert "&" not in text and "*" not in text
+    assert strict_yaml.load(text) == {"a": shared, "b": shared, "c": {"d": shared}}
 
 
 def test_unreadable_and_malformed_files(tmp_path):
