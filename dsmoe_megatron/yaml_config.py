@@ -21,7 +21,8 @@ Every file follows Megatron-LM's YAML layout::
 Missing fields take TransformerConfig's own dataclass defaults, overlaid with
 ``config.deepseek_defaults()`` (SwiGLU, RMSNorm, no biases, no dropout, DeepSeekMoE routing).
 Unknown keys and wrongly typed values are rejected with the section, the key and the nearest
-valid name (types: ``yaml_values``), repeated keys and anchors with the line (``strict_yaml``).
+valid name (types: ``yaml_values``), numbers outside their range or not finite likewise
+(``field_ranges``), repeated keys and anchors with the line (``strict_yaml``).
 ``load_run_config(path, ["language_model.num_layers=4", "lr=1e-3"])`` applies ``key=value``
 overrides (values parsed as YAML) before anything is checked.
 
@@ -36,6 +37,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import re
 import tempfile
@@ -50,9 +52,10 @@ import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from dsmoe_megatron import config as _config_module
-from dsmoe_megatron import strict_yaml
+from dsmoe_megatron import field_ranges, strict_yaml
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, deepseek_defaults
 from dsmoe_megatron.runtime import ParallelLayout
+from dsmoe_megatron.tokenizer import ByteTokenizer
 from dsmoe_megatron.yaml_values import Mismatch, convert, describe, yamlable
 
 __all__ = [
@@ -131,28 +134,32 @@ class TrainingArgs:
         return self.global_batch(data_parallel_size) // (self.micro_batch_size * data_parallel_size)
 
     def validate(self) -> None:
+        """Each value in its range (field_ranges), then the relations between them."""
         def bad(key, msg):
             raise YamlConfigError(f"{key}: {msg}")
 
-        for key in ("micro_batch_size", "seq_length", "train_iters", "vocab_size",
-                    "max_position_embeddings"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                bad(key, f"must be >= 1 (got {value})")
-        if self.global_batch_size is not None:
-            if self.global_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
-                bad("global_batch_size",
-                    f"{self.global_batch_size} must be a positive multiple of micro_batch_size "
-                    f"({self.micro_batch_size})")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = field_ranges.problem(f.name, value)
+            if problem:
+                raise YamlConfigError(f"{f.name}={value!r}: {problem}")
+        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            bad("global_batch_size",
+                f"{self.global_batch_size} must be a positive multiple of micro_batch_size "
+                f"({self.micro_batch_size})")
         max_pos = self.max_position_embeddings
         if max_pos is not None and max_pos < self.seq_length:
             bad("max_position_embeddings",
                 f"{self.max_position_embeddings} is smaller than seq_length ({self.seq_length})")
-        if not self.lr > 0:
-            bad("lr", f"must be > 0 (got {self.lr})")
-        if not 0 <= self.min_lr <= self.lr:
+        tokenizer_vocab = ByteTokenizer().vocab_size
+        if self.vocab_size is not None and self.vocab_size < tokenizer_vocab:
+            bad("vocab_size",
+                f"{self.vocab_size} is smaller than the byte-level tokenizer's {tokenizer_vocab} "
+                "ids (256 bytes + 3 special tokens), so tokens would index past the embedding; "
+                f"set vocab_size >= {tokenizer_vocab} or null")
+        if self.min_lr > self.lr:
             bad("min_lr", f"must be between 0 and lr={self.lr} (got {self.min_lr})")
-        if not 0 <= self.lr_warmup_iters <= self.train_iters:
+        if self.lr_warmup_iters > self.train_iters:
             bad("lr_warmup_iters",
                 f"must be between 0 and train_iters={self.train_iters} "
                 f"(got {self.lr_warmup_iters})")
@@ -162,40 +169,52 @@ class TrainingArgs:
             bad("lr_decay_style",
                 f"{self.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}{hint}")
         points = list(self.lr_step_decay_at)
-        if any(not 0 < p < 1 for p in points) or points != sorted(set(points)):
+        if points != sorted(set(points)):
             bad("lr_step_decay_at",
                 f"{points} must be increasing fractions of train_iters, each between 0 and 1")
-        if not 0 < self.lr_step_decay_factor <= 1:
-            bad("lr_step_decay_factor", f"must be in (0, 1] (got {self.lr_step_decay_factor})")
-        if self.weight_decay < 0:
-            bad("weight_decay", f"must be >= 0 (got {self.weight_decay})")
-        for key in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                bad(key, f"must be in [0, 1) (got {getattr(self, key)})")
-        if not self.adam_eps > 0:
-            bad("adam_eps", f"must be > 0 (got {self.adam_eps})")
-        if self.clip_grad < 0:
-            bad("clip_grad", f"must be >= 0, 0 disables clipping (got {self.clip_grad})")
-        for key in ("save_interval", "eval_interval", "log_interval"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                bad(key, f"must be >= 1 or null (got {value})")
-        if self.eval_iters < 0:
-            bad("eval_iters", f"must be >= 0 (got {self.eval_iters})")
-        if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*", self.split) or not any(
-            float(x) > 0 for x in self.split.split(",")
-        ):
-            bad("split", f"{self.split!r} must be up to three non-negative weights such as "
-                         "'969,30,1' (train,valid,test)")
-        if self.data_path is not None:
-            if not self.data_path:
-                bad("data_path", "is an empty list; use null for the shipped corpus")
-            if _is_number(self.data_path[0]) and (
-                len(self.data_path) % 2
-                or not all(_is_number(w) for w in self.data_path[::2])
-            ):
-                bad("data_path", f"{self.data_path} looks like a weighted blend but is not "
-                                 "'weight, prefix' pairs")
+        self._validate_evaluation()
+        self._validate_data_path()
+        for key in ("save", "load", "tensorboard_dir"):
+            if getattr(self, key) == "":
+                bad(key, "is an empty path; give a directory or null")
+
+    def _validate_evaluation(self) -> None:
+        if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*", self.split):
+            raise YamlConfigError(f"split: {self.split!r} must be up to three non-negative "
+                                  "weights such as '969,30,1' (train,valid,test)")
+        train, valid, _ = (*(float(w) for w in self.split.split(",")), 0.0, 0.0)[:3]
+        if train <= 0:
+            raise YamlConfigError(f"split: {self.split!r} gives training no share; the first "
+                                  "weight (train) must be > 0, e.g. '969,30,1'")
+        if not self.eval_interval:
+            return
+        if self.eval_iters == 0:
+            raise YamlConfigError(
+                f"eval_iters: 0 evaluates nothing, but eval_interval={self.eval_interval} asks "
+                "for evaluation; set eval_interval: null to turn evaluation off, or eval_iters "
+                ">= 1")
+        if valid <= 0:
+            raise YamlConfigError(
+                f"split: {self.split!r} has no validation share, but eval_interval="
+                f"{self.eval_interval} asks for evaluation; give the second weight (valid) a "
+                "share, e.g. '969,30,1', or set eval_interval: null")
+
+    def _validate_data_path(self) -> None:
+        blend = self.data_path
+        if blend is None:
+            return
+        if not blend:
+            raise YamlConfigError("data_path: is an empty list; use null for the shipped corpus")
+        if not _is_number(blend[0]):
+            return
+        if len(blend) % 2 or not all(_is_number(w) for w in blend[::2]):
+            raise YamlConfigError(f"data_path: {blend} looks like a weighted blend but is not "
+                                  "'weight, prefix' pairs")
+        for weight, prefix in zip(blend[::2], blend[1::2]):
+            if not (math.isfinite(float(weight)) and float(weight) > 0):
+                raise YamlConfigError(
+                    f"data_path: the weight {weight} of {prefix} must be a positive finite "
+                    "number (weights are normalised to sum to 1); drop the entry to leave it out")
 
 
 def _is_number(text: str) -> bool:
@@ -301,14 +320,19 @@ def _model_default(name: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Values: type checks with readable errors
+# Values: types and ranges, with readable errors
 
 
 def _check_value(where: str, value, tp):
+    """``value`` converted to annotation ``tp`` and in its field's range (field_ranges)."""
     try:
-        return convert(value, tp)
+        value = convert(value, tp)
     except Mismatch as err:
         raise YamlConfigError(f"{where}: {err}") from None
+    problem = field_ranges.problem(where.rpartition(".")[2], value)
+    if problem:
+        raise YamlConfigError(f"{where}={value!r}: {problem}")
+    return value
 
 
 def _unknown_key(where_prefix: str, key: str, valid: Iterable[str]) -> YamlConfigError:
@@ -420,9 +444,9 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = (), *,
 
     ``instantiate_checks=False`` validates "on paper": everything that depends on the config
     alone is checked (TransformerConfig's and DeepSeekMoE's own rules, the layout, the training
-    settings), but not whether this machine can run it (Transformer Engine / FP8-capable GPU
-    for ``fp8`` and ``moe_expert_backend: te``). Nothing is ever instantiated and no process
-    group is needed in either mode.
+    settings), but not whether this machine can run it (Transformer Engine / a GPU for the
+    ``fp8`` / ``fp4`` recipe and ``moe_expert_backend: te``). Nothing is ever instantiated and
+    no process group is needed in either mode.
     """
     path = Path(path)
     try:
@@ -479,7 +503,7 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     mp = sections.get("model_parallel", {})
     dsm = sections.get("deepseekmoe", {})
     for key in _REQUIRED:
-        if lm.get(key, 0) < 1:
+        if key not in lm:
             raise YamlConfigError(f"language_model.{key}: required (a positive integer)")
     for key, (value, why) in _FIXED_VALUES.items():
         if key in mp and mp[key] != value:
@@ -489,8 +513,6 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     if train.max_position_embeddings is None:
         train.max_position_embeddings = train.seq_length
     if train.vocab_size is None:
-        from dsmoe_megatron.tokenizer import ByteTokenizer
-
         train.vocab_size = ByteTokenizer().vocab_size
     train.validate()
 
@@ -569,7 +591,7 @@ def _environment_checks(enabled: bool):
         return
     from megatron.core.transformer import transformer_config as megatron_config
 
-    patches = [(_config_module, n) for n in ("_te_available", "_gpu_supports_fp8")]
+    patches = [(_config_module, n) for n in ("_te_available", "_gpu_supports")]
     patches.append((megatron_config, "is_te_min_version"))
     saved = [(owner, name, getattr(owner, name)) for owner, name in patches
              if hasattr(owner, name)]
