@@ -445,8 +445,9 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = (), *,
     ``instantiate_checks=False`` validates "on paper": everything that depends on the config
     alone is checked (TransformerConfig's and DeepSeekMoE's own rules, the layout, the training
     settings), but not whether this machine can run it (Transformer Engine / a GPU for the
-    ``fp8`` / ``fp4`` recipe and ``moe_expert_backend: te``). Nothing is ever instantiated and
-    no process group is needed in either mode.
+    ``fp8`` / ``fp4`` recipe and ``moe_expert_backend: te``; ``save`` and ``tensorboard_dir``
+    writable, ``load`` present). Nothing is ever instantiated or created and no process group
+    is needed in either mode.
     """
     path = Path(path)
     try:
@@ -515,6 +516,8 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     if train.vocab_size is None:
         train.vocab_size = ByteTokenizer().vocab_size
     train.validate()
+    if instantiate_checks:
+        _check_paths(train)
 
     _check_pipeline_split(lm, mp)
     kwargs = deepseek_defaults()
@@ -559,6 +562,34 @@ def _check_train_value(key: str, value):
     if key == "split" and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     return _check_value(key, value, _TRAIN_HINTS[key])
+
+
+def _check_paths(train: TrainingArgs) -> None:
+    """The output directories can be created and written, the checkpoint to load exists.
+    Nothing is created here: a run config is only read."""
+    for key in ("save", "tensorboard_dir"):
+        path = getattr(train, key)
+        problem = _output_dir_problem(path) if path is not None else None
+        if problem:
+            raise YamlConfigError(f"{key}={path}: {problem}; choose another directory for {key}")
+    if train.load is not None and not os.path.isdir(train.load):
+        what = "is a file, not" if os.path.exists(train.load) else "does not exist; expected"
+        raise YamlConfigError(
+            f"load={train.load}: {what} a checkpoint directory (the save directory of an earlier "
+            "run); correct the path or set load: null")
+
+
+def _output_dir_problem(path: str) -> str | None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a directory"
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest existing ancestor, where mkdir starts
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, so no directory can be created under it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _check_pipeline_split(lm: dict, mp: dict) -> None:

@@ -167,12 +167,12 @@ def test_every_shipped_config_round_trips(path, tmp_path):
 
 def test_dump_keeps_changes_made_after_loading(tmp_path):
     cfg = load_run_config(TINY)
-    cfg.train.load = "runs/tiny/checkpoints"
+    cfg.train.load = str(tmp_path)  # loading checks that it exists
     cfg.train.lr = 5e-4
     cfg.model.moe_aux_loss_coeff = 0.02
     dump_run_config(cfg, tmp_path / "run.yaml")
     again = load_run_config(tmp_path / "run.yaml")
-    assert again.train.load == "runs/tiny/checkpoints" and again.train.lr == 5e-4
+    assert again.train.load == str(tmp_path) and again.train.lr == 5e-4
     assert again.model.moe_aux_loss_coeff == 0.02
     assert schema_values(again) == schema_values(cfg)
 
@@ -499,6 +499,56 @@ def test_what_is_dumped_loads_again_without_anchors():
     text = strict_yaml.dump({"a": shared, "b": shared, "c": {"d": shared}})
     assert "&" not in text and "*" not in text
     assert strict_yaml.load(text) == {"a": shared, "b": shared, "c": {"d": shared}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: checked when the config is loaded to run, never created
+
+
+def test_output_directories_must_be_creatable(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory")
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, [f"save={a_file}/ckpt"])
+    assert str(err.value) == (f"{TINY}: save={a_file}/ckpt: {a_file} is a file, so no directory "
+                              "can be created under it; choose another directory for save")
+    with pytest.raises(YamlConfigError, match=f"tensorboard_dir={a_file}: is a file, not a "
+                                              "directory; choose another directory for "
+                                              "tensorboard_dir"):
+        load_run_config(TINY, [f"tensorboard_dir={a_file}"])
+    fresh = tmp_path / "new" / "run"
+    cfg = load_run_config(TINY, [f"save={fresh}", f"tensorboard_dir={fresh}/tb"])
+    assert cfg.train.save == str(fresh) and not (tmp_path / "new").exists()  # nothing created
+    # On paper (dsmoe-plan, conversion) the paths of another machine are fine.
+    load_run_config(TINY, [f"save={a_file}/ckpt"], instantiate_checks=False)
+
+
+def test_output_directories_must_be_writable(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    real_access = os.access  # root passes any mode check, so the answer is faked for `locked`
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked
+                        else real_access(p, mode))
+    for target in (locked, locked / "deeper" / "run"):
+        with pytest.raises(YamlConfigError) as err:
+            load_run_config(TINY, [f"save={target}"])
+        assert f"save={target}: {locked} is not writable; choose another directory" in str(
+            err.value)
+
+
+def test_load_must_exist(tmp_path):
+    missing = tmp_path / "runs" / "old"
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, [f"load={missing}"])
+    assert str(err.value) == (f"{TINY}: load={missing}: does not exist; expected a checkpoint "
+                              "directory (the save directory of an earlier run); correct the path"
+                              " or set load: null")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(YamlConfigError, match="is a file, not a checkpoint directory"):
+        load_run_config(TINY, [f"load={tmp_path / 'file'}"])
+    assert load_run_config(TINY, [f"load={tmp_path}"]).train.load == str(tmp_path)
+    with pytest.raises(YamlConfigError, match="save: is an empty path; give a directory or null"):
+        load_run_config(TINY, ["save=''"])
 
 
 # ---------------------------------------------------------------------------------------------
