@@ -65,7 +65,7 @@ def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
     except UnicodeDecodeError as err:
         raise ValueError(f"input file {path} is not UTF-8 text ({err})") from err
     if "\0" in text:
-        _refuse_nul(path, text.count("\n", 0, text.index("\0")) + 1)
+        raise _nul_error(path, text.count("\n", 0, text.index("\0")) + 1)
 
     chunk: list[str] = []
     chunk_chars = 0
@@ -88,7 +88,7 @@ def _jsonl_text(path: str, number: int, line: str) -> str:
     if not line.strip():
         return ""
     if "\0" in line:
-        _refuse_nul(path, number)
+        raise _nul_error(path, number)
     where = f"{path}, line {number}"
     try:
         record = json.loads(line.rstrip("\r\n"))
@@ -106,8 +106,8 @@ def _jsonl_text(path: str, number: int, line: str) -> str:
     return text
 
 
-def _refuse_nul(path: str, line: int) -> None:
-    raise ValueError(f"input file {path} holds NUL bytes (first on line {line}): it looks like a "
+def _nul_error(path: str, line: int) -> ValueError:
+    return ValueError(f"input file {path} holds NUL bytes (first on line {line}): it looks like a "
                      "binary file, not text; pass UTF-8 text (.txt) or JSON-lines (.jsonl) files")
 
 

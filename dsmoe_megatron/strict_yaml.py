@@ -50,7 +50,7 @@ class StrictLoader(yaml.SafeLoader):
 def load(text: str) -> Any:
     """Parse ``text`` with StrictLoader; YamlSyntaxError (one line) if it cannot be used."""
     try:
-        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=StrictLoader)  # safe: StrictLoader is a SafeLoader
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
