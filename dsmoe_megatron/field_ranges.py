@@ -3,7 +3,7 @@
 One table, grouped by range. NaN and inf are refused for every number, listed or not; a list
 value (``moe_aux_loss_coeff`` per layer, ``lr_step_decay_at``) is checked entry by entry.
 Relations between fields (``min_lr <= lr``, heads dividing the hidden size...) are checked
-where the fields meet: ``config.validate`` and ``yaml_config.TrainingArgs.validate``.
+where the fields meet: ``config.py`` (DeepSeekMoEConfig) and ``yaml_config.TrainingArgs``.
 """
 
 from __future__ import annotations
