@@ -37,6 +37,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.tokenizer import ByteTokenizer
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -350,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--min-document-chars", type=int, default=DEFAULT_MIN_DOCUMENT_CHARS,
         help="merge consecutive paragraphs of a .txt file into documents of at least this size",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(quiet_warnings(argv))
     try:
         prefix = preprocess(
             args.input, args.output_prefix, append_eod=args.append_eod,
