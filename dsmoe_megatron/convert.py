@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.hf.mapping import (
     DTYPE_NAMES,
     DTYPES,
@@ -637,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(quiet_warnings(argv))
     try:
         if args.command == "to-hf":
             export_to_hf(args.checkpoint, args.out, dtype=args.dtype,

@@ -37,6 +37,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.tokenizer import ByteTokenizer
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -396,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="replace an existing PREFIX.bin / PREFIX.idx",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(quiet_warnings(argv))
     try:
         prefix = preprocess(
             args.input, args.output_prefix, append_eod=args.append_eod,

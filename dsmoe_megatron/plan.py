@@ -32,6 +32,7 @@ import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
 
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.config import DeepSeekMoEConfig
 from dsmoe_megatron.yaml_config import RunConfig, check_world_size, load_run_config
 
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs for the memory estimate (default: the smallest world the "
                              "layout fits)")
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(quiet_warnings(argv))
     try:
         run = load_run_config(args.config, args.overrides, instantiate_checks=False)
         plan = make_plan(run, args.world_size)
