@@ -8,7 +8,7 @@ the model size. to-hf reads a checkpoint saved under any TP/PP/EP layout one ten
 its global shape (dist-checkpoint keys are layout independent), takes the model from the
 checkpoint's run.yaml, and writes config.json (every field explicit), generation_config.json,
 sharded safetensors + index, the remote-code files and the tokenizer files (see
-``choose_tokenizer``). from-hf reads
+``choose_tokenizer``); it refuses NaN/inf weights unless told otherwise. from-hf reads
 config.json and the safetensors (never pickles) tensor by tensor, and writes a save directory:
 an iteration-0 dist checkpoint with its run.yaml, which the trainer loads on any layout. Both
 write ``<out>.partial`` and rename it when complete.
@@ -40,6 +40,7 @@ from dsmoe_megatron.hf.mapping import (
     Dims,
     canonical_name,
     check_exportable,
+    check_hf_config,
     check_megatron_tensors,
     check_shapes,
     hf_config_dict,
@@ -165,19 +166,22 @@ def _resolve_checkpoint(path: str | Path) -> Path:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '200MB', '1GiB', '4096' -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", str(text).upper())
-    if not m:
-        raise ConversionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 1048576")
+    """'5GB', '200MB', '1GiB', '4096' -> bytes (at least 1)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
              "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    unit = m.group(2) or ""
-    if unit not in units:
-        raise ConversionError(f"unknown size unit in {text!r}")
-    return int(float(m.group(1)) * units[unit])
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", str(text).upper())
+        if not m:
+            raise ConversionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 1048576")
+        if (m.group(2) or "") not in units:
+            raise ConversionError(f"unknown size unit in {text!r}")
+        size = int(float(m.group(1)) * units[m.group(2) or ""])
+    if size < 1:
+        raise ConversionError(f"--max-shard-size {text!r} must be at least 1 byte; write e.g. 5GB")
+    return size
 
 
 # ------------------------------------------------------------------------------------------
@@ -282,14 +286,14 @@ def read_checkpoint_run(ckpt: Path):
 
 def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-                 tokenizer: bool | str | Path = True) -> Path:
+                 tokenizer: bool | str | Path = True, allow_non_finite: bool = False) -> Path:
     """Megatron dist checkpoint (any layout) -> Hugging Face directory; returns ``out_dir``.
 
     ``checkpoint_dir``: a save directory (its latest iteration) or an ``iter_XXXXXXX`` dir.
     ``dtype``: ``auto`` (as stored in the checkpoint), ``bf16``, ``fp16`` or ``fp32``.
     ``tokenizer``: True (see ``choose_tokenizer``), False (no tokenizer files) or a directory
-    of Hugging Face tokenizer files to include. Reads one layer at a time and needs no process
-    group.
+    of Hugging Face tokenizer files to include. ``allow_non_finite``: write NaN/inf weights
+    instead of refusing them. Reads one layer at a time and needs no process group.
     """
     from dsmoe_megatron.hf import write_hf_remote_code
 
@@ -326,7 +330,7 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
         (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         files = write_safetensors_shards(megatron_to_hf(reader.get, dims),
                                          hf_expected_shapes(dims), partial, max_shard_size,
-                                         out_dtype)
+                                         out_dtype, allow_non_finite=allow_non_finite)
         write_hf_remote_code(partial)  # after config.json: adds its auto_map
         tok_files = tok.write(partial)
     log(f"wrote {out}: {len(files)} safetensors shard(s), {DTYPE_NAMES[out_dtype]}, "
@@ -346,9 +350,11 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     if not path.exists():
         raise ConversionError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from err
+    check_hf_config(hf, where=str(path))
+    return hf
 
 
 def make_run_config(model_fields: Mapping, vocab_size: int | None = None,
@@ -446,7 +452,10 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     _check_run_matches_hf(run, hf)
     dims = hf_dims(hf)
-    padded = padded_vocab_size(dims.vocab, run.layout.tensor)
+    try:
+        padded = padded_vocab_size(dims.vocab, run.layout.tensor)
+    except ValueError as err:
+        raise ConversionError(f"--tensor-model-parallel-size: {err}") from err
     reader = SafetensorsReader(hf_dir)
     shapes = {n: s for n, s in reader.shapes.items() if not IGNORED_HF_TENSORS.match(n)}
     check_shapes(shapes, hf_expected_shapes(dims), f"{hf_dir}:", shape_of=lambda s: s)
@@ -506,6 +515,16 @@ _LAYOUT_FLAGS = (
 )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1, 2, 4, ...), got {text!r}")
+    return value
+
+
 def _layout_overrides(args) -> list[str]:
     return [f"model_parallel.{field}={getattr(args, field)}" for _, field in _LAYOUT_FLAGS
             if getattr(args, field) is not None]
@@ -528,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory of Hugging Face tokenizer files to include (default: the "
                        "ones from-hf kept, else the byte tokenizer's when the vocabulary fits)")
     to_hf.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
+    to_hf.add_argument("--allow-non-finite", action="store_true",
+                       help="write NaN/inf weights instead of refusing them")
     to_hf.add_argument("--force", action="store_true", help="replace a non-empty --out")
     from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> Megatron dist checkpoint")
     from_hf.add_argument("--hf", required=True, help="directory with config.json + safetensors")
@@ -535,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="save directory to create (run.yaml + iter_0000000; the "
                          "trainer's load:)")
     for flag, field in _LAYOUT_FLAGS:
-        from_hf.add_argument(flag, dest=field, type=int, default=None, metavar="N",
+        from_hf.add_argument(flag, dest=field, type=_positive_int, default=None, metavar="N",
                              help=f"model_parallel.{field} in run.yaml")
     from_hf.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                          help="the run's parameter dtype, stored in the checkpoint and run.yaml "
@@ -554,7 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "to-hf":
             export_to_hf(args.checkpoint, args.out, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, force=args.force,
-                         tokenizer=False if args.no_tokenizer else (args.tokenizer or True))
+                         tokenizer=False if args.no_tokenizer else (args.tokenizer or True),
+                         allow_non_finite=args.allow_non_finite)
         else:
             import_from_hf(args.hf, args.out, overrides=[*_layout_overrides(args),
                                                          *args.overrides],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -483,8 +484,9 @@ def test_parse_size():
     assert convert.parse_size("60KB") == 60_000
     assert convert.parse_size("1GiB") == 2**30
     assert convert.parse_size("4096") == 4096
-    with pytest.raises(ConversionError):
-        convert.parse_size("lots")
+    for bad in ("lots", "0", 0, "0.1B"):
+        with pytest.raises(ConversionError, match="size"):
+            convert.parse_size(bad)
 
 
 # ------------------------------------------------------------------------------------------
@@ -559,6 +561,54 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return code, err
 
 
+def test_export_refuses_non_finite_weights_unless_allowed(rt, tmp_path, capsys):
+    nan_name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    big_name = "model.layers.0.self_attn.q_proj.weight"  # earlier in the file: fp16 sees it first
+
+    def spoil(tensors):
+        tensors[nan_name][3, 5] = float("nan")
+        tensors[big_name][0, 0] = 1e6  # finite, but not in float16
+
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    edit_tensors(tmp_path / "hf", spoil)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    out = tmp_path / "out"
+    code, err = run_cli(["to-hf", "--checkpoint", str(save), "--out", str(out)], capsys)
+    assert code == 2
+    assert f"{nan_name} has 1 non-finite values" in err and "--allow-non-finite" in err
+    assert not out.exists() and not out.with_name("out.partial").exists()
+    code, err = run_cli(["to-hf", "--checkpoint", str(save), "--out", str(out), "--dtype",
+                         "fp16"], capsys)
+    assert code == 2 and f"{big_name}: 1 of" in err and "overflow float16" in err
+    assert run_cli(["to-hf", "--checkpoint", str(save), "--out", str(out),
+                    "--allow-non-finite"], capsys)[0] == 0
+    tensors = read_tensors(out)
+    assert torch.isnan(tensors[nan_name][3, 5]) and torch.isfinite(tensors[big_name]).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    ([1, 2], "must hold a JSON object of model settings .*, not a list"),
+    (dict(hidden_size="64"), r"hidden_size must be a positive integer, got '64' \(a string\)"),
+    (dict(num_hidden_layers=2.5), r"num_hidden_layers must be a positive integer, got 2.5"),
+    (dict(num_attention_heads=-4), r"num_attention_heads must be a positive integer, got -4"),
+    (dict(n_routed_experts=True), r"n_routed_experts must be an integer >= 0 or null, got True"),
+    (dict(rms_norm_eps="x"), r"rms_norm_eps must be a positive number, got 'x'"),
+    (dict(rope_theta={}), r"rope_theta must be a positive number, got \{\} \(an object\)"),
+    (dict(norm_topk_prob="yes"), r"norm_topk_prob must be true or false, got 'yes'"),
+    (dict(eos_token_id="</s>"), r"eos_token_id must be a token id"),
+    (dict(vocab_size=None), r"vocab_size must be a positive integer, got None \(null\)"),
+], ids=["list", "str", "float", "negative", "bool", "eps", "theta", "flag", "token", "null"])
+def test_import_names_a_config_field_of_the_wrong_type(tmp_path, capsys, change, message):
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    config = change if isinstance(change, list) else {**small_hf_config(), **change}
+    (directory / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["from-hf", "--hf", str(directory), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2
+    assert f"{directory / 'config.json'}" in err and re.search(message, err), err
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("indexed", [True, False], ids=["index", "no-index"])
 def test_import_names_a_truncated_safetensors_file(tmp_path, capsys, indexed):
     write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=2)
@@ -569,6 +619,35 @@ def test_import_names_a_truncated_safetensors_file(tmp_path, capsys, indexed):
     code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")],
                         capsys)
     assert code == 2 and str(path) in err and "truncated" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--tensor-model-parallel-size", "0"), ("--tensor-model-parallel-size", "-2"),
+    ("--tensor-model-parallel-size", "two"), ("--pipeline-model-parallel-size", "0"),
+    ("--expert-model-parallel-size", "0"), ("--expert-tensor-parallel-size", "0"),
+    ("--virtual-pipeline-model-parallel-size", "0"),
+])
+def test_from_hf_refuses_layout_flags_below_one(tmp_path, capsys, flag, value):
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "m"), flag,
+                         value], capsys)
+    assert code == 2 and f"argument {flag}: must be a positive integer" in err
+
+
+@pytest.mark.parametrize("flag, value, config, message", [
+    ("--tensor-model-parallel-size", "3", {}, "multiple of tensor_model_parallel_size"),
+    ("--tensor-model-parallel-size", "3", dict(hidden_size=96, num_attention_heads=12,
+                                                num_key_value_heads=12, moe_intermediate_size=24),
+     "--tensor-model-parallel-size: tensor_model_parallel_size=3 must divide 1024"),
+    ("--expert-model-parallel-size", "3", {}, "choose an EP size that divides 4"),
+    ("--pipeline-model-parallel-size", "5", {}, "does not split evenly over 5 pipeline stages"),
+], ids=["tp-heads", "tp-vocab", "ep", "pp"])
+def test_from_hf_refuses_layouts_the_model_cannot_take(tmp_path, capsys, flag, value, config,
+                                                       message):
+    (tmp_path / "config.json").write_text(json.dumps(small_hf_config(**config)))
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "m"), flag,
+                         value], capsys)
+    assert code == 2 and message in err
     assert not (tmp_path / "m").exists()
 
 

@@ -442,11 +442,83 @@ def hf_defaults() -> dict:
     return {n: getattr(DeepseekConfig, n) for n in names if hasattr(DeepseekConfig, n)}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+# What a config.json field must hold: (description, test).
+_HF_KINDS = {
+    "size": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "integer": ("an integer", _is_int),
+    "number": ("a number", _is_number),
+    "positive": ("a positive number", lambda v: _is_number(v) and v > 0),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "string": ("a string", lambda v: isinstance(v, str)),
+    "object": ("a JSON object", lambda v: isinstance(v, dict)),
+    "token ids": ("a token id (an integer >= 0) or a list of them",
+                  lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and v and all(
+                      _is_int(i) and i >= 0 for i in v))),
+}
+# field: (kind, null allowed)
+_HF_FIELDS = {
+    "vocab_size": ("size", False), "hidden_size": ("size", False),
+    "intermediate_size": ("size", False), "num_hidden_layers": ("size", False),
+    "num_attention_heads": ("size", False), "num_key_value_heads": ("size", True),
+    "head_dim": ("size", True), "max_position_embeddings": ("size", False),
+    "moe_intermediate_size": ("size", True), "n_routed_experts": ("count", True),
+    "n_shared_experts": ("count", True), "num_experts_per_tok": ("size", True),
+    "first_k_dense_replace": ("count", False), "moe_layer_freq": ("integer", False),
+    "pretraining_tp": ("size", True), "rms_norm_eps": ("positive", False),
+    "rope_theta": ("positive", False), "initializer_range": ("number", False),
+    "aux_loss_alpha": ("number", False), "attention_dropout": ("number", True),
+    "norm_topk_prob": ("bool", False), "seq_aux": ("bool", False),
+    "attention_bias": ("bool", False), "tie_word_embeddings": ("bool", False),
+    "scoring_func": ("string", False), "hidden_act": ("string", False),
+    "model_type": ("string", True), "rope_scaling": ("object", True),
+    "rope_parameters": ("object", True), "bos_token_id": ("token ids", True),
+    "eos_token_id": ("token ids", True), "pad_token_id": ("token ids", True),
+}
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "an integer"),
+                       (float, "a number"), (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def check_hf_config(hf, where: str = "config.json") -> None:
+    """The fields of a config.json this converter reads hold values of the right type (a JSON
+    object at the top, positive integer sizes, booleans, ...); ConversionError names the first
+    field that does not."""
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{where} must hold a JSON object of model settings "
+                              f"(\"hidden_size\": 2048, ...), not {_json_type(hf)}; fix the file")
+    for field, (kind, nullable) in _HF_FIELDS.items():
+        if field not in hf or (nullable and hf[field] is None):
+            continue
+        description, ok = _HF_KINDS[kind]
+        if not ok(hf[field]):
+            raise ConversionError(
+                f"{where}: {field} must be {description}{' or null' if nullable else ''}, got "
+                f"{hf[field]!r} ({_json_type(hf[field])}); fix the file")
+
+
 def model_fields_from_hf(hf: Mapping) -> dict:
     """config.json of a DeepSeekMoE model -> DeepSeekMoEConfig fields (beyond deepseek_defaults).
 
     Raises ConversionError for what the Megatron model cannot represent.
     """
+    check_hf_config(hf)
     c = {**hf_defaults(), **{k: v for k, v in hf.items()}}
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "intermediate_size"):

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from dsmoe_megatron.hf.mapping import ConversionError, canonical_name
+from dsmoe_megatron.hf.mapping import DTYPE_NAMES, ConversionError, canonical_name
 
 # ------------------------------------------------------------------------------------------
 # Hugging Face safetensors
@@ -129,9 +129,11 @@ def plan_shards(shapes: Mapping[str, Sequence[int]], dtype: torch.dtype,
 
 def write_safetensors_shards(sources: Mapping[str, Callable[[], torch.Tensor]],
                              shapes: Mapping[str, Sequence[int]], out_dir: Path,
-                             max_shard_size: int, dtype: torch.dtype) -> list[str]:
+                             max_shard_size: int, dtype: torch.dtype,
+                             allow_non_finite: bool = False) -> list[str]:
     """Write ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, computing
-    each tensor (``sources[name]()``, in ``shapes`` order) only for the shard that holds it."""
+    each tensor (``sources[name]()``, in ``shapes`` order) only for the shard that holds it.
+    Refuses a tensor with NaN/inf unless ``allow_non_finite``."""
     from safetensors.torch import save_file
 
     groups = plan_shards(shapes, dtype, max_shard_size)
@@ -140,7 +142,7 @@ def write_safetensors_shards(sources: Mapping[str, Callable[[], torch.Tensor]],
         filename = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
         shard = {}
         for name in names:
-            t = _exported(sources[name](), dtype)
+            t = _exported(name, sources[name](), dtype, allow_non_finite)
             shard[name] = t
             total += t.numel() * t.element_size()
             weight_map[name] = filename
@@ -152,8 +154,20 @@ def write_safetensors_shards(sources: Mapping[str, Callable[[], torch.Tensor]],
     return files
 
 
-def _exported(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+def _exported(name: str, t: torch.Tensor, dtype: torch.dtype,
+              allow_non_finite: bool) -> torch.Tensor:
+    out = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+    if allow_non_finite or torch.isfinite(out).all():
+        return out
+    bad = int((~torch.isfinite(out)).sum())
+    if torch.isfinite(t).all():
+        raise ConversionError(
+            f"{name}: {bad} of {out.numel()} values overflow {DTYPE_NAMES[dtype]} (the largest "
+            f"is {float(t.abs().max()):.4g}); export with --dtype bf16 or fp32")
+    raise ConversionError(
+        f"{name} has {bad} non-finite values (NaN or inf) of {out.numel()} in the checkpoint: "
+        "these weights are broken; export an earlier checkpoint, or pass --allow-non-finite "
+        "to write them anyway")
 
 
 # ------------------------------------------------------------------------------------------
