@@ -26,13 +26,12 @@ from dsmoe_megatron.config import ConfigError
 from dsmoe_megatron.planning.estimate import estimate
 from dsmoe_megatron.planning.hardware import GB, GPUS, Cluster, get_gpu
 from dsmoe_megatron.planning.memory import MemoryOptions, memory_assumptions
-from dsmoe_megatron.planning.params import (  # noqa: F401  (plan.count_params & co. stay importable)
+from dsmoe_megatron.planning.params import (
     FLOPS_CONVENTION,
     NOMINAL_CONVENTION,
     TOKENS_4K,
     count_params,
     flops_per_token,
-    nominal_ffn_size,
     nominal_flops_per_token,
 )
 from dsmoe_megatron.planning.search import search
@@ -93,8 +92,7 @@ def make_plan(run: RunConfig, world_size: int | None = None, gpu: str = DEFAULT_
     est = estimate(cfg, params, cluster, train.seq_length, train.micro_batch_size,
                    train.global_batch(dp), options, rates,
                    model_flops_per_token=plan["flops_per_token"])
-    memory = dict(est.memory, stages=[st.as_dict() for st in est.memory["stages"]],
-                  world_size_defaulted=defaulted,
+    memory = dict(_jsonable(est.memory), world_size_defaulted=defaulted,
                   assumptions=memory_assumptions(cfg, est.memory["distributed_optimizer"],
                                                  options))
     plan.update({
@@ -108,6 +106,10 @@ def make_plan(run: RunConfig, world_size: int | None = None, gpu: str = DEFAULT_
     })
     plan["flops_per_step"] = plan["flops_per_token"] * plan["tokens_per_step"]
     return plan
+
+
+def _jsonable(memory: dict) -> dict:
+    return dict(memory, stages=[stage.as_dict() for stage in memory["stages"]])
 
 
 def _layout(run: RunConfig) -> dict:
@@ -141,7 +143,7 @@ def search_plan(run: RunConfig, world_size: int, gpu: str = DEFAULT_GPU, gpus_pe
     ranked = []
     for r in result.pop("ranked"):
         est = r.estimate
-        memory = dict(est.memory, stages=[st.as_dict() for st in est.memory["stages"]])
+        memory = _jsonable(est.memory)
         ranked.append({"layout": r.layout.describe(world_size),
                        "overrides": r.layout.overrides(run), "fits": est.fits,
                        "headroom": est.headroom, "gpu_memory": est.gpu_memory,

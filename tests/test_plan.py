@@ -19,6 +19,7 @@ from dsmoe_megatron import plan
 from dsmoe_megatron.planning import memory, search
 from dsmoe_megatron.planning.activations import Micro
 from dsmoe_megatron.planning.hardware import GPUS, Cluster
+from dsmoe_megatron.planning.params import nominal_ffn_size
 from dsmoe_megatron.runtime import ParallelLayout
 from dsmoe_megatron.yaml_config import check_world_size, load_run_config
 
@@ -136,11 +137,11 @@ def test_nominal_count_reproduces_the_papers_baselines(name, overrides, tokens, 
 
 
 def test_nominal_sizes():
-    assert plan.nominal_ffn_size(1408, 2048) == 0.25     # 16B expert: standard / 4
-    assert plan.nominal_ffn_size(1408, 4096) == 0.125    # 145B expert: standard / 8
-    assert plan.nominal_ffn_size(10944, 2048) == 2.0     # 16B dense layer
-    assert plan.nominal_ffn_size(11008, 4096) == 1.0     # DeepSeek 7B / LLaMA2 7B FFN
-    assert plan.nominal_ffn_size(5136, 1280) == 1.5      # GShard x1.5 expert
+    assert nominal_ffn_size(1408, 2048) == 0.25     # 16B expert: standard / 4
+    assert nominal_ffn_size(1408, 4096) == 0.125    # 145B expert: standard / 8
+    assert nominal_ffn_size(10944, 2048) == 2.0     # 16B dense layer
+    assert nominal_ffn_size(11008, 4096) == 1.0     # DeepSeek 7B / LLaMA2 7B FFN
+    assert nominal_ffn_size(5136, 1280) == 1.5      # GShard x1.5 expert
 
 
 def test_flops_count_by_hand():

@@ -22,7 +22,10 @@ from dsmoe_megatron.planning.measure import measure_block
 from dsmoe_megatron.planning.memory import chunk_activations
 from dsmoe_megatron.runtime import ParallelLayout
 
-SEQ, BATCH, TOLERANCE = 32, 2, 0.10
+SEQ, BATCH = 32, 2
+# The model counts these layers to a few bytes; 2% (tighter than the 10% the planner promises)
+# still fails when a component of a few per cent is missed or the code starts keeping more.
+TOLERANCE = 0.02
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128)
 GQA = dict(hidden_size=96, num_attention_heads=6, num_query_groups=2, ffn_hidden_size=160)

@@ -25,8 +25,6 @@ from functools import lru_cache
 
 from dsmoe_megatron.config import DeepSeekMoEConfig
 
-IMPLEMENTATIONS = ("te", "local")
-SELECTIVE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts")
 FP32, INDEX = 4, 8  # router / balance-loss floats; int64 indices
 
 

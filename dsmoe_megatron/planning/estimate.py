@@ -30,10 +30,6 @@ class Estimate:
         """Share of the GPU's memory left at the peak, after the allowance."""
         return 1 - self.peak / self.gpu_memory
 
-    def as_dict(self) -> dict:
-        return {"fits": self.fits, "headroom": self.headroom, "gpu_memory": self.gpu_memory,
-                "memory": self.memory, "time": self.time}
-
 
 def estimate(cfg: DeepSeekMoEConfig, params: ParamCount, cluster: Cluster, seq: int,
              micro_batch_size: int, global_batch: int, options: MemoryOptions = MemoryOptions(),

@@ -80,10 +80,3 @@ class Cluster:
     @property
     def num_nodes(self) -> int:
         return -(-self.num_gpus // self.gpus_per_node)
-
-    def peers_in_node(self, span: int, stride: int = 1) -> int:
-        """Members of a group of ranks ``stride`` apart, spanning ``span`` consecutive ranks,
-        that share a node with any one member (itself included)."""
-        size = span // stride
-        return max(1, min(size, self.gpus_per_node // stride)) if stride <= self.gpus_per_node \
-            else 1
