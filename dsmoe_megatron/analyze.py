@@ -54,20 +54,46 @@ class EvalSettings:
 # Model and data
 
 
+def load_checkpoint_state(checkpoint_dir: str | Path):
+    """(run config, single-rank model config, state dict) of a dist checkpoint of any layout.
+
+    Needs a single-process runtime (``convert.single_rank_runtime``).
+    """
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.convert import _resolve_checkpoint, read_checkpoint_run
+    from dsmoe_megatron.hf.mapping import single_rank_config
+    from dsmoe_megatron.hf.streaming import DistCheckpointReader
+    from dsmoe_megatron.model import build_model
+
+    ckpt = _resolve_checkpoint(checkpoint_dir)
+    run = read_checkpoint_run(ckpt)
+    embedding = "embedding.word_embeddings.weight"
+    reader = DistCheckpointReader(ckpt)
+    if embedding not in reader.shapes:
+        raise ConversionError(f"{ckpt} has no {embedding}; is it a model checkpoint of this "
+                              "package?")
+    padded_vocab = reader.shapes[embedding][0]
+    cfg = single_rank_config(run.model, params_dtype=reader.dtype(embedding))
+    model = build_model(cfg, padded_vocab, run.train.seq_length, pre_process=True,
+                        post_process=True)
+    checkpoint.load(ckpt, [model])
+    return run, cfg, model.state_dict()
+
+
 def load_model(checkpoint_dir: str | Path):
     """(run config, fp32 single-rank GPTModel in eval mode) from a checkpoint of any layout.
 
     Needs a single-process runtime (``convert.single_rank_runtime``).
     """
     from dsmoe_megatron.config import replace
-    from dsmoe_megatron.convert import load_checkpoint_state
-    from dsmoe_megatron.model import build_model, padded_vocab_size
+    from dsmoe_megatron.model import build_model
 
     run, cfg, state = load_checkpoint_state(checkpoint_dir)
     if not torch.cuda.is_available():
         cfg = replace(cfg, params_dtype=torch.float32, bf16=False, fp16=False)
-    model = build_model(cfg, padded_vocab_size(run.train.vocab_size), run.train.seq_length,
-                        pre_process=True, post_process=True)
+    padded_vocab = state["embedding.word_embeddings.weight"].shape[0]
+    model = build_model(cfg, padded_vocab, run.train.seq_length, pre_process=True,
+                        post_process=True)
     model.load_state_dict({k: v for k, v in state.items() if not k.endswith("_extra_state")},
                           strict=False)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
