@@ -92,8 +92,8 @@ def naive_loop(block, x):
         if rows.numel() == 0:
             continue
         h = tokens[rows]
-        y = F.linear(F.silu(F.linear(h, experts.gate_proj[e])) * F.linear(h, experts.up_proj[e]),
-                     experts.down_proj[e])
+        gate_proj, up_proj = experts.gate_up_proj[e].chunk(2, dim=0)
+        y = F.linear(F.silu(F.linear(h, gate_proj)) * F.linear(h, up_proj), experts.down_proj[e])
         gate = (routing.gates * hit)[rows].sum(-1, keepdim=True).to(y.dtype)
         out.index_add_(0, rows, y * gate)
     shared, _ = block.shared_experts(x)
@@ -206,6 +206,9 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description="DeepSeekMoE block benchmark")
     parser.add_argument("--tokens", type=int, nargs="*", default=None)
+    parser.add_argument("--shapes", nargs="*", default=None,
+                        help=f"GPU: {list(SHAPES_GPU)}, CPU: {list(SHAPES_CPU)}")
+    parser.add_argument("--routing", nargs="*", default=["balanced", "skewed"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -213,12 +216,13 @@ def main(argv=None):
     gpu = rt.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     shapes = SHAPES_GPU if gpu else SHAPES_CPU
+    shapes = {k: v for k, v in shapes.items() if args.shapes is None or k in args.shapes}
     token_counts = args.tokens or ([4096, 16384, 32768] if gpu else [1024, 4096])
     repeats = args.repeats or (10 if gpu else 3)
     rows = []
     for name, shape in shapes.items():
         for tokens in token_counts:
-            for routing in ("balanced", "skewed"):
+            for routing in args.routing:
                 rows.extend(bench_shape(name, shape, tokens, routing, dtype, rt.device, repeats))
                 print(f"done: {name} {tokens} tokens {routing}", flush=True)
     device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"

@@ -517,7 +517,9 @@ def single_rank_config(cfg, params_dtype: torch.dtype | None = None):
         recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
         recompute_modules=None,
         fp8=None, fp8_param=False, fp4=None, fp4_param=False,
-        moe_expert_backend="auto", overlap_moe_expert_parallel_comm=False,
+        # The torch experts' state dict is the mapping's ([E, W, H] per projection); conversion
+        # runs no forward, so the plain backend serves on any machine.
+        moe_expert_backend="sequential", overlap_moe_expert_parallel_comm=False,
         cpu_offloading=False, enable_cuda_graph=False, cuda_graph_impl="none",
         use_cpu_initialization=True, perform_initialization=False,
         # Keep the device-level balance groups (they default to the EP size).
