@@ -69,13 +69,11 @@ class WeightedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         fc1, probs = ctx.saved_tensors
         gate, up = fc1.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        weighted = grad * probs.unsqueeze(-1)
-        grad_gate = weighted * up * sig * (1 + gate * (1 - sig))
-        grad_up = weighted * silu
-        grad_probs = (grad.to(probs.dtype) * silu * up).sum(-1)
-        return torch.cat([grad_gate, grad_up], dim=-1).to(fc1.dtype), grad_probs
+        silu = torch.nn.functional.silu(gate)
+        grad_product = (grad * probs.unsqueeze(-1)).to(fc1.dtype)  # d loss / d (silu * up)
+        grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate)
+        grad_probs = (grad.to(probs.dtype) * (silu * up)).sum(-1)
+        return torch.cat([grad_gate, grad_product * silu], dim=-1), grad_probs
 
 
 def weighted_swiglu(fc1: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

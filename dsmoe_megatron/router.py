@@ -113,10 +113,12 @@ class TopKRouter(torch.nn.Module):
             num_groups=cfg.num_device_groups(),
             tp_group=self.tp_group if sharded else None,
         )
-        self._log("load_balancing_loss", a1 * expert_loss)
-        if a2:
+        loss = a1 * expert_loss
+        self._log("load_balancing_loss", loss)
+        if a2:  # no backward through the device-level terms when a2 = 0
             self._log("device_balance_loss", a2 * device_loss)
-        return a1 * expert_loss + a2 * device_loss
+            loss = loss + a2 * device_loss
+        return loss
 
     def _log(self, name: str, value: torch.Tensor) -> None:
         if self.layer_number is None:
