@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dsmoe_megatron.cli import quiet_warnings
+
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -420,7 +422,7 @@ def main(argv=None) -> int:
     from dsmoe_megatron.config import ConfigError
     from dsmoe_megatron.yaml_config import YamlConfigError, load_run_config
 
-    args = parse_args(argv)
+    args = parse_args(quiet_warnings(argv))
     try:
         run = load_run_config(args.config, args.overrides)
     except (ConfigError, YamlConfigError, FileNotFoundError) as error:
