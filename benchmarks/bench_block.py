@@ -7,7 +7,8 @@ Compared, on the same tokens and routing:
   dense-equivalent   one SwiGLU MLP of width (shared + top-k) x expert width: the same math FLOPs,
                      the ideal the MoE block approaches (ratio 1.0)
   naive-loop         a per-expert Python loop over token masks, as in the released HF modeling code
-  megatron-moe       Megatron-core's own MoELayer (only where it runs: GPU with Transformer Engine)
+  megatron-moe[..]   Megatron-core's own MoELayer: TEGroupedMLP with Transformer Engine,
+                     its local SequentialMLP without
 TFLOP/s counts only the FLOPs the math needs: 3 x (forward) for forward+backward.
 Results go to benchmarks/results/<device>_<date>.{json,md}.
 """
@@ -112,27 +113,27 @@ def dense_equivalent(hidden, width, dtype, device):
 
 
 def megatron_moe(hidden, shared, routed, width, topk, dtype, device):
-    """Megatron-core's MoELayer with TE grouped GEMM, or None where it cannot run."""
-    from dsmoe_megatron.backends import te_available
-
-    if not te_available():
-        return None
+    """Megatron-core's MoELayer (alltoall dispatcher): TEGroupedMLP where Transformer Engine
+    imports, its local SequentialMLP elsewhere. Returns (label, layer)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from dsmoe_megatron.backends import te_available
+
+    te = te_available()
     config = TransformerConfig(
         num_layers=1, hidden_size=hidden, num_attention_heads=8, num_moe_experts=routed,
         moe_router_topk=topk, moe_ffn_hidden_size=width, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, moe_grouped_gemm=True,
+        activation_func=F.silu, add_bias_linear=False, moe_grouped_gemm=te,
         moe_shared_expert_intermediate_size=shared * width, moe_router_pre_softmax=True,
-        moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.001,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.001, moe_router_dtype="fp32",
+        bias_activation_fusion=te, params_dtype=dtype, bf16=dtype == torch.bfloat16,
     )
-    builder = get_moe_module_spec(use_te=True, num_experts=routed, moe_grouped_gemm=True)
+    builder = get_moe_module_spec(use_te=te, num_experts=routed, moe_grouped_gemm=te)
     layer = builder(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
                     is_mtp_layer=False)
-    return layer.to(device)
+    return f"megatron-moe[{'TEGroupedMLP' if te else 'SequentialMLP'}]", layer.to(device)
 
 
 def bench_shape(name, shape, tokens, routing, dtype, device, repeats):
@@ -176,13 +177,13 @@ def bench_shape(name, shape, tokens, routing, dtype, device, repeats):
     record("naive-loop", naive_step)
     dense, _ = dense_equivalent(hidden, (shared + topk) * width, dtype, device)
     record("dense-equivalent", lambda: dense(inputs).backward(grad))
-    mcore = megatron_moe(hidden, shared, routed, width, topk, dtype, device)
-    if mcore is not None:
-        def mcore_step():
-            out, _ = mcore(inputs.detach().requires_grad_())
-            out.backward(grad)
+    label, mcore = megatron_moe(hidden, shared, routed, width, topk, dtype, device)
 
-        record("megatron-moe", mcore_step)
+    def mcore_step():
+        out, _ = mcore(inputs.detach().requires_grad_())
+        out.backward(grad)
+
+    record(label, mcore_step)
     return rows
 
 
