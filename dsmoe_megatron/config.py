@@ -340,7 +340,8 @@ def machine_fusions() -> dict[str, bool]:
     """
     from dsmoe_megatron.backends import te_available
 
-    gpu, te = torch.cuda.is_available(), te_available()
+    gpu = torch.cuda.is_available()
+    te = gpu and te_available()  # TE's kernels run on a GPU only
     return dict(
         bias_activation_fusion=gpu,
         bias_dropout_fusion=gpu,
