@@ -7,7 +7,8 @@ Compared, on the same tokens and routing:
   dense-equivalent   one SwiGLU MLP of width (shared + top-k) x expert width: the same math FLOPs,
                      the ideal the MoE block approaches (ratio 1.0)
   naive-loop         a per-expert Python loop over token masks, as in the released HF modeling code
-  megatron-moe       Megatron-core's own MoELayer (only where it runs: GPU with Transformer Engine)
+  megatron-moe[..]   Megatron-core's own MoELayer: TEGroupedMLP with Transformer Engine,
+                     its local SequentialMLP without
 TFLOP/s counts only the FLOPs the math needs: 3 x (forward) for forward+backward.
 Results go to benchmarks/results/<device>_<date>.{json,md}.
 """
@@ -92,8 +93,8 @@ def naive_loop(block, x):
         if rows.numel() == 0:
             continue
         h = tokens[rows]
-        y = F.linear(F.silu(F.linear(h, experts.gate_proj[e])) * F.linear(h, experts.up_proj[e]),
-                     experts.down_proj[e])
+        gate_proj, up_proj = experts.gate_up_proj[e].chunk(2, dim=0)
+        y = F.linear(F.silu(F.linear(h, gate_proj)) * F.linear(h, up_proj), experts.down_proj[e])
         gate = (routing.gates * hit)[rows].sum(-1, keepdim=True).to(y.dtype)
         out.index_add_(0, rows, y * gate)
     shared, _ = block.shared_experts(x)
@@ -112,27 +113,27 @@ def dense_equivalent(hidden, width, dtype, device):
 
 
 def megatron_moe(hidden, shared, routed, width, topk, dtype, device):
-    """Megatron-core's MoELayer with TE grouped GEMM, or None where it cannot run."""
-    from dsmoe_megatron.backends import te_available
-
-    if not te_available():
-        return None
+    """Megatron-core's MoELayer (alltoall dispatcher): TEGroupedMLP where Transformer Engine
+    imports, its local SequentialMLP elsewhere. Returns (label, layer)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from dsmoe_megatron.backends import te_available
+
+    te = te_available()
     config = TransformerConfig(
         num_layers=1, hidden_size=hidden, num_attention_heads=8, num_moe_experts=routed,
         moe_router_topk=topk, moe_ffn_hidden_size=width, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, moe_grouped_gemm=True,
+        activation_func=F.silu, add_bias_linear=False, moe_grouped_gemm=te,
         moe_shared_expert_intermediate_size=shared * width, moe_router_pre_softmax=True,
-        moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.001,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.001, moe_router_dtype="fp32",
+        bias_activation_fusion=te, params_dtype=dtype, bf16=dtype == torch.bfloat16,
     )
-    builder = get_moe_module_spec(use_te=True, num_experts=routed, moe_grouped_gemm=True)
+    builder = get_moe_module_spec(use_te=te, num_experts=routed, moe_grouped_gemm=te)
     layer = builder(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
                     is_mtp_layer=False)
-    return layer.to(device)
+    return f"megatron-moe[{'TEGroupedMLP' if te else 'SequentialMLP'}]", layer.to(device)
 
 
 def bench_shape(name, shape, tokens, routing, dtype, device, repeats):
@@ -176,13 +177,13 @@ def bench_shape(name, shape, tokens, routing, dtype, device, repeats):
     record("naive-loop", naive_step)
     dense, _ = dense_equivalent(hidden, (shared + topk) * width, dtype, device)
     record("dense-equivalent", lambda: dense(inputs).backward(grad))
-    mcore = megatron_moe(hidden, shared, routed, width, topk, dtype, device)
-    if mcore is not None:
-        def mcore_step():
-            out, _ = mcore(inputs.detach().requires_grad_())
-            out.backward(grad)
+    label, mcore = megatron_moe(hidden, shared, routed, width, topk, dtype, device)
 
-        record("megatron-moe", mcore_step)
+    def mcore_step():
+        out, _ = mcore(inputs.detach().requires_grad_())
+        out.backward(grad)
+
+    record(label, mcore_step)
     return rows
 
 
@@ -206,6 +207,9 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description="DeepSeekMoE block benchmark")
     parser.add_argument("--tokens", type=int, nargs="*", default=None)
+    parser.add_argument("--shapes", nargs="*", default=None,
+                        help=f"GPU: {list(SHAPES_GPU)}, CPU: {list(SHAPES_CPU)}")
+    parser.add_argument("--routing", nargs="*", default=["balanced", "skewed"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -213,12 +217,13 @@ def main(argv=None):
     gpu = rt.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     shapes = SHAPES_GPU if gpu else SHAPES_CPU
+    shapes = {k: v for k, v in shapes.items() if args.shapes is None or k in args.shapes}
     token_counts = args.tokens or ([4096, 16384, 32768] if gpu else [1024, 4096])
     repeats = args.repeats or (10 if gpu else 3)
     rows = []
     for name, shape in shapes.items():
         for tokens in token_counts:
-            for routing in ("balanced", "skewed"):
+            for routing in args.routing:
                 rows.extend(bench_shape(name, shape, tokens, routing, dtype, rt.device, repeats))
                 print(f"done: {name} {tokens} tokens {routing}", flush=True)
     device_name = torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"

@@ -174,6 +174,7 @@ def _check_low_precision(cfg: DeepSeekMoEConfig) -> None:
 
 def _fill_deepseek_defaults(cfg: DeepSeekMoEConfig) -> None:
     _check_before_megatron(cfg)
+    _fit_hot_path(cfg)
     # Dense and MoE layers differ, so checkpoints key every layer by its global index
     # (decoder.layers.N....) instead of stacking layers along one axis.
     cfg.hetereogenous_dist_checkpoint = True
@@ -306,7 +307,8 @@ def _gpu_supports_fp8() -> bool:
 
 
 def deepseek_defaults() -> dict:
-    """Field values shared by every DeepSeekMoE model (SwiGLU, RMSNorm, RoPE, no biases)."""
+    """Field values shared by every DeepSeekMoE model (SwiGLU, RMSNorm, RoPE, no biases), with
+    Megatron's kernel fusions on where this machine runs them."""
     return dict(
         normalization="RMSNorm",
         gated_linear_unit=True,
@@ -315,14 +317,71 @@ def deepseek_defaults() -> dict:
         moe_router_pre_softmax=True,
         moe_router_load_balancing_type="seq_aux_loss",
         moe_router_topk_scaling_factor=None,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
+        moe_token_dispatcher_type="alltoall",  # what the routed experts do (dropless)
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        **machine_fusions(),
     )
+
+
+# ---- hot path: kernel fusions, selective recompute, FP8 padding ----------------------------
+
+FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
+           "apply_rope_fusion", "gradient_accumulation_fusion", "moe_permute_fusion")
+
+
+def machine_fusions() -> dict[str, bool]:
+    """Megatron-core's kernel fusions this machine can run; the one place they are chosen.
+
+    GPU: the compiled SwiGLU (our weighted SwiGLU too) and bias-dropout-add; with Transformer
+    Engine its fused RoPE and MoE permute / unpermute; with apex's fused_weight_gradient_mlp_cuda
+    the fused weight-gradient accumulation; Megatron-LM's softmax kernels where they are built.
+    CPU: none.
+    """
+    from dsmoe_megatron.backends import te_available
+
+    gpu = torch.cuda.is_available()
+    te = gpu and te_available()  # TE's kernels run on a GPU only
+    return dict(
+        bias_activation_fusion=gpu,
+        bias_dropout_fusion=gpu,
+        masked_softmax_fusion=gpu and _importable("scaled_masked_softmax_cuda"),
+        apply_rope_fusion=te,
+        gradient_accumulation_fusion=gpu and _importable("fused_weight_gradient_mlp_cuda"),
+        moe_permute_fusion=te and _mcore_fused_permute(),
+    )
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _mcore_fused_permute() -> bool:
+    from megatron.core.transformer.moe import moe_utils
+
+    return all(getattr(moe_utils, name, None) is not None for name in (
+        "fused_permute", "fused_permute_with_probs", "fused_unpermute",
+        "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs"))
+
+
+def _fit_hot_path(cfg: DeepSeekMoEConfig) -> None:
+    """Fusions this machine cannot run are turned off (a run config written on a GPU machine
+    loads on a CPU one); recompute and FP8 padding settings are checked."""
+    allowed = machine_fusions()
+    for name in FUSIONS:
+        setattr(cfg, name, bool(getattr(cfg, name)) and allowed[name])
+    if cfg.moe_router_padding_for_fp8 or cfg.moe_router_padding_for_quantization:
+        raise ConfigError(
+            "moe_router_padding_for_fp8 / moe_router_padding_for_quantization route extra tokens "
+            "in Megatron's router; DeepSeekMoE's experts pad each expert's rows for FP8 "
+            "themselves (exactly, no extra tokens): remove the key"
+        )
+    if cfg.recompute_granularity == "selective" and "moe_act" in (cfg.recompute_modules or ()):
+        # Megatron guards moe_act against its SequentialMLP; our experts are grouped on every
+        # backend and support it.
+        cfg.moe_grouped_gemm = True
 
 
 def derive_from_baseline(ffn_hidden_size: int, num_experts: int, topk: int,

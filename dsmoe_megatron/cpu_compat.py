@@ -16,6 +16,9 @@ redirects exactly these, and nothing else:
 
 5. ``tensor.type()`` reports the CUDA type name (``torch.cuda.FloatTensor``): Megatron's
    optimizers check parameter types by these strings.
+6. Megatron's activation recompute re-runs forward code inside backward, where the mode of 1 is
+   not active (autograd does not carry torch-function modes into backward): its two entry
+   points (``CheckpointFunction.backward``, ``CheckpointWithoutOutput._recompute``) run under it.
 
 ``activate()`` is a no-op when CUDA is available; ``deactivate()`` restores every original.
 The plugin's own modules never rely on this layer: they are device-agnostic.
@@ -58,6 +61,14 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+def _under_cpu_mode(fn):
+    def run(*args, **kwargs):
+        with _CudaToCpuMode():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 class _InertStream:
@@ -177,6 +188,9 @@ class CpuCompat:
             self._patch(mcore_random, "_get_cuda_rng_state", _cpu_rng_get_state)
             self._patch(mcore_random, "_set_cuda_rng_state", _cpu_rng_set_state)
             self._patch(torch.Tensor, "record_stream", _no_op)
+            for owner, name in ((mcore_random.CheckpointFunction, "backward"),
+                                (mcore_random.CheckpointWithoutOutput, "_recompute")):
+                self._patch(owner, name, _under_cpu_mode(getattr(owner, name)))
             logging.getLogger(mcore_random.__name__).addFilter(self._filter)
             self._mode = _CudaToCpuMode()
             self._mode.__enter__()

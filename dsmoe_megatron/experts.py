@@ -1,17 +1,23 @@
-"""Routed experts: dropless expert-parallel dispatch and SwiGLU grouped GEMMs.
+"""Routed experts: this rank's experts' SwiGLU on rows grouped by expert.
+
+    fc1 = rows @ gate_up_proj[e]^T      one grouped GEMM, [E, 2W, H] = [gate; up] per expert
+    act = silu(gate) * up * prob        the weighted SwiGLU (keeps only fc1's output)
+    out = act @ down_proj[e]^T          [E, H, W]
 
 Each EP rank holds E/EP experts; each expert's width may be sharded over the expert-tensor-
-parallel group. Weights are stored per projection as [local experts, out, in] so one grouped GEMM
-serves each projection, and they map one-to-one onto the checkpoint layout:
-``gate_proj`` / ``up_proj`` [E, W, H] and ``down_proj`` [E, H, W].
+parallel group (then each rank's fc1 slice is [gate shard; up shard]). Checkpoints keep one
+tensor per projection, ``gate_proj`` / ``up_proj`` [E, W, H] and ``down_proj`` [E, H, W],
+whatever the backend and layout: the fused fc1 is split on save and joined on load (a
+ShardedTensorFactory, as Megatron-core does for its GLU fc1), and ``state_dict()`` shows the same
+three names. Selective recompute of ``moe_act`` (Megatron's name) drops the SwiGLU output after
+fc2 has used it and recomputes it from fc1's output in backward.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
-from megatron.core.tensor_parallel.mappings import all_to_all
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel.random import (
     get_cuda_rng_tracker,
     get_expert_parallel_rng_tracker_name,
@@ -21,7 +27,8 @@ from dsmoe_megatron import ops
 from dsmoe_megatron.backends import resolve_expert_backend
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig
 
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+WIDTH_AXIS = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}  # axis of the expert width
+FC1, FC2 = "gate_up_proj", "down_proj"
 
 
 def _group_size(group) -> int:
@@ -32,64 +39,22 @@ def _group_rank(group) -> int:
     return 0 if group is None else group.rank()
 
 
-class ExpertDispatcher:
-    """Sends each row to the EP rank that owns its expert and brings the results back.
-
-    Rows arrive sorted by global expert id, so they are already grouped by destination rank.
-    The per-expert counts are exchanged first; the split sizes are the one host sync that
-    uneven all-to-all needs.
-    """
-
-    def __init__(self, ep_group, num_local_experts: int):
-        self.ep_group = ep_group
-        self.num_local_experts = num_local_experts
-
-    def dispatch(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor):
-        ep, e_local = _group_size(self.ep_group), self.num_local_experts
-        if ep == 1:
-            return rows, tokens_per_expert, None
-        received_counts = torch.empty_like(tokens_per_expert)
-        torch.distributed.all_to_all_single(received_counts, tokens_per_expert, group=self.ep_group)
-        per_rank_send = tokens_per_expert.view(ep, e_local).sum(1)
-        per_rank_recv = received_counts.view(ep, e_local).sum(1)
-        splits = torch.stack([per_rank_send, per_rank_recv]).cpu()
-        send_splits, recv_splits = splits[0].tolist(), splits[1].tolist()
-        received = all_to_all(self.ep_group, rows, recv_splits, send_splits)
-        # Received rows are ordered [source rank][local expert]; regroup them by local expert.
-        local_expert_of_row = torch.repeat_interleave(
-            torch.arange(e_local, device=rows.device).repeat(ep), received_counts
-        )
-        regroup = torch.argsort(local_expert_of_row, stable=True)
-        state = (regroup, send_splits, recv_splits)
-        return received[regroup], received_counts.view(ep, e_local).sum(0), state
-
-    def combine(self, rows: torch.Tensor, state) -> torch.Tensor:
-        if state is None:
-            return rows
-        regroup, send_splits, recv_splits = state
-        by_source = rows.new_zeros(rows.shape).index_copy(0, regroup, rows)
-        return all_to_all(self.ep_group, by_source, send_splits, recv_splits)
-
-
 class RoutedExperts(torch.nn.Module):
-    def __init__(self, config: DeepSeekMoEConfig, ep_group=None, expert_tp_group=None,
-                 expert_dp_group=None):
+    def __init__(self, config: DeepSeekMoEConfig, pg_collection):
         super().__init__()
         self.config = config
-        ep = _group_size(ep_group)
-        self.num_experts = config.num_moe_experts
-        self.num_local_experts = self.num_experts // ep
+        self.pg_collection = pg_collection
         self.ep_group, self.expert_tp_group, self.expert_dp_group = (
-            ep_group, expert_tp_group, expert_dp_group,
-        )
-        etp = _group_size(expert_tp_group)
-        width = config.moe_ffn_hidden_size // etp
-        hidden = config.hidden_size
+            pg_collection.ep, pg_collection.expt_tp, pg_collection.expt_dp)
+        self.num_experts = config.num_moe_experts
+        self.num_local_experts = self.num_experts // _group_size(self.ep_group)
+        self.width = config.moe_ffn_hidden_size // _group_size(self.expert_tp_group)
         self.backend = resolve_expert_backend(config.moe_expert_backend)
-        self.shapes = {"gate_proj": (width, hidden), "up_proj": (width, hidden),
-                       "down_proj": (hidden, width)}
+        self.needs_host_counts = ops.NEEDS_HOST_COUNTS[self.backend]
+        self.recompute_activation = (config.recompute_granularity == "selective"
+                                     and "moe_act" in config.recompute_modules)
+        self.pad_multiple = 0  # rows per expert rounded up to this (FP8 GEMMs), 0: none
         self._build_weights()
-        self.dispatcher = ExpertDispatcher(ep_group, self.num_local_experts)
 
     def _build_weights(self) -> None:
         if self.backend not in ops.GEMMS:
@@ -98,101 +63,192 @@ class RoutedExperts(torch.nn.Module):
                 f"{tuple(ops.GEMMS)}, 'te' (with Transformer Engine) or 'auto'"
             )
         self.gemm = ops.GEMMS[self.backend]
-        config = self.config
-        for name, (out_features, in_features) in self.shapes.items():
-            weight = torch.empty(self.num_local_experts, out_features, in_features,
-                                 dtype=config.params_dtype)
-            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
-                for expert_weight in weight:
-                    _init_method(config, name)(expert_weight)
+        hidden = self.config.hidden_size
+        gate = new_expert_weight(self.config, "gate_proj", (self.width, hidden),
+                                 self.num_local_experts)
+        up = new_expert_weight(self.config, "up_proj", (self.width, hidden),
+                               self.num_local_experts)
+        down = new_expert_weight(self.config, "down_proj", (hidden, self.width),
+                                 self.num_local_experts)
+        for name, weight in ((FC1, torch.cat([gate, up], dim=1)), (FC2, down)):
             param = torch.nn.Parameter(weight)
             # Megatron's DDP reduces params with allreduce=False over the expert-DP group.
             param.allreduce = False
             self.register_parameter(name, param)
+        self.register_state_dict_post_hook(_split_fc1_in_state_dict)
+        self.register_load_state_dict_pre_hook(_join_fc1_in_state_dict)
 
-    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor):
-        """x [T, H], expert_idx/gates [T, k] -> sum_k gates * expert(x) [T, H] (partial over ETP)."""
-        rows, order, tokens_per_expert = ops.permute(x, expert_idx, self.num_experts)
-        rows, local_counts, state = self.dispatcher.dispatch(rows, tokens_per_expert)
-        rows = self.swiglu(rows, local_counts)
-        rows = self.dispatcher.combine(rows, state)
-        return ops.unpermute(rows, order, gates), tokens_per_expert
+    def fc1(self, rows, counts, host_counts):
+        return self.gemm(rows, self.gate_up_proj, counts, host_counts)
 
-    def swiglu(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        gate = self.gemm(rows, self.gate_proj, tokens_per_expert)
-        up = self.gemm(rows, self.up_proj, tokens_per_expert)
-        return self.gemm(F.silu(gate) * up, self.down_proj, tokens_per_expert)
+    def fc2(self, rows, counts, host_counts):
+        return self.gemm(rows, self.down_proj, counts, host_counts)
+
+    def forward(self, rows: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
+                host_counts: list[int] | None) -> torch.Tensor:
+        """rows [M, H] grouped by local expert, probs [M], counts [E_local] (device; and host
+        list for backends that need it) -> prob * expert(row) [M, H] (partial over expert TP)."""
+        if self.pad_multiple:
+            rows, probs, host_counts, unpad = ops.pad_rows(rows, probs, host_counts,
+                                                           self.pad_multiple)
+            counts = torch.tensor(host_counts, device=rows.device)
+        fc1 = self.fc1(rows, counts, host_counts)
+        if self.recompute_activation and torch.is_grad_enabled():
+            checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
+            act = checkpoint.checkpoint(self.activation, fc1, probs)
+            out = self.fc2(act, counts, host_counts)
+            checkpoint.discard_output_and_register_recompute(out)
+        else:
+            out = self.fc2(self.activation(fc1, probs), counts, host_counts)
+        return ops.unpad_rows(out, unpad) if self.pad_multiple else out
+
+    def activation(self, fc1: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        if self.config.bias_activation_fusion:
+            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+            return weighted_bias_swiglu_impl(fc1, None, probs.unsqueeze(-1))
+        return ops.weighted_swiglu(fc1, probs)
+
+    def _sharded(self, key, tensor, width_axis, sharded_offsets, replica_id, expert=None):
+        """A ShardedTensor of the global [E, ...] tensor: this rank's experts (all of them, or
+        the one global ``expert`` for a per-expert tensor) and its slice of the width."""
+        n = len(sharded_offsets)
+        etp_rank, etp = _group_rank(self.expert_tp_group), _group_size(self.expert_tp_group)
+        if expert is None:
+            expert_offset = (n, _group_rank(self.ep_group), _group_size(self.ep_group))
+        else:
+            expert_offset = (n, expert, self.num_experts)
+        return ShardedTensor.from_rank_offsets(
+            key, tensor, *sharded_offsets, expert_offset, (n + width_axis, etp_rank, etp),
+            replica_id=replica_id, prepend_axis_num=n + (expert is not None),
+        )
+
+    def _replica_id(self):
+        return (0, 0, _group_rank(self.expert_dp_group))
+
+    def _fc1_factory(self, prefix, name, tensor, sharded_offsets, expert=None):
+        """``prefix + name`` saved as gate_proj and up_proj (the halves of fc1's rows), joined
+        again on load."""
+        axis = 1 if expert is None else 0  # the width axis of the local tensor
+
+        def build(key, t, replica_id, flattened_range):
+            # key is prefix + name, or an optimizer state's "optimizer.state.<x>." + that.
+            assert flattened_range is None, "flattened expert tensors are not supported"
+            base = key.removesuffix(name)
+            gate, up = t.chunk(2, dim=axis)
+            return {half: self._sharded(base + half, value, 1, sharded_offsets, replica_id,
+                                        expert)
+                    for half, value in (("gate_proj", gate), ("up_proj", up))}
+
+        def merge(loaded):
+            return torch.cat([loaded["gate_proj"], loaded["up_proj"]], dim=axis)
+
+        return ShardedTensorFactory(prefix + name, tensor, build, merge,
+                                    replica_id=self._replica_id())
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        ep_rank, ep = _group_rank(self.ep_group), _group_size(self.ep_group)
-        etp_rank, etp = _group_rank(self.expert_tp_group), _group_size(self.expert_tp_group)
-        n = len(sharded_offsets)
-        out = {}
-        for name in PROJECTIONS:
-            out[f"{prefix}{name}"] = ShardedTensor.from_rank_offsets(
-                f"{prefix}{name}", getattr(self, name), *sharded_offsets,
-                (n, ep_rank, ep), (n + WIDTH_AXIS[name], etp_rank, etp),
-                replica_id=(0, 0, _group_rank(self.expert_dp_group)),
-                prepend_axis_num=n,
-            )
-        return out
+        return {
+            prefix + FC1: self._fc1_factory(prefix, FC1, self.gate_up_proj, sharded_offsets),
+            prefix + FC2: self._sharded(prefix + FC2, self.down_proj, WIDTH_AXIS[FC2],
+                                        sharded_offsets, self._replica_id()),
+        }
 
 
-class TEGroupedExperts(RoutedExperts):
-    """Routed experts on Transformer Engine's GroupedLinear: bf16, or FP8 under TE's autocast
-    (Megatron's TransformerBlock enters it per layer when ``config.fp8`` is set).
-
-    Each projection is one GroupedLinear holding a [W, H] weight per local expert; the checkpoint
-    keys are RoutedExperts', one expert slice each, so checkpoints move between backends.
-    """
-
-    def _build_weights(self) -> None:
-        import transformer_engine.pytorch as te
-
-        config = self.config
-        for name, (out_features, in_features) in self.shapes.items():
-            layer = te.GroupedLinear(
-                self.num_local_experts, in_features, out_features, bias=False,
-                params_dtype=config.params_dtype, device=torch.cuda.current_device(),
-                init_method=_init_method(config, name),
-                get_rng_state_tracker=get_cuda_rng_tracker,
-                rng_tracker_name=get_expert_parallel_rng_tracker_name(),
-            )
-            for param in layer.parameters():
-                param.allreduce = False
-            self.add_module(name, layer)
-
-    def swiglu(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        splits = tokens_per_expert.tolist()  # GroupedLinear takes host-side split sizes
-        gate = self.gate_proj(rows, splits)
-        up = self.up_proj(rows, splits)
-        return self.down_proj(F.silu(gate) * up, splits)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        ep_rank = _group_rank(self.ep_group)
-        etp_rank, etp = _group_rank(self.expert_tp_group), _group_size(self.expert_tp_group)
-        n = len(sharded_offsets)
-        out = {}
-        for name in PROJECTIONS:
-            layer = getattr(self, name)
-            for i in range(self.num_local_experts):
-                out[f"{prefix}{name}.weight{i}"] = ShardedTensor.from_rank_offsets(
-                    f"{prefix}{name}", getattr(layer, f"weight{i}"), *sharded_offsets,
-                    (n, ep_rank * self.num_local_experts + i, self.num_experts),
-                    (n + WIDTH_AXIS[name], etp_rank, etp),
-                    replica_id=(0, 0, _group_rank(self.expert_dp_group)),
-                    prepend_axis_num=n + 1,
-                )
-        return out
-
-
-WIDTH_AXIS = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}  # axis of the expert width
+def new_expert_weight(config, name: str, shape: tuple[int, int], num_local_experts: int
+                      ) -> torch.Tensor:
+    """One projection's [local experts, out, in] weight, initialised per expert."""
+    weight = torch.empty(num_local_experts, *shape, dtype=config.params_dtype)
+    with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+        for expert_weight in weight:
+            _init_method(config, name)(expert_weight)
+    return weight
 
 
 def _init_method(config, name: str):
     return config.output_layer_init_method if name == "down_proj" else config.init_method
 
 
-def build_routed_experts(config, **groups) -> RoutedExperts:
+def _split_fc1_in_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict(): the fused fc1 shows as gate_proj and up_proj (views), as in checkpoints."""
+    fc1 = state_dict.pop(prefix + FC1)
+    down = state_dict.pop(prefix + FC2)
+    state_dict[prefix + "gate_proj"], state_dict[prefix + "up_proj"] = fc1.chunk(2, dim=1)
+    state_dict[prefix + FC2] = down
+
+
+def _join_fc1_in_state_dict(module, state_dict, prefix, *args) -> None:
+    gate, up = prefix + "gate_proj", prefix + "up_proj"
+    if gate in state_dict and up in state_dict:
+        state_dict[prefix + FC1] = torch.cat([state_dict.pop(gate), state_dict.pop(up)], dim=1)
+
+
+class TEGroupedExperts(RoutedExperts):
+    """Routed experts on Transformer Engine's GroupedLinear through Megatron-core's wrappers
+    (which honour perform_initialization, use_cpu_initialization and meta-device init, the
+    expert RNG tracker and gradient-accumulation fusion): bf16, or FP8 under TE's autocast
+    (Megatron's TransformerBlock enters it per layer when ``config.fp8`` is set), with each
+    expert's rows padded to what FP8 GEMMs need.
+
+    Checkpoint keys are RoutedExperts' (one expert slice each), so checkpoints move between
+    backends; under FP8 each expert's scaling state (TE's ``_extra_state``) is saved with it.
+    """
+
+    def _build_weights(self) -> None:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelGroupedLinear,
+            TERowParallelGroupedLinear,
+        )
+        from megatron.core.transformer.moe.moe_utils import get_align_size_for_quantization
+
+        config, hidden = self.config, self.config.hidden_size
+        common = dict(config=config, bias=False, skip_bias_add=False, is_expert=True,
+                      pg_collection=self.pg_collection)
+        # Widths are global; the wrappers shard them over the expert-TP group.
+        self.gate_up_proj = TEColumnParallelGroupedLinear(
+            self.num_local_experts, hidden, 2 * config.moe_ffn_hidden_size,
+            init_method=config.init_method, **common)
+        self.down_proj = TERowParallelGroupedLinear(
+            self.num_local_experts, config.moe_ffn_hidden_size, hidden,
+            init_method=config.output_layer_init_method, **common)
+        self.pad_multiple = get_align_size_for_quantization(config)
+
+    def fc1(self, rows, counts, host_counts):
+        return self.gate_up_proj(rows, host_counts)[0]
+
+    def fc2(self, rows, counts, host_counts):
+        return self.down_proj(rows, host_counts)[0]
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        first = _group_rank(self.ep_group) * self.num_local_experts
+        out = {}
+        for name in (FC1, FC2):
+            layer = getattr(self, name)
+            extra_states = (layer._split_extra_state(layer.state_dict()["_extra_state"])
+                            if self.config.fp8 else None)
+            for i in range(self.num_local_experts):
+                weight, expert = getattr(layer, f"weight{i}"), first + i
+                key = f"{prefix}{name}.weight{i}"
+                if name == FC1:
+                    out[key] = self._fc1_factory(prefix, f"{FC1}.weight{i}", weight,
+                                                 sharded_offsets, expert)
+                else:
+                    out[key] = self._sharded(prefix + FC2, weight, WIDTH_AXIS[FC2],
+                                             sharded_offsets, self._replica_id(), expert)
+                if extra_states is not None:
+                    out[f"{prefix}{name}._extra_state{i or ''}"] = self._extra_state_object(
+                        f"{prefix}{name}._extra_state", extra_states[i], expert,
+                        sharded_offsets)
+        return out
+
+    def _extra_state_object(self, key, state, expert, sharded_offsets) -> ShardedObject:
+        """One expert's FP8 scaling state, keyed by its global expert index."""
+        return ShardedObject(
+            key, state, (*(o[2] for o in sharded_offsets), self.num_experts),
+            (*(o[1] for o in sharded_offsets), expert),
+            replica_id=(0, _group_rank(self.expert_tp_group), _group_rank(self.expert_dp_group)),
+        )
+
+
+def build_routed_experts(config, pg_collection) -> RoutedExperts:
     backend = resolve_expert_backend(config.moe_expert_backend)
-    return (TEGroupedExperts if backend == "te" else RoutedExperts)(config, **groups)
+    return (TEGroupedExperts if backend == "te" else RoutedExperts)(config, pg_collection)

@@ -1,31 +1,13 @@
-"""The MoE hot path as a few ops: permute, grouped GEMM, unpermute.
+"""Expert math on rows grouped by expert: grouped GEMMs, the weighted SwiGLU, FP8 row padding.
 
-Shapes: T tokens, k experts per token, E experts, H hidden, W width.
-``permute`` sorts the T*k (token, expert) pairs by expert so each expert's rows are contiguous;
-``grouped_gemm`` multiplies every expert's rows by that expert's weight; ``unpermute`` puts the
-rows back and sums each token's k outputs weighted by its gates. Nothing is dropped.
+Shapes: M rows (token copies) grouped by expert, E local experts, H hidden, W expert width.
+``tokens_per_expert`` [E] gives each expert's row count, on the device (grouped_mm needs no host
+copy) or as a host list where a kernel takes host-side split sizes.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def permute(x: torch.Tensor, expert_idx: torch.Tensor, num_experts: int):
-    """x [T, H], expert_idx [T, k] -> rows [T*k, H] grouped by expert, the order, counts [E]."""
-    k = expert_idx.shape[1]
-    flat = expert_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
-    return x[order // k], order, tokens_per_expert
-
-
-def unpermute(rows: torch.Tensor, order: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """rows [T*k, H] in expert order, gates [T, k] -> sum_k gate * row, [T, H] (in rows' dtype)."""
-    num_tokens, k = gates.shape
-    in_token_order = rows.new_zeros(rows.shape).index_copy(0, order, rows)
-    weighted = in_token_order.view(num_tokens, k, -1).float() * gates.unsqueeze(-1).float()
-    return weighted.sum(1).to(rows.dtype)
 
 
 def _aligned(n: int, dtype: torch.dtype) -> int:
@@ -41,10 +23,11 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor):
+def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor,
+               host_counts: list[int] | None = None) -> torch.Tensor:
     """rows [M, K] grouped by expert, weight [E, N, K] -> [M, N] with torch._grouped_mm.
 
-    Pads K and N with zeros when they break the 16-byte stride rule.
+    Pads K and N with zeros when they break the 16-byte stride rule. No host sync.
     """
     _, n, k = weight.shape
     k_pad, n_pad = _aligned(k, rows.dtype) - k, _aligned(n, rows.dtype) - n
@@ -57,10 +40,70 @@ def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torc
     return out[:, :n] if n_pad else out
 
 
-def sequential_mm(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor):
+def sequential_mm(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor,
+                  host_counts: list[int] | None = None) -> torch.Tensor:
     """The reference: one matmul per expert (needs the counts on the host)."""
-    chunks = torch.split(rows, tokens_per_expert.tolist())
+    chunks = torch.split(rows, host_counts)
     return torch.cat([chunk @ w.t() for chunk, w in zip(chunks, weight)], dim=0)
 
 
 GEMMS = {"grouped_mm": grouped_mm, "sequential": sequential_mm}
+NEEDS_HOST_COUNTS = {"grouped_mm": False, "sequential": True, "te": True}
+
+
+class WeightedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up * prob per row, fc1 = [gate | up]; keeps only fc1's output and the probs.
+
+    The math and memory of Megatron-core's weighted SwiGLU fusion (used instead when
+    ``bias_activation_fusion`` is on, i.e. on a GPU), in plain torch for every device: computed
+    in fc1's dtype, the product with the (fp32) probs in fp32, returned in fc1's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, fc1: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(fc1, probs)
+        gate, up = fc1.chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up * probs.unsqueeze(-1)).to(fc1.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        fc1, probs = ctx.saved_tensors
+        gate, up = fc1.chunk(2, dim=-1)
+        silu = torch.nn.functional.silu(gate)
+        grad_product = (grad * probs.unsqueeze(-1)).to(fc1.dtype)  # d loss / d (silu * up)
+        grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate)
+        grad_probs = (grad.to(probs.dtype) * (silu * up)).sum(-1)
+        return torch.cat([grad_gate, grad_product * silu], dim=-1), grad_probs
+
+
+def weighted_swiglu(fc1: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """fc1 [M, 2W], probs [M] -> [M, W]."""
+    return WeightedSwiGLU.apply(fc1, probs)
+
+
+def pad_rows(rows: torch.Tensor, probs: torch.Tensor, host_counts: list[int], multiple: int):
+    """Give each expert a multiple of ``multiple`` rows (FP8 GEMMs need 16, MXFP8 32).
+
+    Appends zero rows (prob 0) after each expert's rows. Returns the padded rows and probs, the
+    padded host counts, and the index that ``unpad_rows`` takes back.
+    """
+    padded_counts = [-(-c // multiple) * multiple for c in host_counts]
+    # Each row moves by the padding added before its expert.
+    shifts, shift = [], 0
+    for count, padded in zip(host_counts, padded_counts):
+        shifts.append(shift)
+        shift += padded - count
+    device = rows.device
+    moves = torch.repeat_interleave(torch.tensor(shifts, device=device),
+                                    torch.tensor(host_counts, device=device),
+                                    output_size=rows.shape[0])
+    index = torch.arange(rows.shape[0], device=device) + moves
+    total = sum(padded_counts)
+    padded_rows = rows.new_zeros(total, rows.shape[1]).index_copy(0, index, rows)
+    padded_probs = probs.new_zeros(total).index_copy(0, index, probs)
+    return padded_rows, padded_probs, padded_counts, index
+
+
+def unpad_rows(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows ``pad_rows`` moved, back in their original order (padding dropped)."""
+    return padded[index]

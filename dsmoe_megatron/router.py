@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    router_gating_linear,
+    save_to_aux_losses_tracker,
+)
 
 from dsmoe_megatron.config import DeepSeekMoEConfig
 
@@ -86,7 +89,8 @@ class TopKRouter(torch.nn.Module):
         """hidden [S, B, H] -> Routing over its S*B tokens."""
         cfg = self.config
         x = hidden.reshape(-1, hidden.shape[-1])
-        logits = torch.nn.functional.linear(x.float(), self.weight.float())
+        # fp32 logits from the bf16 input, without keeping an fp32 copy of it for backward.
+        logits = router_gating_linear(x, self.weight, None, torch.float32)
         probs = torch.softmax(logits, dim=-1)
         ranked = probs
         if self.excluded_top_experts:
@@ -103,7 +107,10 @@ class TopKRouter(torch.nn.Module):
     def _aux_loss(self, probs, expert_idx, num_sequences):
         cfg = self.config
         a1, a2 = cfg.moe_aux_loss_coeff, cfg.moe_device_balance_coeff
-        if cfg.moe_router_load_balancing_type == "none" or not (a1 or a2) or not self.training:
+        # Skipped without grad: evaluation, and the first pass of a recomputed layer (so the
+        # losses are logged once, when the layer is recomputed with grad).
+        skip = not self.training or not torch.is_grad_enabled()
+        if cfg.moe_router_load_balancing_type == "none" or not (a1 or a2) or skip:
             return probs.new_zeros(())
         sharded = cfg.sequence_parallel and self.tp_group is not None
         expert_loss, device_loss = balance_losses(
@@ -112,10 +119,12 @@ class TopKRouter(torch.nn.Module):
             num_groups=cfg.num_device_groups(),
             tp_group=self.tp_group if sharded else None,
         )
-        self._log("load_balancing_loss", a1 * expert_loss)
-        if a2:
+        loss = a1 * expert_loss
+        self._log("load_balancing_loss", loss)
+        if a2:  # no backward through the device-level terms when a2 = 0
             self._log("device_balance_loss", a2 * device_loss)
-        return a1 * expert_loss + a2 * device_loss
+            loss = loss + a2 * device_loss
+        return loss
 
     def _log(self, name: str, value: torch.Tensor) -> None:
         if self.layer_number is None:

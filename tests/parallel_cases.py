@@ -118,3 +118,26 @@ def resave_run_checkpoint(src: str, dst: str, layout) -> dict:
     checkpoint.save(dst, 4, [model], run_config_yaml=text)
     local_experts = model.decoder.layers[-1].mlp.experts.num_local_experts
     return {"layers": len(model.decoder.layers), "experts": local_experts}
+
+
+def count_host_syncs(layout) -> dict:
+    """Host syncs of one forward and one backward of a DeepSeekMoE block on this rank, for each
+    CPU expert backend: {backend: (forward events, backward events)}."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+
+    from dsmoe_megatron.moe import DeepSeekMoE
+    from dsmoe_megatron.profiling import HostSyncCounter
+
+    counts = {}
+    for backend in ("grouped_mm", "sequential"):
+        config = tiny_config(layout, moe_expert_backend=backend)
+        sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        block = DeepSeekMoE(config, sub).train()
+        x = torch.randn(8, 2, config.hidden_size, requires_grad=True)
+        with HostSyncCounter() as forward:
+            out, _ = block(x)
+        with HostSyncCounter() as backward:
+            out.sum().backward()
+        counts[backend] = (forward.events, backward.events)
+    return counts

@@ -43,7 +43,8 @@ def reference_block(block, x):
             top_p = top_p / top_p.sum()
         y = torch.zeros_like(token)
         for p, e in zip(top_p, top_i):
-            h = F.silu(experts.gate_proj[e] @ token) * (experts.up_proj[e] @ token)
+            gate_proj, up_proj = experts.gate_up_proj[e].chunk(2, dim=0)
+            h = F.silu(gate_proj @ token) * (up_proj @ token)
             y = y + p * (experts.down_proj[e] @ h)
         if block.shared_experts is not None:
             fc1 = block.shared_experts.linear_fc1.weight

@@ -98,7 +98,7 @@ def test_example_trains_with_dsmoe_yaml(cache):
     # tiny.yaml: first layer dense (moe_first_k_dense: 1), DeepSeekMoE with a shared expert after.
     assert "decoder.layers.0.mlp.linear_fc1.weight" in log
     assert "decoder.layers.0.mlp.router" not in log
-    for name in ("router.weight", "shared_experts.linear_fc1.weight", "experts.gate_proj"):
+    for name in ("router.weight", "shared_experts.linear_fc1.weight", "experts.gate_up_proj"):
         assert f"decoder.layers.1.mlp.{name}" in log
     assert re.search(r"num_experts \.+ 15\b", log) and re.search(r"swiglu \.+ True", log)
 

@@ -11,7 +11,7 @@ import pytest
 from common import max_differences
 from distributed import run_on_ranks
 from dsmoe_megatron.runtime import ParallelLayout
-from parallel_cases import resave, single_rank_reference, train_step
+from parallel_cases import count_host_syncs, resave, single_rank_reference, train_step
 
 pytestmark = pytest.mark.distributed
 
@@ -101,3 +101,13 @@ def test_checkpoint_saved_under_ep2_loads_under_ep4_and_ep1(reference, tmp_path)
                                args=(layout, MOE, str(tmp_path / "ep2"), str(tmp_path / "g"),
                                      MICROBATCHES))
         assert combined_losses(results, layout) == pytest.approx(single["losses"], abs=TOL)
+
+
+def test_one_host_sync_per_moe_layer_under_ep2():
+    # The all-to-all split sizes (with the per-expert counts for host-count backends riding on
+    # the same copy); nothing in backward.
+    layout = ParallelLayout(expert=2)
+    for rank in run_on_ranks(count_host_syncs, 2, layout=layout, args=(layout,)):
+        for backend, (forward, backward) in rank.items():
+            assert forward == ["Tensor.tolist"], (backend, forward)
+            assert backward == [], (backend, backward)

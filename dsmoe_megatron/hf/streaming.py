@@ -197,6 +197,12 @@ def _layer_of(name: str) -> str:
     return match.group(0) if match else name
 
 
+def _is_optimizer_key(key: str) -> bool:
+    """Megatron's optimizer state: ``optimizer.*``, or ``chained_<i>.optimizer.*`` when MoE
+    expert parameters give it a ChainedOptimizer (every dsmoe-train checkpoint)."""
+    return re.match(r"(chained_\d+\.)?optimizer\.", key) is not None
+
+
 class DistCheckpointReader:
     """The model tensors of a Megatron dist checkpoint saved on any layout, each read on demand
     at its global shape under its local-spec name (``mapping.canonical_name``); the optimizer's
@@ -213,7 +219,7 @@ class DistCheckpointReader:
         self._entries: dict[str, tuple[str, TensorStorageMetadata]] = {
             canonical_name(key): (key, entry)
             for key, entry in metadata.state_dict_metadata.items()
-            if isinstance(entry, TensorStorageMetadata) and not key.startswith("optimizer.")
+            if isinstance(entry, TensorStorageMetadata) and not _is_optimizer_key(key)
         }
         self._layer, self._cache = None, {}
 

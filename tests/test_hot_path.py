@@ -1,0 +1,245 @@
+"""The lean hot path: its ops against plain references, host syncs, recompute and overlap.
+
+Each check compares with an independent computation (autograd of the plain formula, the run
+without recompute, the per-token reference of test_block) or counts something the code must
+not do (host syncs).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import aux_losses, build_chunks, make_batches, tiny_config
+from dsmoe_megatron import ops, runtime
+from dsmoe_megatron.profiling import HostSyncCounter, saved_bytes
+from test_block import compare_with_reference, make_block
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank_runtime():
+    runtime.initialize()
+    yield
+    runtime.shutdown()
+
+
+# ---- ops --------------------------------------------------------------------------------------
+
+def test_weighted_swiglu_matches_autograd_of_the_formula():
+    torch.manual_seed(0)
+    fc1 = torch.randn(11, 12, dtype=torch.float64, requires_grad=True)
+    probs = torch.rand(11, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(11, 6, dtype=torch.float64)
+    (ops.weighted_swiglu(fc1, probs) * upstream).sum().backward()
+    got = fc1.grad.clone(), probs.grad.clone()
+    fc1.grad = probs.grad = None
+    gate, up = fc1.chunk(2, dim=-1)
+    ((F.silu(gate) * up * probs[:, None]) * upstream).sum().backward()
+    torch.testing.assert_close(got[0], fc1.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], probs.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("multiple", [16, 32])
+def test_fp8_row_padding_round_trip_and_gradients(multiple):
+    counts = [5, 0, 16, 33, 1]
+    torch.manual_seed(0)
+    rows = torch.randn(sum(counts), 8, requires_grad=True)
+    probs = torch.rand(sum(counts), requires_grad=True)
+    padded, padded_probs, padded_counts, index = ops.pad_rows(rows, probs, counts, multiple)
+    assert all(c % multiple == 0 and c >= n for c, n in zip(padded_counts, counts))
+    assert padded.shape[0] == sum(padded_counts) == padded_probs.shape[0]
+    # Each expert's rows keep their order at the start of its padded block; the rest is zero.
+    start, pstart = 0, 0
+    for n, c in zip(counts, padded_counts):
+        assert torch.equal(padded[pstart:pstart + n], rows[start:start + n])
+        assert torch.equal(padded_probs[pstart:pstart + n], probs[start:start + n])
+        assert not padded[pstart + n:pstart + c].any() and not padded_probs[pstart + n:pstart + c].any()
+        start, pstart = start + n, pstart + c
+    back = ops.unpad_rows(padded, index)
+    assert torch.equal(back, rows)
+    upstream = torch.randn_like(back)
+    ((back * upstream).sum() + (padded_probs * 3).sum()).backward()
+    assert torch.equal(rows.grad, upstream)  # unpad(pad(x)) is the identity
+    assert torch.equal(probs.grad, torch.full_like(probs, 3.0))
+
+
+# ---- host syncs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,expected", [("grouped_mm", 0), ("sequential", 1)])
+def test_host_syncs_per_moe_layer_at_ep1(backend, expected):
+    block = make_block(moe_expert_backend=backend)
+    block.train()
+    x = torch.randn(8, 2, 32, requires_grad=True)
+    with HostSyncCounter() as forward:
+        out, _ = block(x)
+    with HostSyncCounter() as backward:
+        out.sum().backward()
+    assert forward.count == expected, forward.events  # sequential: its host split sizes
+    assert backward.count == 0, backward.events
+
+
+def test_host_sync_counter_sees_each_kind():
+    t = torch.tensor([1, 0, 2])
+    with HostSyncCounter() as c:
+        t.tolist()
+        t[0].item()
+        bool(t[1] > 0)
+        torch.bincount(t)
+        t.nonzero()
+        torch.repeat_interleave(t, t)
+        t[t > 0]
+    assert c.count == 7, c.events
+    with HostSyncCounter() as c:
+        torch.repeat_interleave(t, t, output_size=3)
+        torch.zeros(3, dtype=torch.long).scatter_add_(0, t, torch.ones_like(t))
+        torch.argsort(t, stable=True)
+    assert c.count == 0, c.events
+
+
+# ---- recompute --------------------------------------------------------------------------------
+
+def _step(block, x, upstream):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out, _ = block(x)
+    (out * upstream).sum().backward()
+    grads = {"x": x.grad, **{n: p.grad.clone() for n, p in block.named_parameters()}}
+    return out.detach(), grads, block.take_expert_load()
+
+
+def _block_saved_bytes(block, x) -> int:
+    x = x.clone().requires_grad_()
+    _, saved = saved_bytes(lambda: block(x)[0], exclude=[x, *block.parameters()])
+    return saved.total
+
+
+SELECTIVE = [["moe_act"], ["shared_experts"], ["moe_act", "shared_experts"], ["moe"]]
+
+
+def test_selective_recompute_same_gradients_less_memory():
+    moe = dict(moe_aux_loss_coeff=0.01, moe_device_balance_coeff=0.02, moe_device_groups=2)
+    plain = make_block(**moe).train()
+    torch.manual_seed(1)
+    x, upstream = torch.randn(8, 2, 32), torch.randn(8, 2, 32)
+    expected = _step(plain, x, upstream)
+    plain_bytes = _block_saved_bytes(plain, x)
+    for modules in SELECTIVE:
+        block = make_block(recompute_granularity="selective", recompute_modules=modules, **moe)
+        block.load_state_dict(plain.state_dict())
+        block.train()
+        out, grads, load = _step(block, x, upstream)
+        torch.testing.assert_close(out, expected[0], rtol=0, atol=1e-6, msg=str(modules))
+        for name, grad in expected[1].items():
+            torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-6,
+                                       msg=f"{modules}: {name}")
+        assert torch.equal(load, expected[2]), modules  # counted once, not per pass
+        assert _block_saved_bytes(block, x) < plain_bytes, modules
+
+
+def _model_step(config, state=None):
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+    )
+
+    [model] = build_chunks(config)
+    if state is not None:
+        model.load_state_dict(state)
+    model.train()
+    clear_aux_losses_tracker()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    batch = make_batches(1, micro_batch_size=2)[0]
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    losses.float().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loads = [layer.mlp.take_expert_load() for layer in model.decoder.layers
+             if hasattr(layer.mlp, "take_expert_load")]
+    return model.state_dict(), losses.detach(), grads, loads, aux_losses()
+
+
+LAYER_RECOMPUTE = {
+    "full-uniform-1": dict(recompute_granularity="full", recompute_method="uniform",
+                           recompute_num_layers=1),
+    "full-uniform-2": dict(recompute_granularity="full", recompute_method="uniform",
+                           recompute_num_layers=2),
+    "full-block-3": dict(recompute_granularity="full", recompute_method="block",
+                         recompute_num_layers=3),
+    # Megatron's TransformerLayer checkpoints any MLP that is not its own MoELayer.
+    "selective-mlp-moe_act": dict(recompute_granularity="selective",
+                                  recompute_modules=["mlp", "moe_act", "core_attn"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYER_RECOMPUTE))
+def test_recompute_through_megatron_layers_same_gradients(name):
+    state, losses, grads, loads, aux = _model_step(tiny_config())
+    _, r_losses, r_grads, r_loads, r_aux = _model_step(tiny_config(**LAYER_RECOMPUTE[name]),
+                                                       state)
+    torch.testing.assert_close(r_losses, losses, rtol=0, atol=1e-6)
+    assert grads.keys() == r_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(r_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+    for a, b in zip(loads, r_loads):
+        assert torch.equal(a, b)  # the no-grad first pass is not counted
+    assert r_aux.keys() == aux.keys() == {"load_balancing_loss"}  # logged once per layer
+    for name, per_layer in aux.items():
+        assert r_aux[name] == pytest.approx(per_layer, abs=1e-7)
+
+
+# ---- shared-expert overlap --------------------------------------------------------------------
+
+def test_shared_expert_overlap_runs_in_order_on_cpu_and_matches():
+    block = make_block(moe_shared_expert_overlap=True, moe_aux_loss_coeff=0.0)
+    assert block.side_stream is not None
+    compare_with_reference(block, torch.randn(6, 3, 32))
+    plain = make_block(moe_aux_loss_coeff=0.0)
+    plain.load_state_dict(block.state_dict())
+    x, upstream = torch.randn(6, 3, 32), torch.randn(6, 3, 32)
+    out_a, grads_a, _ = _step(block.train(), x, upstream)
+    out_b, grads_b, _ = _step(plain.train(), x, upstream)
+    assert torch.equal(out_a, out_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+# ---- weight layout ------------------------------------------------------------------------------
+
+def test_fused_fc1_keeps_per_projection_state_dict():
+    block = make_block()
+    experts = block.experts
+    assert experts.gate_up_proj.shape == (8, 32, 32)  # [E, 2W, H]
+    state = block.state_dict()
+    names = {k for k in state if k.startswith("experts.")}
+    assert names == {"experts.gate_proj", "experts.up_proj", "experts.down_proj"}
+    assert state["experts.gate_proj"].shape == state["experts.up_proj"].shape == (8, 16, 32)
+    assert torch.equal(state["experts.gate_proj"], experts.gate_up_proj[:, :16])
+    assert torch.equal(state["experts.up_proj"], experts.gate_up_proj[:, 16:])
+    # Loading per-projection tensors fills the fused weight (gate rows first).
+    other = make_block()
+    gate, up = torch.randn(8, 16, 32), torch.randn(8, 16, 32)
+    other.load_state_dict({**state, "experts.gate_proj": gate, "experts.up_proj": up})
+    assert torch.equal(other.experts.gate_up_proj, torch.cat([gate, up], dim=1))
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+def test_fusions_follow_the_machine():
+    from dsmoe_megatron.config import FUSIONS, deepseek_defaults, machine_fusions
+
+    allowed = machine_fusions()
+    assert {k: deepseek_defaults()[k] for k in FUSIONS} == allowed
+    # A run config written on a GPU machine (every fusion on) builds here with what runs here.
+    config = tiny_config(**dict.fromkeys(FUSIONS, True))
+    assert {k: getattr(config, k) for k in FUSIONS} == allowed
+    if not torch.cuda.is_available():
+        assert not any(allowed.values())
+
+
+def test_router_padding_for_fp8_is_refused_with_the_reason():
+    from dsmoe_megatron.config import ConfigError
+
+    for key in ("moe_router_padding_for_fp8", "moe_router_padding_for_quantization"):
+        with pytest.raises(ConfigError, match="pad each expert's rows for FP8 themselves"):
+            tiny_config(**{key: True})
