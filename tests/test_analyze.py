@@ -131,8 +131,8 @@ def test_shared_removed_with_extra_routed_expert_by_hand(tiny):
         top = torch.topk(probs, k)
         y = torch.zeros(token.shape, dtype=torch.float64)
         for p, i in zip(top.values, top.indices):
-            h = F.silu(e.gate_proj[i].double() @ token.double()) * (e.up_proj[i].double()
-                                                                   @ token.double())
+            gate, up = e.gate_up_proj[i].double().chunk(2)  # [gate; up] rows of expert i
+            h = F.silu(gate @ token.double()) * (up @ token.double())
             y += p * (e.down_proj[i].double() @ h)
         expected.append(y)
     torch.testing.assert_close(out.double(), torch.stack(expected).view(x.shape), rtol=1e-5,

@@ -720,3 +720,29 @@ def test_both_directions_convert_a_model_larger_than_the_memory_cap(tmp_path):
     capped("to-hf", "--checkpoint", str(tmp_path / "megatron"), "--out", str(tmp_path / "back"),
            "--max-shard-size", "100MB")
     assert_bit_exact(read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "back"))
+
+
+def test_export_of_a_dsmoe_train_checkpoint_with_optimizer_state(tmp_path):
+    """What users export: a checkpoint dsmoe-train wrote, with Megatron's chained optimizer state
+    (chained_<i>.optimizer.*) beside the model tensors; every HF tensor comes out, and the
+    optimizer's tensors are not taken for model ones."""
+    save = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, "-m", "dsmoe_megatron.train", "yaml_configs/tiny.yaml",
+                    "train_iters=2", "lr_warmup_iters=1", "eval_interval=null", f"save={save}", "save_interval=2",
+                    "tensorboard_dir=null"], cwd=REPO, env=env, check=True, timeout=600,
+                   capture_output=True)
+    ckpt = checkpoint.resolve(save)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert any(re.match(r"chained_\d+\.optimizer\.", k) for k in keys)
+    out = convert.export_to_hf(save, tmp_path / "hf", tokenizer=False)
+    from dsmoe_megatron.hf.mapping import hf_dims, hf_expected_shapes
+
+    config = json.loads((out / "config.json").read_text())
+    tensors = read_tensors(out)
+    expected = hf_expected_shapes(hf_dims(config))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+        k: tuple(s) for k, s in expected.items()}
+    assert all(torch.isfinite(t).all() for t in tensors.values())

@@ -610,7 +610,7 @@ def test_world_size_checks():
     assert check_world_size(moe, 128) == 128
     assert check_world_size(moe, 8) == 8  # 4608 sequences = 576 micro-batches of 1 per rank
     big = load_run_config(CONFIGS / "deepseekmoe_145b.yaml", instantiate_checks=False)
-    assert check_world_size(big, 1024) == 64
+    assert check_world_size(big, 1024) == 16  # TP 4 x PP 16 -> DP 16
     with pytest.raises(ConfigError, match="global_batch_size=4608"):
         check_world_size(big, 16 * 1000)
 
