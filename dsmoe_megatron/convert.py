@@ -380,7 +380,10 @@ def load_checkpoint_state(checkpoint_dir: str | Path):
     cfg = single_rank_config(run.model, params_dtype=dtype)
     model = build_model(cfg, padded_vocab, run.train.seq_length, pre_process=True,
                         post_process=True)
-    checkpoint.load(ckpt, [model])
+    try:
+        checkpoint.load(ckpt, [model])
+    except checkpoint.CheckpointError as err:
+        raise ConversionError(str(err)) from err
     return run, cfg, model.state_dict()
 
 
