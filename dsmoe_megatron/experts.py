@@ -101,13 +101,15 @@ class RoutedExperts(torch.nn.Module):
         config = self.config
         for name, (out_features, in_features) in self.shapes.items():
             weight = torch.empty(self.num_local_experts, out_features, in_features,
-                                 dtype=config.params_dtype)
-            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
-                for expert_weight in weight:
-                    _init_method(config, name)(expert_weight)
+                                 dtype=config.params_dtype, device=init_device(config))
+            if config.perform_initialization:
+                # On the device, so that the expert-parallel RNG stream (one per EP / expert-TP
+                # rank) is the one drawn from: the tracker forks the device's generator only.
+                with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+                    for expert_weight in weight:
+                        _init_method(config, name)(expert_weight)
             param = torch.nn.Parameter(weight)
-            # Megatron's DDP reduces params with allreduce=False over the expert-DP group.
-            param.allreduce = False
+            mark_expert_parallel(param, name)
             self.register_parameter(name, param)
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor):
@@ -159,7 +161,7 @@ class TEGroupedExperts(RoutedExperts):
                 rng_tracker_name=get_expert_parallel_rng_tracker_name(),
             )
             for param in layer.parameters():
-                param.allreduce = False
+                mark_expert_parallel(param, name)
             self.add_module(name, layer)
 
     def swiglu(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -187,6 +189,24 @@ class TEGroupedExperts(RoutedExperts):
 
 
 WIDTH_AXIS = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}  # axis of the expert width
+
+
+def init_device(config) -> torch.device:
+    """Where Megatron-core allocates weights: the current GPU unless use_cpu_initialization."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def mark_expert_parallel(param: torch.nn.Parameter, name: str) -> None:
+    """Megatron's marks for an expert weight (``[E, out, in]``, or one expert's ``[out, in]``)
+    sharded over EP and expert TP: DDP reduces it over the expert-data-parallel group
+    (allreduce=False), and the grad norm counts it on every rank (tensor_model_parallel), not on
+    expert-TP rank 0 only."""
+    param.allreduce = False
+    param.tensor_model_parallel = True
+    param.partition_dim = param.dim() - 3 + WIDTH_AXIS[name]
+    param.partition_stride = 1
 
 
 def _init_method(config, name: str):
