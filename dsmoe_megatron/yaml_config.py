@@ -122,6 +122,17 @@ class TrainingArgs:
     split: str = "969,30,1"
     """train,valid,test weights (Megatron's --split)."""
     tensorboard_dir: str | None = None
+    # Data parallelism and mixed precision (Megatron-LM's names).
+    use_distributed_optimizer: bool = True
+    """Shard the optimizer state over data-parallel ranks (ZeRO-1). A checkpoint resumes with the
+    same setting; under any layout."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce gradients in buckets during the backward pass; null: on with GPUs, off on CPU."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient-reduction bucket; null: Megatron's default."""
+    loss_scale: float | None = None
+    """fp16 only: a constant loss scale; null: dynamic, starting at initial_loss_scale."""
+    initial_loss_scale: float = 2.0**32
 
     def global_batch(self, data_parallel_size: int) -> int:
         return self.global_batch_size or self.micro_batch_size * data_parallel_size
@@ -180,6 +191,12 @@ class TrainingArgs:
             value = getattr(self, key)
             if value is not None and value < 1:
                 bad(key, f"must be >= 1 or null (got {value})")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            bad("ddp_bucket_size", f"must be >= 1 or null (got {self.ddp_bucket_size})")
+        for key in ("loss_scale", "initial_loss_scale"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value < math.inf:
+                bad(key, f"must be a positive finite number (got {value})")
         if self.eval_iters < 0:
             bad("eval_iters", f"must be >= 0 (got {self.eval_iters})")
         if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*", self.split) or not any(
