@@ -221,11 +221,19 @@ def _attention_extra_state():
     from unittest import mock
 
     from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # As Transformer Engine's modules do: the state dict, `_extra_state` as a ShardedObject.
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
 
     with mock.patch.object(DotProductAttention, "get_extra_state",
                            lambda self: torch.tensor([1.0]), create=True), \
             mock.patch.object(DotProductAttention, "set_extra_state",
-                              lambda self, state: None, create=True):
+                              lambda self, state: None, create=True), \
+            mock.patch.object(DotProductAttention, "sharded_state_dict", sharded_state_dict):
         yield
 
 
