@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Quick start: `bash bootstrap.sh train [overrides]` or `bash bootstrap.sh test [pytest args]`.
-# Creates .venv with Python 3.12 on first use, (re)installs the project when pyproject.toml changed,
-# then trains the tiny default model or runs the test suite.
+# Quick start:
+#   bash bootstrap.sh train [key=value ...]   train yaml_configs/tiny.yaml on this machine (CPU or all GPUs)
+#   bash bootstrap.sh test [pytest args]      the test suite (what CI runs)
+#   bash bootstrap.sh lock [pytest args]      re-resolve to the newest versions pyproject.toml allows,
+#                                             run the suite on them and, if it passes, rewrite requirements/
+# train and test create .venv with Python 3.12 on first use and install the project with exactly the
+# versions of requirements/lock.txt, again whenever pyproject.toml or the lock changes.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${DSMOE_VENV:-.venv}
+LOCK=requirements/lock.txt
 
 find_python312() {
   for candidate in python3.12 "${HOME}"/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12; do
@@ -16,15 +21,21 @@ find_python312() {
   return 1
 }
 
-setup() {
-  if [ ! -x "$VENV/bin/python" ]; then
-    "$(find_python312)" -m venv "$VENV"
+# install VENV [pip install options]: the project with its dev extras into VENV (created if missing).
+install() {
+  local venv=$1; shift
+  if [ ! -x "$venv/bin/python" ]; then
+    "$(find_python312)" -m venv "$venv"
   fi
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet "$@" -e ".[dev]"
+}
+
+setup() {
   local stamp="$VENV/.dsmoe-install-stamp" want
-  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  want=$(cat pyproject.toml "$LOCK" | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c 'import dsmoe_megatron, megatron.core' 2>/dev/null; then
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    install "$VENV" -c "$LOCK"
     echo "$want" > "$stamp"
   fi
 }
@@ -34,18 +45,24 @@ shift || true
 case "$cmd" in
   train)
     setup
-    gpus=$("$VENV/bin/python" -c 'import torch; print(torch.cuda.device_count())')
-    if [ "$gpus" -gt 0 ]; then
-      exec "$VENV/bin/torchrun" --standalone --nproc-per-node "$gpus" -m dsmoe_megatron.train yaml_configs/tiny.yaml "$@"
-    fi
-    exec "$VENV/bin/python" -m dsmoe_megatron.train yaml_configs/tiny.yaml "$@"
+    exec "$VENV/bin/python" -m dsmoe_megatron.quickstart "$@"
     ;;
   test)
     setup
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
+  lock)
+    venv=.venv-lock
+    rm -rf "$venv"
+    install "$venv"
+    out=$(mktemp -d)
+    "$venv/bin/python" tools/lock.py "$out"
+    DSMOE_REQUIREMENTS="$out" "$venv/bin/python" -m pytest -q "$@"
+    cp "$out"/lock.txt "$out"/transformers-oldest.txt requirements/
+    echo "requirements/ now pins the versions this suite passed with; review and commit it (git diff requirements/)"
+    ;;
   *)
-    echo "usage: bash bootstrap.sh train [key=value ...] | test [pytest args]" >&2
+    echo "usage: bash bootstrap.sh train [key=value ...] | test [pytest args] | lock [pytest args]" >&2
     exit 2
     ;;
 esac

@@ -1,33 +1,57 @@
 """Optional accelerated libraries, imported lazily: Transformer Engine and apex are used when they
-import (they need a GPU), with a clean fallback to Megatron-core's local modules and torch ops."""
+import (they need a GPU), with a fallback to Megatron-core's local modules and torch ops.
+
+Not installed is a quiet, documented choice. Installed but failing to import (a TE built against
+another torch or CUDA, say) is reported once per process with the import error, because the run then
+silently differs: local attention/norm modules with another checkpoint layout, no FP8, another expert
+backend. ``DSMOE_DISABLE_TE=1`` takes the local path on purpose (and silences the report).
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import os
+import sys
 
 import torch
+
+DISABLE_TE_ENV = "DSMOE_DISABLE_TE"
+
+
+def _importable(package: str, module: str, consequence: str) -> bool:
+    """Whether ``module`` imports; False without a word when ``package`` is not installed."""
+    if importlib.util.find_spec(package) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - any failure means "not usable here"
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"dsmoe_megatron: WARNING: {package} is installed but `import {module}` fails "
+                  f"({type(err).__name__}: {err}). {consequence}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 @functools.cache
 def te_available() -> bool:
+    if os.environ.get(DISABLE_TE_ENV, "") not in ("", "0"):
+        return False
     if not torch.cuda.is_available():
         return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
-        return False
-    return True
+    return _importable(
+        "transformer_engine", "transformer_engine.pytorch",
+        "Falling back to Megatron-core's local modules: no FP8, no TE expert backend, and "
+        "checkpoints with the local layer layout instead of TE's. Fix the install (README, "
+        f"'Transformer Engine') or set {DISABLE_TE_ENV}=1 to use the local path on purpose.")
 
 
 @functools.cache
 def apex_available() -> bool:
     if not torch.cuda.is_available():
         return False
-    try:
-        import apex  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+    return _importable("apex", "apex", "Falling back to torch's fused-op replacements.")
 
 
 def grouped_mm_available() -> bool:

@@ -80,8 +80,10 @@ def _unwrap(chunk):
 # ---- saving ---------------------------------------------------------------------------------
 
 def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
-         extra_state: dict | None = None, run_config_yaml: str | None = None) -> Path:
-    """Save model (+ optimizer, + small extra state) for `iteration`; returns the final dir."""
+         extra_state: dict | None = None, run_config_yaml: str | None = None,
+         sharded_strategy=None) -> Path:
+    """Save model (+ optimizer, + small extra state) for `iteration`; returns the final dir.
+    ``sharded_strategy``: dist_checkpointing's (default: Megatron's torch_dist writer)."""
     final = iteration_dir(save_dir, iteration)
     partial = partial_dir(final)
     if _rank() == 0:
@@ -96,7 +98,7 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     state["extra"] = extra_state or {}
     state["iteration"] = iteration
     state["has_optimizer"] = optimizer is not None
-    dist_checkpointing.save(state, str(partial))
+    dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
     _barrier()
     if _rank() == 0:
         if run_config_yaml is not None:

@@ -15,7 +15,9 @@ per-batch / per-sequence balance statistics    ``moe_router_load_balancing_type`
                                                ``aux_loss`` / ``seq_aux_loss``
 top-k weights not renormalised (DeepSeekMoE)   ``moe_router_pre_softmax=True`` (softmax over all
                                                experts, then top-k); ``False`` renormalises
-FP8                                            ``fp8`` (``"e4m3"`` / ``"hybrid"``), needs TE
+FP8                                            ``fp8`` (``"e4m3"`` / ``"hybrid"``) and
+                                               ``fp8_recipe``; needs TE and a GPU that runs
+                                               the recipe (``mxfp8``: Blackwell)
 =============================================  ==============================================
 
 Added here: the shared-expert count, the first dense layers, the device-level balance loss and
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from dsmoe_megatron import field_ranges
 
 EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "sequential")
 BALANCE_TYPES = ("aux_loss", "seq_aux_loss", "none")
@@ -80,25 +84,92 @@ class DeepSeekMoEConfig(TransformerConfig):
         return self.moe_device_groups or self.expert_model_parallel_size
 
 
+# Megatron's CUDA graph switches, with the value that keeps graphs off.
+_CUDA_GRAPHS_OFF = {"enable_cuda_graph": False, "external_cuda_graph": False,
+                    "cuda_graph_impl": "none"}
+# The oldest GPU (compute capability) each low-precision recipe runs on, as Transformer
+# Engine's recipe checks have it.
+_RECIPE_MIN_CAPABILITY = {
+    ("fp8", "delayed"): (8, 9), ("fp8", "tensorwise"): (8, 9), ("fp8", "custom"): (8, 9),
+    ("fp8", "blockwise"): (9, 0), ("fp8", "mxfp8"): (10, 0),
+    ("fp4", "nvfp4"): (10, 0), ("fp4", "custom"): (10, 0),
+}
+_GPU_GENERATIONS = {(8, 9): "FP8 tensor cores: Ada, Hopper or newer", (9, 0): "Hopper or newer",
+                    (10, 0): "Blackwell"}
+
+
 def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
-    """Checks that must come before TransformerConfig's own, whose messages are less direct."""
-    if cfg.moe_num_shared_experts < 0:
-        raise ConfigError("moe_num_shared_experts must be >= 0")
+    """Checks that must come before TransformerConfig's own, whose messages are less direct
+    (or that it lacks: it divides by zero, or accepts what cannot run)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        problem = field_ranges.problem(f.name, value)
+        if problem:
+            raise ConfigError(f"{f.name}={value!r}: {problem}")
+    _check_attention_heads(cfg)
+    freq = cfg.moe_layer_freq
+    if isinstance(freq, int) and freq < 1 or isinstance(freq, list) and (
+            len(freq) != cfg.num_layers or any(v not in (0, 1) for v in freq)):
+        raise ConfigError(
+            f"moe_layer_freq={freq!r} must be N >= 1 (every N-th layer is MoE) or a list with "
+            f"one 0 (dense) or 1 (MoE) per layer ({cfg.num_layers} entries)")
     if cfg.moe_num_shared_experts and cfg.moe_shared_expert_intermediate_size is None:
         if cfg.moe_ffn_hidden_size is None:
             raise ConfigError(
                 "moe_num_shared_experts > 0 needs an expert width: set moe_ffn_hidden_size"
             )
-    if cfg.fp8 and not _te_available():
+    for name, off in _CUDA_GRAPHS_OFF.items():
+        value = getattr(cfg, name)
+        if value != off:
+            raise ConfigError(
+                f"{name}={value!r}: CUDA graphs are not supported with the DeepSeekMoE block: "
+                "its dropless routing reads the per-expert token counts on the host (the expert-"
+                "parallel all-to-all split sizes, Transformer Engine's GroupedLinear splits), "
+                f"which a captured graph would freeze; set {name}: {str(off).lower()}")
+    _check_low_precision(cfg)
+
+
+def _check_attention_heads(cfg: DeepSeekMoEConfig) -> None:
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    if cfg.kv_channels is None and hidden % heads:
+        divisors = [d for d in range(1, hidden + 1) if hidden % d == 0]
+        near = [max(d for d in divisors if d < heads), *[d for d in divisors if d > heads][:1]]
         raise ConfigError(
-            f"fp8={cfg.fp8!r} needs Transformer Engine, which does not import here; "
-            "install dsmoe-megatron[te] on a CUDA machine or set fp8: null"
-        )
-    if cfg.fp8 and not _gpu_supports_fp8():
+            f"num_attention_heads={heads} does not divide hidden_size={hidden} (each head gets "
+            f"hidden_size / num_attention_heads channels); use a head count that divides it, "
+            f"e.g. {' or '.join(map(str, near))}, or set kv_channels")
+    groups = cfg.num_query_groups
+    if groups is not None and heads % groups:
         raise ConfigError(
-            f"fp8={cfg.fp8!r} needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
-            "set fp8: null on this machine"
-        )
+            f"num_query_groups={groups} does not divide num_attention_heads={heads} (each "
+            "key/value head serves the same number of query heads); pick a divisor or null")
+
+
+def _check_low_precision(cfg: DeepSeekMoEConfig) -> None:
+    """FP8 / FP4 need Transformer Engine and a GPU generation that runs the recipe."""
+    for fmt in ("fp8", "fp4"):
+        if not getattr(cfg, fmt):
+            continue
+        recipe_field = f"{fmt}_recipe"
+        recipe = getattr(cfg, recipe_field)
+        recipe = getattr(recipe, "value", recipe)  # Megatron-LM passes its recipe enums
+        setting = f"{fmt}={getattr(cfg, fmt)!r} ({recipe_field}={recipe!r})"
+        if not _te_available():
+            raise ConfigError(
+                f"{setting} needs Transformer Engine, which does not import here; install "
+                f"dsmoe-megatron[te] on a CUDA machine or set {fmt}: null")
+        need = _RECIPE_MIN_CAPABILITY.get((fmt, recipe))
+        if need is None or _gpu_supports(need):
+            continue
+        have = _gpu_capability()
+        usable = [r for (f, r), c in _RECIPE_MIN_CAPABILITY.items()
+                  if f == fmt and r != "custom" and have is not None and c <= have]
+        fix = (f"use {recipe_field}: {' or '.join(usable)}, or set {fmt}: null" if usable
+               else f"set {fmt}: null on this machine")
+        here = f"this GPU is {have[0]}.{have[1]}" if have else "there is no GPU here"
+        raise ConfigError(
+            f"{setting} needs a GPU of compute capability >= {need[0]}.{need[1]} "
+            f"({_GPU_GENERATIONS[need]}); {here}: {fix}")
 
 
 def _fill_deepseek_defaults(cfg: DeepSeekMoEConfig) -> None:
@@ -188,8 +259,6 @@ def validate(cfg: DeepSeekMoEConfig) -> None:
             f"(got {cfg.moe_router_score_function!r})"
         )
     groups = cfg.num_device_groups()
-    if cfg.moe_device_balance_coeff < 0 or cfg.moe_aux_loss_coeff < 0:
-        raise ConfigError("moe_aux_loss_coeff and moe_device_balance_coeff must be >= 0")
     if cfg.moe_device_balance_coeff > 0 and groups < 2:
         raise ConfigError(
             f"moe_device_balance_coeff={cfg.moe_device_balance_coeff} needs at least 2 device "
@@ -222,8 +291,18 @@ def _te_available() -> bool:
     return te_available()
 
 
+def _gpu_capability() -> tuple[int, int] | None:
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+
+
+def _gpu_supports(capability: tuple[int, int]) -> bool:
+    have = _gpu_capability()
+    return have is not None and have >= capability
+
+
 def _gpu_supports_fp8() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    """Whether this GPU runs FP8 at all (the delayed / tensorwise recipes)."""
+    return _gpu_supports(_RECIPE_MIN_CAPABILITY[("fp8", "delayed")])
 
 
 def deepseek_defaults() -> dict:

@@ -3,14 +3,18 @@
     dsmoe-convert to-hf   --checkpoint SAVE_OR_ITER_DIR --out HF_DIR [--dtype auto|bf16|fp16|fp32]
     dsmoe-convert from-hf --hf HF_DIR --out SAVE_DIR [--tensor-model-parallel-size N ...]
 
-to-hf loads a checkpoint saved under any TP/PP/EP layout into a single-rank model (dist-checkpoint
-keys are layout independent), builds it from the checkpoint's run.yaml, and writes config.json
-(every field explicit), generation_config.json, sharded safetensors + index, the remote-code
-files and the tokenizer files (see ``choose_tokenizer``). from-hf reads config.json and the
-safetensors (never pickles), and writes a save directory: an iteration-0 dist checkpoint with its
-run.yaml, which the trainer loads. Both write ``<out>.partial`` and rename it when complete.
+Both directions stream: memory stays near one layer (plus one output safetensors shard), whatever
+the model size. to-hf reads a checkpoint saved under any TP/PP/EP layout one tensor at a time at
+its global shape (dist-checkpoint keys are layout independent), takes the model from the
+checkpoint's run.yaml, and writes config.json (every field explicit), generation_config.json,
+sharded safetensors + index, the remote-code files and the tokenizer files (see
+``choose_tokenizer``); it refuses NaN/inf weights unless told otherwise. from-hf reads
+config.json and the safetensors (never pickles) tensor by tensor, and writes a save directory:
+an iteration-0 dist checkpoint with its run.yaml, which the trainer loads on any layout. Both
+write ``<out>.partial`` and rename it when complete.
 
-The tensor and config mapping is in ``dsmoe_megatron.hf.mapping``.
+The tensor and config mapping is in ``dsmoe_megatron.hf.mapping``, the streaming readers and
+writers in ``dsmoe_megatron.hf.streaming``.
 """
 
 from __future__ import annotations
@@ -28,24 +32,34 @@ from pathlib import Path
 
 import torch
 
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.hf.mapping import (
     DTYPE_NAMES,
     DTYPES,
     IGNORED_HF_TENSORS,
     ConversionError,
     Dims,
+    canonical_name,
     check_exportable,
+    check_hf_config,
+    check_megatron_tensors,
     check_shapes,
     hf_config_dict,
     hf_defaults,
     hf_dims,
     hf_expected_shapes,
-    iter_hf_to_megatron,
+    hf_to_megatron,
     log,
     megatron_to_hf,
     model_fields_from_hf,
     normalise_megatron_names,
     single_rank_config,
+)
+from dsmoe_megatron.hf.streaming import (
+    DistCheckpointReader,
+    SafetensorsReader,
+    StreamingSaveStrategy,
+    write_safetensors_shards,
 )
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -153,99 +167,22 @@ def _resolve_checkpoint(path: str | Path) -> Path:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '200MB', '1GiB', '4096' -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", str(text).upper())
-    if not m:
-        raise ConversionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 1048576")
+    """'5GB', '200MB', '1GiB', '4096' -> bytes (at least 1)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
              "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    unit = m.group(2) or ""
-    if unit not in units:
-        raise ConversionError(f"unknown size unit in {text!r}")
-    return int(float(m.group(1)) * units[unit])
-
-
-# ------------------------------------------------------------------------------------------
-# safetensors I/O
-# ------------------------------------------------------------------------------------------
-
-def write_safetensors_shards(tensors: Mapping[str, torch.Tensor], out_dir: Path,
-                             max_shard_size: int, dtype: torch.dtype) -> list[str]:
-    """Write ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``."""
-    from safetensors.torch import save_file
-
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
-        if groups[-1] and size + nbytes > max_shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    total, weight_map, files = 0, {}, []
-    for index, names in enumerate(groups, start=1):
-        filename = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
-        shard = {}
-        for name in names:
-            t = tensors[name].detach().to(device="cpu", dtype=dtype, copy=True)
-            shard[name] = t.contiguous()
-            total += t.numel() * t.element_size()
-            weight_map[name] = filename
-        save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
-        files.append(filename)
-        del shard
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return files
-
-
-class SafetensorsReader:
-    """Lazily reads the tensors of a Hugging Face directory (index + shards, or one file)."""
-
-    def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
-        index = hf_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: hf_dir / f for name, f in weight_map.items()}
-        else:
-            candidates = sorted(hf_dir.glob("*.safetensors"))
-            if not candidates:
-                pickles = sorted(p.name for p in hf_dir.glob("*.bin")) + \
-                    sorted(p.name for p in hf_dir.glob("*.pt"))
-                hint = (f" (found {pickles}: pickle checkpoints are not read; convert them to "
-                        "safetensors first)") if pickles else ""
-                raise ConversionError(f"no safetensors weights in {hf_dir}{hint}")
-            files = {}
-            for path in candidates:
-                with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():
-                        files[name] = path
-        for path in set(files.values()):
-            if not path.exists():
-                raise ConversionError(f"{path.name}, listed in the index, is missing from {hf_dir}")
-        self.files = files
-        self._handles: dict[Path, object] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for name, path in files.items():
-            try:
-                self.shapes[name] = tuple(self._handle(path).get_slice(name).get_shape())
-            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-                raise ConversionError(f"cannot read tensor {name} from {path.name}: {err}") from err
-
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = self._safe_open(str(path), framework="pt")
-        return self._handles[path]
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.files[name]).get_tensor(name)
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", str(text).upper())
+        if not m:
+            raise ConversionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 1048576")
+        if (m.group(2) or "") not in units:
+            raise ConversionError(f"unknown size unit in {text!r}")
+        size = int(float(m.group(1)) * units[m.group(2) or ""])
+    if size < 1:
+        raise ConversionError(f"--max-shard-size {text!r} must be at least 1 byte; write e.g. 5GB")
+    return size
 
 
 # ------------------------------------------------------------------------------------------
@@ -334,21 +271,6 @@ def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | No
 # to-hf
 # ------------------------------------------------------------------------------------------
 
-def _checkpoint_tensor_info(ckpt: Path) -> tuple[int, torch.dtype]:
-    """(padded vocabulary rows, parameter dtype) as saved (read from the torch_dist metadata)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    name = "embedding.word_embeddings.weight"
-    try:
-        metadata = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as err:  # noqa: BLE001 - any unreadable metadata gets the same answer
-        raise ConversionError(f"cannot read the checkpoint metadata in {ckpt}: {err}") from err
-    entry = metadata.state_dict_metadata.get(name)
-    if entry is None or not hasattr(entry, "size"):
-        raise ConversionError(f"{ckpt} has no {name}; is it a model checkpoint of this package?")
-    return int(entry.size[0]), entry.properties.dtype
-
-
 def read_checkpoint_run(ckpt: Path):
     """The RunConfig saved with a checkpoint (machine checks off: the converter runs on CPU)."""
     from dsmoe_megatron import checkpoint
@@ -363,40 +285,16 @@ def read_checkpoint_run(ckpt: Path):
         raise ConversionError(str(err)) from err
 
 
-def load_checkpoint_state(checkpoint_dir: str | Path):
-    """(run config, single-rank model config, state dict) of a dist checkpoint of any layout.
-
-    Needs a single-process runtime (see ``single_rank_runtime``).
-    """
-    from dsmoe_megatron import checkpoint
-    from dsmoe_megatron.model import build_model
-
-    ckpt = _resolve_checkpoint(checkpoint_dir)
-    run = read_checkpoint_run(ckpt)
-    padded_vocab, dtype = _checkpoint_tensor_info(ckpt)
-    if padded_vocab < run.train.vocab_size:
-        raise ConversionError(f"the checkpoint has {padded_vocab} vocabulary rows but its run "
-                              f"config says vocab_size={run.train.vocab_size}")
-    cfg = single_rank_config(run.model, params_dtype=dtype)
-    model = build_model(cfg, padded_vocab, run.train.seq_length, pre_process=True,
-                        post_process=True)
-    try:
-        checkpoint.load(ckpt, [model])
-    except checkpoint.CheckpointError as err:
-        raise ConversionError(str(err)) from err
-    return run, cfg, model.state_dict()
-
-
 def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-                 tokenizer: bool | str | Path = True) -> Path:
+                 tokenizer: bool | str | Path = True, allow_non_finite: bool = False) -> Path:
     """Megatron dist checkpoint (any layout) -> Hugging Face directory; returns ``out_dir``.
 
     ``checkpoint_dir``: a save directory (its latest iteration) or an ``iter_XXXXXXX`` dir.
     ``dtype``: ``auto`` (as stored in the checkpoint), ``bf16``, ``fp16`` or ``fp32``.
     ``tokenizer``: True (see ``choose_tokenizer``), False (no tokenizer files) or a directory
-    of Hugging Face tokenizer files to include. Works in a fresh process (it brings up a
-    single-process runtime and shuts it down) or inside one that already has a single-rank one.
+    of Hugging Face tokenizer files to include. ``allow_non_finite``: write NaN/inf weights
+    instead of refusing them. Reads one layer at a time and needs no process group.
     """
     from dsmoe_megatron.hf import write_hf_remote_code
 
@@ -405,17 +303,25 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
     max_shard_size = parse_size(max_shard_size)
     ckpt = _resolve_checkpoint(checkpoint_dir)
     run = read_checkpoint_run(ckpt)
-    check_exportable(run.model)  # before anything is loaded or created
+    check_exportable(run.model)  # before anything is read or created
     vocab = run.train.vocab_size
+    reader = DistCheckpointReader(ckpt)
+    embedding = "embedding.word_embeddings.weight"
+    if embedding not in reader.shapes:
+        raise ConversionError(f"{ckpt} has no {embedding}; is it a model checkpoint of this "
+                              "package?")
+    if reader.shapes[embedding][0] < vocab:
+        raise ConversionError(f"the checkpoint has {reader.shapes[embedding][0]} vocabulary rows "
+                              f"but its run config says vocab_size={vocab}")
+    cfg = single_rank_config(run.model, params_dtype=reader.dtype(embedding))
+    dims = Dims.from_megatron(cfg, vocab)
+    check_megatron_tensors(reader.shapes, dims)
     if tokenizer is False:
         tok = TokenizerExport("none", {})
     else:
         tok = choose_tokenizer(ckpt, vocab, None if tokenizer is True else tokenizer)
+    out_dtype = DTYPES[dtype] if dtype != "auto" else cfg.params_dtype
     with _atomic_output(out_dir, force, source=ckpt) as (out, partial):
-        with single_rank_runtime():
-            run, cfg, state = load_checkpoint_state(ckpt)
-        out_dtype = DTYPES[dtype] if dtype != "auto" else cfg.params_dtype
-        tensors = megatron_to_hf(state, Dims.from_megatron(cfg, vocab))
         max_pos = max(int(run.train.seq_length), int(run.train.max_position_embeddings or 0))
         config = hf_config_dict(cfg, vocab, max_pos, out_dtype,
                                 **{k: tok.token_ids.get(k) for k in _TOKEN_ID_KEYS})
@@ -423,8 +329,9 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
         generation = {"_from_model_config": True,
                       **{k: v for k, v in tok.token_ids.items() if v is not None}}
         (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        files = write_safetensors_shards(tensors, partial, max_shard_size, out_dtype)
-        del state, tensors
+        files = write_safetensors_shards(megatron_to_hf(reader.get, dims),
+                                         hf_expected_shapes(dims), partial, max_shard_size,
+                                         out_dtype, allow_non_finite=allow_non_finite)
         write_hf_remote_code(partial)  # after config.json: adds its auto_map
         tok_files = tok.write(partial)
     log(f"wrote {out}: {len(files)} safetensors shard(s), {DTYPE_NAMES[out_dtype]}, "
@@ -444,9 +351,11 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     if not path.exists():
         raise ConversionError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from err
+    check_hf_config(hf, where=str(path))
+    return hf
 
 
 def make_run_config(model_fields: Mapping, vocab_size: int | None = None,
@@ -544,11 +453,19 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     _check_run_matches_hf(run, hf)
     dims = hf_dims(hf)
+    try:
+        padded = padded_vocab_size(dims.vocab, run.layout.tensor)
+    except ValueError as err:
+        raise ConversionError(f"--tensor-model-parallel-size: {err}") from err
     reader = SafetensorsReader(hf_dir)
     shapes = {n: s for n, s in reader.shapes.items() if not IGNORED_HF_TENSORS.match(n)}
     check_shapes(shapes, hf_expected_shapes(dims), f"{hf_dir}:", shape_of=lambda s: s)
     params_dtype = run.model.params_dtype
-    padded = padded_vocab_size(dims.vocab, run.layout.tensor)
+    sources = hf_to_megatron(reader.get, dims, padded)
+
+    def tensor_of(key: str) -> torch.Tensor:
+        return sources[canonical_name(key)]().to(params_dtype)
+
     with _atomic_output(out_dir, force, source=hf_dir) as (out, partial):
         kept = partial / HF_SOURCE_DIR
         kept.mkdir()
@@ -561,27 +478,29 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
         yaml_path.unlink()
         with single_rank_runtime():
             cfg = single_rank_config(run.model, params_dtype=params_dtype)
-            model = build_model(cfg, padded, run.train.seq_length, pre_process=True,
-                                post_process=True)
-            own = normalise_megatron_names(model.state_dict())
-            filled = set()
-            with torch.no_grad():
-                for name, value in iter_hf_to_megatron(reader.get, dims, padded):
-                    target = own.get(name)
-                    if target is None or target.shape != value.shape:
-                        raise ConversionError(
-                            f"internal error: {name} {tuple(value.shape)} has no place in the "
-                            f"Megatron model ({None if target is None else tuple(target.shape)})")
-                    target.copy_(value)
-                    filled.add(name)
-            if filled != set(own):
-                raise ConversionError(f"internal error: Megatron tensors not filled: "
-                                      f"{sorted(set(own) - filled)}")
-            checkpoint.save(partial, 0, [model], run_config_yaml=run_yaml_text)
-            del model, own
+            # The model only says what the checkpoint holds (keys, chunks, objects): on the meta
+            # device it takes no memory, and the tensors come from `sources` as they are written.
+            with torch.device("meta"):
+                model = build_model(cfg, padded, run.train.seq_length, pre_process=True,
+                                    post_process=True, use_te=False)
+            _check_sources_fit(model, hf_to_megatron(
+                lambda n: torch.empty(shapes[n], dtype=params_dtype, device="meta"), dims, padded))
+            checkpoint.save(partial, 0, [model], run_config_yaml=run_yaml_text,
+                            sharded_strategy=StreamingSaveStrategy(tensor_of))
     log(f"wrote {out}: iteration 0, {DTYPE_NAMES[params_dtype]}, vocab {dims.vocab} padded to "
         f"{padded} for tensor parallel size {run.layout.tensor}")
     return out
+
+
+def _check_sources_fit(model, sources: Mapping) -> None:
+    """Every tensor of the (meta) model has a source of its shape, and nothing else does."""
+    own = {n: tuple(t.shape) for n, t in normalise_megatron_names(model.state_dict()).items()}
+    made = {n: tuple(make().shape) for n, make in sources.items()}
+    if own != made:
+        wrong = sorted(n for n in set(own) | set(made) if own.get(n) != made.get(n))
+        raise ConversionError("internal error: the mapped tensors do not fit the Megatron model: "
+                              + "; ".join(f"{n}: model {own.get(n)}, mapped {made.get(n)}"
+                                          for n in wrong[:8]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -595,6 +514,16 @@ _LAYOUT_FLAGS = (
     ("--expert-tensor-parallel-size", "expert_tensor_parallel_size"),
     ("--virtual-pipeline-model-parallel-size", "virtual_pipeline_model_parallel_size"),
 )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1, 2, 4, ...), got {text!r}")
+    return value
 
 
 def _layout_overrides(args) -> list[str]:
@@ -619,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory of Hugging Face tokenizer files to include (default: the "
                        "ones from-hf kept, else the byte tokenizer's when the vocabulary fits)")
     to_hf.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
+    to_hf.add_argument("--allow-non-finite", action="store_true",
+                       help="write NaN/inf weights instead of refusing them")
     to_hf.add_argument("--force", action="store_true", help="replace a non-empty --out")
     from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> Megatron dist checkpoint")
     from_hf.add_argument("--hf", required=True, help="directory with config.json + safetensors")
@@ -626,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="save directory to create (run.yaml + iter_0000000; the "
                          "trainer's load:)")
     for flag, field in _LAYOUT_FLAGS:
-        from_hf.add_argument(flag, dest=field, type=int, default=None, metavar="N",
+        from_hf.add_argument(flag, dest=field, type=_positive_int, default=None, metavar="N",
                              help=f"model_parallel.{field} in run.yaml")
     from_hf.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                          help="the run's parameter dtype, stored in the checkpoint and run.yaml "
@@ -640,12 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(quiet_warnings(argv))
     try:
         if args.command == "to-hf":
             export_to_hf(args.checkpoint, args.out, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, force=args.force,
-                         tokenizer=False if args.no_tokenizer else (args.tokenizer or True))
+                         tokenizer=False if args.no_tokenizer else (args.tokenizer or True),
+                         allow_non_finite=args.allow_non_finite)
         else:
             import_from_hf(args.hf, args.out, overrides=[*_layout_overrides(args),
                                                          *args.overrides],

@@ -37,6 +37,7 @@ from megatron.core.datasets.indexed_dataset import (
 )
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.tokenizer import ByteTokenizer
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -56,14 +57,16 @@ def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
     try:
         with open(path, encoding="utf-8") as f:
             if path.endswith(".jsonl"):
-                for line in f:
-                    text = json.loads(line)["text"] if line.strip() else ""
+                for number, line in enumerate(f, 1):
+                    text = _jsonl_text(path, number, line)
                     if text:
                         yield text
                 return
             text = f.read()
     except UnicodeDecodeError as err:
         raise ValueError(f"input file {path} is not UTF-8 text ({err})") from err
+    if "\0" in text:
+        raise _nul_error(path, text.count("\n", 0, text.index("\0")) + 1)
 
     chunk: list[str] = []
     chunk_chars = 0
@@ -78,28 +81,69 @@ def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
         yield "\n\n".join(chunk)
 
 
+_JSONL_FORMAT = 'each line must be one JSON object with a "text" string, e.g. {"text": "..."}'
+
+
+def _jsonl_text(path: str, number: int, line: str) -> str:
+    """The "text" of one JSON-lines line ("" for a blank line); ValueError naming the line."""
+    if not line.strip():
+        return ""
+    if "\0" in line:
+        raise _nul_error(path, number)
+    where = f"{path}, line {number}"
+    try:
+        record = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as err:
+        problem = err.msg.removesuffix(" at")  # "Unterminated string starting at"
+        raise ValueError(f"{where}: not valid JSON ({problem} at column {err.colno}); "
+                         f"{_JSONL_FORMAT}") from None
+    if not isinstance(record, dict) or "text" not in record:
+        found = "an object without it" if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f'{where}: no "text" field (found {found}); {_JSONL_FORMAT}')
+    text = record["text"]
+    if not isinstance(text, str):
+        raise ValueError(f'{where}: "text" is {json.dumps(text)[:40]}, not a string; '
+                         f"{_JSONL_FORMAT}")
+    return text
+
+
+def _nul_error(path: str, line: int) -> ValueError:
+    return ValueError(f"input file {path} holds NUL bytes (first on line {line}): it looks like a "
+                     "binary file, not text; pass UTF-8 text (.txt) or JSON-lines (.jsonl) files")
+
+
 def preprocess(
     input_paths: Sequence[str | os.PathLike],
     output_prefix: str | os.PathLike,
     tokenizer: ByteTokenizer | None = None,
     append_eod: bool = True,
     min_document_chars: int = DEFAULT_MIN_DOCUMENT_CHARS,
+    force: bool = False,
 ) -> str:
     """Tokenize text files into ``<output_prefix>.bin/.idx`` and return the prefix.
 
     Files are written under temporary names and renamed at the end, so a reader never sees a
-    half-written dataset.
+    half-written dataset. An existing dataset at ``output_prefix`` is replaced only with
+    ``force``; without it, or when an input is bad, nothing at the prefix changes.
     """
     tokenizer = tokenizer or ByteTokenizer()
     input_paths = [os.fspath(p) for p in input_paths]
     output_prefix = os.fspath(output_prefix)
     if not input_paths:
         raise ValueError("preprocess needs at least one input file")
+    if min_document_chars < 1:
+        raise ValueError(f"--min-document-chars must be >= 1 (got {min_document_chars})")
     for path in input_paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"input file {path} does not exist; pass existing UTF-8 text (.txt) or "
-                'JSON-lines (.jsonl, one {"text": ...} object per line) files to --input'
+                f"input file {path} does not exist or is not a file; pass existing UTF-8 text "
+                '(.txt) or JSON-lines (.jsonl, one {"text": ...} object per line) files to --input'
+            )
+    for path in (get_bin_path(output_prefix), get_idx_path(output_prefix)):
+        if os.path.exists(path) and not force:
+            raise FileExistsError(
+                f"output {path} already exists; pass --force to replace it, or choose another "
+                "--output-prefix"
             )
 
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
@@ -155,7 +199,7 @@ def default_corpus_prefix(
             digest.update(os.path.basename(path).encode() + b"\0" + f.read())
     prefix = os.path.join(os.fspath(cache_dir), f"dsmoe_corpus_{digest.hexdigest()[:16]}")
     if not os.path.exists(get_idx_path(prefix)) or not os.path.exists(get_bin_path(prefix)):
-        preprocess(files, prefix, tokenizer)
+        preprocess(files, prefix, tokenizer, force=True)  # our cache: replace a partial pair
     return prefix
 
 
@@ -350,11 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--min-document-chars", type=int, default=DEFAULT_MIN_DOCUMENT_CHARS,
         help="merge consecutive paragraphs of a .txt file into documents of at least this size",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing PREFIX.bin / PREFIX.idx",
+    )
+    args = parser.parse_args(quiet_warnings(argv))
     try:
         prefix = preprocess(
             args.input, args.output_prefix, append_eod=args.append_eod,
-            min_document_chars=args.min_document_chars,
+            min_document_chars=args.min_document_chars, force=args.force,
         )
     except (OSError, ValueError) as err:
         print(f"dsmoe-preprocess: error: {err}", file=sys.stderr)

@@ -8,7 +8,9 @@ Two ways in, both launched through this module on CPU and GPU alike::
     # 2. our drop-in for pretrain_gpt.py, which also takes our YAML files
     python examples/pretrain_dsmoe_megatron_lm.py --dsmoe-yaml yaml_configs/tiny.yaml ...
 
-(under torchrun: ``torchrun --nproc-per-node 8 -m dsmoe_megatron.megatron_lm SCRIPT.py ...``).
+(under torchrun: ``torchrun --nproc-per-node 8 -m dsmoe_megatron.megatron_lm SCRIPT.py ...``; a plain
+``python`` run is a world of one: RANK, WORLD_SIZE, MASTER_ADDR/PORT default when no launcher set them).
+Known-harmless third-party warnings are hidden; ``-v`` or ``DSMOE_SHOW_WARNINGS=1`` shows them.
 
 The launcher runs SCRIPT.py as ``__main__`` after (a) ``enable_cpu_training()`` when there is no
 GPU, (b) making Megatron-LM's ``parse_and_validate_args`` accept the DeepSeekMoE flags of
@@ -34,9 +36,11 @@ from functools import partial
 
 import torch
 
+# Megatron-core (and our modules built on it) are imported where used: importing them warns, and
+# main() first quiets the known-harmless warnings.
 from dsmoe_megatron import cpu_compat
-from dsmoe_megatron.config import EXPERT_BACKENDS, deepseek_defaults
-from dsmoe_megatron.specs import config_from_megatron, dsmoe_settings
+from dsmoe_megatron.cli import quiet_warnings
+from dsmoe_megatron.runtime import free_port
 from dsmoe_megatron.tokenizer import ByteTokenizer
 
 # Prepended to the command line on CPU (a flag given explicitly wins). The fusions are CUDA
@@ -99,6 +103,17 @@ def use_prebuilt_dataset_helpers() -> None:
     utils.compile_helpers = lambda: None
 
 
+def single_process_defaults() -> None:
+    """Let a plain ``python`` run act as a world of one: the torchrun variables Megatron-LM reads,
+    when no launcher set them."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    defaults = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
@@ -106,6 +121,8 @@ def use_prebuilt_dataset_helpers() -> None:
 def add_dsmoe_args(parser):
     """extra_args_provider: the DeepSeekMoE-only flags (defaults: DSMOE_* environment variables,
     then DeepSeekMoEConfig's) and ``--dsmoe-yaml``."""
+    from dsmoe_megatron.config import EXPERT_BACKENDS
+
     if "--dsmoe-yaml" in parser._option_string_actions:
         return parser
     group = parser.add_argument_group("DeepSeekMoE (dsmoe_megatron)")
@@ -132,6 +149,11 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
     the command line itself: a later flag wins. ``--moe-first-k-dense`` is folded into
     ``args.moe_layer_freq`` so Megatron-LM's own logic sees the dense layers too."""
     from megatron.training import arguments
+
+    from dsmoe_megatron.specs import dsmoe_settings
+
+    # The launcher and our example both come through here before Megatron-LM reads the environment.
+    single_process_defaults()
 
     def provider(parser):
         parser = add_dsmoe_args(parser)
@@ -186,6 +208,7 @@ _NOT_FROM_YAML = ("save", "load", "save_interval", "tensorboard_dir", "lr_step_d
 def yaml_to_megatron_flags(path: str, parser, given: list[str] = ()) -> list[str]:
     """The Megatron-LM flags for a YAML run config, except those whose argument ``given``
     (a command line) already sets."""
+    from dsmoe_megatron.config import deepseek_defaults
     from dsmoe_megatron.yaml_config import YamlConfigError, load_run_config
 
     run = load_run_config(path, instantiate_checks=False)
@@ -245,6 +268,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     from dsmoe_megatron.model import build_model
+    from dsmoe_megatron.specs import config_from_megatron
 
     args = get_args()
     if args.position_embedding_type != "rope" or not args.untie_embeddings_and_output_weights:
@@ -351,6 +375,8 @@ def log_dsmoe_balance_losses() -> None:
     aux_loss and seq_aux_loss, ``device_balance_loss`` when a2 > 0) instead."""
     from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 
+    from dsmoe_megatron.specs import dsmoe_settings
+
     original = MoEMetricsTracker.report
     if getattr(original, "dsmoe", False):
         return
@@ -384,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m dsmoe_megatron.megatron_lm SCRIPT.py [args]``: run a Megatron-LM training
     script (pretrain_gpt.py or ours) with the CPU shim where there is no GPU, our flags and
     ``--dsmoe-yaml`` accepted, and DeepSeekMoE's balance losses logged."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = quiet_warnings(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)

@@ -25,8 +25,10 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1) -> int:
 
 def build_model(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length: int,
                 pre_process: bool | None = None, post_process: bool | None = None,
-                vp_stage: int | None = None, pg_collection=None) -> GPTModel:
-    """GPTModel (RoPE, untied embeddings) for this rank's pipeline stage / virtual stage."""
+                vp_stage: int | None = None, pg_collection=None,
+                use_te: bool | None = None) -> GPTModel:
+    """GPTModel (RoPE, untied embeddings) for this rank's pipeline stage / virtual stage.
+    ``use_te``: Transformer Engine modules (default: where TE imports)."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
@@ -34,7 +36,7 @@ def build_model(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length:
     kwargs = {} if pg_collection is None else {"pg_collection": pg_collection}
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_dsmoe_block_spec(config, vp_stage=vp_stage),
+        transformer_layer_spec=get_dsmoe_block_spec(config, vp_stage=vp_stage, use_te=use_te),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,

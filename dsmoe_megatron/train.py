@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.checkpoint import CheckpointError
 
 # Fields of a checkpoint's model that must match the model it is loaded into (the layout,
@@ -571,7 +572,7 @@ def main(argv=None) -> int:
     from dsmoe_megatron.config import ConfigError
     from dsmoe_megatron.yaml_config import YamlConfigError, load_run_config
 
-    args = parse_args(argv)
+    args = parse_args(quiet_warnings(argv))
     try:
         run = load_run_config(args.config, args.overrides)
     except (ConfigError, YamlConfigError, FileNotFoundError) as error:

@@ -21,8 +21,10 @@ Every file follows Megatron-LM's YAML layout::
 Missing fields take TransformerConfig's own dataclass defaults, overlaid with
 ``config.deepseek_defaults()`` (SwiGLU, RMSNorm, no biases, no dropout, DeepSeekMoE routing).
 Unknown keys and wrongly typed values are rejected with the section, the key and the nearest
-valid name. ``load_run_config(path, ["language_model.num_layers=4", "lr=1e-3"])`` applies
-``key=value`` overrides (values parsed as YAML) before anything is checked.
+valid name (types: ``yaml_values``), numbers outside their range or not finite likewise
+(``field_ranges``), repeated keys and anchors with the line (``strict_yaml``).
+``load_run_config(path, ["language_model.num_layers=4", "lr=1e-3"])`` applies ``key=value``
+overrides (values parsed as YAML) before anything is checked.
 
 Precision: ``bf16: true`` sets ``params_dtype=torch.bfloat16`` (``fp16`` likewise); the
 pipeline P2P dtype follows ``params_dtype``. ``activation_func`` is not configurable: the
@@ -39,21 +41,22 @@ import math
 import os
 import re
 import tempfile
-import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 import torch
-import yaml
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from dsmoe_megatron import config as _config_module
+from dsmoe_megatron import field_ranges, strict_yaml
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, deepseek_defaults
 from dsmoe_megatron.runtime import ParallelLayout
+from dsmoe_megatron.tokenizer import ByteTokenizer
+from dsmoe_megatron.yaml_values import Mismatch, convert, describe, yamlable
 
 __all__ = [
     "LR_DECAY_STYLES",
@@ -142,28 +145,32 @@ class TrainingArgs:
         return self.global_batch(data_parallel_size) // (self.micro_batch_size * data_parallel_size)
 
     def validate(self) -> None:
+        """Each value in its range (field_ranges), then the relations between them."""
         def bad(key, msg):
             raise YamlConfigError(f"{key}: {msg}")
 
-        for key in ("micro_batch_size", "seq_length", "train_iters", "vocab_size",
-                    "max_position_embeddings"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                bad(key, f"must be >= 1 (got {value})")
-        if self.global_batch_size is not None:
-            if self.global_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
-                bad("global_batch_size",
-                    f"{self.global_batch_size} must be a positive multiple of micro_batch_size "
-                    f"({self.micro_batch_size})")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = field_ranges.problem(f.name, value)
+            if problem:
+                raise YamlConfigError(f"{f.name}={value!r}: {problem}")
+        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            bad("global_batch_size",
+                f"{self.global_batch_size} must be a positive multiple of micro_batch_size "
+                f"({self.micro_batch_size})")
         max_pos = self.max_position_embeddings
         if max_pos is not None and max_pos < self.seq_length:
             bad("max_position_embeddings",
                 f"{self.max_position_embeddings} is smaller than seq_length ({self.seq_length})")
-        if not self.lr > 0:
-            bad("lr", f"must be > 0 (got {self.lr})")
-        if not 0 <= self.min_lr <= self.lr:
+        tokenizer_vocab = ByteTokenizer().vocab_size
+        if self.vocab_size is not None and self.vocab_size < tokenizer_vocab:
+            bad("vocab_size",
+                f"{self.vocab_size} is smaller than the byte-level tokenizer's {tokenizer_vocab} "
+                "ids (256 bytes + 3 special tokens), so tokens would index past the embedding; "
+                f"set vocab_size >= {tokenizer_vocab} or null")
+        if self.min_lr > self.lr:
             bad("min_lr", f"must be between 0 and lr={self.lr} (got {self.min_lr})")
-        if not 0 <= self.lr_warmup_iters <= self.train_iters:
+        if self.lr_warmup_iters > self.train_iters:
             bad("lr_warmup_iters",
                 f"must be between 0 and train_iters={self.train_iters} "
                 f"(got {self.lr_warmup_iters})")
@@ -173,46 +180,52 @@ class TrainingArgs:
             bad("lr_decay_style",
                 f"{self.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}{hint}")
         points = list(self.lr_step_decay_at)
-        if any(not 0 < p < 1 for p in points) or points != sorted(set(points)):
+        if points != sorted(set(points)):
             bad("lr_step_decay_at",
                 f"{points} must be increasing fractions of train_iters, each between 0 and 1")
-        if not 0 < self.lr_step_decay_factor <= 1:
-            bad("lr_step_decay_factor", f"must be in (0, 1] (got {self.lr_step_decay_factor})")
-        if self.weight_decay < 0:
-            bad("weight_decay", f"must be >= 0 (got {self.weight_decay})")
-        for key in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                bad(key, f"must be in [0, 1) (got {getattr(self, key)})")
-        if not self.adam_eps > 0:
-            bad("adam_eps", f"must be > 0 (got {self.adam_eps})")
-        if self.clip_grad < 0:
-            bad("clip_grad", f"must be >= 0, 0 disables clipping (got {self.clip_grad})")
-        for key in ("save_interval", "eval_interval", "log_interval"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                bad(key, f"must be >= 1 or null (got {value})")
-        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
-            bad("ddp_bucket_size", f"must be >= 1 or null (got {self.ddp_bucket_size})")
-        for key in ("loss_scale", "initial_loss_scale"):
-            value = getattr(self, key)
-            if value is not None and not 0 < value < math.inf:
-                bad(key, f"must be a positive finite number (got {value})")
-        if self.eval_iters < 0:
-            bad("eval_iters", f"must be >= 0 (got {self.eval_iters})")
-        if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*", self.split) or not any(
-            float(x) > 0 for x in self.split.split(",")
-        ):
-            bad("split", f"{self.split!r} must be up to three non-negative weights such as "
-                         "'969,30,1' (train,valid,test)")
-        if self.data_path is not None:
-            if not self.data_path:
-                bad("data_path", "is an empty list; use null for the shipped corpus")
-            if _is_number(self.data_path[0]) and (
-                len(self.data_path) % 2
-                or not all(_is_number(w) for w in self.data_path[::2])
-            ):
-                bad("data_path", f"{self.data_path} looks like a weighted blend but is not "
-                                 "'weight, prefix' pairs")
+        self._validate_evaluation()
+        self._validate_data_path()
+        for key in ("save", "load", "tensorboard_dir"):
+            if getattr(self, key) == "":
+                bad(key, "is an empty path; give a directory or null")
+
+    def _validate_evaluation(self) -> None:
+        if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*", self.split):
+            raise YamlConfigError(f"split: {self.split!r} must be up to three non-negative "
+                                  "weights such as '969,30,1' (train,valid,test)")
+        train, valid, _ = (*(float(w) for w in self.split.split(",")), 0.0, 0.0)[:3]
+        if train <= 0:
+            raise YamlConfigError(f"split: {self.split!r} gives training no share; the first "
+                                  "weight (train) must be > 0, e.g. '969,30,1'")
+        if not self.eval_interval:
+            return
+        if self.eval_iters == 0:
+            raise YamlConfigError(
+                f"eval_iters: 0 evaluates nothing, but eval_interval={self.eval_interval} asks "
+                "for evaluation; set eval_interval: null to turn evaluation off, or eval_iters "
+                ">= 1")
+        if valid <= 0:
+            raise YamlConfigError(
+                f"split: {self.split!r} has no validation share, but eval_interval="
+                f"{self.eval_interval} asks for evaluation; give the second weight (valid) a "
+                "share, e.g. '969,30,1', or set eval_interval: null")
+
+    def _validate_data_path(self) -> None:
+        blend = self.data_path
+        if blend is None:
+            return
+        if not blend:
+            raise YamlConfigError("data_path: is an empty list; use null for the shipped corpus")
+        if not _is_number(blend[0]):
+            return
+        if len(blend) % 2 or not all(_is_number(w) for w in blend[::2]):
+            raise YamlConfigError(f"data_path: {blend} looks like a weighted blend but is not "
+                                  "'weight, prefix' pairs")
+        for weight, prefix in zip(blend[::2], blend[1::2]):
+            if not (math.isfinite(float(weight)) and float(weight) > 0):
+                raise YamlConfigError(
+                    f"data_path: the weight {weight} of {prefix} must be a positive finite "
+                    "number (weights are normalised to sum to 1); drop the entry to leave it out")
 
 
 def _is_number(text: str) -> bool:
@@ -267,28 +280,11 @@ _FIXED_VALUES = {
 }
 
 
-def _yamlable(tp) -> bool:
-    """Whether a value of this annotation can be written in YAML (no callables, dtypes...)."""
-    if tp in (int, float, bool, str, type(None), Any, list, dict):
-        return True
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return True
-    origin = get_origin(tp)
-    if origin is Literal:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_yamlable(a) for a in get_args(tp) if a is not type(None))
-    if origin in (list, tuple, Sequence, typing.List, typing.Tuple):
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        return all(_yamlable(a) for a in args) if args else True
-    return False
-
-
 def _build_schema() -> dict[str, dict[str, Any]]:
     lm, mp, dsm = {}, {}, {}
     for name in _MODEL_FIELDS:
         tp = _MODEL_HINTS.get(name, Any)
-        if name.startswith("_") or name in NOT_CONFIGURABLE or not _yamlable(tp):
+        if name.startswith("_") or name in NOT_CONFIGURABLE or not yamlable(tp):
             continue
         if name in DEEPSEEK_FIELDS:
             dsm[name] = tp
@@ -335,131 +331,19 @@ def _model_default(name: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Values: type checks with readable errors
-
-
-class _Mismatch(Exception):
-    def __init__(self, expected: str):
-        super().__init__(expected)
-        self.expected = expected
-
-
-def _describe(value) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value),
-                                                                       type(value).__name__)
-    return f"{value!r} ({kind})"
-
-
-def _convert(value, tp, lenient: bool):
-    """``value`` checked (and converted) against annotation ``tp``; _Mismatch if it does not fit.
-
-    ``lenient`` also accepts a string holding a number for a float field: YAML 1.1 (PyYAML)
-    reads ``1e-3`` without a dot as a string.
-    """
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch("null")
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        arms = [a for a in get_args(tp) if _yamlable(a)]
-        # Exact matches in any arm first, then the lenient conversions.
-        for attempt in ((False, True) if lenient else (False,)):
-            for arm in arms:
-                try:
-                    return _convert(value, arm, attempt)
-                except _Mismatch:
-                    pass
-        raise _Mismatch(" or ".join(dict.fromkeys(_expected(a) for a in arms)))
-    if origin is Literal:
-        for choice in get_args(tp):
-            if type(choice) is type(value) and choice == value:
-                return value
-        raise _Mismatch(_expected(tp))
-    if origin in (list, Sequence, typing.List):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch(_expected(tp))
-        (arg,) = get_args(tp) or (Any,)
-        return [_convert(v, arg, lenient) for v in value]
-    if origin in (tuple, typing.Tuple):
-        args = get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch(_expected(tp))
-        if args and args[-1] is Ellipsis:
-            return tuple(_convert(v, args[0], lenient) for v in value)
-        if args and len(args) != len(value):
-            raise _Mismatch(_expected(tp))
-        return tuple(_convert(v, a, lenient) for v, a in zip(value, args or [Any] * len(value)))
-    if tp in (list, dict):
-        if isinstance(value, tp):
-            return value
-        raise _Mismatch("a list" if tp is list else "a mapping")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch("an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if lenient and isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-            else:
-                if math.isfinite(number):
-                    return number
-        raise _Mismatch("a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch("a string")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        for member in tp:
-            if value == member.name or (isinstance(value, str) and value == str(member.value)):
-                return member
-        raise _Mismatch(_expected(tp))
-    raise _Mismatch(f"a {getattr(tp, '__name__', tp)} (not settable from YAML)")
-
-
-def _expected(tp) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(c) for c in get_args(tp))
-    if origin in (list, Sequence, typing.List):
-        (arg,) = get_args(tp) or (Any,)
-        return f"a list of {_plural(arg)}"
-    if origin in (tuple, typing.Tuple):
-        return "a list of " + ", ".join(_expected(a) for a in get_args(tp) if a is not Ellipsis)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_expected(a) for a in get_args(tp) if _yamlable(a))
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(m.name for m in tp)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null", Any: "any value", list: "a list", dict: "a mapping"
-            }.get(tp, str(tp))
-
-
-def _plural(tp) -> str:
-    return {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(
-        tp, _expected(tp))
+# Values: types and ranges, with readable errors
 
 
 def _check_value(where: str, value, tp):
+    """``value`` converted to annotation ``tp`` and in its field's range (field_ranges)."""
     try:
-        return _convert(value, tp, lenient=True)
-    except _Mismatch as err:
-        raise YamlConfigError(
-            f"{where}: expected {err.expected}, got {_describe(value)}") from None
+        value = convert(value, tp)
+    except Mismatch as err:
+        raise YamlConfigError(f"{where}: {err}") from None
+    problem = field_ranges.problem(where.rpartition(".")[2], value)
+    if problem:
+        raise YamlConfigError(f"{where}={value!r}: {problem}")
+    return value
 
 
 def _unknown_key(where_prefix: str, key: str, valid: Iterable[str]) -> YamlConfigError:
@@ -487,7 +371,7 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
 
     A key is ``section.key`` or a top-level training key; a section-less key that exists in
     exactly one section (``num_layers=4``) is placed there. Values are parsed with
-    ``yaml.safe_load`` (``null``, ``[1, 2]``, ``true``...). ``section={...}`` sets several keys.
+    YAML (``null``, ``[1, 2]``, ``true``...). ``section={...}`` sets several keys.
     """
     if isinstance(overrides, str):
         overrides = [overrides]
@@ -499,10 +383,9 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
         key, _, text = item.partition("=")
         key = key.strip()
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise YamlConfigError(
-                f"override {item!r}: the value is not valid YAML ({err})") from None
+            value = strict_yaml.load(text)
+        except strict_yaml.YamlSyntaxError as err:
+            raise YamlConfigError(f"override {item!r}: the value: {err}") from None
         parts = key.split(".")
         where = f"override {item!r}: "
         if len(parts) == 1:
@@ -572,9 +455,10 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = (), *,
 
     ``instantiate_checks=False`` validates "on paper": everything that depends on the config
     alone is checked (TransformerConfig's and DeepSeekMoE's own rules, the layout, the training
-    settings), but not whether this machine can run it (Transformer Engine / FP8-capable GPU
-    for ``fp8`` and ``moe_expert_backend: te``). Nothing is ever instantiated and no process
-    group is needed in either mode.
+    settings), but not whether this machine can run it (Transformer Engine / a GPU for the
+    ``fp8`` / ``fp4`` recipe and ``moe_expert_backend: te``; ``save`` and ``tensorboard_dir``
+    writable, ``load`` present). Nothing is ever instantiated or created and no process group
+    is needed in either mode.
     """
     path = Path(path)
     try:
@@ -582,9 +466,9 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = (), *,
     except OSError as err:
         raise YamlConfigError(f"{path}: cannot read the run config ({err.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise YamlConfigError(f"{path}: not valid YAML ({err})") from None
+        raw = strict_yaml.load(text)
+    except strict_yaml.YamlSyntaxError as err:
+        raise YamlConfigError(f"{path}: {err}") from None
     return run_config_from_dict(raw if raw is not None else {}, overrides,
                                 instantiate_checks=instantiate_checks, origin=str(path))
 
@@ -595,7 +479,7 @@ def run_config_from_dict(source: Mapping, overrides: Sequence[str] = (), *,
     """Same as load_run_config for a document already in memory (yaml_config's schema)."""
     if not isinstance(source, Mapping):
         raise YamlConfigError(f"{origin}: the document must be a mapping of sections and keys, "
-                              f"got {_describe(source)}")
+                              f"got {describe(source)}")
     merged = _merge(dict(source), parse_overrides(overrides)) if overrides else copy.deepcopy(
         dict(source))
     try:
@@ -613,7 +497,7 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
             if value is None:
                 value = {}
             if not isinstance(value, Mapping):
-                raise YamlConfigError(f"{key}: expected a mapping of keys, got {_describe(value)}")
+                raise YamlConfigError(f"{key}: expected a mapping of keys, got {describe(value)}")
             checked = {}
             for sub_key, sub_value in value.items():
                 if sub_key not in SCHEMA[key]:
@@ -631,7 +515,7 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     mp = sections.get("model_parallel", {})
     dsm = sections.get("deepseekmoe", {})
     for key in _REQUIRED:
-        if lm.get(key, 0) < 1:
+        if key not in lm:
             raise YamlConfigError(f"language_model.{key}: required (a positive integer)")
     for key, (value, why) in _FIXED_VALUES.items():
         if key in mp and mp[key] != value:
@@ -641,10 +525,10 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     if train.max_position_embeddings is None:
         train.max_position_embeddings = train.seq_length
     if train.vocab_size is None:
-        from dsmoe_megatron.tokenizer import ByteTokenizer
-
         train.vocab_size = ByteTokenizer().vocab_size
     train.validate()
+    if instantiate_checks:
+        _check_paths(train)
 
     _check_pipeline_split(lm, mp)
     kwargs = deepseek_defaults()
@@ -691,6 +575,34 @@ def _check_train_value(key: str, value):
     return _check_value(key, value, _TRAIN_HINTS[key])
 
 
+def _check_paths(train: TrainingArgs) -> None:
+    """The output directories can be created and written, the checkpoint to load exists.
+    Nothing is created here: a run config is only read."""
+    for key in ("save", "tensorboard_dir"):
+        path = getattr(train, key)
+        problem = _output_dir_problem(path) if path is not None else None
+        if problem:
+            raise YamlConfigError(f"{key}={path}: {problem}; choose another directory for {key}")
+    if train.load is not None and not os.path.isdir(train.load):
+        what = "is a file, not" if os.path.exists(train.load) else "does not exist; expected"
+        raise YamlConfigError(
+            f"load={train.load}: {what} a checkpoint directory (the save directory of an earlier "
+            "run); correct the path or set load: null")
+
+
+def _output_dir_problem(path: str) -> str | None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a directory"
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest existing ancestor, where mkdir starts
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, so no directory can be created under it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def _check_pipeline_split(lm: dict, mp: dict) -> None:
     """Megatron splits layers evenly over the stages unless told otherwise; say so early."""
     pp = mp.get("pipeline_model_parallel_size", 1)
@@ -721,7 +633,7 @@ def _environment_checks(enabled: bool):
         return
     from megatron.core.transformer import transformer_config as megatron_config
 
-    patches = [(_config_module, n) for n in ("_te_available", "_gpu_supports_fp8")]
+    patches = [(_config_module, n) for n in ("_te_available", "_gpu_supports")]
     patches.append((megatron_config, "is_te_min_version"))
     saved = [(owner, name, getattr(owner, name)) for owner, name in patches
              if hasattr(owner, name)]
@@ -816,8 +728,8 @@ def dump_run_config(cfg: RunConfig, path: str | Path) -> None:
     doc = run_config_to_dict(cfg)
     ordered = {k: doc[k] for k in (*SECTIONS, *TRAINING_KEYS) if k in doc}
     ordered.update({k: v for k, v in doc.items() if k not in ordered})
-    text = "# dsmoe_megatron run config (merged, overrides applied)\n" + yaml.safe_dump(
-        ordered, sort_keys=False, default_flow_style=None)
+    text = "# dsmoe_megatron run config (merged, overrides applied)\n" + strict_yaml.dump(
+        ordered)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

@@ -6,15 +6,16 @@ import torch
 
 from common import tiny_config
 from dsmoe_megatron import config as config_module
+from dsmoe_megatron import field_ranges
 from dsmoe_megatron.config import ConfigError, derive_from_baseline
 
 
 @pytest.mark.parametrize("changes, message", [
     (dict(moe_router_topk=9), "moe_router_topk=9 must be between 1 and num_moe_experts=8"),
-    (dict(moe_router_topk=0), "moe_router_topk=0 must be between 1"),
+    (dict(moe_router_topk=0), "moe_router_topk=0: must be >= 1"),
     (dict(moe_ffn_hidden_size=None, moe_num_shared_experts=1),
      "moe_num_shared_experts > 0 needs an expert width: set moe_ffn_hidden_size"),
-    (dict(moe_num_shared_experts=-1), "moe_num_shared_experts must be >= 0"),
+    (dict(moe_num_shared_experts=-1), "moe_num_shared_experts=-1: must be >= 0"),
     (dict(moe_shared_expert_intermediate_size=40),
      "moe_shared_expert_intermediate_size=40 disagrees with moe_num_shared_experts=1 x "
      "moe_ffn_hidden_size=16; set only moe_num_shared_experts"),
@@ -40,7 +41,32 @@ from dsmoe_megatron.config import ConfigError, derive_from_baseline
     (dict(expert_model_parallel_size=4, moe_device_groups=6, num_moe_experts=24),
      "moe_device_groups=6 neither divides nor is a multiple of expert_model_parallel_size=4"),
     (dict(moe_device_balance_coeff=-0.1, moe_device_groups=2),
-     "moe_aux_loss_coeff and moe_device_balance_coeff must be >= 0"),
+     "moe_device_balance_coeff=-0.1: must be >= 0"),
+    (dict(moe_aux_loss_coeff=-0.01), "moe_aux_loss_coeff=-0.01: must be >= 0"),
+    (dict(moe_aux_loss_coeff=[0.01, float("nan")]),
+     "moe_aux_loss_coeff=[0.01, nan]: each entry must be a finite number"),
+    # Megatron's own message named the shared-expert width for these.
+    (dict(moe_ffn_hidden_size=0), "moe_ffn_hidden_size=0: must be >= 1"),
+    (dict(moe_ffn_hidden_size=-16), "moe_ffn_hidden_size=-16: must be >= 1"),
+    (dict(init_method_std=-0.02), "init_method_std=-0.02: must be > 0"),
+    (dict(init_method_std=float("inf")), "init_method_std=inf: must be a finite number"),
+    (dict(hidden_dropout=1.0), "hidden_dropout=1.0: must be in [0, 1)"),
+    (dict(attention_dropout=-0.1), "attention_dropout=-0.1: must be in [0, 1)"),
+    (dict(layernorm_epsilon=0.0), "layernorm_epsilon=0.0: must be > 0"),
+    (dict(glu_linear_offset=float("nan")), "glu_linear_offset=nan: must be a finite number"),
+    (dict(tensor_model_parallel_size=0), "tensor_model_parallel_size=0: must be >= 1"),
+    (dict(num_attention_heads=3),
+     "num_attention_heads=3 does not divide hidden_size=32 (each head gets hidden_size / "
+     "num_attention_heads channels); use a head count that divides it, e.g. 2 or 4, or set "
+     "kv_channels"),
+    (dict(num_attention_heads=40), "num_attention_heads=40 does not divide hidden_size=32 (each "
+                                   "head gets hidden_size / num_attention_heads channels); use a "
+                                   "head count that divides it, e.g. 32, or set kv_channels"),
+    (dict(num_query_groups=3), "num_query_groups=3 does not divide num_attention_heads=4"),
+    (dict(moe_layer_freq=0), "moe_layer_freq=0 must be N >= 1 (every N-th layer is MoE)"),
+    (dict(moe_layer_freq=[0, 1, 1]), "or a list with one 0 (dense) or 1 (MoE) per layer (4 "
+                                     "entries)"),
+    (dict(moe_layer_freq=[0, 1, 2, 1]), "moe_layer_freq=[0, 1, 2, 1] must be N >= 1"),
     (dict(moe_router_load_balancing_type="sinkhorn"),
      "moe_router_load_balancing_type='sinkhorn': DeepSeekMoE supports"),
     (dict(moe_router_score_function="sigmoid"),
@@ -55,20 +81,109 @@ def test_validation_errors_name_the_field_and_the_fix(changes, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("name, value, expected", [
+    ("hidden_dropout", 0.0, None), ("hidden_dropout", 0.999, None),
+    ("hidden_dropout", 1.0, "must be in [0, 1)"), ("hidden_dropout", -1e-9, "must be in [0, 1)"),
+    ("lr", 1e-12, None), ("lr", 0.0, "must be > 0"), ("lr", float("inf"), "must be a finite number"),
+    ("lr_step_decay_factor", 1.0, None), ("lr_step_decay_factor", 0.0, "must be in (0, 1]"),
+    ("lr_step_decay_at", [0.5, 0.9], None),
+    ("lr_step_decay_at", [0.5, 1.0], "each entry must be in (0, 1)"),
+    ("seed", 2**32 - 1, None), ("seed", 2**32, "must be in [0, 4294967295]"),
+    ("num_layers", 1, None), ("num_layers", 0, "must be >= 1"),
+    ("clip_grad", 0.0, None), ("clip_grad", float("nan"), "must be a finite number"),
+    ("window_size", (-1, 0), None),  # -1: no window limit
+    ("moe_router_force_biased", -0.5, None),  # the sign selects a mode
+    ("not_a_listed_field", -5, None), ("not_a_listed_field", float("-inf"),
+                                       "must be a finite number"),
+    ("num_layers", None, None), ("hidden_dropout", "0.1", None),  # left to the type checks
+])
+def test_field_ranges(name, value, expected):
+    assert field_ranges.problem(name, value) == expected
+
+
+def test_field_ranges_table_lists_each_field_once():
+    listed = [name for names in field_ranges._BY_RANGE.values() for name in names]
+    assert len(listed) == len(set(listed)) == len(field_ranges.RANGES)
+
+
+def test_a_heads_count_that_does_not_divide_the_hidden_size_is_fine_with_kv_channels():
+    cfg = tiny_config(num_attention_heads=3, kv_channels=8)
+    assert (cfg.num_attention_heads, cfg.kv_channels) == (3, 8)
+
+
+@pytest.mark.parametrize("switch", [dict(enable_cuda_graph=True),
+                                    dict(external_cuda_graph=True),
+                                    dict(cuda_graph_impl="local"),
+                                    dict(cuda_graph_impl="transformer_engine")])
+def test_cuda_graphs_are_refused_with_the_reason(switch):
+    (name, value), = switch.items()
+    with pytest.raises(ConfigError) as err:
+        tiny_config(**switch)
+    message = str(err.value)
+    assert message.startswith(f"{name}={value!r}: CUDA graphs are not supported")
+    assert "per-expert token counts on the host" in message
+    assert f"set {name}: {'false' if value is True else 'none'}" in message
+
+
 def test_fp8_needs_transformer_engine(monkeypatch):
     monkeypatch.setattr(config_module, "_te_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"fp8='e4m3' needs Transformer Engine.*set fp8: null"):
+    with pytest.raises(ConfigError, match=r"fp8='e4m3' \(fp8_recipe='delayed'\) needs Transformer "
+                                          r"Engine.*set fp8: null"):
         tiny_config(fp8="e4m3", bf16=True, params_dtype=torch.bfloat16)
 
 
-def test_fp8_needs_a_gpu_with_fp8_tensor_cores(monkeypatch):
-    # TE present but the device has no FP8 tensor cores (CPU, or a GPU below compute 8.9).
+def fake_gpu(monkeypatch, capability):
+    """Transformer Engine 'present' and a GPU of this compute capability; Megatron's TE version
+    check passes. Only these calls are faked: the recipe check itself runs."""
+    from megatron.core.transformer import transformer_config
+
     monkeypatch.setattr(config_module, "_te_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    with pytest.raises(ConfigError, match=r"needs a GPU with FP8 tensor cores \(compute "
-                                          r"capability >= 8.9\)"):
-        tiny_config(fp8="hybrid", bf16=True, params_dtype=torch.bfloat16)
+    monkeypatch.setattr(transformer_config, "is_te_min_version", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+
+
+def low_precision(**fields):
+    return tiny_config(bf16=True, params_dtype=torch.bfloat16, **fields)
+
+
+@pytest.mark.parametrize("capability, fields, message", [
+    ((8, 0), dict(fp8="hybrid"),
+     "fp8='hybrid' (fp8_recipe='delayed') needs a GPU of compute capability >= 8.9 (FP8 tensor "
+     "cores: Ada, Hopper or newer); this GPU is 8.0: set fp8: null on this machine"),
+    (None, dict(fp8="e4m3", fp8_recipe="tensorwise"),
+     "needs a GPU of compute capability >= 8.9 (FP8 tensor cores: Ada, Hopper or newer); there "
+     "is no GPU here: set fp8: null"),
+    # Hopper: MXFP8 needs Blackwell; the recipes that do run are offered.
+    ((9, 0), dict(fp8="hybrid", fp8_recipe="mxfp8"),
+     "fp8='hybrid' (fp8_recipe='mxfp8') needs a GPU of compute capability >= 10.0 (Blackwell); "
+     "this GPU is 9.0: use fp8_recipe: delayed or tensorwise or blockwise, or set fp8: null"),
+    ((8, 9), dict(fp8="hybrid", fp8_recipe="blockwise"),
+     "(fp8_recipe='blockwise') needs a GPU of compute capability >= 9.0 (Hopper or newer); this "
+     "GPU is 8.9: use fp8_recipe: delayed or tensorwise, or set fp8: null"),
+    ((9, 0), dict(fp4="e2m1"),
+     "fp4='e2m1' (fp4_recipe='nvfp4') needs a GPU of compute capability >= 10.0 (Blackwell); "
+     "this GPU is 9.0: set fp4: null on this machine"),
+])
+def test_low_precision_recipes_are_checked_against_the_gpu(monkeypatch, capability, fields,
+                                                           message):
+    fake_gpu(monkeypatch, capability)
+    with pytest.raises(ConfigError) as err:
+        low_precision(**fields)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("capability, fields", [
+    ((8, 9), dict(fp8="hybrid")),
+    ((9, 0), dict(fp8="hybrid", fp8_recipe="tensorwise")),
+    ((9, 0), dict(fp8="e4m3", fp8_recipe="blockwise")),
+    ((10, 0), dict(fp8="hybrid", fp8_recipe="mxfp8")),
+    ((10, 0), dict(fp4="e2m1")),
+])
+def test_low_precision_recipes_the_gpu_runs_are_accepted(monkeypatch, capability, fields):
+    fake_gpu(monkeypatch, capability)
+    cfg = low_precision(**fields)
+    assert all(getattr(cfg, k) == v for k, v in fields.items())
 
 
 def test_te_backend_needs_transformer_engine(monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,11 @@ from dsmoe_megatron import checkpoint, convert, runtime  # noqa: E402
 from dsmoe_megatron.convert import ConversionError  # noqa: E402
 from dsmoe_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES  # noqa: E402
 from dsmoe_megatron.hf.mapping import single_rank_config  # noqa: E402
+from dsmoe_megatron.hf.streaming import SafetensorsReader  # noqa: E402
 from dsmoe_megatron.model import build_model, padded_vocab_size  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_convert_memory as bench  # noqa: E402  (synthetic models, checkpoint comparison)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepseek_moe_16b_config.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -84,12 +89,20 @@ def assert_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[name], b[name]), name
 
 
+def checkpoint_tensor(ckpt: Path, key: str):
+    """(global shape, dtype) of a tensor in a dist checkpoint's metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    entry = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata[key]
+    return tuple(entry.size), entry.properties.dtype
+
+
 def load_single_rank(save_dir: Path):
     """The model of a dist checkpoint, built on one rank from its own run.yaml."""
     ckpt = checkpoint.resolve(save_dir)
     run = convert._yaml_config().load_run_config(ckpt / checkpoint.RUN_CONFIG_NAME)
-    padded, dtype = convert._checkpoint_tensor_info(ckpt)
-    model = build_model(single_rank_config(run.model, dtype), padded,
+    shape, dtype = checkpoint_tensor(ckpt, "embedding.word_embeddings.weight")
+    model = build_model(single_rank_config(run.model, dtype), shape[0],
                         run.train.seq_length, pre_process=True, post_process=True)
     checkpoint.load(ckpt, [model])
     return run, model
@@ -471,20 +484,197 @@ def test_parse_size():
     assert convert.parse_size("60KB") == 60_000
     assert convert.parse_size("1GiB") == 2**30
     assert convert.parse_size("4096") == 4096
-    with pytest.raises(ConversionError):
-        convert.parse_size("lots")
+    for bad in ("lots", "0", 0, "0.1B"):
+        with pytest.raises(ConversionError, match="size"):
+            convert.parse_size(bad)
+
+
+# ------------------------------------------------------------------------------------------
+# Streaming: the same outputs as a model built in memory, in bounded memory
+# ------------------------------------------------------------------------------------------
+
+def reference_import(hf_dir: Path, save_dir: Path, dtype: str) -> Path:
+    """from-hf as it was before it streamed: the whole model built in memory, filled from the
+    safetensors and saved with Megatron's own writer."""
+    from dsmoe_megatron.hf.mapping import hf_dims, hf_to_megatron, normalise_megatron_names
+
+    hf = convert.read_hf_config(hf_dir)
+    run = convert.build_run_config(hf, convert._dtype_overrides(dtype))
+    dims = hf_dims(hf)
+    padded = padded_vocab_size(dims.vocab, run.layout.tensor)
+    model = build_model(single_rank_config(run.model, run.model.params_dtype), padded,
+                        run.train.seq_length, pre_process=True, post_process=True)
+    own = normalise_megatron_names(model.state_dict())
+    reader = SafetensorsReader(hf_dir)
+    with torch.no_grad():
+        for name, make in hf_to_megatron(reader.get, dims, padded).items():
+            own[name].copy_(make())
+    return checkpoint.save(save_dir, 0, [model])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_streamed_import_saves_what_the_built_model_saves(rt, tmp_path, dtype):
+    """Same keys, chunks, dtypes and objects, and every saved item byte for byte (fp32 source;
+    bf16 rounds in the conversion)."""
+    write_hf_model(tmp_path / "hf", small_hf_config(num_key_value_heads=2), dtype=torch.float32)
+    streamed = convert.import_from_hf(tmp_path / "hf", tmp_path / "streamed", dtype=dtype)
+    reference = reference_import(tmp_path / "hf", tmp_path / "reference", dtype)
+    assert bench.same_checkpoint(checkpoint.resolve(streamed), reference)
+
+
+def test_streamed_export_writes_the_tensors_of_the_loaded_model(trained, exported):
+    """to-hf reads no model; its tensors are those of the model the checkpoint was saved from."""
+    from dsmoe_megatron.hf.mapping import Dims, megatron_to_hf, normalise_megatron_names
+
+    state = normalise_megatron_names(trained.model.state_dict())
+    dims = Dims.from_megatron(single_rank_config(trained.run.model), VOCAB)
+    expected = {name: make() for name, make in megatron_to_hf(state.__getitem__, dims).items()}
+    assert_bit_exact(expected, read_tensors(exported))
+
+
+def test_conversion_never_builds_transformer_engine_modules(rt, tmp_path, monkeypatch):
+    """Where Transformer Engine imports, the converter's model still has the stacked expert
+    weights and local modules (TE's would be weight0..N and need a GPU): both directions work
+    with te_available() faked to True."""
+    from dsmoe_megatron import backends, specs
+
+    for module in (backends, specs):
+        monkeypatch.setattr(module, "te_available", lambda: True)
+    source = write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    back = convert.export_to_hf(save, tmp_path / "back", tokenizer=False)
+    assert_bit_exact(source, read_tensors(back))
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one clear line, no traceback, nothing written
+# ------------------------------------------------------------------------------------------
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """dsmoe-convert's exit code and stderr (argparse's own errors exit with 2)."""
+    try:
+        code = convert.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err
+
+
+def test_export_refuses_non_finite_weights_unless_allowed(rt, tmp_path, capsys):
+    nan_name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    big_name = "model.layers.0.self_attn.q_proj.weight"  # earlier in the file: fp16 sees it first
+
+    def spoil(tensors):
+        tensors[nan_name][3, 5] = float("nan")
+        tensors[big_name][0, 0] = 1e6  # finite, but not in float16
+
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    edit_tensors(tmp_path / "hf", spoil)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    out = tmp_path / "out"
+    code, err = run_cli(["to-hf", "--checkpoint", str(save), "--out", str(out)], capsys)
+    assert code == 2
+    assert f"{nan_name} has 1 non-finite values" in err and "--allow-non-finite" in err
+    assert not out.exists() and not out.with_name("out.partial").exists()
+    code, err = run_cli(["to-hf", "--checkpoint", str(save), "--out", str(out), "--dtype",
+                         "fp16"], capsys)
+    assert code == 2 and f"{big_name}: 1 of" in err and "overflow float16" in err
+    assert run_cli(["to-hf", "--checkpoint", str(save), "--out", str(out),
+                    "--allow-non-finite"], capsys)[0] == 0
+    tensors = read_tensors(out)
+    assert torch.isnan(tensors[nan_name][3, 5]) and torch.isfinite(tensors[big_name]).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    ([1, 2], "must hold a JSON object of model settings .*, not a list"),
+    (dict(hidden_size="64"), r"hidden_size must be a positive integer, got '64' \(a string\)"),
+    (dict(num_hidden_layers=2.5), r"num_hidden_layers must be a positive integer, got 2.5"),
+    (dict(num_attention_heads=-4), r"num_attention_heads must be a positive integer, got -4"),
+    (dict(n_routed_experts=True), r"n_routed_experts must be an integer >= 0 or null, got True"),
+    (dict(rms_norm_eps="x"), r"rms_norm_eps must be a positive number, got 'x'"),
+    (dict(rope_theta={}), r"rope_theta must be a positive number, got \{\} \(an object\)"),
+    (dict(norm_topk_prob="yes"), r"norm_topk_prob must be true or false, got 'yes'"),
+    (dict(eos_token_id="</s>"), r"eos_token_id must be a token id"),
+    (dict(vocab_size=None), r"vocab_size must be a positive integer, got None \(null\)"),
+], ids=["list", "str", "float", "negative", "bool", "eps", "theta", "flag", "token", "null"])
+def test_import_names_a_config_field_of_the_wrong_type(tmp_path, capsys, change, message):
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    config = change if isinstance(change, list) else {**small_hf_config(), **change}
+    (directory / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["from-hf", "--hf", str(directory), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2
+    assert f"{directory / 'config.json'}" in err and re.search(message, err), err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["index", "no-index"])
+def test_import_names_a_truncated_safetensors_file(tmp_path, capsys, indexed):
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=2)
+    if not indexed:
+        (tmp_path / "hf" / "model.safetensors.index.json").unlink()
+    path = tmp_path / "hf" / "model-00002-of-00002.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")],
+                        capsys)
+    assert code == 2 and str(path) in err and "truncated" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--tensor-model-parallel-size", "0"), ("--tensor-model-parallel-size", "-2"),
+    ("--tensor-model-parallel-size", "two"), ("--pipeline-model-parallel-size", "0"),
+    ("--expert-model-parallel-size", "0"), ("--expert-tensor-parallel-size", "0"),
+    ("--virtual-pipeline-model-parallel-size", "0"),
+])
+def test_from_hf_refuses_layout_flags_below_one(tmp_path, capsys, flag, value):
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "m"), flag,
+                         value], capsys)
+    assert code == 2 and f"argument {flag}: must be a positive integer" in err
+
+
+@pytest.mark.parametrize("flag, value, config, message", [
+    ("--tensor-model-parallel-size", "3", {}, "multiple of tensor_model_parallel_size"),
+    ("--tensor-model-parallel-size", "3", dict(hidden_size=96, num_attention_heads=12,
+                                                num_key_value_heads=12, moe_intermediate_size=24),
+     "--tensor-model-parallel-size: tensor_model_parallel_size=3 must divide 1024"),
+    ("--expert-model-parallel-size", "3", {}, "choose an EP size that divides 4"),
+    ("--pipeline-model-parallel-size", "5", {}, "does not split evenly over 5 pipeline stages"),
+], ids=["tp-heads", "tp-vocab", "ep", "pp"])
+def test_from_hf_refuses_layouts_the_model_cannot_take(tmp_path, capsys, flag, value, config,
+                                                       message):
+    (tmp_path / "config.json").write_text(json.dumps(small_hf_config(**config)))
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "m"), flag,
+                         value], capsys)
+    assert code == 2 and message in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_names_a_damaged_checkpoint(rt, trained, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint.resolve(trained.save), damaged)
+    next(damaged.glob("*.distcp")).unlink()
+    code, err = run_cli(["to-hf", "--checkpoint", str(damaged), "--out", str(tmp_path / "hf")],
+                        capsys)
+    assert code == 2 and str(damaged) in err
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.distributed
-def test_export_from_a_tp2_pp2_ep2_checkpoint_equals_the_single_rank_export(trained, exported,
-                                                                            tmp_path):
+def test_from_hf_checkpoint_loads_on_tp2_pp2_ep2_and_exports_from_there(exported, tmp_path):
+    """from-hf's streamed checkpoint loads on 8 ranks (TP2 x PP2 x EP2); saved from there and
+    exported again, it gives the single-rank export bit for bit."""
     from distributed import run_on_ranks
     from dsmoe_megatron.runtime import ParallelLayout
     from parallel_cases import resave_run_checkpoint
 
+    imported = convert.import_from_hf(exported, tmp_path / "imported")
     layout = ParallelLayout(tensor=2, pipeline=2, expert=2)
     shards = run_on_ranks(resave_run_checkpoint, 8, layout=layout,
-                          args=(str(trained.save), str(tmp_path / "tp2pp2ep2"), layout))
+                          args=(str(imported), str(tmp_path / "tp2pp2ep2"), layout))
     assert all(s == {"layers": 2, "experts": 4} for s in shards)  # really split 2 x 2 ways
     again = convert.export_to_hf(tmp_path / "tp2pp2ep2", tmp_path / "hf", dtype="fp32")
     assert_bit_exact(read_tensors(exported), read_tensors(again))

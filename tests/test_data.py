@@ -4,7 +4,9 @@ import itertools
 import json
 import os
 import runpy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +102,7 @@ def test_preprocess_reads_back_exact_ids(tmp_path):
         assert dataset[i].tolist() == TOKENIZER.tokenize(text) + [TOKENIZER.eod]
     assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx"]  # no temp files left
 
-    data.preprocess(inputs[:1], prefix, append_eod=False, min_document_chars=1)
+    data.preprocess(inputs[:1], prefix, append_eod=False, min_document_chars=1, force=True)
     # Keep the dataset referenced while reading: its arrays are views of a mmap closed on deletion.
     without_eod = data.open_indexed_dataset(prefix)
     assert without_eod[0].tolist() == TOKENIZER.tokenize(first[0])
@@ -123,6 +125,75 @@ def test_preprocess_missing_input_names_the_file(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "fine"}', '{"body": "no text here"}'],
+     'bad.jsonl, line 2: no "text" field (found an object without it); each line must be one '
+     'JSON object with a "text" string'),
+    (['{"text": "fine"}', "", '["text", "a list"]'],
+     'bad.jsonl, line 3: no "text" field (found list)'),
+    (['{"text": 42}'], 'bad.jsonl, line 1: "text" is 42, not a string'),
+    (['{"text": null}'], 'bad.jsonl, line 1: "text" is null, not a string'),
+    (['{"text": "fine"}', '{"text": "cut off'],
+     "bad.jsonl, line 2: not valid JSON (Unterminated string starting at column 10); each "
+     "line must be one JSON object"),
+    (['{"text": "fine"}', '{"text": "a\0b"}'],
+     "bad.jsonl holds NUL bytes (first on line 2): it looks like a binary file, not text"),
+])
+def test_preprocess_names_the_bad_jsonl_line(tmp_path, lines, message):
+    source = tmp_path / "bad.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as err:
+        data.preprocess([source], tmp_path / "out")
+    assert message in str(err.value)
+    assert str(source) in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing written
+
+
+def test_preprocess_refuses_a_file_with_nul_bytes(tmp_path):
+    source = tmp_path / "image.txt"
+    source.write_bytes(b"a header line\nthen\0\0\0 binary\n")
+    with pytest.raises(ValueError, match=r"image\.txt holds NUL bytes \(first on line 2\): it "
+                                         r"looks like a binary file, not text; pass UTF-8 text"):
+        data.preprocess([source], tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["image.txt"]
+
+
+def test_preprocess_needs_force_to_replace_a_dataset(tmp_path):
+    prefix = make_prefix(tmp_path, "ds", ["first version"])
+    saved = {ext: Path(prefix + ext).read_bytes() for ext in (".bin", ".idx")}
+    source = write_paragraphs(tmp_path / "v2.txt", ["second version"])
+    with pytest.raises(FileExistsError) as err:
+        data.preprocess([source], prefix, min_document_chars=1)
+    assert str(err.value) == (f"output {prefix}.bin already exists; pass --force to replace it, "
+                              "or choose another --output-prefix")
+    assert {ext: Path(prefix + ext).read_bytes() for ext in saved} == saved  # untouched
+    os.remove(prefix + ".bin")  # half a dataset is refused too
+    with pytest.raises(FileExistsError, match=r"ds\.idx already exists"):
+        data.preprocess([source], prefix, min_document_chars=1)
+    data.preprocess([source], prefix, min_document_chars=1, force=True)
+    dataset = data.open_indexed_dataset(prefix)  # keep it: its arrays are views of its mmap
+    assert dataset[0].tolist() == TOKENIZER.tokenize("second version") + [TOKENIZER.eod]
+
+
+def test_preprocess_min_document_chars_must_be_positive(tmp_path):
+    source = write_paragraphs(tmp_path / "in.txt", ["one"])
+    with pytest.raises(ValueError, match=r"--min-document-chars must be >= 1 \(got 0\)"):
+        data.preprocess([source], tmp_path / "out", min_document_chars=0)
+
+
+def test_preprocess_command_line_errors_have_no_traceback(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "one"}\n{"txt": "two"}\n')
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dsmoe_megatron.data", "--input", str(source),
+               "--output-prefix", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 1
+    assert f'dsmoe-preprocess: error: {source}, line 2: no "text" field' in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+
+
 def test_cli(tmp_path, capsys):
     source = write_paragraphs(tmp_path / "in.txt", ["one", "two"])
     argv = ["--input", source, "--output-prefix", str(tmp_path / "cli"),
@@ -131,6 +202,9 @@ def test_cli(tmp_path, capsys):
     assert "2 documents, 8 tokens" in capsys.readouterr().out  # "one"+eod, "two"+eod
     assert data.main(["--input", str(tmp_path / "absent.txt"), "--output-prefix", "x"]) == 1
     assert "absent.txt" in capsys.readouterr().err
+    assert data.main(argv) == 1
+    assert "cli.bin already exists; pass --force" in capsys.readouterr().err
+    assert data.main([*argv, "--force"]) == 0
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")

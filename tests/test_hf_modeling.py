@@ -14,6 +14,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import transformers  # noqa: E402
+from packaging.version import Version  # noqa: E402
+from transformers.cache_utils import DynamicCache, StaticCache  # noqa: E402
+
 from dsmoe_megatron.hf import AUTO_MAP, write_hf_remote_code  # noqa: E402
 from dsmoe_megatron.hf.configuration_deepseek import DeepseekConfig  # noqa: E402
 from dsmoe_megatron.hf.modeling_deepseek import DeepseekForCausalLM, DeepseekMoE  # noqa: E402
@@ -91,6 +95,14 @@ def test_released_16b_config_loads():
     ]
 
 
+def test_config_fills_derived_fields_and_refuses_other_scoring():
+    config = DeepseekConfig(num_attention_heads=8, hidden_size=64)
+    assert (config.num_key_value_heads, config.hidden_size, config.num_hidden_layers) == (8, 64, 28)
+    assert DeepseekConfig(num_attention_heads=8, num_key_value_heads=2).num_key_value_heads == 2
+    with pytest.raises(ValueError, match="scoring_func 'sigmoid'"):
+        DeepseekConfig(scoring_func="sigmoid")
+
+
 def test_state_dict_names_match_release():
     model = tiny_model()
     names = set(model.state_dict())
@@ -135,7 +147,9 @@ def test_remote_code_roundtrip_offline(tmp_path):
         torch.save(logits, {str(tmp_path / "logits.pt")!r})
         """
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    # Only the directory of the transformers under test (another version's, in test_hf_transformers_versions).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
+               PYTHONPATH=str(Path(transformers.__file__).parents[1]))
     subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, timeout=120)
 
     with torch.no_grad():
@@ -223,17 +237,122 @@ def test_left_padding_matches_unpadded():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_generate_greedy_with_and_without_cache():
-    model = tiny_model()
-    prompts = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(prompts)
-    mask[1, :2] = 0  # second prompt is left-padded
-    prompts[1, :2] = 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+# ---------------------------------------------------------------------------------------------
+# Generation with the KV cache. The reference is the model without a cache run once on each prompt alone
+# (unpadded) followed by the generated tokens (teacher forcing): generate's per-step logits must match it and
+# each generated token must be its greedy choice. In fp32 that is exact enough to also demand the very tokens
+# of generation without a cache; in bf16 the cached and recomputed attention round differently, so the
+# logits agree to a few bf16 steps and a token may differ from the recomputed one only at a near-tie.
+
+GREEDY = dict(do_sample=False, max_new_tokens=8)
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.1}  # logits are ~3: a bf16 step there is 1/64
+DTYPES = [torch.float32, torch.bfloat16]
+# transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
+CACHE_OUTPUT = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
+def left_padded(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def assert_greedy(model, prompt: torch.Tensor, continuation: torch.Tensor, step_logits=None):
+    """``continuation`` is the uncached model's greedy continuation of ``prompt`` alone, up to rounding."""
+    tol = TOLERANCE[model.dtype]
     with torch.no_grad():
-        cached = model.generate(prompts, use_cache=True, **kwargs)
-        recomputed = model.generate(prompts, use_cache=False, **kwargs)
-        alone = model.generate(prompts[1:, 2:], max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert cached.shape == (2, 10)
-    assert torch.equal(cached, recomputed)
-    assert torch.equal(cached[1, 2:], alone[0])
+        reference = model(torch.cat([prompt, continuation])[None], use_cache=False).logits[0, len(prompt) - 1:-1]
+    if step_logits is not None:
+        torch.testing.assert_close(step_logits, reference, rtol=0, atol=tol)
+    gap = reference.max(dim=-1).values - reference.gather(-1, continuation[:, None])[:, 0]
+    assert gap.max() <= tol, f"not the greedy choice: logit below the best by {gap.tolist()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_greedy_generation_with_cache_matches_uncached(dtype):
+    model = tiny_model().to(dtype)
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 64, (n,), generator=generator) for n in (7, 4, 2)]
+    ids, mask = left_padded(prompts, pad=0)
+    new = GREEDY["max_new_tokens"]
+    caches = dict(dynamic=dict(use_cache=True), static=dict(cache_implementation="static"))
+    with torch.no_grad():
+        for name, cache in caches.items():
+            # An unpadded prompt, then a left-padded batch in which each row continues its prompt alone.
+            for rows, inputs in (([0], dict(inputs=prompts[0][None])),
+                                 ([0, 1, 2], dict(inputs=ids, attention_mask=mask))):
+                out = model.generate(**inputs, **cache, **GREEDY, pad_token_id=0, output_logits=True,
+                                     return_dict_in_generate=True)
+                step_logits = torch.stack(out.logits, dim=1)
+                for row in rows:
+                    assert_greedy(model, prompts[row], out.sequences[row, -new:], step_logits[row])
+                if dtype == torch.float32:
+                    uncached = model.generate(**inputs, use_cache=False, **GREEDY, pad_token_id=0)
+                    assert torch.equal(out.sequences, uncached), name
+    # Not a degenerate model: the continuations differ and use many tokens.
+    continuations = {tuple(row[-new:].tolist()) for row in out.sequences}
+    assert len(continuations) == len(prompts) and len(set(sum(continuations, ()))) > new
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_text_generation_pipeline_with_cache_matches_uncached(dtype, tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    from dsmoe_megatron.tokenizer import ByteTokenizer, write_hf_tokenizer
+
+    byte = ByteTokenizer()
+    model = tiny_model(vocab_size=byte.vocab_size, pad_token_id=byte.pad, bos_token_id=byte.bos,
+                       eos_token_id=byte.eod).to(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(write_hf_tokenizer(tmp_path / "tokenizer"))
+    generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompt = "Four score and"
+    with torch.no_grad():
+        runs = {use_cache: generate(prompt, use_cache=use_cache, **GREEDY, return_tensors=True)[0]
+                for use_cache in (True, False)}
+    prompt_ids = torch.tensor(byte.tokenize(prompt))
+    for run in runs.values():
+        ids = torch.tensor(run["generated_token_ids"])
+        assert torch.equal(ids[:len(prompt_ids)], prompt_ids)
+        assert_greedy(model, prompt_ids, ids[len(prompt_ids):])
+    if dtype == torch.float32:
+        assert runs[True]["generated_token_ids"] == runs[False]["generated_token_ids"]
+    assert len(set(runs[True]["generated_token_ids"][len(prompt_ids):])) > 2
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_forward_extends_the_given_cache(kind, argument):
+    """A cache passed under either name is filled in place, returned, and its length gives the positions."""
+    model = tiny_model()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    if kind == "dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        steps = []
+        for chunk in (ids[:, :6], ids[:, 6:8], ids[:, 8:]):
+            out = model(chunk, use_cache=True, **{argument: cache})
+            assert out[CACHE_OUTPUT] is cache
+            steps.append(out.logits)
+        assert int(cache.get_seq_length()) == 9
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_refuses_what_it_does_not_implement():
+    model = tiny_model()
+    ids = torch.randint(3, 64, (1, 4), generator=torch.Generator().manual_seed(6))
+    with pytest.raises(TypeError, match="unexpected keyword argument.*cach_position"):
+        model(ids, cach_position=torch.arange(4))
+    with pytest.raises(TypeError, match="unexpected keyword argument.*head_mask"):
+        model.model(ids, head_mask=None)
+    with pytest.raises(ValueError, match="either `cache` or `past_key_values`"):
+        model(ids, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, output_attentions=True)
+    assert {"cache", "past_key_values"} <= set(model._skip_keys_device_placement)

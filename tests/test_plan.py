@@ -1,8 +1,13 @@
-"""dsmoe-plan: the paper's parameter and FLOPs figures, the JSON output, exact parameter counts."""
+"""dsmoe-plan: the paper's parameter and FLOPs figures, memory, step time, the layout search, the
+presets and the cluster launcher, exact parameter counts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +16,12 @@ import pytest
 
 from distributed import run_on_ranks
 from dsmoe_megatron import plan
+from dsmoe_megatron.planning import memory, search
+from dsmoe_megatron.planning.activations import Micro
+from dsmoe_megatron.planning.hardware import GPUS, Cluster
+from dsmoe_megatron.planning.params import nominal_ffn_size
 from dsmoe_megatron.runtime import ParallelLayout
-from dsmoe_megatron.yaml_config import load_run_config
+from dsmoe_megatron.yaml_config import check_world_size, load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "yaml_configs"
@@ -128,11 +137,11 @@ def test_nominal_count_reproduces_the_papers_baselines(name, overrides, tokens, 
 
 
 def test_nominal_sizes():
-    assert plan.nominal_ffn_size(1408, 2048) == 0.25     # 16B expert: standard / 4
-    assert plan.nominal_ffn_size(1408, 4096) == 0.125    # 145B expert: standard / 8
-    assert plan.nominal_ffn_size(10944, 2048) == 2.0     # 16B dense layer
-    assert plan.nominal_ffn_size(11008, 4096) == 1.0     # DeepSeek 7B / LLaMA2 7B FFN
-    assert plan.nominal_ffn_size(5136, 1280) == 1.5      # GShard x1.5 expert
+    assert nominal_ffn_size(1408, 2048) == 0.25     # 16B expert: standard / 4
+    assert nominal_ffn_size(1408, 4096) == 0.125    # 145B expert: standard / 8
+    assert nominal_ffn_size(10944, 2048) == 2.0     # 16B dense layer
+    assert nominal_ffn_size(11008, 4096) == 1.0     # DeepSeek 7B / LLaMA2 7B FFN
+    assert nominal_ffn_size(5136, 1280) == 1.5      # GShard x1.5 expert
 
 
 def test_flops_count_by_hand():
@@ -161,14 +170,17 @@ def test_json_output(capsys):
     assert out["activated_params"] < out["total_params"]
     assert out["flops_per_4k_tokens"] == 4096 * out["flops_per_token"]
     assert out["memory"]["world_size"] == 1 and out["memory"]["max_bytes_per_gpu"] > 0
+    assert out["fit"]["fits"] and out["step_time"]["step_time"] > 0
 
 
 def test_cli_overrides_world_size_and_table(capsys):
-    assert plan.main(["yaml_configs/deepseekmoe_16b.yaml", "--world-size", "128"]) == 0
+    assert plan.main(["yaml_configs/deepseekmoe_16b.yaml", "--gpus", "128"]) == 0
     text = capsys.readouterr().out
     for needle in ("routed experts", "activated/token", "per 4K tokens", "counted as:",
-                   "Memory per GPU", "DP128", "expert DP 16", "distributed optimizer"):
-        assert needle in text
+                   "Memory per GPU", "DP128", "expert DP 16", "distributed optimizer",
+                   "fits H100-80GB", "Step time on 128 x H100-80GB (16 node(s))",
+                   "EP all-to-all (NVLink)", "pipeline", "allowance"):
+        assert needle in text, needle
     assert plan.main(["yaml_configs/tiny.yaml", "language_model.num_layers=6", "--json"]) == 0
     six = json.loads(capsys.readouterr().out)
     assert six["num_layers"] == 6 and six["num_moe_layers"] == 5
@@ -177,33 +189,269 @@ def test_cli_overrides_world_size_and_table(capsys):
     assert "global_batch_size=8 is not divisible" in err
     assert plan.main(["yaml_configs/tiny.yaml", "language_model.num_layer=6"]) == 2
     assert "did you mean num_layers?" in capsys.readouterr().err
+    assert plan.main(["yaml_configs/tiny.yaml", "--gpu", "H100"]) == 2
+    assert "did you mean H100-80GB?" in capsys.readouterr().err
+    assert plan.main(["yaml_configs/tiny.yaml", "--search"]) == 2
+    assert "--search needs --gpus" in capsys.readouterr().err
 
 
 def test_module_entry_point_prints_only_json():
     out = subprocess.run(
         [sys.executable, "-m", "dsmoe_megatron.plan", "yaml_configs/deepseekmoe_145b.yaml",
-         "--json", "--world-size", "1024"],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+         "--json", "--gpus", "1024"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
     data = json.loads(out.stdout)
     assert f"{data['total_params'] / 1e9:.1f}" == "144.6"
-    assert data["memory"]["data_parallel_size"] == 64
-    assert data["memory"]["max_bytes_per_gpu"] < 80e9  # fits an 80 GB GPU (estimate)
+    assert data["memory"]["data_parallel_size"] == 16
+    assert data["fit"]["fits"]
+
+
+OLD_145B_LAYOUT = ["model_parallel.tensor_model_parallel_size=2",
+                   "model_parallel.pipeline_model_parallel_size=8"]
+
+
+def test_a_layout_that_does_not_fit_is_reported_as_such(capsys):
+    # the 145B layout of earlier releases: TP2 x PP8 x EP8 without recompute
+    args = ["yaml_configs/deepseekmoe_145b.yaml", *OLD_145B_LAYOUT, "--gpus", "1024"]
+    assert plan.main(args) == 1
+    text = capsys.readouterr().out
+    assert "does NOT fit H100-80GB" in text
+    assert plan.main([*args, "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert not out["fit"]["fits"] and out["memory"]["max_bytes_per_gpu"] > 80e9
+    # the same layout fits an H200 (141 GB)
+    assert plan.main([*args, "--gpu", "H200-141GB"]) == 0
+    assert "fits H200-141GB" in capsys.readouterr().out
 
 
 def test_memory_model_of_the_paper_layouts():
     for name, world in (("deepseekmoe_2b.yaml", 64), ("deepseekmoe_16b.yaml", 128),
                         ("deepseekmoe_145b.yaml", 1024)):
         mem = make(name, world_size=world)["memory"]
-        assert mem["max_bytes_per_gpu"] < 70 * 2**30, name
         for st in mem["stages"]:
             assert st["weights"] == 2 * st["params"] and st["grads"] == 4 * st["params"]
+            assert st["fp8_weights"] == 0
+            assert st["total"] == pytest.approx(st["tensors"] + st["allowance"])
     mem = make("deepseekmoe_145b.yaml", world_size=1024)["memory"]
-    assert [st["layers"] for st in mem["stages"]] == [7, 8, 8, 8, 8, 8, 8, 7]
-    assert mem["expert_data_parallel_size"] == 16 and mem["num_microbatches"] == 72
+    # 62 layers + embedding + loss over 16 stages
+    assert [st["layers"] for st in mem["stages"]] == [3] + [4] * 14 + [3]
+    assert mem["expert_data_parallel_size"] == 8 and mem["num_microbatches"] == 288
+    # 1F1B: stage s holds PP - s micro-batches at the peak
+    assert [st["in_flight"] for st in mem["stages"]] == [[16 - s] for s in range(16)]
     # the optimizer state is sharded: 12 bytes per dense param over DP, per expert param over EDP
     st = mem["stages"][1]
     assert st["optimizer"] == pytest.approx(
-        12 * st["dense_params"] / 64 + 12 * st["expert_params"] / 16)
+        12 * st["dense_params"] / 16 + 12 * st["expert_params"] / 8)
+    # one GPU: nothing to shard
+    one = make("tiny.yaml", ["bf16=true"], world_size=1)["memory"]["stages"][0]
+    assert one["optimizer"] == 12 * one["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory model: schedules, recompute, FP8
+
+
+def pipeline_config(pp: int, vpp: int | None = None, layers: int = 8):
+    return load_run_config(CONFIGS / "tiny.yaml", [
+        f"num_layers={layers}", f"model_parallel.pipeline_model_parallel_size={pp}",
+        f"model_parallel.virtual_pipeline_model_parallel_size={'null' if vpp is None else vpp}",
+    ], instantiate_checks=False).model
+
+
+def test_micro_batches_in_flight_follow_megatrons_schedules():
+    cfg = pipeline_config(4)
+    # 1F1B: rank r holds min(PP - r, micro-batches)
+    assert [memory.in_flight(cfg, r, 8) for r in range(4)] == [[4], [3], [2], [1]]
+    assert [memory.in_flight(cfg, r, 2) for r in range(4)] == [[2], [2], [2], [1]]
+    # interleaved: the first rank holds p (1 + (p - 1) / (p v)) stage-micro-batches
+    # (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters")
+    for p, v in ((4, 2), (2, 4), (4, 4)):
+        counts = memory.in_flight(pipeline_config(p, v, layers=p * v), 0, 64)
+        assert len(counts) == v
+        assert sum(counts) / v == pytest.approx(p * (1 + (p - 1) / (p * v)))
+
+
+def test_recompute_and_fp8_lower_the_activations():
+    base = ["bf16=true", "model_parallel.tensor_model_parallel_size=2",
+            "model_parallel.sequence_parallel=true", "language_model.num_layers=8"]
+
+    def kept(*extra):
+        cfg = load_run_config(CONFIGS / "tiny.yaml", base + list(extra),
+                              instantiate_checks=False).model
+        return memory.chunk_activations(cfg, cfg.moe_layer_pattern(), Micro.of(cfg, 128, 4))
+
+    none, transient = kept()
+    full, full_transient = kept("recompute_granularity=full", "recompute_method=uniform",
+                                "recompute_num_layers=1")
+    # full recompute keeps each layer's input [seq / SP, batch, hidden] in bf16 ...
+    assert full == 8 * 2 * 128 / 2 * 4 * 128
+    # ... and re-materialises one layer during its backward
+    assert full_transient == transient
+    two, _ = kept("recompute_granularity=full", "recompute_method=uniform",
+                  "recompute_num_layers=2")
+    assert two == full / 2
+    block, _ = kept("recompute_granularity=full", "recompute_method=block",
+                    "recompute_num_layers=3")
+    assert full < block < none
+    selective, _ = kept("recompute_granularity=selective", "recompute_modules=[mlp]")
+    assert full < selective < none
+    fp8, _ = kept("model_parallel.fp8=hybrid")
+    assert fp8 < none
+    fp8_weights = make("tiny.yaml", base + ["model_parallel.fp8=hybrid"], world_size=2)
+    assert fp8_weights["memory"]["stages"][0]["fp8_weights"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs, step time, search
+
+
+def test_gpu_table():
+    assert set(GPUS) == {"H100-80GB", "H200-141GB", "A100-80GB", "B200"}
+    for gpu in GPUS.values():
+        assert gpu.bf16_flops > 0 and gpu.memory > 0 and gpu.memory_bandwidth > 0
+        assert gpu.nvlink_bandwidth > gpu.network_bandwidth > 0 and gpu.source
+        assert gpu.fp8_flops is None or gpu.fp8_flops == pytest.approx(2 * gpu.bf16_flops,
+                                                                       rel=0.01)
+    assert GPUS["A100-80GB"].fp8_flops is None
+    run = load_run_config(CONFIGS / "tiny.yaml", ["model_parallel.fp8=hybrid", "bf16=true"],
+                          instantiate_checks=False)
+    with pytest.raises(ValueError, match="A100-80GB has no FP8 tensor cores"):
+        plan.make_plan(run, 1, gpu="A100-80GB")
+
+
+def test_step_time_accounts_for_every_second():
+    p = make("deepseekmoe_16b.yaml", world_size=128)
+    t = p["step_time"]
+    assert sum(t["breakdown"].values()) == pytest.approx(t["step_time"])
+    assert t["tokens_per_step"] == 4608 * 4096 == p["tokens_per_step"]
+    assert t["tokens_per_second_per_gpu"] * t["step_time"] * 128 == pytest.approx(4608 * 4096)
+    assert t["mfu"] == pytest.approx(p["flops_per_step"] / (t["step_time"] * 128 * 989e12))
+    # EP 8 inside a node of 8: the all-to-all never leaves NVLink; no pipeline, no bubble
+    assert t["ep_alltoall_bytes_per_step"]["network"] == 0
+    assert t["breakdown"]["pipeline bubble"] == 0 and t["breakdown"]["PP send/recv"] == 0
+    # the same layout on twice the GPU throughput: compute halves, communication stays
+    b200 = plan.make_plan(load_run_config(CONFIGS / "deepseekmoe_16b.yaml",
+                                          instantiate_checks=False), 128, gpu="B200")
+    for key in ("GEMMs", "expert GEMMs", "attention"):
+        assert b200["step_time"]["breakdown"][key] == pytest.approx(
+            t["breakdown"][key] * 989 / 2250)
+
+
+# a small MoE model whose layouts on 8 GPUs in 2 nodes of 4 the search can enumerate quickly;
+# 6 heads, so TP 4 is estimated but refused by the config validation
+TOY = ["num_layers=8", "hidden_size=768", "num_attention_heads=6", "ffn_hidden_size=2048",
+       "num_moe_experts=16", "moe_router_topk=2", "moe_ffn_hidden_size=512", "seq_length=2048",
+       "global_batch_size=128", "micro_batch_size=1", "bf16=true", "vocab_size=32000"]
+
+
+@pytest.fixture(scope="module")
+def toy_search():
+    run = load_run_config(CONFIGS / "tiny.yaml", TOY, instantiate_checks=False)
+    return run, search.search(run, Cluster(GPUS["H100-80GB"], 8, 4), top=100_000)
+
+
+def test_search_returns_only_layouts_the_config_validation_accepts(toy_search):
+    run, result = toy_search
+    ranked = result["ranked"]
+    assert ranked and result["rejected_by_validation"] > 0
+    assert len(ranked) + result["rejected_by_validation"] == result["fit"]
+    for r in ranked[:20] + ranked[20::25]:
+        candidate = load_run_config(CONFIGS / "tiny.yaml", TOY + r.layout.overrides(run))
+        check_world_size(candidate, 8)
+        assert candidate.model.tensor_model_parallel_size == r.layout.tensor
+        assert candidate.model.expert_model_parallel_size == r.layout.expert
+        assert candidate.model.num_attention_heads % r.layout.tensor == 0
+    times = [r.estimate.time["step_time"] for r in ranked]
+    assert times == sorted(times)
+    assert all(r.estimate.fits for r in ranked)
+
+
+def test_ranking_prefers_fewer_cross_node_all_to_all_bytes(toy_search):
+    _, result = toy_search
+    position = {r.layout: i for i, r in enumerate(result["ranked"])}
+    pairs = 0
+    for layout, i in position.items():
+        if layout.expert != 8:
+            continue
+        # the same layout with EP 4: the all-to-all stays inside a node of 4
+        inside = dataclasses.replace(layout, expert=4)
+        if inside not in position:
+            continue
+        pairs += 1
+        across, within = result["ranked"][i], result["ranked"][position[inside]]
+        assert across.estimate.time["ep_alltoall_bytes_per_step"]["network"] > 0
+        assert within.estimate.time["ep_alltoall_bytes_per_step"]["network"] == 0
+        assert position[inside] < i, layout
+    assert pairs > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and the cluster launcher
+
+
+@pytest.mark.parametrize("name, gpus", [("deepseekmoe_16b.yaml", 128),
+                                        ("deepseekmoe_145b.yaml", 1024)])
+def test_presets_fit_with_headroom_near_the_top_of_the_search(name, gpus):
+    run = load_run_config(CONFIGS / name, instantiate_checks=False)
+    p = plan.make_plan(run, gpus)
+    assert p["fit"]["fits"] and p["fit"]["headroom"] >= 0.10
+    # the header states what dsmoe-plan estimates (regenerate it when the models change)
+    header = (CONFIGS / name).read_text()
+    stated = re.search(r"Estimated by dsmoe-plan on (\d+) x H100-80GB: peak ([\d.]+) GB per GPU "
+                       r"\((\d+)% headroom after the\s*# allowance\), ([\d.]+) s per step, "
+                       r"MFU ([\d.]+)%", header)
+    assert stated, f"{name}: the header does not state the estimate"
+    assert int(stated[1]) == gpus and f"{gpus // 8} nodes x 8" in header
+    assert float(stated[2]) == pytest.approx(p["memory"]["max_bytes_per_gpu"] / 1e9, abs=0.051)
+    assert int(stated[3]) == round(100 * p["fit"]["headroom"])
+    assert float(stated[4]) == pytest.approx(p["step_time"]["step_time"], abs=0.0051)
+    assert float(stated[5]) == pytest.approx(100 * p["step_time"]["mfu"], abs=0.051)
+    best = plan.search_plan(run, gpus, top=1, min_headroom=0.10)["search"]["ranked"][0]
+    assert p["step_time"]["step_time"] <= 1.05 * best["step_time"]["step_time"]
+
+
+SLURM = ROOT / "examples" / "slurm_145b.sbatch"
+
+
+def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
+    from torch.distributed.run import get_args_parser
+
+    from dsmoe_megatron import train
+
+    subprocess.run(["bash", "-n", str(SLURM)], check=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text("#!/bin/bash\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
+    scontrol.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DRY_RUN="1",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
+               SLURM_JOB_ID="4242")
+    out = subprocess.run(["bash", str(SLURM), "save_interval=250", "data_path=[/data/x]"], env=env,
+                         cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    argv = shlex.split(out.stdout)
+    assert argv[0] == "torchrun"
+    launch = get_args_parser().parse_args(argv[1:])
+    assert (launch.nnodes, launch.nproc_per_node) == ("2", "8")
+    assert (launch.rdzv_backend, launch.rdzv_endpoint, launch.rdzv_id) == (
+        "c10d", "gpu-node-07:29500", "4242")
+    assert launch.module and launch.training_script == "dsmoe_megatron.train"
+    script_args = launch.training_script_args
+    assert script_args[-2:] == ["--resume", "auto"]
+    args = train.parse_args(script_args[:-2])
+    assert args.config == "yaml_configs/deepseekmoe_145b.yaml"
+    assert args.overrides == ["save_interval=250", "data_path=[/data/x]"]
+    load_run_config(ROOT / args.config, args.overrides)  # what dsmoe-train will load
+    try:
+        resumed = train.parse_args([args.config, "--resume", "auto"])
+    except SystemExit:
+        pytest.skip("this dsmoe-train has no `--resume auto` yet; the rest of the command parses")
+    assert train.parse_args(script_args).resume == resumed.resume == "auto"
+    # without SLURM the script says what is missing
+    bare = {k: v for k, v in env.items() if k != "SLURM_JOB_NUM_NODES"}
+    failed = subprocess.run(["bash", str(SLURM)], env=bare, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert failed.returncode != 0 and "run this under sbatch" in failed.stderr
 
 
 # ---------------------------------------------------------------------------------------------

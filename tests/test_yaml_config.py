@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -9,7 +13,9 @@ import torch
 import yaml
 
 from dsmoe_megatron import config as config_module
+from dsmoe_megatron import plan, strict_yaml
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, derive_from_baseline
+from dsmoe_megatron.field_ranges import RANGES
 from dsmoe_megatron.runtime import ParallelLayout
 from dsmoe_megatron.yaml_config import (
     SCHEMA,
@@ -161,12 +167,12 @@ def test_every_shipped_config_round_trips(path, tmp_path):
 
 def test_dump_keeps_changes_made_after_loading(tmp_path):
     cfg = load_run_config(TINY)
-    cfg.train.load = "runs/tiny/checkpoints"
+    cfg.train.load = str(tmp_path)  # loading checks that it exists
     cfg.train.lr = 5e-4
     cfg.model.moe_aux_loss_coeff = 0.02
     dump_run_config(cfg, tmp_path / "run.yaml")
     again = load_run_config(tmp_path / "run.yaml")
-    assert again.train.load == "runs/tiny/checkpoints" and again.train.lr == 5e-4
+    assert again.train.load == str(tmp_path) and again.train.lr == 5e-4
     assert again.model.moe_aux_loss_coeff == 0.02
     assert schema_values(again) == schema_values(cfg)
 
@@ -306,7 +312,7 @@ def test_moe_layer_freq_may_be_an_int_or_a_list():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["language_model.num_layers=0"], "language_model.num_layers: required"),
+    (["language_model.num_layers=0"], "language_model.num_layers=0: must be >= 1"),
     (["moe_router_topk=16"], "moe_router_topk=16 must be between 1 and num_moe_experts=15"),
     (["model_parallel.bf16=true", "model_parallel.fp16=true"], "bf16 and fp16 are both true"),
     (["lr_decay_style=cosin"], "did you mean cosine?"),
@@ -346,6 +352,230 @@ def test_on_paper_mode_skips_only_machine_checks(monkeypatch):
     with pytest.raises(YamlConfigError, match="moe_router_topk"):  # config-only checks still run
         load_run_config(TINY, ["moe_router_topk=0"], instantiate_checks=False)
     monkeypatch.setattr(config_module, "_te_available", te_available)
+
+
+# Out of range: issue 11's training settings, issue 12's model settings. Each message names the
+# key (with its section) and the range; NaN and inf are refused everywhere.
+@pytest.mark.parametrize("override, message", [
+    ("lr=.inf", "lr=inf: must be a finite number"),
+    ("lr=-1e-3", "lr=-0.001: must be > 0"),
+    ("lr=0", "lr=0.0: must be > 0"),
+    ("min_lr=-1e-5", "min_lr=-1e-05: must be >= 0"),
+    ("min_lr=.nan", "min_lr=nan: must be a finite number"),
+    ("clip_grad=.nan", "clip_grad=nan: must be a finite number"),
+    ("clip_grad=-1", "clip_grad=-1.0: must be >= 0"),
+    ("weight_decay=-0.1", "weight_decay=-0.1: must be >= 0"),
+    ("weight_decay=.inf", "weight_decay=inf: must be a finite number"),
+    ("adam_beta1=1.0", "adam_beta1=1.0: must be in [0, 1)"),
+    ("adam_beta2=-0.1", "adam_beta2=-0.1: must be in [0, 1)"),
+    ("adam_eps=0", "adam_eps=0.0: must be > 0"),
+    ("adam_eps=-.inf", "adam_eps=-inf: must be a finite number"),
+    ("lr_warmup_iters=-1", "lr_warmup_iters=-1: must be >= 0"),
+    ("lr_warmup_iters=500", "lr_warmup_iters: must be between 0 and train_iters=200"),
+    ("lr_step_decay_factor=0", "lr_step_decay_factor=0.0: must be in (0, 1]"),
+    ("lr_step_decay_factor=1.5", "lr_step_decay_factor=1.5: must be in (0, 1]"),
+    ("lr_step_decay_at=[0.5, 1.0]", "lr_step_decay_at=[0.5, 1.0]: each entry must be in (0, 1)"),
+    ("train_iters=0", "train_iters=0: must be >= 1"),
+    ("micro_batch_size=0", "micro_batch_size=0: must be >= 1"),
+    ("global_batch_size=-8", "global_batch_size=-8: must be >= 1"),
+    ("seq_length=0", "seq_length=0: must be >= 1"),
+    ("seed=-1", "seed=-1: must be in [0, 4294967295]"),
+    ("eval_iters=-1", "eval_iters=-1: must be >= 0"),
+    ("eval_interval=0", "eval_interval=0: must be >= 1"),
+    ("save_interval=0", "save_interval=0: must be >= 1"),
+    ("log_interval=0", "log_interval=0: must be >= 1"),
+    ("init_method_std=-0.1", "language_model.init_method_std=-0.1: must be > 0"),
+    ("hidden_dropout=1.0", "language_model.hidden_dropout=1.0: must be in [0, 1)"),
+    ("attention_dropout=-0.5", "language_model.attention_dropout=-0.5: must be in [0, 1)"),
+    ("moe_ffn_hidden_size=0", "language_model.moe_ffn_hidden_size=0: must be >= 1"),
+    ("moe_ffn_hidden_size=-4", "language_model.moe_ffn_hidden_size=-4: must be >= 1"),
+    ("moe_aux_loss_coeff=.nan", "language_model.moe_aux_loss_coeff=nan: must be a finite number"),
+    ("moe_device_balance_coeff=.inf",
+     "deepseekmoe.moe_device_balance_coeff=inf: must be a finite number"),
+    ("model_parallel.tensor_model_parallel_size=0",
+     "model_parallel.tensor_model_parallel_size=0: must be >= 1"),
+    ("model_parallel.pipeline_model_parallel_size=0",  # was a ZeroDivisionError
+     "model_parallel.pipeline_model_parallel_size=0: must be >= 1"),
+    ("language_model.num_attention_heads=3",
+     "num_attention_heads=3 does not divide hidden_size=128 (each head gets hidden_size / "
+     "num_attention_heads channels); use a head count that divides it, e.g. 2 or 4"),
+    ("vocab_size=100", "vocab_size: 100 is smaller than the byte-level tokenizer's 259 ids"),
+    ("language_model.enable_cuda_graph=true",
+     "enable_cuda_graph=True: CUDA graphs are not supported with the DeepSeekMoE block"),
+])
+def test_out_of_range_values_are_refused_at_load(override, message):
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, [override])
+    assert str(err.value).startswith(f"{TINY}: ")
+    assert message in str(err.value)
+
+
+def _is_numeric(tp) -> bool:
+    if tp in (int, float):
+        return True
+    return any(_is_numeric(arg) for arg in typing.get_args(tp))
+
+
+def test_every_numeric_setting_has_a_decided_range():
+    hints = typing.get_type_hints(TrainingArgs)
+    numeric = {k for s in SECTIONS for k, tp in SCHEMA[s].items() if _is_numeric(tp)}
+    numeric |= {k for k in TRAINING_KEYS if _is_numeric(hints[k])}
+    assert numeric - set(RANGES) == set(), "add these settings to field_ranges._BY_RANGE"
+    assert set(RANGES) - numeric == set(), "field_ranges lists settings the schema lacks"
+
+
+def test_evaluation_settings_say_what_they_mean():
+    with pytest.raises(YamlConfigError, match=r"eval_iters: 0 evaluates nothing, but "
+                                              r"eval_interval=50 asks for evaluation; set "
+                                              r"eval_interval: null to turn evaluation off"):
+        load_run_config(TINY, ["eval_iters=0"])
+    assert load_run_config(TINY, ["eval_iters=0", "eval_interval=null"]).train.eval_interval is None
+    with pytest.raises(YamlConfigError, match=r"split: '100,0,0' has no validation share, but "
+                                              r"eval_interval=50 asks for evaluation; give the "
+                                              r"second weight \(valid\) a share"):
+        load_run_config(TINY, ["split=100,0,0"])
+    with pytest.raises(YamlConfigError, match=r"split: '100' has no validation share"):
+        load_run_config(TINY, ["split=100"])
+    assert load_run_config(TINY, ["split=100,0,0", "eval_interval=null"]).train.split == "100,0,0"
+    with pytest.raises(YamlConfigError, match=r"split: '0,100,0' gives training no share"):
+        load_run_config(TINY, ["split=0,100,0"])
+
+
+@pytest.mark.parametrize("blend, message", [
+    ("[-0.5, a, 1.5, b]", "data_path: the weight -0.5 of a must be a positive finite number"),
+    ("[1, a, 0, b]", "data_path: the weight 0 of b must be a positive finite number"),
+    ("[.nan, a, 1, b]", "data_path: the weight nan of a must be a positive finite number"),
+])
+def test_blend_weights_must_be_positive(blend, message):
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, [f"data_path={blend}"])
+    assert message in str(err.value)
+
+
+def test_vocab_size_may_exceed_the_tokenizers():
+    assert load_run_config(TINY, ["vocab_size=259"]).train.vocab_size == 259
+    assert load_run_config(TINY, ["vocab_size=102400"]).train.vocab_size == 102400
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML that hides mistakes: repeated keys, anchors and aliases
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(TINY.read_text() + "lr: 5.0e-4\n")
+    first = 1 + TINY.read_text().splitlines().index("lr: 1.0e-3")
+    last = 1 + len(TINY.read_text().splitlines())
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == (f"{path}: line {last}, column 1: duplicate key 'lr' (first set on "
+                              f"line {first}); keep only one")
+    path.write_text("language_model:\n  num_layers: 2\n  hidden_size: 64\n  num_layers: 4\n")
+    with pytest.raises(YamlConfigError, match=r"line 4, column 3: duplicate key 'num_layers' "
+                                              r"\(first set on line 2\)"):
+        load_run_config(path)
+
+
+def test_anchors_and_aliases_are_refused(tmp_path):
+    # The "billion laughs": nine levels of nine aliases would expand to 9**9 strings here.
+    lines = ['l0: &l0 "lol"'] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]"
+                                  for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == (f"{path}: line 1, column 5: anchors and aliases (&name, *name, "
+                              "<<: *name) are not supported in run configs; write the values out")
+    path.write_text("defaults: {seed: 1}\n<<: *defaults\n")  # an alias without its anchor
+    with pytest.raises(YamlConfigError, match="line 2, column 5: anchors and aliases"):
+        load_run_config(path)
+    with pytest.raises(YamlConfigError, match="override 'lr=&x 1': the value: line 1, column 1: "
+                                              "anchors and aliases"):
+        load_run_config(TINY, ["lr=&x 1"])
+
+
+def test_what_is_dumped_loads_again_without_anchors():
+    shared = [0.8, 0.9]
+    text = strict_yaml.dump({"a": shared, "b": shared, "c": {"d": shared}})
+    assert "&" not in text and "*" not in text
+    assert strict_yaml.load(text) == {"a": shared, "b": shared, "c": {"d": shared}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: checked when the config is loaded to run, never created
+
+
+def test_output_directories_must_be_creatable(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory")
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, [f"save={a_file}/ckpt"])
+    assert str(err.value) == (f"{TINY}: save={a_file}/ckpt: {a_file} is a file, so no directory "
+                              "can be created under it; choose another directory for save")
+    with pytest.raises(YamlConfigError, match=f"tensorboard_dir={a_file}: is a file, not a "
+                                              "directory; choose another directory for "
+                                              "tensorboard_dir"):
+        load_run_config(TINY, [f"tensorboard_dir={a_file}"])
+    fresh = tmp_path / "new" / "run"
+    cfg = load_run_config(TINY, [f"save={fresh}", f"tensorboard_dir={fresh}/tb"])
+    assert cfg.train.save == str(fresh) and not (tmp_path / "new").exists()  # nothing created
+    # On paper (dsmoe-plan, conversion) the paths of another machine are fine.
+    load_run_config(TINY, [f"save={a_file}/ckpt"], instantiate_checks=False)
+
+
+def test_output_directories_must_be_writable(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    real_access = os.access  # root passes any mode check, so the answer is faked for `locked`
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked
+                        else real_access(p, mode))
+    for target in (locked, locked / "deeper" / "run"):
+        with pytest.raises(YamlConfigError) as err:
+            load_run_config(TINY, [f"save={target}"])
+        assert f"save={target}: {locked} is not writable; choose another directory" in str(
+            err.value)
+
+
+def test_load_must_exist(tmp_path):
+    missing = tmp_path / "runs" / "old"
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, [f"load={missing}"])
+    assert str(err.value) == (f"{TINY}: load={missing}: does not exist; expected a checkpoint "
+                              "directory (the save directory of an earlier run); correct the path"
+                              " or set load: null")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(YamlConfigError, match="is a file, not a checkpoint directory"):
+        load_run_config(TINY, [f"load={tmp_path / 'file'}"])
+    assert load_run_config(TINY, [f"load={tmp_path}"]).train.load == str(tmp_path)
+    with pytest.raises(YamlConfigError, match="save: is an empty path; give a directory or null"):
+        load_run_config(TINY, ["save=''"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The command lines: dsmoe-plan runs the same checks; no traceback reaches the user
+
+
+def test_dsmoe_plan_refuses_heads_that_do_not_divide_hidden(capsys):
+    assert plan.main([str(TINY), "language_model.num_attention_heads=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsmoe-plan: error: {TINY}: ")
+    assert "num_attention_heads=3 does not divide hidden_size=128" in err
+
+
+def test_command_lines_print_one_message_without_traceback(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(TINY.read_text() + "lr: 5.0e-4\n")
+    env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent)}
+    cases = [("dsmoe_megatron.train", [str(path)], "duplicate key 'lr'"),
+             ("dsmoe_megatron.plan", [str(TINY), "language_model.num_attention_heads=3"],
+              "num_attention_heads=3 does not divide hidden_size=128")]
+    runs = [subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+            for module, args, _ in cases]
+    for run, (_, _, message) in zip(runs, cases):
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 2, stderr
+        assert message in stderr and "Traceback" not in stderr, stderr
 
 
 def test_unreadable_and_malformed_files(tmp_path):

@@ -1,7 +1,8 @@
 """Configuration of DeepSeekMoE models in the layout of the released ``deepseek-moe-16b-base`` checkpoint.
 
 This file is also shipped as Hugging Face remote code next to exported weights, so it may import only
-``transformers``.
+``transformers``. It is written in the ``__init__`` style of remote code (not as a dataclass), which every
+transformers 5.x accepts: the dataclass configs of 5.4+ would leave the fields unset on 5.0-5.3.
 """
 
 from transformers import PretrainedConfig
@@ -20,46 +21,60 @@ class DeepseekConfig(PretrainedConfig):
     """
 
     model_type = "deepseek"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
-    vocab_size: int = 102400
-    hidden_size: int = 2048
-    intermediate_size: int = 10944
-    moe_intermediate_size: int = 1408
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 16
-    num_key_value_heads: int | None = None
-    n_shared_experts: int | None = 2
-    n_routed_experts: int | None = 64
-    num_experts_per_tok: int | None = 6
-    moe_layer_freq: int = 1
-    first_k_dense_replace: int = 1
-    norm_topk_prob: bool = False
-    scoring_func: str = "softmax"
-    aux_loss_alpha: float = 0.001
-    seq_aux: bool = True
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 4096
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 100000
-    eos_token_id: int | list[int] | None = 100001
-    pretraining_tp: int = 1  # in the released config.json; unused here
-    tie_word_embeddings: bool = False
-    # Declaring these as fields shadows PretrainedConfig's deprecated `rope_scaling` property.
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
+    # The defaults, as class attributes (read by dsmoe_megatron.hf.mapping for fields a config.json omits).
+    vocab_size = 102400
+    hidden_size = 2048
+    intermediate_size = 10944
+    moe_intermediate_size = 1408
+    num_hidden_layers = 28
+    num_attention_heads = 16
+    num_key_value_heads = None  # None: num_attention_heads
+    n_shared_experts = 2
+    n_routed_experts = 64
+    num_experts_per_tok = 6
+    moe_layer_freq = 1
+    first_k_dense_replace = 1
+    norm_topk_prob = False
+    scoring_func = "softmax"
+    aux_loss_alpha = 0.001
+    seq_aux = True
+    hidden_act = "silu"
+    max_position_embeddings = 4096
+    initializer_range = 0.02
+    rms_norm_eps = 1e-6
+    use_cache = True
+    pretraining_tp = 1  # in the released config.json; unused here
+    # Class attributes shadow PretrainedConfig's `rope_scaling` property (which maps onto rope_parameters).
+    rope_theta = 10000.0
+    rope_scaling = None
+    attention_bias = False
+    attention_dropout = 0.0
+    pad_token_id = None
+    bos_token_id = 100000
+    eos_token_id = 100001
+    tie_word_embeddings = False
+    _FIELDS = (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "n_shared_experts", "n_routed_experts",
+        "num_experts_per_tok", "moe_layer_freq", "first_k_dense_replace", "norm_topk_prob", "scoring_func",
+        "aux_loss_alpha", "seq_aux", "hidden_act", "max_position_embeddings", "initializer_range",
+        "rms_norm_eps", "use_cache", "pretraining_tp", "rope_theta", "rope_scaling", "attention_bias",
+        "attention_dropout",
+    )
+    # Set by PretrainedConfig itself (before transformers 5.4 from its own __init__ arguments).
+    _BASE_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings")
 
-    def __post_init__(self, **kwargs):
+    def __init__(self, **kwargs):
+        for name in self._FIELDS:
+            setattr(self, name, kwargs.pop(name, getattr(type(self), name)))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.scoring_func != "softmax":
             raise ValueError(f"unsupported scoring_func {self.scoring_func!r}: only 'softmax' is implemented")
-        super().__post_init__(**kwargs)
+        base = {name: kwargs.pop(name, getattr(type(self), name)) for name in self._BASE_FIELDS}
+        super().__init__(**base, **kwargs)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (

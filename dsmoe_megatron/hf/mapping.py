@@ -1,5 +1,7 @@
 """Megatron <-> Hugging Face (deepseek-moe-16b-base) mapping: tensor names, shapes and config
-fields. Pure functions of tensors and configs; reading and writing files is ``convert.py``'s job.
+fields. Pure functions of tensors and configs; files are read and written by ``streaming.py``.
+The tensor mappings return, per output name, a function computing it from ``get(input_name)``,
+so a converter reads only what the tensors it is writing need.
 
 Tensor mapping (H hidden, d head dim, g query groups = kv heads, q heads per group, F widths):
 
@@ -36,7 +38,7 @@ import dataclasses
 import math
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -130,8 +132,9 @@ _TE_RENAMES = (
 )
 
 
-def _canonical_name(name: str) -> str:
-    """The local-spec name of a state-dict entry (TE's fused-norm names mapped back)."""
+def canonical_name(name: str) -> str:
+    """The local-spec name of a tensor (TE's fused-norm names, which the checkpoint keys use, mapped
+    back to the norms they are)."""
     for pattern, repl in _TE_RENAMES:
         name = pattern.sub(repl, name)
     return name
@@ -139,7 +142,7 @@ def _canonical_name(name: str) -> str:
 
 def normalise_megatron_names(state: Mapping) -> dict[str, torch.Tensor]:
     """Tensors only (no ``_extra_state``), under their local-spec names."""
-    return {_canonical_name(name): value for name, value in state.items()
+    return {canonical_name(name): value for name, value in state.items()
             if isinstance(value, torch.Tensor) and not name.endswith("_extra_state")}
 
 
@@ -162,101 +165,126 @@ def _qkv_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: Dims) ->
     return fused.reshape(dims.groups * (per_group + 2) * d, hidden)
 
 
-def megatron_to_hf(state: Mapping, dims: Dims) -> dict[str, torch.Tensor]:
-    """A single-rank GPTModel state dict -> DeepseekForCausalLM tensors (views; not copied)."""
-    src = normalise_megatron_names(state)
-    used: set[str] = set()
+Source = Callable[[], torch.Tensor]
+"""A tensor computed when called: the mappings read their inputs only when an output is needed."""
 
-    def take(name: str) -> torch.Tensor:
-        if name not in src:
-            raise ConversionError(f"the checkpoint has no tensor {name!r}")
-        used.add(name)
-        return src[name]
 
-    out: dict[str, torch.Tensor] = {}
-    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[: dims.vocab]
+def megatron_to_hf(get: Callable[[str], torch.Tensor], dims: Dims) -> dict[str, Source]:
+    """DeepseekForCausalLM tensor name -> its value from ``get(megatron_name)`` (single-rank,
+    local-spec names), in Hugging Face file order. Several outputs slice one Megatron tensor
+    (q/k/v, experts), so ``get`` should keep the layer it last read."""
+    def part(name: str, index: int | slice | None = None) -> Source:
+        return lambda: get(name) if index is None else get(name)[index]
+
+    def qkv(name: str, which: int) -> Source:
+        return lambda: _qkv_split(get(name), dims)[which]
+
+    vocab = slice(0, dims.vocab)  # the padding rows are dropped
+    out: dict[str, Source] = {"model.embed_tokens.weight": part("embedding.word_embeddings.weight",
+                                                               vocab)}
     for i, moe in enumerate(dims.moe_layers):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = _qkv_split(take(m + "self_attention.linear_qkv.weight"), dims)
-        out[p + "self_attn.q_proj.weight"] = q
-        out[p + "self_attn.k_proj.weight"] = k
-        out[p + "self_attn.v_proj.weight"] = v
-        out[p + "self_attn.o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
+        for which, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[p + f"self_attn.{name}.weight"] = qkv(m + "self_attention.linear_qkv.weight", which)
+        out[p + "self_attn.o_proj.weight"] = part(m + "self_attention.linear_proj.weight")
         if moe:
-            out[p + "mlp.gate.weight"] = take(m + "mlp.router.weight")
-            gate, up, down = (take(m + f"mlp.experts.{n}") for n in ("gate_proj", "up_proj",
-                                                                      "down_proj"))
+            out[p + "mlp.gate.weight"] = part(m + "mlp.router.weight")
             for e in range(dims.experts):
-                out[p + f"mlp.experts.{e}.gate_proj.weight"] = gate[e]
-                out[p + f"mlp.experts.{e}.up_proj.weight"] = up[e]
-                out[p + f"mlp.experts.{e}.down_proj.weight"] = down[e]
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    out[p + f"mlp.experts.{e}.{name}.weight"] = part(m + f"mlp.experts.{name}", e)
             if dims.shared:
-                fc1 = take(m + "mlp.shared_experts.linear_fc1.weight")
                 s = dims.shared * dims.expert_width
-                out[p + "mlp.shared_experts.gate_proj.weight"] = fc1[:s]
-                out[p + "mlp.shared_experts.up_proj.weight"] = fc1[s:]
-                out[p + "mlp.shared_experts.down_proj.weight"] = take(
+                fc1 = m + "mlp.shared_experts.linear_fc1.weight"
+                out[p + "mlp.shared_experts.gate_proj.weight"] = part(fc1, slice(0, s))
+                out[p + "mlp.shared_experts.up_proj.weight"] = part(fc1, slice(s, None))
+                out[p + "mlp.shared_experts.down_proj.weight"] = part(
                     m + "mlp.shared_experts.linear_fc2.weight")
         else:
-            fc1 = take(m + "mlp.linear_fc1.weight")
-            out[p + "mlp.gate_proj.weight"] = fc1[: dims.ffn]
-            out[p + "mlp.up_proj.weight"] = fc1[dims.ffn:]
-            out[p + "mlp.down_proj.weight"] = take(m + "mlp.linear_fc2.weight")
-        out[p + "input_layernorm.weight"] = take(m + "input_layernorm.weight")
-        out[p + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
-    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
-    out["lm_head.weight"] = take("output_layer.weight")[: dims.vocab]
-    extra = sorted(set(src) - used)
+            fc1 = m + "mlp.linear_fc1.weight"
+            out[p + "mlp.gate_proj.weight"] = part(fc1, slice(0, dims.ffn))
+            out[p + "mlp.up_proj.weight"] = part(fc1, slice(dims.ffn, None))
+            out[p + "mlp.down_proj.weight"] = part(m + "mlp.linear_fc2.weight")
+        out[p + "input_layernorm.weight"] = part(m + "input_layernorm.weight")
+        out[p + "post_attention_layernorm.weight"] = part(m + "pre_mlp_layernorm.weight")
+    out["model.norm.weight"] = part("decoder.final_layernorm.weight")
+    out["lm_head.weight"] = part("output_layer.weight", vocab)
+    return out
+
+
+def check_megatron_tensors(shapes: Mapping[str, Sequence[int]], dims: Dims) -> None:
+    """A checkpoint's tensors (local-spec name -> shape) against what ``megatron_to_hf`` reads
+    and writes: missing, unused and mis-shaped tensors raise ConversionError before any data is
+    read (the mapping runs on meta tensors)."""
+    used: set[str] = set()
+
+    def get(name: str) -> torch.Tensor:
+        if name not in shapes:
+            raise ConversionError(f"the checkpoint has no tensor {name!r}")
+        used.add(name)
+        return torch.empty(tuple(shapes[name]), device="meta")
+
+    out = {name: make() for name, make in megatron_to_hf(get, dims).items()}
+    extra = sorted(set(shapes) - used)
     if extra:
         raise ConversionError(
             f"the checkpoint has tensors the Hugging Face model has no place for: {extra[:8]}"
             f"{' ...' if len(extra) > 8 else ''} (biases, qk-norm and similar are not supported)"
         )
     check_shapes(out, hf_expected_shapes(dims), "exported")
-    return out
 
 
-def iter_hf_to_megatron(get, dims: Dims, padded_vocab: int
-                        ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``get(hf_name) -> tensor`` -> (name, tensor) of a single-rank GPTModel state dict, one
-    at a time (vocabulary padding rows are zero)."""
+def hf_to_megatron(get: Callable[[str], torch.Tensor], dims: Dims, padded_vocab: int
+                   ) -> dict[str, Source]:
+    """Single-rank GPTModel tensor name (local spec) -> its value from ``get(hf_name)``; the
+    vocabulary padding rows are zero."""
 
-    def padded(t: torch.Tensor) -> torch.Tensor:
-        if t.shape[0] == padded_vocab:
-            return t
-        return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], t.shape[1])])
+    def padded(name: str) -> Source:
+        def make() -> torch.Tensor:
+            t = get(name)
+            if t.shape[0] == padded_vocab:
+                return t
+            return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], t.shape[1])])
+        return make
 
-    yield "embedding.word_embeddings.weight", padded(get("model.embed_tokens.weight"))
+    def one(name: str) -> Source:
+        return lambda: get(name)
+
+    def cat(*names: str) -> Source:
+        return lambda: torch.cat([get(n) for n in names])
+
+    def stack(names: Sequence[str]) -> Source:
+        return lambda: torch.stack([get(n) for n in names])
+
+    def qkv(prefix: str) -> Source:
+        q, k, v = (prefix + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj"))
+        return lambda: _qkv_merge(get(q), get(k), get(v), dims)
+
+    out: dict[str, Source] = {
+        "embedding.word_embeddings.weight": padded("model.embed_tokens.weight")}
     for i, moe in enumerate(dims.moe_layers):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        yield m + "input_layernorm.weight", get(p + "input_layernorm.weight")
-        yield m + "self_attention.linear_qkv.weight", _qkv_merge(
-            get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-            get(p + "self_attn.v_proj.weight"), dims)
-        yield m + "self_attention.linear_proj.weight", get(p + "self_attn.o_proj.weight")
-        yield m + "pre_mlp_layernorm.weight", get(p + "post_attention_layernorm.weight")
+        out[m + "input_layernorm.weight"] = one(p + "input_layernorm.weight")
+        out[m + "self_attention.linear_qkv.weight"] = qkv(p)
+        out[m + "self_attention.linear_proj.weight"] = one(p + "self_attn.o_proj.weight")
+        out[m + "pre_mlp_layernorm.weight"] = one(p + "post_attention_layernorm.weight")
         if moe:
-            yield m + "mlp.router.weight", get(p + "mlp.gate.weight")
+            out[m + "mlp.router.weight"] = one(p + "mlp.gate.weight")
             for name in ("gate_proj", "up_proj", "down_proj"):
-                yield m + f"mlp.experts.{name}", torch.stack(
-                    [get(p + f"mlp.experts.{e}.{name}.weight") for e in range(dims.experts)])
+                out[m + f"mlp.experts.{name}"] = stack(
+                    [p + f"mlp.experts.{e}.{name}.weight" for e in range(dims.experts)])
             if dims.shared:
-                yield m + "mlp.shared_experts.linear_fc1.weight", torch.cat(
-                    [get(p + "mlp.shared_experts.gate_proj.weight"),
-                     get(p + "mlp.shared_experts.up_proj.weight")])
-                yield m + "mlp.shared_experts.linear_fc2.weight", get(
+                out[m + "mlp.shared_experts.linear_fc1.weight"] = cat(
+                    p + "mlp.shared_experts.gate_proj.weight",
+                    p + "mlp.shared_experts.up_proj.weight")
+                out[m + "mlp.shared_experts.linear_fc2.weight"] = one(
                     p + "mlp.shared_experts.down_proj.weight")
         else:
-            yield m + "mlp.linear_fc1.weight", torch.cat(
-                [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-            yield m + "mlp.linear_fc2.weight", get(p + "mlp.down_proj.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    yield "output_layer.weight", padded(get("lm_head.weight"))
-
-
-def hf_to_megatron(get, dims: Dims, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """``get(hf_name) -> tensor`` -> single-rank GPTModel state dict (padding rows zero)."""
-    return dict(iter_hf_to_megatron(get, dims, padded_vocab))
+            out[m + "mlp.linear_fc1.weight"] = cat(p + "mlp.gate_proj.weight",
+                                                   p + "mlp.up_proj.weight")
+            out[m + "mlp.linear_fc2.weight"] = one(p + "mlp.down_proj.weight")
+    out["decoder.final_layernorm.weight"] = one("model.norm.weight")
+    out["output_layer.weight"] = padded("lm_head.weight")
+    return out
 
 
 def check_shapes(tensors: Mapping[str, Sequence[int]], expected: Mapping[str, tuple], what: str,
@@ -414,11 +442,83 @@ def hf_defaults() -> dict:
     return {n: getattr(DeepseekConfig, n) for n in names if hasattr(DeepseekConfig, n)}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+# What a config.json field must hold: (description, test).
+_HF_KINDS = {
+    "size": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "integer": ("an integer", _is_int),
+    "number": ("a number", _is_number),
+    "positive": ("a positive number", lambda v: _is_number(v) and v > 0),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "string": ("a string", lambda v: isinstance(v, str)),
+    "object": ("a JSON object", lambda v: isinstance(v, dict)),
+    "token ids": ("a token id (an integer >= 0) or a list of them",
+                  lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and v and all(
+                      _is_int(i) and i >= 0 for i in v))),
+}
+# field: (kind, null allowed)
+_HF_FIELDS = {
+    "vocab_size": ("size", False), "hidden_size": ("size", False),
+    "intermediate_size": ("size", False), "num_hidden_layers": ("size", False),
+    "num_attention_heads": ("size", False), "num_key_value_heads": ("size", True),
+    "head_dim": ("size", True), "max_position_embeddings": ("size", False),
+    "moe_intermediate_size": ("size", True), "n_routed_experts": ("count", True),
+    "n_shared_experts": ("count", True), "num_experts_per_tok": ("size", True),
+    "first_k_dense_replace": ("count", False), "moe_layer_freq": ("integer", False),
+    "pretraining_tp": ("size", True), "rms_norm_eps": ("positive", False),
+    "rope_theta": ("positive", False), "initializer_range": ("number", False),
+    "aux_loss_alpha": ("number", False), "attention_dropout": ("number", True),
+    "norm_topk_prob": ("bool", False), "seq_aux": ("bool", False),
+    "attention_bias": ("bool", False), "tie_word_embeddings": ("bool", False),
+    "scoring_func": ("string", False), "hidden_act": ("string", False),
+    "model_type": ("string", True), "rope_scaling": ("object", True),
+    "rope_parameters": ("object", True), "bos_token_id": ("token ids", True),
+    "eos_token_id": ("token ids", True), "pad_token_id": ("token ids", True),
+}
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "an integer"),
+                       (float, "a number"), (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def check_hf_config(hf, where: str = "config.json") -> None:
+    """The fields of a config.json this converter reads hold values of the right type (a JSON
+    object at the top, positive integer sizes, booleans, ...); ConversionError names the first
+    field that does not."""
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{where} must hold a JSON object of model settings "
+                              f"(\"hidden_size\": 2048, ...), not {_json_type(hf)}; fix the file")
+    for field, (kind, nullable) in _HF_FIELDS.items():
+        if field not in hf or (nullable and hf[field] is None):
+            continue
+        description, ok = _HF_KINDS[kind]
+        if not ok(hf[field]):
+            raise ConversionError(
+                f"{where}: {field} must be {description}{' or null' if nullable else ''}, got "
+                f"{hf[field]!r} ({_json_type(hf[field])}); fix the file")
+
+
 def model_fields_from_hf(hf: Mapping) -> dict:
     """config.json of a DeepSeekMoE model -> DeepSeekMoEConfig fields (beyond deepseek_defaults).
 
     Raises ConversionError for what the Megatron model cannot represent.
     """
+    check_hf_config(hf)
     c = {**hf_defaults(), **{k: v for k, v in hf.items()}}
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "intermediate_size"):
@@ -517,7 +617,8 @@ def single_rank_config(cfg, params_dtype: torch.dtype | None = None):
         recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
         recompute_modules=None,
         fp8=None, fp8_param=False, fp4=None, fp4_param=False,
-        moe_expert_backend="auto", overlap_moe_expert_parallel_comm=False,
+        # Torch experts whatever the machine: the converter never runs Transformer Engine.
+        moe_expert_backend="sequential", overlap_moe_expert_parallel_comm=False,
         cpu_offloading=False, enable_cuda_graph=False, cuda_graph_impl="none",
         use_cpu_initialization=True, perform_initialization=False,
         # Keep the device-level balance groups (they default to the EP size).

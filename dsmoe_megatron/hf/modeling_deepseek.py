@@ -5,6 +5,9 @@ This file is shipped as Hugging Face remote code next to exported weights and lo
 ``transformers`` and its sibling configuration module (relatively).
 """
 
+from dataclasses import fields
+from functools import cache as memoize, partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +19,28 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import can_return_tuple
 
 from .configuration_deepseek import DeepseekConfig
+
+# transformers 5.24 renamed the generation cache `past_key_values` -> `cache`: `generate` passes it to `forward`
+# and reads it back from the output under the new name. The forward methods take either name and return the
+# cache under the field the installed version's output classes declare.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+# Passed by `generate` of transformers < 5.24 and ignored: the past length comes from the cache itself.
+IGNORED_GENERATE_KWARGS = ("cache_position",)
+
+
+def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as either `cache` or `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+def check_extra_kwargs(owner: str, kwargs: dict) -> None:
+    """Refuse keyword arguments this model does not implement instead of silently ignoring them."""
+    if kwargs.pop("output_attentions", None):
+        raise ValueError(f"{owner}: output_attentions=True is not supported (attention runs in SDPA)")
+    unknown = sorted(k for k in kwargs if k not in IGNORED_GENERATE_KWARGS)
+    if unknown:
+        raise TypeError(f"{owner}.forward() got unexpected keyword argument(s): {', '.join(unknown)}")
 
 
 class DeepseekRMSNorm(nn.Module):
@@ -58,25 +83,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def build_attention_bias(
-    attention_mask: torch.Tensor | None, query_len: int, past_len: int, dtype: torch.dtype, device: torch.device
+    attention_mask: torch.Tensor | None,
+    query_len: int,
+    past_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    key_len: int,
 ) -> torch.Tensor | None:
     """Additive [batch|1, 1, query, key] bias from causality and a [batch, key] padding mask (1 = real token).
 
-    None means plain causal attention. A 4D mask is used as given. Masked entries get the dtype's minimum
-    instead of -inf so that all-padding query rows (left-padded prompts) stay finite instead of NaN.
+    ``key_len`` is the length of the keys the cache returns: past + query for a DynamicCache, the whole
+    preallocated buffer for a StaticCache (whose unfilled tail causality masks). None means plain causal
+    attention. A 4D mask is used as given (a boolean one, True = attend, made additive). Masked entries get the
+    dtype's minimum instead of -inf so that all-padding query rows (left-padded prompts) stay finite, not NaN.
     """
+    min_value = torch.finfo(dtype).min
     if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask
+        if attention_mask.dtype != torch.bool:
+            return attention_mask
+        return torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(~attention_mask, min_value)
     if attention_mask is None and past_len == 0:
         return None
-    key_len = past_len + query_len
-    query_pos = torch.arange(past_len, key_len, device=device)[:, None]
+    query_pos = torch.arange(past_len, past_len + query_len, device=device)[:, None]
     key_pos = torch.arange(key_len, device=device)[None, :]
     allowed = (key_pos <= query_pos)[None, None]
     if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :].bool()
+        if attention_mask.shape[-1] > key_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds {key_len}"
+            )
+        padding = F.pad(attention_mask.bool(), (0, key_len - attention_mask.shape[-1]))
+        allowed = allowed & padding[:, None, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    return bias.masked_fill(~allowed, min_value)
 
 
 class DeepseekAttention(nn.Module):
@@ -93,21 +132,24 @@ class DeepseekAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, attention_bias, past_key_values: Cache | None):
+    def forward(self, x, cos, sin, attention_bias, cache: Cache | None, cache_position: torch.Tensor):
+        """``attention_bias(key_len)`` gives the additive mask for the keys this step attends to;
+        ``cache_position`` the cache slots the new keys go to (StaticCache before transformers 5.24 needs them)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
+        bias = attention_bias(k.shape[-2])
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=attention_bias,
+            attn_mask=bias,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attention_bias is None,
+            is_causal=bias is None,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -181,8 +223,9 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, cos, sin, attention_bias, past_key_values):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attention_bias, past_key_values)
+    def forward(self, hidden, cos, sin, attention_bias, cache, cache_position):
+        attention = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_bias, cache, cache_position)
+        hidden = hidden + attention
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -190,7 +233,7 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     config_class = DeepseekConfig
     base_model_prefix = "model"
     _no_split_modules = ["DeepseekDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module):
@@ -223,38 +266,48 @@ class DeepseekModel(DeepseekPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``cache`` (or its pre-5.24 name ``past_key_values``) is updated in place and returned."""
+        check_extra_kwargs(type(self).__name__, kwargs)
+        cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = int(cache.get_seq_length()) if cache is not None else 0
         batch, seq = hidden.shape[:2]
 
+        cache_position = torch.arange(past_len, past_len + seq, device=hidden.device)
         if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + seq, device=hidden.device).expand(batch, -1)
+            position_ids = cache_position.expand(batch, -1)
         cos, sin = rotary_cos_sin(self.config, position_ids, hidden.dtype)
-        attention_bias = build_attention_bias(attention_mask, seq, past_len, hidden.dtype, hidden.device)
+        # Built once per key length (all layers share it) when the first layer knows it.
+        attention_bias = memoize(
+            partial(build_attention_bias, attention_mask, seq, past_len, hidden.dtype, hidden.device)
+        )
 
         all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden = layer(hidden, cos, sin, attention_bias, past_key_values if use_cache else None)
+            hidden = layer(hidden, cos, sin, attention_bias, cache, cache_position)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_FIELD: cache},
         )
 
 
@@ -291,19 +344,22 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``cache`` (or its pre-5.24 name ``past_key_values``) is updated in place and returned."""
+        check_extra_kwargs(type(self).__name__, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -319,8 +375,8 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
 

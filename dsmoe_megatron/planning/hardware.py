@@ -1,0 +1,82 @@
+"""GPUs the planner knows, and the cluster a plan is made for.
+
+Peak tensor-core throughput is the dense figure (NVIDIA datasheets print it "with sparsity",
+twice the dense rate; the dense rate is used here). Memory is the datasheet capacity in GB
+(1e9 bytes); the devices expose slightly more (an H100 80GB reports 81,559 MiB), which is left
+as margin. Bandwidths are per GPU and per direction: NVLink is the datasheet's bidirectional
+figure halved; the network is the node's InfiniBand NICs (one per GPU on the DGX/HGX systems
+named) in bytes per second.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from dsmoe_megatron.config import ConfigError
+
+GB = 1e9
+TFLOPS = 1e12
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bf16_flops: float        # dense BF16 tensor-core peak, FLOP/s
+    fp8_flops: float | None  # dense FP8 peak; None: no FP8 tensor cores
+    memory: float            # bytes
+    memory_bandwidth: float  # HBM, bytes/s
+    nvlink_bandwidth: float  # per GPU, one direction, bytes/s
+    network_bandwidth: float  # per GPU (its own NIC), one direction, bytes/s
+    source: str
+
+
+GPUS = {gpu.name: gpu for gpu in (
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse), no
+    # FP8, 80GB HBM2e at 2,039 GB/s, NVLink 3 600 GB/s; DGX A100 datasheet: 8x ConnectX-6
+    # 200 Gb/s HDR InfiniBand compute NICs (one per GPU).
+    GPU("A100-80GB", 312 * TFLOPS, None, 80 * GB, 2039 * GB, 300 * GB, 25 * GB,
+        "NVIDIA A100 datasheet (SXM4 80GB); DGX A100 datasheet (8x 200Gb/s HDR)"),
+    # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 / FP8 3,958 TFLOPS with sparsity
+    # (989 / 1,979 dense), 80GB HBM3 at 3.35 TB/s, NVLink 4 900 GB/s; DGX H100 datasheet:
+    # 8x ConnectX-7 400 Gb/s NDR InfiniBand.
+    GPU("H100-80GB", 989 * TFLOPS, 1979 * TFLOPS, 80 * GB, 3350 * GB, 450 * GB, 50 * GB,
+        "NVIDIA H100 datasheet (SXM5); DGX H100 datasheet (8x 400Gb/s NDR)"),
+    # NVIDIA H200 Tensor Core GPU datasheet (SXM): the H100's compute (BF16 989 / FP8 1,979
+    # TFLOPS dense), 141GB HBM3e at 4.8 TB/s, NVLink 900 GB/s; DGX H200: 8x ConnectX-7 400 Gb/s.
+    GPU("H200-141GB", 989 * TFLOPS, 1979 * TFLOPS, 141 * GB, 4800 * GB, 450 * GB, 50 * GB,
+        "NVIDIA H200 datasheet (SXM); DGX H200 datasheet (8x 400Gb/s NDR)"),
+    # NVIDIA HGX B200 / DGX B200 datasheets: 8 GPUs with 72 PFLOPS FP8 and 36 PFLOPS BF16 with
+    # sparsity (per GPU dense: FP8 4.5 PF, BF16 2.25 PF), 1,440GB HBM3e (180GB per GPU) at
+    # 8 TB/s per GPU, NVLink 5 1.8 TB/s per GPU; DGX B200: 8x ConnectX-7 400 Gb/s.
+    GPU("B200", 2250 * TFLOPS, 4500 * TFLOPS, 180 * GB, 8000 * GB, 900 * GB, 50 * GB,
+        "NVIDIA DGX B200 / HGX B200 datasheets (8x 400Gb/s NDR)"),
+)}
+
+
+def get_gpu(name: str) -> GPU:
+    if name in GPUS:
+        return GPUS[name]
+    near = difflib.get_close_matches(name, GPUS, n=1, cutoff=0.4)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    raise ConfigError(f"--gpu {name!r} is not a GPU the planner knows (known: "
+                      f"{', '.join(GPUS)}){hint}")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GPU
+    num_gpus: int
+    gpus_per_node: int = 8
+
+    def __post_init__(self):
+        if self.num_gpus < 1 or self.gpus_per_node < 1:
+            raise ConfigError(f"--gpus ({self.num_gpus}) and --gpus-per-node "
+                              f"({self.gpus_per_node}) must be >= 1")
+        if self.num_gpus > self.gpus_per_node and self.num_gpus % self.gpus_per_node:
+            raise ConfigError(f"--gpus {self.num_gpus} is not a whole number of nodes of "
+                              f"{self.gpus_per_node} GPUs; use a multiple of {self.gpus_per_node}")
+
+    @property
+    def num_nodes(self) -> int:
+        return -(-self.num_gpus // self.gpus_per_node)

@@ -1,0 +1,73 @@
+"""YAML for run configs: PyYAML's safe loader minus the two features that hide mistakes.
+
+A repeated key silently keeps its last value in plain PyYAML, and anchors / aliases let a few
+lines expand into gigabytes (the "billion laughs" document). Both are refused, with the line.
+Every error is one line: ``line L, column C: what is wrong``. ``dump`` writes no anchors, so
+what it writes loads again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+class YamlSyntaxError(ValueError):
+    """Text that is not YAML, or YAML this loader refuses; the message starts with the line."""
+
+
+class _Refused(yaml.MarkedYAMLError):
+    pass
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and anchors / aliases (hence merge keys too)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _Refused(problem="anchors and aliases (&name, *name, <<: *name) are not "
+                                   "supported in run configs; write the values out",
+                           problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                mark = first.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if mark is not key_node.start_mark:
+                raise _Refused(problem=f"duplicate key {key!r} (first set on line "
+                                       f"{mark.line + 1}); keep only one",
+                               problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load(text: str) -> Any:
+    """Parse ``text`` with StrictLoader; YamlSyntaxError (one line) if it cannot be used."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # safe: StrictLoader is a SafeLoader
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        if isinstance(err, _Refused):
+            raise YamlSyntaxError(f"{where}{err.problem}") from None
+        context = f" ({err.context})" if err.context else ""
+        raise YamlSyntaxError(f"{where}not valid YAML: {err.problem}{context}") from None
+    except yaml.YAMLError as err:
+        raise YamlSyntaxError(f"not valid YAML: {' '.join(str(err).split())}") from None
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+        return True
+
+
+def dump(doc: Any) -> str:
+    """``doc`` as YAML in insertion order, without anchors (repeated objects are written out
+    again)."""
+    return yaml.dump(doc, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None)

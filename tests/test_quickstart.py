@@ -1,0 +1,41 @@
+"""`bash bootstrap.sh train` picks a precision and a global batch that work on the machine it finds."""
+
+import pytest
+
+from dsmoe_megatron.config import ConfigError
+from dsmoe_megatron.quickstart import TINY, Hardware, hardware_overrides
+from dsmoe_megatron.yaml_config import check_world_size, load_run_config
+
+# tiny.yaml: micro_batch_size 4, global_batch_size 8. By hand: the smallest multiple of 4 x GPUs >= 8.
+GLOBAL_BATCH = {1: 8, 2: 8, 3: 12, 4: 16, 5: 20, 6: 24, 8: 32}
+
+
+def test_tiny_yaml_as_is_does_not_fit_three_gpus():
+    with pytest.raises(ConfigError, match="global_batch_size=8 is not divisible"):
+        check_world_size(load_run_config(TINY, instantiate_checks=False), 3)
+
+
+@pytest.mark.parametrize("gpus", sorted(GLOBAL_BATCH))
+def test_gpus_train_in_bf16_with_a_batch_every_rank_divides(gpus):
+    overrides = hardware_overrides(Hardware(gpus, bf16=True))
+    run = load_run_config(TINY, overrides, instantiate_checks=False)
+    assert run.model.bf16 and run.model.moe_expert_backend == "auto"
+    assert run.train.global_batch_size == GLOBAL_BATCH[gpus]
+    assert check_world_size(run, gpus) == gpus
+
+
+def test_gpu_without_bf16_trains_fp32_with_the_expert_loop():
+    run = load_run_config(TINY, hardware_overrides(Hardware(2, bf16=False)), instantiate_checks=False)
+    assert not run.model.bf16 and run.model.moe_expert_backend == "sequential"
+
+
+def test_cpu_keeps_the_yaml_and_user_overrides_win():
+    assert hardware_overrides(Hardware(0, bf16=False)) == []
+    # micro_batch_size=2 on 3 GPUs: multiples of 6, at least 8.
+    user = ["micro_batch_size=2"]
+    run = load_run_config(TINY, [*hardware_overrides(Hardware(3, True), TINY, user), *user],
+                          instantiate_checks=False)
+    assert (run.train.micro_batch_size, run.train.global_batch_size) == (2, 12)
+    # A global batch the user sets explicitly is kept, and refused clearly when the GPUs do not divide it.
+    with pytest.raises(ConfigError, match="global_batch_size=8 is not divisible"):
+        hardware_overrides(Hardware(3, True), TINY, ["global_batch_size=8"])

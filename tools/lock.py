@@ -1,0 +1,63 @@
+"""Write the pinned installs into a directory: ``lock.txt`` and ``transformers-oldest.txt``.
+
+Run by ``bash bootstrap.sh lock`` with the Python of a fresh venv holding the newest versions that
+pyproject.toml allows; the files are copied into requirements/ once the suite passed there.
+
+- ``lock.txt``: pip constraints, every installed distribution at its version (the quick start and CI
+  install ``-c requirements/lock.txt``).
+- ``transformers-oldest.txt``: transformers at pyproject's lower bound and the packages it needs at
+  other versions than the lock's (tests/test_hf_transformers_versions.py installs these beside the
+  lock's and runs the HF tests on them).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pip(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def lower_bound(package: str) -> str:
+    """The ``>=`` version of ``package`` in pyproject.toml's dependencies or extras."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]
+    for spec in map(Requirement, specs):
+        if spec.name == package:
+            return next(s.version for s in spec.specifier if s.operator == ">=")
+    raise SystemExit(f"pyproject.toml has no lower bound for {package}")
+
+
+def header(what: str) -> str:
+    return (f"# {what}\n# Written by `bash bootstrap.sh lock` (Python {platform.python_version()}, "
+            f"{platform.system()} {platform.machine()}); do not edit by hand.\n")
+
+
+def main(out: str) -> None:
+    out_dir = Path(out)
+    frozen = pip("freeze", "--exclude-editable")
+    (out_dir / "lock.txt").write_text(
+        header("pip constraints: the versions CI last passed with.") + frozen)
+    version = lower_bound("transformers")
+    report = json.loads(pip("install", "--dry-run", "--quiet", "--report", "-",
+                            f"transformers=={version}"))
+    pins = sorted(f"{item['metadata']['name']}=={item['metadata']['version']}"
+                  for item in report["install"])
+    (out_dir / "transformers-oldest.txt").write_text(
+        header(f"transformers {version} (pyproject's lower bound) and what it needs beyond the lock.")
+        + "\n".join(pins) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
