@@ -278,7 +278,8 @@ def _read(ckpt: Path, reader):
         ) from None
 
 
-def _sharded_tensors(state: dict):
+def sharded_tensors(state: dict):
+    """The ShardedTensors of a sharded state dict, those its factories build included."""
     for item in nested_values(state):
         if isinstance(item, ShardedTensorFactory):
             yield from (t for t in nested_values(item.build()) if isinstance(t, ShardedTensor))
@@ -289,7 +290,7 @@ def _sharded_tensors(state: dict):
 def _check_shapes(ckpt: Path, state: dict) -> None:
     """Name the first model tensor whose global shape differs from the checkpoint's."""
     saved = _read(ckpt, dist_checkpointing.load_tensors_metadata)
-    for tensor in _sharded_tensors(state):
+    for tensor in sharded_tensors(state):
         if tensor.key in saved and tuple(saved[tensor.key].global_shape) != tensor.global_shape:
             raise CheckpointError(
                 f"{ckpt} was written for a different model: {tensor.key} has shape "

@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+from dsmoe_megatron.checkpoint import sharded_tensors
 
 
 class InitRecord:
@@ -108,20 +109,12 @@ def _redraw(sharded: ShardedTensor, init: Callable, seed: int) -> None:
         data[local].copy_(unit[window])
 
 
-def _sharded_tensors(chunk) -> Iterator[ShardedTensor]:
-    for item in nested_values(chunk.sharded_state_dict()):
-        if isinstance(item, ShardedTensorFactory):
-            yield from (t for t in nested_values(item.build()) if isinstance(t, ShardedTensor))
-        elif isinstance(item, ShardedTensor):
-            yield item
-
-
 def redraw_initial_weights(model_chunks, record: InitRecord, seed: int) -> None:
     """Redraw every randomly initialised parameter of this rank's chunks (before DDP wraps them)
     from ``(seed, key)``; parameters Megatron set to constants (norms, biases) stay as they are."""
     redrawn = set()
     for chunk in model_chunks:
-        for sharded in _sharded_tensors(chunk):
+        for sharded in sharded_tensors(chunk.sharded_state_dict()):
             init = record.init_for(sharded.data)
             if init is not None:
                 _redraw(sharded, init, seed)
