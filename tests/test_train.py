@@ -75,7 +75,8 @@ def cli(tmp_path_factory) -> Cli:
                  "lr_warmup_iters=0"]
     c.add("diverge", "train", c.argv("nan", *diverging))
     c.add("resume diverged", "train", c.argv("nan", *diverging, "--resume"))
-    precision = ["train_iters=6", "lr=1e-2", "initial_loss_scale=1048576"]
+    # A loss scale fp16 gradients do not overflow at, so that no step is skipped.
+    precision = ["train_iters=6", "lr=1e-2", "initial_loss_scale=4096"]
     c.add("fp32", "train", c.argv("fp32", *precision))
     c.add("fp16", "train", c.argv("fp16", *precision, "model_parallel.fp16=true"))
     results = run_on_ranks(run_job, 1, args=(c.tasks,), timeout=1800)[0]
@@ -130,7 +131,8 @@ def test_resume_needs_a_checkpoint_and_auto_starts_without_one(cli):
 @pytest.mark.distributed
 def test_resume_takes_hyper_parameters_from_the_config(cli):
     after = records(ok(cli.results["new lr"]))
-    assert after[4]["lr"] == pytest.approx(1e-5)  # cosine to the new min_lr at the new end
+    # The 4th update (index 3) on the new cosine schedule: warmup 1, then 1e-4 -> 1e-5 over 3.
+    assert after[4]["lr"] == pytest.approx(1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi * 2 / 3)))
     assert math.isfinite(after[4]["lm_loss"])
 
 
@@ -187,11 +189,12 @@ def test_divergence_stops_with_a_checkpoint_that_resumes_to_a_finite_loss(cli):
 
 @pytest.mark.distributed
 def test_fp16_trains_like_fp32(cli):
-    """The schedules scale the loss by the loss scale that the optimizer divides out."""
+    """The schedules scale the loss by the loss scale that the optimizer divides out (without
+    the scaling, Adam's epsilon swamps the 4096x too small gradients: 0.05-0.08 off by step 3)."""
     fp32, fp16 = records(ok(cli.results["fp32"])), records(ok(cli.results["fp16"]))
     assert fp32[6]["lm_loss"] < fp32[1]["lm_loss"] - 0.3
     for it in fp32:
-        assert fp16[it]["lm_loss"] == pytest.approx(fp32[it]["lm_loss"], abs=0.05), it
+        assert fp16[it]["lm_loss"] == pytest.approx(fp32[it]["lm_loss"], abs=0.02), it
 
 
 def test_stop_at_must_be_positive(capsys):
