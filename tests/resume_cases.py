@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "yaml_configs" / "tiny.yaml")
 
 # A small DeepSeekMoE (12 routed experts, top-4, 2 shared, a2 = 0.05) whose routed experts are
-# wide against the hidden size, so that their gradients dominate the gradient norm.
+# wide against the hidden size (most of the parameters; not most of the first gradient norm).
 MODEL = [
     "language_model.num_layers=4", "language_model.hidden_size=32",
     "language_model.num_attention_heads=4", "language_model.ffn_hidden_size=64",

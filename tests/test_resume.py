@@ -149,8 +149,11 @@ def test_grad_norm_matches_single_rank(runs, layout):
     assert first["grad_norm"] == pytest.approx(reference(runs)[1]["grad_norm"], rel=1e-6)
 
 
-def test_expert_gradients_dominate_the_norm(runs):
-    assert runs.results[("expert share",)] > 0.5
+def test_expert_gradients_weigh_enough_for_the_norm_check(runs):
+    """Counting one expert-TP shard of two drops about half of the routed experts' squared
+    gradient norm, moving the norm by about share / 4: the 1e-6 check above must see that.
+    (At initialisation the embedding and output layer dominate this small model's norm.)"""
+    assert runs.results[("expert share",)] / 4 > 10 * 1e-6
 
 
 @pytest.mark.parametrize("layout", INIT_LAYOUTS[1:])
