@@ -86,3 +86,7 @@ def plan() -> int:
 
 def preprocess() -> int:
     return _run("data")
+
+
+def analyze() -> int:
+    return _run("analyze")

@@ -75,6 +75,8 @@ class TopKRouter(torch.nn.Module):
         self.num_experts = config.num_moe_experts
         self.topk = config.moe_router_topk
         self.layer_number: int | None = None
+        # Analysis only (dsmoe-analyze): skip each token's p most probable experts.
+        self.excluded_top_experts = 0
         self.weight = torch.nn.Parameter(torch.empty(
             self.num_experts, config.hidden_size, dtype=config.params_dtype,
             device=init_device(config),
@@ -95,7 +97,11 @@ class TopKRouter(torch.nn.Module):
         x = hidden.reshape(-1, hidden.shape[-1])
         logits = torch.nn.functional.linear(x.float(), self.weight.float())
         probs = torch.softmax(logits, dim=-1)
-        top_probs, expert_idx = torch.topk(probs, self.topk, dim=-1)
+        ranked = probs
+        if self.excluded_top_experts:
+            top = torch.topk(probs, self.excluded_top_experts, dim=-1).indices
+            ranked = probs.scatter(-1, top, -1.0)  # below every probability: never chosen
+        top_probs, expert_idx = torch.topk(ranked, self.topk, dim=-1)
         if cfg.moe_router_pre_softmax:
             gates = top_probs  # DeepSeekMoE: g = s of the chosen experts, not renormalised
         else:

@@ -1,70 +1,478 @@
-"""Train DeepSeekMoE, a GShard-style top-2 MoE and a dense model at equal activated compute.
+"""The DeepSeekMoE paper's comparisons at CPU scale, over several seeds, with statistics.
 
-    python examples/compare_baselines.py [train_iters=400 ...]
+    python examples/compare_baselines.py                     # the full experiment
+    python examples/compare_baselines.py --measure           # CPU seconds per step, extrapolated
+    python examples/compare_baselines.py --data-path PREFIX  # on your own (preprocessed) data
+    python examples/compare_baselines.py --seeds 11 22 33 --jobs 2 train_iters=800 lr=2e-3
 
-Runs dsmoe-train on yaml_configs/tiny.yaml, tiny_gshard.yaml and tiny_dense.yaml with the same
-data, seed and schedule, then writes benchmarks/results/tiny_loss_curves.{json,md,png}
-(the plot needs matplotlib: pip install -e .[dev]).
+Models (all from yaml_configs/tiny_ablation.yaml, the GShard baseline of N experts of width W,
+top-K): dense (FFN K*W), Switch (top-1 of N/K experts of width K*W), GShard, and the paper's
+ablation (Figure 3): + shared expert isolation, + fine-grained segmentation m=2, m=4
+(``config.derive_from_baseline``, one shared expert). Every model has the same activated FFN
+width per token (K*W) and every MoE model the same total expert width (N*W).
+
+Each model is trained once per seed with dsmoe-train on a synthetic many-domain corpus
+(``dsmoe_megatron.synthetic``, generated once into runs/compare/data) or your data, for a
+single epoch at most: the script refuses a corpus too small for that. A seed fixes the
+initialisation, the order of the training data and the validation batches, so the models of
+one seed see the same data and their differences pair up across seeds. Then every MoE model is
+analysed with dsmoe-analyze (expert load, top-p experts disabled, shared experts removed).
+
+Results go to benchmarks/results/paper_ablation{.md,.json,.png,_redundancy.png,
+_expert_load.png}; runs (checkpoints, metrics.jsonl, analyses) to runs/compare/. Runs that
+already finished are reused, interrupted ones resume from their last checkpoint.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import math
+import os
+import resource
+import statistics
 import subprocess
 import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"DeepSeekMoE": "tiny.yaml", "GShard top-2": "tiny_gshard.yaml", "dense": "tiny_dense.yaml"}
+sys.path.insert(0, str(ROOT))
+
+from dsmoe_megatron.analyze import draw_expert_load, pyplot  # noqa: E402
+from dsmoe_megatron.config import derive_from_baseline  # noqa: E402
+
+BASE_CONFIG = ROOT / "yaml_configs" / "tiny_ablation.yaml"
+RUNS = ROOT / "runs" / "compare"
+RESULTS = ROOT / "benchmarks" / "results"
+CORPUS_TOKENS = 3_000_000
+DEEPSEEKMOE = "fine4"
 
 
-def train(config: str, save: Path, overrides: list[str]) -> list[dict]:
-    subprocess.run([sys.executable, "-m", "dsmoe_megatron.train", str(ROOT / "yaml_configs" / config),
-                    f"save={save}", "tensorboard_dir=null", *overrides], check=True, cwd=ROOT)
-    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+@dataclass
+class Model:
+    key: str
+    label: str
+    overrides: list[str] = field(default_factory=list)
+    moe: bool = True
 
 
-def main(overrides: list[str]) -> None:
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    curves = {}
-    for name, config in MODELS.items():
-        save = ROOT / "runs" / "compare" / config.removesuffix(".yaml")
-        if (save / "metrics.jsonl").exists():
-            (save / "metrics.jsonl").unlink()
-        records = train(config, save, overrides)
-        curves[name] = {
-            "train": [(r["iteration"], r["lm_loss"]) for r in records if "lm_loss" in r],
-            "valid": [(r["iteration"], r["valid_loss"]) for r in records if "valid_loss" in r],
+def _moe_fields(fields: dict) -> list[str]:
+    sections = {"moe_num_shared_experts": "deepseekmoe"}
+    return [f"{sections.get(k, 'language_model')}.{k}={v}" for k, v in fields.items()]
+
+
+def models(run) -> list[Model]:
+    """The compared models, derived from the base run config's GShard model."""
+    n, k, w = (run.model.num_moe_experts, run.model.moe_router_topk,
+               run.model.moe_ffn_hidden_size)
+
+    def ablation(m: int, shared: int) -> list[str]:
+        return _moe_fields(derive_from_baseline(w, n, k, segmentation=m, shared=shared))
+
+    return [
+        Model("dense", f"dense (FFN {k * w})", [
+            "language_model.num_moe_experts=null", "language_model.moe_ffn_hidden_size=null",
+            f"language_model.ffn_hidden_size={k * w}", "deepseekmoe.moe_num_shared_experts=0"],
+            moe=False),
+        Model("switch", f"Switch (top-1 of {n // k})", _moe_fields(dict(
+            num_moe_experts=n // k, moe_router_topk=1, moe_ffn_hidden_size=k * w,
+            moe_num_shared_experts=0))),
+        Model("gshard", f"GShard (0+{k}/{n})", ablation(1, 0)),
+        Model("shared", f"+ shared isolation (1+{k - 1}/{n - 1})", ablation(1, 1)),
+        Model("fine2", f"+ fine-grained m=2 (1+{2 * k - 1}/{2 * n - 1})", ablation(2, 1)),
+        Model(DEEPSEEKMOE, f"DeepSeekMoE m=4 (1+{4 * k - 1}/{4 * n - 1})", ablation(4, 1)),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def corpus_prefix(tokens: int) -> str:
+    """The synthetic corpus (generated on first use)."""
+    from dsmoe_megatron.data import get_bin_path, get_idx_path
+    from dsmoe_megatron.synthetic import LanguageConfig, metadata_path, write_corpus
+
+    language = LanguageConfig()
+    digest = hashlib.sha256(json.dumps(asdict(language), sort_keys=True).encode()).hexdigest()
+    prefix = RUNS / "data" / f"synthetic_{tokens}_{digest[:8]}"
+    done = all(Path(p).exists() for p in (get_bin_path(str(prefix)), get_idx_path(str(prefix)),
+                                          metadata_path(prefix)))
+    if not done:
+        print(f"generating the synthetic corpus ({tokens} tokens) into {prefix}", flush=True)
+        write_corpus(prefix, tokens, language)
+    return str(prefix)
+
+
+def train_split_tokens(prefix: str, split: str) -> int:
+    from dsmoe_megatron.data import open_indexed_dataset
+    from dsmoe_megatron.synthetic import split_documents
+
+    dataset = open_indexed_dataset(prefix)  # holds the memory map the lengths live in
+    lengths = dataset.sequence_lengths
+    return int(sum(int(lengths[i]) for i in split_documents(len(lengths), split)["train"]))
+
+
+def check_single_epoch(run, prefix: str) -> dict:
+    needed = run.train.train_iters * run.train.global_batch(1) * run.train.seq_length
+    available = train_split_tokens(prefix, run.train.split)
+    if needed > available:
+        raise SystemExit(
+            f"compare_baselines: {run.train.train_iters} steps x {run.train.global_batch(1)} x "
+            f"{run.train.seq_length} = {needed} tokens, but the training split of {prefix} "
+            f"holds {available}: a model would see tokens twice. Use more data "
+            f"(--corpus-tokens, or a larger --data-path) or fewer train_iters.")
+    return {"train_tokens_per_run": needed, "train_split_tokens": available,
+            "epochs": needed / available}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and analysis runs
+
+
+def run_dir(model: Model, seed: int) -> Path:
+    return RUNS / f"{model.key}_s{seed}"
+
+
+def _metrics(save: Path) -> list[dict]:
+    path = save / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_key = {}  # a resumed run logs some iterations twice: keep the last record of each
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_key[(record["iteration"], "valid_loss" in record)] = record
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def _finished(save: Path, train_iters: int) -> bool:
+    return any(r["iteration"] == train_iters and "valid_loss" in r for r in _metrics(save))
+
+
+def _command(model: Model, seed: int, data_path: str, overrides: list[str]) -> list[str]:
+    save = run_dir(model, seed)
+    return [sys.executable, "-m", "dsmoe_megatron.train", str(BASE_CONFIG), *model.overrides,
+            f"seed={seed}", f"save={save}", f"data_path=[{data_path}]", "tensorboard_dir=null",
+            *overrides, "--resume"]
+
+
+def _environment() -> dict:
+    # One thread per run: small models scale badly across threads; --jobs runs several.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> dict[str, float]:
+    """Run (name, command, log) jobs, ``parallel`` at a time; returns CPU seconds per job."""
+    pending, running, cpu = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, command, log = pending.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as f:
+                proc = subprocess.Popen(command, cwd=ROOT, env=_environment(), stdout=f,
+                                        stderr=subprocess.STDOUT)
+            running[proc.pid] = (name, log, time.time())
+            print(f"started {name} (log {log})", flush=True)
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        name, log, start = running.pop(pid)
+        cpu[name] = usage.ru_utime + usage.ru_stime
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"compare_baselines: {name} failed; see {log}")
+        print(f"finished {name}: {time.time() - start:.0f} s wall, {cpu[name]:.0f} s CPU",
+              flush=True)
+    return cpu
+
+
+def train_all(run, model_list, seeds, data_path, overrides, parallel) -> dict[str, float]:
+    jobs = [(f"{m.key}_s{s}", _command(m, s, data_path, overrides), run_dir(m, s) / "train.log")
+            for m in model_list for s in seeds
+            if not _finished(run_dir(m, s), run.train.train_iters)]
+    cpu = run_jobs(jobs, parallel)
+    cpu_file = RUNS / "cpu_seconds.json"
+    recorded = json.loads(cpu_file.read_text()) if cpu_file.exists() else {}
+    recorded.update(cpu)
+    cpu_file.write_text(json.dumps(recorded, indent=1))
+    return recorded
+
+
+def analyse_all(model_list, seeds, parallel, eval_iters: int) -> dict:
+    jobs = []
+    for m in model_list:
+        for s in seeds:
+            out = run_dir(m, s) / "analysis"
+            if m.moe and not (out / "analysis.json").exists():
+                jobs.append((f"analyse {m.key}_s{s}", [
+                    sys.executable, "-m", "dsmoe_megatron.analyze", str(run_dir(m, s)),
+                    "--out", str(out), "--eval-iters", str(eval_iters)], out / "analyze.log"))
+    run_jobs(jobs, parallel)
+    return {(m.key, s): json.loads((run_dir(m, s) / "analysis" / "analysis.json").read_text())
+            for m in model_list if m.moe for s in seeds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The q-quantile of Student's t with df degrees of freedom (bisection on its CDF)."""
+    norm = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, steps: int = 2000) -> float:  # Simpson's rule on [0, x]
+        h = x / steps
+        total = sum((1 if i in (0, steps) else 4 if i % 2 else 2)
+                    * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1))
+        return 0.5 + norm * total * h / 3
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """mean(a - b) over paired seeds with its 95% t-interval."""
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci95": None, "significant": False, "wins": None}
+    half = t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "ci95": [mean - half, mean + half],
+            "significant": mean + half < 0 or mean - half > 0,
+            "a_better_in": sum(d < 0 for d in diffs), "seeds": len(diffs)}
+
+
+def final_valid(save: Path) -> float:
+    return [r for r in _metrics(save) if "valid_loss" in r][-1]["valid_loss"]
+
+
+def summarise(model_list, seeds) -> dict:
+    per_model = {}
+    for m in model_list:
+        finals = [final_valid(run_dir(m, s)) for s in seeds]
+        curves = [[(r["iteration"], r["valid_loss"]) for r in _metrics(run_dir(m, s))
+                   if "valid_loss" in r] for s in seeds]
+        per_model[m.key] = {
+            "label": m.label, "final_valid": finals, "mean": statistics.fmean(finals),
+            "std": statistics.stdev(finals) if len(finals) > 1 else 0.0, "valid_curves": curves,
+            "train_curves": [[(r["iteration"], r["lm_loss"]) for r in _metrics(run_dir(m, s))
+                              if "lm_loss" in r] for s in seeds],
         }
-    (out / "tiny_loss_curves.json").write_text(json.dumps(
-        {"overrides": overrides, "curves": curves}, indent=1))
-    lines = ["| model | final train loss | final valid loss | best valid loss |",
-             "| --- | --- | --- | --- |"]
-    for name, c in curves.items():
-        lines.append(f"| {name} | {c['train'][-1][1]:.4f} | {c['valid'][-1][1]:.4f} | "
-                     f"{min(v for _, v in c['valid']):.4f} |")
-    (out / "tiny_loss_curves.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
+    keys = [m.key for m in model_list]
+    pairs = {f"{a} vs {b}": paired_difference(per_model[a]["final_valid"],
+                                              per_model[b]["final_valid"])
+             for i, a in enumerate(keys) for b in keys[i + 1:]}
+    return {"models": per_model, "pairs": pairs}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+
+def flatness(curves: list[list[tuple[int, float]]]) -> float:
+    """Mean drop of the validation loss over the last quarter of training."""
+    drops = []
+    for curve in curves:
+        last_iter = curve[-1][0]
+        earlier = [v for it, v in curve if it <= 0.75 * last_iter]
+        drops.append(earlier[-1] - curve[-1][1])
+    return statistics.fmean(drops)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def redundancy_summary(model_list, seeds, analyses) -> dict:
+    out = {}
+    for m in model_list:
+        if not m.moe:
+            continue
+        runs = [analyses[m.key, s] for s in seeds]
+        points = [[p["loss"] for p in r["redundancy"]] for r in runs]
+        rise = [[loss - row[0] for loss in row] for row in points]
+        out[m.key] = {
+            "fraction_of_routed": [p["fraction_of_routed"] for p in runs[0]["redundancy"]],
+            "disabled_top": [p["disabled_top"] for p in runs[0]["redundancy"]],
+            "loss_mean": [statistics.fmean(col) for col in zip(*points)],
+            "rise_mean": [statistics.fmean(col) for col in zip(*rise)],
+            "rise_std": [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*rise)],
+            "max_over_mean_load": [max(row["max_over_mean"] for row in r["expert_load"])
+                                   for r in runs],
+            "shared_removed": [r.get("shared_removed") for r in runs],
+        }
+    return out
+
+
+def plot(summary: dict, redundancy: dict, analyses: dict, seeds, model_list) -> None:
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib not installed: no plots (pip install -e .[dev])")
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, c in curves.items():
-        line, = ax.plot(*zip(*c["train"]), label=f"{name} (train)")
-        ax.plot(*zip(*c["valid"]), "o--", color=line.get_color(), label=f"{name} (valid)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("LM loss (byte-level)")
-    ax.set_title("Tiny models at equal activated compute")
-    ax.legend()
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for i, (key, m) in enumerate(summary["models"].items()):
+        iters = [it for it, _ in m["valid_curves"][0]]
+        values = list(zip(*[[v for _, v in c] for c in m["valid_curves"]]))
+        mean = [statistics.fmean(v) for v in values]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        for axis in (ax, zoom):
+            axis.plot(iters, mean, "o-", ms=3, color=f"C{i}", label=m["label"])
+            axis.fill_between(iters, [a - b for a, b in zip(mean, std)],
+                              [a + b for a, b in zip(mean, std)], color=f"C{i}", alpha=0.2)
+    half = max(it for it, _ in next(iter(summary["models"].values()))["valid_curves"][0]) / 2
+    zoom.set_xlim(left=half)
+    lows = [min(v for it, v in c if it >= half) for m in summary["models"].values()
+            for c in m["valid_curves"]]
+    highs = [max(v for it, v in c if it >= half) for m in summary["models"].values()
+             for c in m["valid_curves"]]
+    zoom.set_ylim(min(lows) - 0.01, max(highs) + 0.01)
+    for axis, title in ((ax, "validation loss"), (zoom, "second half (zoom)")):
+        axis.set_xlabel("iteration")
+        axis.set_ylabel("validation loss (nats/byte)")
+        axis.set_title(f"{title}: mean +- std over seeds {', '.join(map(str, seeds))}")
+    zoom.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "tiny_loss_curves.png", dpi=120)
+    fig.savefig(RESULTS / "paper_ablation.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (key, r) in enumerate(redundancy.items()):
+        label = summary["models"][key]["label"]
+        x, mean, std = r["fraction_of_routed"], r["rise_mean"], r["rise_std"]
+        ax.plot(x, mean, "o-", ms=3, color=f"C{i + 1}", label=label)
+        ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                        color=f"C{i + 1}", alpha=0.2)
+    ax.set_xlabel("disabled top routed experts (fraction of routed experts)")
+    ax.set_ylabel("validation loss rise")
+    ax.set_title("Redundancy (paper Fig. 4): loss rise, mean +- std over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "paper_ablation_redundancy.png", dpi=120)
+    plt.close(fig)
+
+    moe = [m for m in model_list if m.moe]
+    fig, axes = plt.subplots(len(moe), 1, figsize=(12, 1.7 * len(moe) + 0.6), squeeze=False)
+    for axis, m in zip(axes[:, 0], moe):
+        draw_expert_load(fig, axis, analyses[m.key, seeds[0]]["expert_load"],
+                         f"{m.label}: fraction of tokens per routed expert (seed {seeds[0]})")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "paper_ablation_expert_load.png", dpi=110)
+    plt.close(fig)
+
+
+def write_results(run, summary, redundancy, data: dict, cpu: dict, seeds, model_list,
+                  overrides) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    flat = {k: flatness(m["valid_curves"]) for k, m in summary["models"].items()}
+    doc = {"config": str(BASE_CONFIG.relative_to(ROOT)), "overrides": overrides, "seeds": seeds,
+           "train_iters": run.train.train_iters, "data": data, "cpu_seconds": cpu,
+           "last_quarter_drop": flat, **summary, "redundancy": redundancy}
+    (RESULTS / "paper_ablation.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = ["| model | final valid loss (mean +- std) | per seed | drop in last quarter |",
+             "| --- | --- | --- | --- |"]
+    for key, m in summary["models"].items():
+        lines.append(f"| {m['label']} | {m['mean']:.4f} +- {m['std']:.4f} | "
+                     f"{', '.join(f'{v:.4f}' for v in m['final_valid'])} | {flat[key]:.4f} |")
+    lines += ["", "| pair (a vs b) | mean a - b | 95% t-interval | a better in | significant |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, p in summary["pairs"].items():
+        ci = "n/a" if p["ci95"] is None else f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"
+        lines.append(f"| {name} | {p['mean']:+.4f} | {ci} | {p.get('a_better_in')}/"
+                     f"{p.get('seeds')} | {'yes' if p['significant'] else 'no'} |")
+    lines += ["", "| MoE model | loss rise, top experts disabled (p: rise) | shared removed |",
+              "| --- | --- | --- |"]
+    for key, r in redundancy.items():
+        rises = ", ".join(f"{p}: {v:+.3f}" for p, v in zip(r["disabled_top"], r["rise_mean"]))
+        shared = [s for s in r["shared_removed"] if s]
+        removed = (f"{statistics.fmean(s['loss'] for s in shared):.4f}" if shared else "-")
+        lines.append(f"| {summary['models'][key]['label']} | {rises} | {removed} |")
+    (RESULTS / "paper_ablation_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring the cost
+
+
+def measure(run, model_list, data_path: str, overrides: list[str], seeds: list[int],
+            short: int, long: int) -> dict:
+    """CPU seconds per step of each model from two short runs (their difference removes the
+    start-up), extrapolated to the whole experiment."""
+    out = {}
+    for m in model_list:
+        cpu = []
+        for iters in (short, long):
+            save = RUNS / "measure" / f"{m.key}_{iters}"
+            cmd = [sys.executable, "-m", "dsmoe_megatron.train", str(BASE_CONFIG), *m.overrides,
+                   f"save={save}", f"data_path=[{data_path}]", "tensorboard_dir=null",
+                   *overrides, f"train_iters={iters}", "lr_warmup_iters=1", "eval_interval=null",
+                   "save_interval=null"]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run(cmd, cwd=ROOT, env=_environment(), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        per_step = (cpu[1] - cpu[0]) / (long - short)
+        startup = cpu[0] - short * per_step
+        out[m.key] = {"cpu_s_per_step": per_step, "startup_cpu_s": startup}
+        print(f"{m.key}: {per_step:.3f} CPU s/step, start-up {startup:.0f} CPU s", flush=True)
+    steps = run.train.train_iters
+    evals = steps // (run.train.eval_interval or steps)
+    # An evaluation batch is a forward only: about a third of a training step.
+    per_run = {k: v["startup_cpu_s"] + v["cpu_s_per_step"] * (
+        steps + evals * run.train.eval_iters / 3) for k, v in out.items()}
+    total = sum(per_run.values()) * len(seeds)
+    result = {"per_model": out, "train_iters": steps, "seeds": seeds,
+              "extrapolated_cpu_s_per_run": per_run, "extrapolated_total_cpu_s": total,
+              "extrapolated_hours_on_2_cores": total / 2 / 3600}
+    print(f"extrapolated: {total:.0f} CPU s = {total / 7200:.2f} h on 2 idle cores")
+    return result
+
+
+def main(argv=None) -> None:
+    global RUNS, RESULTS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="dsmoe-train key=value for every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 22, 33])
+    parser.add_argument("--models", nargs="+", default=None, help="a subset of the model keys")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--data-path", default=None, help="your indexed dataset prefix "
+                        "(dsmoe-preprocess); default: the synthetic corpus")
+    parser.add_argument("--corpus-tokens", type=int, default=CORPUS_TOKENS)
+    parser.add_argument("--analysis-eval-iters", type=int, default=16)
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where runs and data go")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument("--measure", action="store_true",
+                        help="only measure CPU s/step per model and extrapolate the total")
+    args = parser.parse_args(argv)
+    RUNS, RESULTS = args.runs.resolve(), args.results.resolve()
+
+    from dsmoe_megatron.yaml_config import load_run_config
+
+    run = load_run_config(BASE_CONFIG, args.overrides)
+    model_list = models(run)
+    if args.models:
+        model_list = [m for m in model_list if m.key in args.models]
+    data_path = args.data_path or corpus_prefix(args.corpus_tokens)
+    data = {"data_path": data_path, **check_single_epoch(run, data_path)}
+    if args.data_path is None:
+        from dsmoe_megatron.synthetic import split_stats
+
+        meta = json.loads(Path(f"{data_path}.synthetic.json").read_text())
+        data.update(language=meta["language"], splits=split_stats(data_path, run.train.split))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.measure:
+        result = measure(run, model_list, data_path, args.overrides, args.seeds, 10, 40)
+        (RESULTS / "paper_ablation_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+        return
+    cpu = train_all(run, model_list, args.seeds, data_path, args.overrides, args.jobs)
+    analyses = analyse_all(model_list, args.seeds, args.jobs, args.analysis_eval_iters)
+    summary = summarise(model_list, args.seeds)
+    redundancy = redundancy_summary(model_list, args.seeds, analyses)
+    write_results(run, summary, redundancy, data, cpu, args.seeds, model_list, args.overrides)
+    plot(summary, redundancy, analyses, args.seeds, model_list)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -61,4 +61,5 @@ def test_console_scripts_quiet_warnings_before_importing_the_tool():
     assert scripts == {"dsmoe-train": "dsmoe_megatron.cli:train",
                        "dsmoe-convert": "dsmoe_megatron.cli:convert",
                        "dsmoe-plan": "dsmoe_megatron.cli:plan",
-                       "dsmoe-preprocess": "dsmoe_megatron.cli:preprocess"}
+                       "dsmoe-preprocess": "dsmoe_megatron.cli:preprocess",
+                       "dsmoe-analyze": "dsmoe_megatron.cli:analyze"}

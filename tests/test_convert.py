@@ -678,3 +678,45 @@ def test_from_hf_checkpoint_loads_on_tp2_pp2_ep2_and_exports_from_there(exported
     assert all(s == {"layers": 2, "experts": 4} for s in shards)  # really split 2 x 2 ways
     again = convert.export_to_hf(tmp_path / "tp2pp2ep2", tmp_path / "hf", dtype="fp32")
     assert_bit_exact(read_tensors(exported), read_tensors(again))
+
+
+# ------------------------------------------------------------------------------------------
+# Bounded memory: a model larger than the memory the converting process may allocate
+# ------------------------------------------------------------------------------------------
+
+CAPPED = """
+import re, resource, sys
+import torch
+from dsmoe_megatron import runtime
+from dsmoe_megatron.convert import main
+runtime.initialize()  # the converter reuses it; its gloo threads and buffers are not the model's
+torch.ones(2**20).sum()  # start the intra-op thread pool
+# From here on the process may allocate at most CAP more bytes of data (RLIMIT_DATA counts
+# malloc'd and anonymous mmap'd memory, not the mapped safetensors files).
+data = int(re.search(r"VmData:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (data + int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_both_directions_convert_a_model_larger_than_the_memory_cap(tmp_path):
+    """A 10-layer model of ~640 MB of bf16 weights converts both ways in a process that may
+    allocate only 300 MB beyond its start-up (the whole model built in memory would not fit;
+    with a 20 MB cap the conversion fails), and the round trip is bit-exact."""
+    config = bench.synthetic_config(10)
+    weights = bench.parameter_count(config) * 2
+    cap = 300 * 2**20
+    assert weights > 2 * cap
+    bench.write_synthetic_hf(tmp_path / "hf", config)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+
+    def capped(*argv: str) -> None:
+        proc = subprocess.run([sys.executable, "-c", CAPPED, str(cap), *argv], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    capped("from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "megatron"),
+           "--dtype", "bf16")
+    capped("to-hf", "--checkpoint", str(tmp_path / "megatron"), "--out", str(tmp_path / "back"),
+           "--max-shard-size", "100MB")
+    assert_bit_exact(read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "back"))

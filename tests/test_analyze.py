@@ -1,0 +1,203 @@
+"""dsmoe-analyze: expert routing with top experts disabled, shared experts removed, the CLI."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsmoe_megatron import analyze, checkpoint, convert, runtime
+from dsmoe_megatron.config import DeepSeekMoEConfig, deepseek_defaults
+from dsmoe_megatron.model import build_model, padded_vocab_size
+from dsmoe_megatron.router import TopKRouter
+from dsmoe_megatron.synthetic import LanguageConfig, write_corpus
+
+SEQ = 32
+VOCAB = 259  # the byte tokenizer's
+TINY = dict(num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+            num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=16,
+            moe_num_shared_experts=1, moe_first_k_dense=1, init_method_std=0.05,
+            moe_aux_loss_coeff=0.01)
+
+
+def test_router_skips_exactly_the_top_p_experts():
+    """Each token goes to the experts ranked p+1 .. p+K by its routing probabilities."""
+    for pre_softmax in (True, False):
+        cfg = DeepSeekMoEConfig(**{**deepseek_defaults(), "moe_router_pre_softmax": pre_softmax},
+                                num_layers=1, hidden_size=16, num_attention_heads=2,
+                                num_moe_experts=10, moe_router_topk=3, moe_ffn_hidden_size=8)
+        torch.manual_seed(0)
+        router = TopKRouter(cfg).eval()
+        hidden = torch.randn(7, 3, 16)
+        probs = torch.softmax(hidden.reshape(-1, 16).double() @ router.weight.double().t(), -1)
+        ranking = torch.argsort(probs, dim=-1, descending=True)
+        default = router(hidden)
+        for p in range(0, 8):
+            router.excluded_top_experts = p
+            routing = router(hidden)
+            chosen = ranking[:, p:p + 3]
+            assert torch.equal(routing.expert_idx.sort(-1).values, chosen.sort(-1).values), p
+            gates = probs.gather(-1, routing.expert_idx)
+            if not pre_softmax:
+                gates = gates / gates.sum(-1, keepdim=True)
+            torch.testing.assert_close(routing.gates.double(), gates, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(routing.probs.double(), probs, rtol=1e-6, atol=1e-7)
+            if p == 0:
+                assert torch.equal(routing.expert_idx, default.expert_idx)
+                assert torch.equal(routing.gates, default.gates)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny MoE checkpoint trained a few steps, its data (a small synthetic corpus), and the
+    loaded model with its evaluation batches."""
+    runtime.initialize()
+    root = tmp_path_factory.mktemp("analyze")
+    prefix = write_corpus(root / "data" / "corpus", 60_000, LanguageConfig(words_per_class=16))
+    run = convert.make_run_config(TINY, seq_length=SEQ, overrides=[
+        f"data_path=[{prefix}]", "split=90,10,0"])
+    model = build_model(run.model, padded_vocab_size(run.train.vocab_size), SEQ,
+                        pre_process=True, post_process=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 256, (4, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(tokens[:, :-1], torch.arange(SEQ).expand(4, SEQ), None,
+              labels=tokens[:, 1:]).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    convert._yaml_config().dump_run_config(run, root / "run.yaml")
+    checkpoint.save(root / "save", 3, [model], run_config_yaml=(root / "run.yaml").read_text())
+    run, loaded = analyze.load_model(root / "save")
+    batches = analyze.eval_batches(run, analyze.EvalSettings(eval_iters=3, micro_batch_size=4))
+    yield SimpleNamespace(root=root, save=root / "save", run=run, model=loaded, batches=batches)
+    runtime.shutdown()
+
+
+def test_disabling_experts_leaves_no_trace(tiny):
+    """p = 0 changes nothing; p = 1 changes the loss; afterwards the model is as before.
+    (That p = 0 gives the model's true loss is checked against the Hugging Face model below.)"""
+    normal, normal_load = analyze.evaluate(tiny.model, tiny.batches, VOCAB)
+    with analyze.disabled_top_experts(tiny.model, 0):
+        zero, zero_load = analyze.evaluate(tiny.model, tiny.batches, VOCAB)
+    assert zero == normal
+    assert all(torch.equal(a, b) for a, b in zip(zero_load, normal_load))
+    with analyze.disabled_top_experts(tiny.model, 1):
+        one, _ = analyze.evaluate(tiny.model, tiny.batches, VOCAB)
+    assert abs(one - normal) > 1e-4
+    assert all(layer.router.excluded_top_experts == 0 for layer in analyze.moe_layers(tiny.model))
+    assert analyze.evaluate(tiny.model, tiny.batches, VOCAB)[0] == normal
+
+
+def test_expert_load_counts_every_routed_token(tiny):
+    _, loads = analyze.evaluate(tiny.model, tiny.batches, VOCAB)
+    tokens = sum(b["tokens"].numel() for b in tiny.batches)
+    assert len(loads) == TINY["num_layers"] - TINY["moe_first_k_dense"]
+    for load in loads:
+        assert load.shape == (TINY["num_moe_experts"],)
+        assert int(load.sum()) == tokens * TINY["moe_router_topk"]
+
+
+def test_shared_removal_equals_zeroed_shared_weights(tiny):
+    with analyze.shared_experts_removed(tiny.model):
+        removed, _ = analyze.evaluate(tiny.model, tiny.batches, VOCAB)
+    weights = [layer.shared_experts.linear_fc2.weight for layer in analyze.moe_layers(tiny.model)]
+    saved = [w.detach().clone() for w in weights]
+    try:
+        with torch.no_grad():
+            for w in weights:
+                w.zero_()
+        zeroed, _ = analyze.evaluate(tiny.model, tiny.batches, VOCAB)
+    finally:
+        with torch.no_grad():
+            for w, value in zip(weights, saved):
+                w.copy_(value)
+    assert removed == zeroed
+    assert abs(removed - analyze.evaluate(tiny.model, tiny.batches, VOCAB)[0]) > 1e-4
+
+
+def test_shared_removed_with_extra_routed_expert_by_hand(tiny):
+    """Block output with the shared expert removed and top-(K+1) routing, per token by hand."""
+    layer = analyze.moe_layers(tiny.model)[0]
+    x = torch.randn(5, 2, TINY["hidden_size"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), analyze.shared_experts_removed(tiny.model, extra_routed=1):
+        out, _ = layer(x)
+    k = TINY["moe_router_topk"] + 1
+    e = layer.experts
+    expected = []
+    for token in x.reshape(-1, x.shape[-1]):
+        probs = torch.softmax(layer.router.weight.double() @ token.double(), -1)
+        top = torch.topk(probs, k)
+        y = torch.zeros(token.shape, dtype=torch.float64)
+        for p, i in zip(top.values, top.indices):
+            h = F.silu(e.gate_proj[i].double() @ token.double()) * (e.up_proj[i].double()
+                                                                   @ token.double())
+            y += p * (e.down_proj[i].double() @ h)
+        expected.append(y)
+    torch.testing.assert_close(out.double(), torch.stack(expected).view(x.shape), rtol=1e-5,
+                               atol=1e-6)
+    assert layer.router.topk == TINY["moe_router_topk"]
+
+
+def check_outputs(out: Path, tokens: int) -> dict:
+    result = json.loads((out / "analysis.json").read_text())
+    for name in ("expert_load.png", "redundancy.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["eval_tokens"] == tokens
+    assert result["redundancy"][0] == {"disabled_top": 0, "fraction_of_routed": 0.0,
+                                       "loss": result["loss"]}
+    # 25% of 8 routed experts: p = 1, 2.
+    assert [p["disabled_top"] for p in result["redundancy"]] == [0, 1, 2]
+    for row in result["expert_load"]:
+        assert sum(row["tokens_per_expert"]) == tokens * TINY["moe_router_topk"]
+    assert result["shared_removed"]["extra_routed"] == 1
+    return result
+
+
+def test_cli_writes_json_and_plots_and_keeps_earlier_results(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(tiny.save), "--out", str(out), "--eval-iters", "3", "--micro-batch-size", "4"]
+    assert analyze.main(args) == 0
+    result = check_outputs(out, tokens=3 * 4 * SEQ)
+    assert abs(result["loss"] - analyze.evaluate(tiny.model, tiny.batches, VOCAB)[0]) < 1e-6
+    before = (out / "analysis.json").read_text()
+    assert analyze.main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "analysis.json").read_text() == before
+
+
+def hf_loss(hf_dir: Path, batches) -> float:
+    """The exported model's loss in the Hugging Face modeling code (no Megatron involved)."""
+    from dsmoe_megatron.hf.modeling_deepseek import DeepseekForCausalLM
+
+    model = DeepseekForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b["tokens"]).logits
+            total += float(F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(),
+                                           reduction="sum"))
+            count += b["labels"].numel()
+    return total / count
+
+
+def test_disabling_no_expert_reproduces_the_hf_model_loss(tiny, tmp_path):
+    """On the checkpoint and on its HF export, the analysis's loss with no expert disabled is
+    the loss of the exported model in the Hugging Face modeling code."""
+    hf = convert.export_to_hf(tiny.save, tmp_path / "hf", dtype="fp32")
+    reference = hf_loss(hf, tiny.batches)
+    for source in (tiny.save, hf):
+        out = tmp_path / source.name
+        # The same data, split, seed and shapes as the checkpoint's run: the same batches.
+        assert analyze.main([str(source), "--out", str(out), "--eval-iters", "3",
+                             "--micro-batch-size", "4", "--data-path",
+                             *tiny.run.train.data_path, "--split", "90,10,0"]) == 0
+        result = check_outputs(out, tokens=3 * 4 * SEQ)
+        assert abs(result["redundancy"][0]["loss"] - reference) < 1e-5, source
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert analyze.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err

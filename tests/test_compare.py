@@ -1,0 +1,84 @@
+"""The synthetic corpus and the statistics of examples/compare_baselines.py."""
+
+import functools
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsmoe_megatron.synthetic import (
+    LEXICON_CONSONANTS,
+    LanguageConfig,
+    SyntheticLanguage,
+    metadata_path,
+    split_stats,
+    write_corpus,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare_baselines",
+                                                  ROOT / "examples" / "compare_baselines.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_corpus_is_deterministic_and_seeded(tmp_path):
+    small = LanguageConfig(words_per_class=8)
+    a = write_corpus(tmp_path / "a", 20_000, small)
+    b = write_corpus(tmp_path / "b", 20_000, small)
+    c = write_corpus(tmp_path / "c", 20_000, LanguageConfig(words_per_class=8, seed=1))
+    data = {p: Path(f"{p}.bin").read_bytes() for p in (a, b, c)}
+    assert data[a] == data[b] and data[a] != data[c]
+    meta = json.loads(metadata_path(a).read_text())
+    assert meta["num_tokens"] == sum(meta["documents"]["tokens"]) >= 20_000
+    assert len(data[a]) == 2 * meta["num_tokens"]  # uint16 tokens: bytes + one EOD per document
+    stats = split_stats(a, "90,10,0")
+    assert stats["train"]["tokens"] + stats["valid"]["tokens"] == meta["num_tokens"]
+    # The generator's own loss is a real entropy: positive, far below a uniform byte's.
+    assert 0 < meta["entropy_nats_per_token"] < math.log(256) / 4
+
+
+def test_each_lexicon_writes_with_its_own_consonants():
+    language = SyntheticLanguage(LanguageConfig(words_per_class=16))
+    share = len(LEXICON_CONSONANTS) // len(language.lexicons)
+    for i, lexicon in enumerate(language.lexicons):
+        own = set(LEXICON_CONSONANTS[i * share:(i + 1) * share])
+        others = set(LEXICON_CONSONANTS) - own
+        words = [w for words in lexicon.words.values() for w in words]
+        assert len(set(words)) == len(words)  # no word in two classes
+        assert all(set(w) & own and not set(w) & others for w in words)
+    rng = random.Random(0)
+    for _ in range(20):
+        text, domain, nll = language.document(rng)
+        lexicon, grammar = language.domains[domain]
+        assert text.endswith(language.grammars[grammar].terminator)
+        assert nll > 0
+
+
+def test_t_quantile_matches_tables():
+    compare = load_compare()
+    # Two-sided 95% critical values from any t table.
+    for df, value in ((1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042)):
+        assert compare.t_quantile(0.975, df) == pytest.approx(value, abs=2e-3)
+
+
+def test_paired_difference_by_hand():
+    compare = load_compare()
+    a, b = [1.0, 1.2, 1.1], [1.1, 1.35, 1.3]  # differences -0.1, -0.15, -0.2
+    result = compare.paired_difference(a, b)
+    half = 4.303 * 0.05 / math.sqrt(3)  # t(0.975, 2) x sample std of the differences / sqrt(n)
+    assert result["mean"] == pytest.approx(-0.15)
+    assert result["ci95"] == pytest.approx([-0.15 - half, -0.15 + half], abs=1e-4)
+    assert result["significant"] and result["a_better_in"] == 3
+    noisy = compare.paired_difference([1.0, 1.2, 1.1], [1.1, 1.1, 1.15])
+    assert not noisy["significant"] and noisy["a_better_in"] == 2
