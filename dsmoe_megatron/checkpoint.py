@@ -1,4 +1,4 @@
-"""Dist checkpoints: layout-independent, written atomically.
+"""Dist checkpoints: layout-independent, written atomically, checked before they are read.
 
     <save>/iter_0000100/        a Megatron dist checkpoint (torch_dist) + run.yaml
     <save>/latest               the newest complete iteration, replaced atomically
@@ -6,21 +6,36 @@
 A checkpoint is written to ``iter_XXXXXXX.partial`` and renamed when every rank has finished;
 ``latest`` is updated only after that, so a crash mid-save leaves the last good one loadable.
 The sharded keys are the model's own (``decoder.layers.N.mlp.experts.gate_proj`` [E, W, H], ...),
-so a checkpoint saved under one TP/PP/EP layout loads under any other.
+and the distributed optimizer's state is saved per parameter in the same keys
+(``fully_reshardable``), so a checkpoint saved under one TP/PP/EP/DP layout loads under any
+other, optimizer state included. Loading takes the state (moments, step) from the checkpoint
+and the hyper-parameters (lr, betas, weight decay, ...) from the optimizer it loads into.
+
+Checkpoints are trusted input: Megatron's ``.metadata`` file is a Python pickle.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 RUN_CONFIG_NAME = "run.yaml"
+LATEST_NAME = "latest"
 # The distributed optimizer's layout-independent format (its default is deprecated and broken).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Parameter-group fields that describe which parameters a group holds, not how to train them.
+_GROUP_STRUCTURE = ("is_expert_parallel", "wd_mult", "lr_mult", "is_decoupled_lr")
+_RECOVERY_HINT = ("resume from an earlier checkpoint (write its iteration number into {latest} "
+                  "or pass load=<its iter_ directory>)")
 
 
 class CheckpointError(RuntimeError):
@@ -62,13 +77,15 @@ def _unwrap(chunk):
     return chunk
 
 
+# ---- saving ---------------------------------------------------------------------------------
+
 def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
          extra_state: dict | None = None, run_config_yaml: str | None = None,
          sharded_strategy=None) -> Path:
     """Save model (+ optimizer, + small extra state) for `iteration`; returns the final dir.
     ``sharded_strategy``: dist_checkpointing's (default: Megatron's torch_dist writer)."""
     final = iteration_dir(save_dir, iteration)
-    partial = final.with_name(final.name + ".partial")
+    partial = partial_dir(final)
     if _rank() == 0:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
@@ -89,34 +106,120 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        write_text_atomic(Path(save_dir) / "latest", str(iteration))
+        write_text_atomic(Path(save_dir) / LATEST_NAME, str(iteration))
     _barrier()
     return final
 
 
+def partial_dir(final: Path) -> Path:
+    return final.with_name(final.name + ".partial")
+
+
+def remove_partial_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Delete the ``.partial`` directories of interrupted saves (never named by ``latest``)."""
+    removed = sorted(Path(save_dir).glob("iter_*.partial"))
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+# ---- finding and checking a checkpoint --------------------------------------------------------
+
+def _iterations_in(save_dir: Path) -> list[int]:
+    found = []
+    for path in save_dir.glob("iter_*"):
+        suffix = path.name[len("iter_"):]
+        if suffix.isdigit() and (path / "metadata.json").exists():
+            found.append(int(suffix))
+    return sorted(found)
+
+
 def latest_iteration(save_dir: str | Path) -> int | None:
-    marker = Path(save_dir) / "latest"
+    """The iteration named by ``save_dir/latest``; None if there is no such file."""
+    marker = Path(save_dir) / LATEST_NAME
     if not marker.exists():
         return None
-    return int(marker.read_text().strip())
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        complete = _iterations_in(Path(save_dir))
+        raise CheckpointError(
+            f"{marker} holds {text[:40]!r}, not an iteration number; it should name the newest "
+            f"complete checkpoint (complete ones here: {_describe_iterations(complete)}). Write "
+            "one of those numbers into it, or pass load=<an iter_ directory>")
+    return int(text)
+
+
+def _describe_iterations(iterations: list[int]) -> str:
+    if not iterations:
+        return "none"
+    shown = ", ".join(str(i) for i in iterations[-5:])
+    return shown if len(iterations) <= 5 else f"..., {shown}"
 
 
 def resolve(path: str | Path) -> Path:
-    """A save dir (-> its latest iteration) or an iteration dir -> the iteration dir."""
+    """A save dir (-> its latest iteration) or an iteration dir -> the iteration dir, checked to
+    be complete and readable (CheckpointError names the file and what to do otherwise)."""
     path = Path(path)
-    if (path / "metadata.json").exists():
+    if (path / "metadata.json").exists() or path.name.startswith("iter_"):
+        check_readable(path)
         return path
     iteration = latest_iteration(path)
     if iteration is None:
+        complete = _iterations_in(path) if path.is_dir() else []
+        hint = (f"; it holds checkpoints {_describe_iterations(complete)} but no 'latest' file: "
+                f"write the iteration to resume into {path / LATEST_NAME}" if complete else "")
         raise CheckpointError(
             f"no checkpoint at {path}: expected an iter_XXXXXXX directory or a save directory "
-            "with a 'latest' file; check the path (load: / --checkpoint)"
-        )
+            f"with a 'latest' file{hint}; check the path (load: / --checkpoint)")
     found = iteration_dir(path, iteration)
-    if not (found / "metadata.json").exists():
-        raise CheckpointError(f"{path}/latest points at {found}, which is missing or incomplete")
+    if not found.is_dir():
+        complete = _iterations_in(path)
+        raise CheckpointError(
+            f"{path / LATEST_NAME} names iteration {iteration}, but {found} does not exist "
+            f"(complete checkpoints here: {_describe_iterations(complete)}); "
+            + _RECOVERY_HINT.format(latest=path / LATEST_NAME))
+    check_readable(found)
     return found
 
+
+def check_readable(ckpt: Path) -> None:
+    """Every file of the checkpoint is present and as long as its index says (no data is read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    latest = ckpt.parent / LATEST_NAME
+    hint = _RECOVERY_HINT.format(latest=latest)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist; check the path (load: / "
+                              "--checkpoint)")
+    marker = ckpt / "metadata.json"
+    try:
+        json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{marker} is missing or unreadable ({type(err).__name__}), so {ckpt} is not a "
+            f"complete checkpoint; {hint}") from None
+    index = ckpt / ".metadata"
+    try:
+        storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+    except Exception as err:  # noqa: BLE001 - a truncated pickle raises almost anything
+        raise CheckpointError(
+            f"{index} (the index of the checkpoint's tensors) is missing, truncated or corrupt "
+            f"({type(err).__name__}: {str(err)[:80]}); {ckpt} cannot be loaded; {hint}") from None
+    needed: dict[str, int] = {}
+    for item in storage.values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0),
+                                         item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        data_file = ckpt / name
+        if not data_file.exists():
+            raise CheckpointError(f"{data_file} is missing, so {ckpt} is incomplete; {hint}")
+        if data_file.stat().st_size < size:
+            raise CheckpointError(
+                f"{data_file} is truncated ({data_file.stat().st_size} bytes, its index needs "
+                f"{size}), so {ckpt} is incomplete; {hint}")
+
+
+# ---- loading ------------------------------------------------------------------------------------
 
 def load(path: str | Path, model_chunks, optimizer=None) -> dict:
     """Load into the (possibly differently laid out) model; returns the extra state dict.
@@ -126,26 +229,169 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
     ckpt = resolve(path)
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
-    has_optimizer = dist_checkpointing.load_common_state_dict(str(ckpt)).get("has_optimizer")
-    if optimizer is not None and has_optimizer:
+    _check_shapes(ckpt, state)
+    common = _read(ckpt, dist_checkpointing.load_common_state_dict)
+    load_optimizer = optimizer is not None and common.get("has_optimizer")
+    if load_optimizer:
+        _check_optimizer_format(ckpt, common, optimizer)
+        _create_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=OPTIMIZER_METADATA)
     state["extra"] = {}
     state["iteration"] = 0
-    loaded = dist_checkpointing.load(state, str(ckpt))
+    # Keys the model asks for but the checkpoint lacks are dropped and returned (not an error
+    # yet): Transformer Engine keeps FP8 metadata in `_extra_state` objects that checkpoints
+    # written without it (e.g. on a CPU) do not have.
+    loaded, _, absent = _read(ckpt, lambda c: dist_checkpointing.load(
+        state, c, strict=StrictHandling.RETURN_UNEXPECTED))
+    absent = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(
+            f"{ckpt} lacks {len(absent)} tensors this model needs ({', '.join(absent[:3])}"
+            f"{', ...' if len(absent) > 3 else ''}); it was written by a different model or "
+            "without optimizer state")
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
-        # Transformer Engine modules keep FP8 bookkeeping in `_extra_state`, which is not saved.
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise CheckpointError(
                 f"{ckpt} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-    if optimizer is not None and has_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+    if load_optimizer:
+        _adopt_current_hyperparameters(ckpt, optimizer, loaded["optimizer"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
     extra = dict(loaded.get("extra") or {})
     extra["iteration"] = loaded.get("iteration", 0)
     return extra
+
+
+def _read(ckpt: Path, reader):
+    """Run a Megatron read of `ckpt`, turning a low-level failure into a CheckpointError."""
+    try:
+        return reader(str(ckpt))
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch.distributed.checkpoint raises many kinds
+        raise CheckpointError(
+            f"{ckpt} could not be read ({type(err).__name__}: {str(err).strip()[:200]}); the "
+            f"checkpoint is damaged; {_RECOVERY_HINT.format(latest=ckpt.parent / LATEST_NAME)}"
+        ) from None
+
+
+def sharded_tensors(state: dict):
+    """The ShardedTensors of a sharded state dict, those its factories build included."""
+    for item in nested_values(state):
+        if isinstance(item, ShardedTensorFactory):
+            yield from (t for t in nested_values(item.build()) if isinstance(t, ShardedTensor))
+        elif isinstance(item, ShardedTensor):
+            yield item
+
+
+def _check_shapes(ckpt: Path, state: dict) -> None:
+    """Name the first model tensor whose global shape differs from the checkpoint's."""
+    saved = _read(ckpt, dist_checkpointing.load_tensors_metadata)
+    for tensor in sharded_tensors(state):
+        if tensor.key in saved and tuple(saved[tensor.key].global_shape) != tensor.global_shape:
+            raise CheckpointError(
+                f"{ckpt} was written for a different model: {tensor.key} has shape "
+                f"{list(saved[tensor.key].global_shape)} there and {list(tensor.global_shape)} "
+                "in this model; load it with the model settings it was saved with (its run.yaml)")
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _sub_states(optimizer, optimizer_state) -> list[dict]:
+    """One saved state dict per sub-optimizer (a ChainedOptimizer of one saves it unwrapped)."""
+    subs = _sub_optimizers(optimizer)
+    return [optimizer_state] if len(subs) == 1 else [optimizer_state[i] for i in range(len(subs))]
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(sub, DistributedOptimizer) for sub in _sub_optimizers(optimizer))
+
+
+def _check_optimizer_format(ckpt: Path, common: dict, optimizer) -> None:
+    """The distributed and the standard optimizer save their state differently."""
+    saved = common.get("optimizer") or {}
+    subs = saved.values() if isinstance(saved, dict) and 0 in saved else [saved]
+    saved_distributed = any(isinstance(s, dict) and "param_state_sharding_type" in s for s in subs)
+    if saved_distributed != _is_distributed(optimizer):
+        was = "true" if saved_distributed else "false"
+        raise CheckpointError(
+            f"{ckpt} holds the optimizer state of use_distributed_optimizer: {was}, which this "
+            f"run does not use; resume with use_distributed_optimizer={was}")
+
+
+def _create_adam_state(optimizer) -> None:
+    """Create torch Adam's per-parameter state (step, moments) that it otherwise creates on its
+    first step. Without Transformer Engine or apex, Megatron's distributed optimizer reads the
+    per-parameter `step` to build the state dict it loads into, so a fresh optimizer cannot
+    load. The zeros are what Adam would create; the load overwrites them."""
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):
+            continue  # TE / apex FusedAdam keep the step per group
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                        exp_avg_sq=torch.zeros_like(param))
+
+
+def _adopt_current_hyperparameters(ckpt: Path, optimizer, optimizer_state) -> None:
+    """Give each saved parameter group the current group's hyper-parameters.
+
+    Megatron pairs saved and current groups by their settings (max_lr, min_lr, ...) and torch
+    then restores the saved settings, so a resume with another lr either fails to match or
+    silently trains with the old values. Groups are built in the same order on every layout, so
+    they pair by position; their structure (expert or dense, weight-decay multiplier) must agree.
+    """
+    for sub, sub_state in zip(_sub_optimizers(optimizer), _sub_states(optimizer, optimizer_state)):
+        current = sub.optimizer.param_groups
+        inner = sub_state if "param_groups" in sub_state else sub_state["optimizer"]
+        saved = inner["param_groups"]
+        same = len(saved) == len(current) and all(
+            s.get(k) == c.get(k) for s, c in zip(saved, current) for k in _GROUP_STRUCTURE)
+        if not same:
+            raise CheckpointError(
+                f"{ckpt}: the optimizer's parameter groups differ from this run's "
+                f"({len(saved)} saved, {len(current)} now); the checkpoint was written for a "
+                "different model")
+        for saved_group, current_group in zip(saved, current):
+            # "step" is state (Megatron keeps torch Adam's step count in the groups), not a
+            # hyper-parameter.
+            saved_group.update({k: v for k, v in current_group.items()
+                                if k not in ("params", "step")})
+
+
+def _load_optimizer_state(optimizer, optimizer_state) -> None:
+    """``optimizer.load_state_dict``, working around two faults of Megatron's distributed
+    optimizer with torch's Adam (no Transformer Engine or apex):
+
+    - it copies every tensor of torch Adam's per-parameter state from the loaded one, which
+      holds no ``step`` (the step is kept in the parameter groups): the per-parameter state is
+      loaded here with the ``step`` tensors set aside;
+    - it gives every parameter the same ``step`` tensor object, which Adam then increments once
+      per parameter and step: each parameter gets its own copy.
+    """
+    param_states = [sub_state.pop("param_state", None)
+                    for sub_state in _sub_states(optimizer, optimizer_state)]
+    optimizer.load_state_dict(optimizer_state)
+    for sub, param_state in zip(_sub_optimizers(optimizer), param_states):
+        if param_state is None:
+            continue
+        state = sub.optimizer.state
+        steps = {param: state[param].pop("step") for param in state if "step" in state[param]}
+        try:
+            sub.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for param, step in steps.items():
+                state[param]["step"] = step.clone()
 
 
 def read_run_config_yaml(path: str | Path) -> str:

@@ -27,7 +27,7 @@ from dsmoe_megatron import ops
 from dsmoe_megatron.backends import resolve_expert_backend
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig
 
-WIDTH_AXIS = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}  # axis of the expert width
+WIDTH_AXIS = {"gate_proj": 1, "up_proj": 1, "gate_up_proj": 1, "down_proj": 2}  # expert width axis
 FC1, FC2 = "gate_up_proj", "down_proj"
 
 
@@ -63,17 +63,24 @@ class RoutedExperts(torch.nn.Module):
                 f"{tuple(ops.GEMMS)}, 'te' (with Transformer Engine) or 'auto'"
             )
         self.gemm = ops.GEMMS[self.backend]
-        hidden = self.config.hidden_size
-        gate = new_expert_weight(self.config, "gate_proj", (self.width, hidden),
-                                 self.num_local_experts)
-        up = new_expert_weight(self.config, "up_proj", (self.width, hidden),
-                               self.num_local_experts)
-        down = new_expert_weight(self.config, "down_proj", (hidden, self.width),
-                                 self.num_local_experts)
-        for name, weight in ((FC1, torch.cat([gate, up], dim=1)), (FC2, down)):
+        config, hidden, width = self.config, self.config.hidden_size, self.width
+        device = init_device(config)
+        fc1 = torch.empty(self.num_local_experts, 2 * width, hidden, dtype=config.params_dtype,
+                          device=device)
+        fc2 = torch.empty(self.num_local_experts, hidden, width, dtype=config.params_dtype,
+                          device=device)
+        if config.perform_initialization:
+            # On the device, so that the expert-parallel RNG stream (one per EP / expert-TP
+            # rank) is the one drawn from: the tracker forks the device's generator only. In
+            # place (views of fc1), so that initialization.py sees which init filled what.
+            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+                for name, weight in (("gate_proj", fc1[:, :width]), ("up_proj", fc1[:, width:]),
+                                     ("down_proj", fc2)):
+                    for expert_weight in weight:
+                        _init_method(config, name)(expert_weight)
+        for name, weight in ((FC1, fc1), (FC2, fc2)):
             param = torch.nn.Parameter(weight)
-            # Megatron's DDP reduces params with allreduce=False over the expert-DP group.
-            param.allreduce = False
+            mark_expert_parallel(param, name)
             self.register_parameter(name, param)
         self.register_state_dict_post_hook(_split_fc1_in_state_dict)
         self.register_load_state_dict_pre_hook(_join_fc1_in_state_dict)
@@ -154,14 +161,21 @@ class RoutedExperts(torch.nn.Module):
         }
 
 
-def new_expert_weight(config, name: str, shape: tuple[int, int], num_local_experts: int
-                      ) -> torch.Tensor:
-    """One projection's [local experts, out, in] weight, initialised per expert."""
-    weight = torch.empty(num_local_experts, *shape, dtype=config.params_dtype)
-    with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
-        for expert_weight in weight:
-            _init_method(config, name)(expert_weight)
-    return weight
+def init_device(config) -> torch.device:
+    """Where Megatron-core allocates weights: the current GPU unless use_cpu_initialization."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def mark_expert_parallel(param: torch.nn.Parameter, name: str) -> None:
+    """Megatron's marks for an expert weight ``[E, out, in]`` sharded over EP and expert TP:
+    DDP reduces it over the expert-data-parallel group (allreduce=False), and the grad norm
+    counts it on every rank (tensor_model_parallel), not on expert-TP rank 0 only."""
+    param.allreduce = False
+    param.tensor_model_parallel = True
+    param.partition_dim = WIDTH_AXIS[name]
+    param.partition_stride = 1
 
 
 def _init_method(config, name: str):

@@ -1,13 +1,16 @@
 """One entry point that brings up torch.distributed and Megatron-core's parallel state.
 
 NCCL + CUDA when a GPU is present; gloo + CPU (with ``cpu_compat`` active) otherwise.
-Works under torchrun (reads RANK/WORLD_SIZE/MASTER_ADDR/...) and as a plain single process.
+Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/...), under srun or mpirun without
+torchrun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, OMPI_COMM_WORLD_*; MASTER_ADDR and
+MASTER_PORT still come from the launch script) and as a plain single process.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +89,41 @@ def use_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+# (rank, world size, rank on the node) as each launcher names them, in order of precedence. One
+# family is used whole: torchrun started from srun sees SLURM_LOCALID=0 beside its own LOCAL_RANK.
+_LAUNCHERS = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),                                      # torchrun
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),                 # srun
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),                               # MPICH / Intel MPI
+)
+
+
+def launch_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the first launcher whose variables are all set;
+    (0, 1, 0) for a plain process."""
+    for names in _LAUNCHERS:
+        values = [os.environ.get(name, "").strip() for name in names]
+        if all(values):
+            return tuple(int(v) for v in values)
+    return 0, 1, 0
+
+
+def _limit_cuda_connections(layout: ParallelLayout) -> None:
+    """Megatron-core orders tensor-parallel communication against compute with a single CUDA
+    hardware queue (``CUDA_DEVICE_MAX_CONNECTIONS=1``, read when the CUDA context is created).
+    Set it before this process touches CUDA; warn if that is already too late."""
+    if layout.tensor == 1 and not layout.sequence_parallel:
+        return
+    if not torch.cuda.is_initialized():
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    elif os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+        warnings.warn(
+            "tensor parallelism wants CUDA_DEVICE_MAX_CONNECTIONS=1, but CUDA was initialised "
+            "before dsmoe_megatron.runtime.initialize() could set it; export it in the launch "
+            "script", stacklevel=3)
+
+
 def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> Runtime:
     """Initialise torch.distributed (if needed), Megatron parallel state and the RNG tracker."""
     from megatron.core import parallel_state
@@ -95,11 +133,15 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
     if not gpu:
         cpu_compat.activate()
     if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", 0))
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        rank, world_size, local_rank = launch_ranks()
         backend = "nccl" if gpu else "gloo"
         if gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            _limit_cuda_connections(layout)
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"this process is rank {local_rank} on its node but only "
+                    f"{torch.cuda.device_count()} GPU(s) are visible; launch one process per GPU")
+            torch.cuda.set_device(local_rank)
         if world_size == 1 and "MASTER_PORT" not in os.environ:
             # A lone process needs no rendezvous: an in-memory store avoids picking a port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -110,8 +152,7 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
             dist.init_process_group(backend, rank=rank, world_size=world_size)
     world_size = dist.get_world_size()
     layout.check(world_size)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    _destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
@@ -119,16 +160,35 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor,
     )
+    torch.manual_seed(seed)  # what is drawn on the CPU (Megatron-LM seeds it the same way)
     model_parallel_cuda_manual_seed(seed)
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     return Runtime(device, dist.get_backend(), dist.get_rank(), world_size, layout)
 
 
-def shutdown() -> None:
-    """Tear down parallel state and the process group (safe to call twice)."""
+def _destroy_model_parallel() -> None:
+    """Megatron's destroy_model_parallel, and the process groups it forgets without destroying
+    (each holds threads and sockets; a process that changes layout would pile them up)."""
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if not parallel_state.model_parallel_is_initialized():
+        return
+    groups = {}
+    for value in vars(parallel_state).values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, dist.ProcessGroup) and item is not dist.GroupMember.WORLD:
+                groups[id(item)] = item
+    parallel_state.destroy_model_parallel()
+    for group in groups.values():
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:
+            pass  # destroy_model_parallel destroyed it already
+
+
+def shutdown(destroy_process_group: bool = True) -> None:
+    """Tear down parallel state and (unless told to keep it for a caller that brought it up
+    itself) the process group; safe to call twice."""
+    _destroy_model_parallel()
+    if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,8 +1,14 @@
-"""dsmoe-train CONFIG [key=value ...] [--resume]: pretrain a DeepSeekMoE model on Megatron-core.
+"""dsmoe-train CONFIG [key=value ...] [--resume [auto] | --overwrite] [--stop-at N]: pretrain a
+DeepSeekMoE model on Megatron-core.
 
-Single process on CPU, or under torchrun (one process per GPU). GPTModel with the DeepSeekMoE
-specs, Megatron-core DDP + (distributed) optimizer, its pipeline schedules, LR warmup then the
-paper's step decay (or cosine / constant), gradient clipping, bf16 on GPU / fp32 on CPU.
+Single process on CPU, or under torchrun / srun (one process per GPU). GPTModel with the
+DeepSeekMoE specs, Megatron-core DDP + (distributed) optimizer, its pipeline schedules, LR warmup
+then the paper's step decay (or cosine / constant), gradient clipping, fp32 / bf16 / fp16.
+
+Initial weights depend on the seed only (dsmoe_megatron.initialization), so every layout starts
+from the same model; a checkpoint resumes under any layout with its optimizer state, and
+hyper-parameters (lr, schedule, train_iters, ...) come from the config, not the checkpoint.
+A checkpoint is written only from finite weights whose next forward pass gives a finite loss.
 """
 
 from __future__ import annotations
@@ -20,6 +26,16 @@ import torch
 import torch.distributed as dist
 
 from dsmoe_megatron.cli import quiet_warnings
+from dsmoe_megatron.checkpoint import CheckpointError
+
+# Fields of a checkpoint's model that must match the model it is loaded into (the layout,
+# precision and training settings may change on resume).
+MODEL_SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_num_shared_experts", "moe_first_k_dense", "normalization", "gated_linear_unit",
+    "add_bias_linear", "qk_layernorm",
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,8 +74,17 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
+def _describe_layout(layout) -> str:
+    etp = layout.expert_tensor or layout.tensor
+    return (f"TP{layout.tensor} PP{layout.pipeline} EP{layout.expert} expert-TP{etp}"
+            + (f" VPP{layout.virtual_pipeline}" if layout.virtual_pipeline else "")
+            + (" SP" if layout.sequence_parallel else ""))
+
+
 class Trainer:
-    def __init__(self, run, resume: bool = False):
+    def __init__(self, run, resume: str = "never", overwrite: bool = False):
+        """``resume``: "never" (a new run), "always" (continue the run in ``save``) or "auto"
+        (continue it if it has a checkpoint); see dsmoe_megatron.run_dir."""
         from megatron.core import parallel_state as ps
 
         from dsmoe_megatron import runtime
@@ -71,11 +96,8 @@ class Trainer:
         train = run.train
         self.rt = runtime.initialize(run.layout, seed=train.seed)
         check_world_size(run, self.rt.world_size)
+        resume = self._claim_save_dir(resume, overwrite)
         self.config = run.model
-        if self.rt.device.type == "cpu" and (self.config.bf16 or self.config.fp16):
-            _log("no GPU: training in fp32 (bf16/fp16 need a GPU)")
-            self.config.bf16 = self.config.fp16 = False
-            self.config.params_dtype = self.config.pipeline_dtype = torch.float32
         self.config.pipeline_dtype = self.config.params_dtype
         self.tokenizer = ByteTokenizer()
         self.vocab_size = train.vocab_size or self.tokenizer.vocab_size
@@ -85,6 +107,8 @@ class Trainer:
         self.num_microbatches = train.num_microbatches(self.dp_size)
         self.model = self._build_model()
         self.optimizer = self._build_optimizer()
+        # The schedules scale the loss by the fp16 loss scale before backward (1 otherwise).
+        self.config.grad_scale_func = self.optimizer.scale_loss
         self.iteration = 0
         self.consumed_samples = 0
         self._load_if_asked(resume)
@@ -93,30 +117,57 @@ class Trainer:
         self.metrics_file = None
         if _rank0() and train.save:
             from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME
+            from dsmoe_megatron.run_dir import METRICS_NAME, rewind_metrics
             from dsmoe_megatron.yaml_config import dump_run_config
 
             Path(train.save).mkdir(parents=True, exist_ok=True)
             # The merged config beside the checkpoints; each checkpoint carries a copy.
             dump_run_config(run, Path(train.save) / RUN_CONFIG_NAME)
-            self.metrics_file = open(Path(train.save) / "metrics.jsonl", "a")
+            moved = rewind_metrics(train.save, self.iteration)
+            if moved:
+                _log(f"moved {moved} metrics records logged after iteration {self.iteration} "
+                     f"(after the checkpoint resumed from) to metrics.discarded.jsonl")
+            self.metrics_file = open(Path(train.save) / METRICS_NAME, "a")
+
+    def _claim_save_dir(self, resume: str, overwrite: bool) -> bool:
+        """Rank 0 decides (and with --overwrite clears) for all ranks: one view of the files."""
+        from dsmoe_megatron.run_dir import RunDirError, decide_resume
+
+        outcome = [None]
+        if _rank0():
+            try:
+                outcome[0] = decide_resume(self.run.train.save, resume, overwrite)
+            except (RunDirError, CheckpointError) as error:
+                outcome[0] = error
+        dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        resumed, removed = outcome[0]
+        if removed:
+            _log(f"--overwrite: deleted the previous run's {len(removed)} files in "
+                 f"{self.run.train.save}")
+        return resumed
 
     # ---- construction ---------------------------------------------------------------------
     def _build_model(self):
         from megatron.core.transformer.module import Float16Module
 
+        from dsmoe_megatron.initialization import record_init_methods, redraw_initial_weights
         from dsmoe_megatron.model import build_model_chunks
 
-        chunks = []
-        for chunk in build_model_chunks(self.config, self.padded_vocab,
-                                        self.run.train.seq_length):
-            chunk = chunk.to(self.rt.device)
-            if self.config.bf16 or self.config.fp16:
-                chunk = Float16Module(self.config, chunk)
-            chunks.append(chunk)
-        return wrap_ddp(chunks, self.config, self._distributed_optimizer())
-
-    def _distributed_optimizer(self) -> bool:
-        return dist.get_world_size() > 1
+        train = self.run.train
+        with record_init_methods(self.config) as record:
+            chunks = [chunk.to(self.rt.device) for chunk in build_model_chunks(
+                self.config, self.padded_vocab, train.seq_length)]
+        redraw_initial_weights(chunks, record, train.seed)
+        if self.config.bf16 or self.config.fp16:
+            chunks = [Float16Module(self.config, chunk) for chunk in chunks]
+        overlap = train.overlap_grad_reduce
+        return wrap_ddp(
+            chunks, self.config, train.use_distributed_optimizer,
+            overlap_grad_reduce=self.rt.device.type == "cuda" if overlap is None else overlap,
+            bucket_size=train.ddp_bucket_size,
+        )
 
     def _build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -127,7 +178,8 @@ class Trainer:
             adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
             clip_grad=train.clip_grad, bf16=self.config.bf16, fp16=self.config.fp16,
             params_dtype=self.config.params_dtype,
-            use_distributed_optimizer=self._distributed_optimizer(),
+            use_distributed_optimizer=train.use_distributed_optimizer,
+            loss_scale=train.loss_scale, initial_loss_scale=train.initial_loss_scale,
         )
         return get_megatron_optimizer(opt_config, self.model)
 
@@ -166,16 +218,45 @@ class Trainer:
         from dsmoe_megatron import checkpoint
 
         train = self.run.train
-        source = train.load or (train.save if resume else None)
+        source = train.save if resume else train.load
         if source is None:
             return
-        if resume and checkpoint.latest_iteration(source) is None:
-            _log(f"--resume: no checkpoint in {source} yet, starting from scratch")
-            return
-        extra = checkpoint.load(source, self.model, self.optimizer)
+        ckpt = checkpoint.resolve(source)
+        self._check_same_model(ckpt)
+        extra = checkpoint.load(ckpt, self.model, self.optimizer)
         self.iteration = int(extra.get("iteration", 0))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
-        _log(f"loaded {checkpoint.resolve(source)} (iteration {self.iteration})")
+        _log(f"loaded {ckpt} (iteration {self.iteration})")
+
+    def _check_same_model(self, ckpt: Path) -> None:
+        """A checkpoint resumes under any layout and hyper-parameters, but only into the model
+        it was saved from: name the first field of its run.yaml that differs."""
+        import yaml
+
+        from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME
+        from dsmoe_megatron.yaml_config import YamlConfigError, run_config_from_dict, section_of
+
+        saved_yaml = ckpt / RUN_CONFIG_NAME
+        if not saved_yaml.exists():
+            return  # not written by the trainer: the tensor shapes are still checked on load
+        try:
+            saved = run_config_from_dict(yaml.safe_load(saved_yaml.read_text()),
+                                         instantiate_checks=False, origin=str(saved_yaml))
+        except (YamlConfigError, yaml.YAMLError) as error:
+            raise CheckpointError(f"{saved_yaml} cannot be read ({error})") from None
+        pairs = [(f"{section_of(k)}.{k}", getattr(saved.model, k), getattr(self.config, k))
+                 for k in MODEL_SHAPE_FIELDS]
+        pairs.append(("vocab_size", saved.train.vocab_size, self.vocab_size))
+        for name, then, now in pairs:
+            if then != now:
+                raise CheckpointError(
+                    f"{ckpt} was saved from a different model: {name} is {then} there and {now} "
+                    f"here; resume with {name}={then}, or start a new run in another save "
+                    "directory (load: DIR initialises a new run from a checkpoint of the same "
+                    "model)")
+        if saved.layout != self.run.layout:
+            _log(f"resharding {ckpt} from {_describe_layout(saved.layout)} to "
+                 f"{_describe_layout(self.run.layout)}")
 
     # ---- one step -------------------------------------------------------------------------
     def _batches(self, dataset, consumed: int):
@@ -217,8 +298,12 @@ class Trainer:
         outputs = self._forward_backward(self._batches(self.train_ds, self.consumed_samples),
                                          forward_only=False)
         loss = self._reduce_loss(outputs)
-        self._check_loss(loss)
-        _, grad_norm, _ = self.optimizer.step()
+        if not (math.isfinite(loss) and loss > 0.0):
+            self._diverged("the loss", loss)
+        updated, grad_norm, _ = self.optimizer.step()
+        # fp16 skips a step with inf/NaN gradients itself (updated False) and lowers the scale.
+        if updated and grad_norm is not None and not math.isfinite(grad_norm):
+            self._diverged("the gradient norm", grad_norm, weights_changed=True)
         self.iteration += 1
         global_batch = self.run.train.global_batch(self.dp_size)
         self.consumed_samples += global_batch
@@ -240,19 +325,20 @@ class Trainer:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return float(total[0] / total[1].clamp(min=1))
 
-    def _check_loss(self, loss: float) -> None:
-        if math.isfinite(loss) and loss > 0.0:
-            return
+    def _diverged(self, what: str, value: float, weights_changed: bool = False) -> None:
         from dsmoe_megatron import checkpoint
 
         save = self.run.train.save
         last = checkpoint.latest_iteration(save) if save else None
         where = (f"the last good checkpoint is {checkpoint.iteration_dir(save, last)} "
                  "(untouched)" if last is not None else "no checkpoint was saved yet")
+        kind = "not finite" if not math.isfinite(value) else "exactly 0, a collapse"
+        step = self.iteration + 1
         raise TrainingDiverged(
-            f"training stopped at iteration {self.iteration + 1}: the loss became {loss} "
-            f"({'not finite' if not math.isfinite(loss) else 'exactly 0, a collapse'}); {where}. "
-            "Lower lr, raise lr_warmup_iters or check the data, then resume from that checkpoint."
+            f"training stopped at iteration {step}: {what} became {value} ({kind})"
+            f"{'; the update was applied, nothing was saved' if weights_changed else ''}; "
+            f"{where}. Lower lr, raise lr_warmup_iters or check the data, then resume from that "
+            "checkpoint (hyper-parameters may change on --resume)."
         )
 
     def _aux_losses(self) -> dict[str, float]:
@@ -285,24 +371,56 @@ class Trainer:
                                      unused=float((load == 0).float().mean())))
         return rows
 
-    def evaluate(self) -> float:
+    def _forward_only_loss(self, dataset, consumed: int, steps: int) -> float:
+        """Mean loss of `steps` global batches from sample `consumed` on, in eval mode, leaving
+        the training state (modes, balance-loss tracker, expert-load counters) as it was."""
         from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 
+        from dsmoe_megatron.moe import DeepSeekMoE
+
+        moe = [m for chunk in self.model for m in chunk.modules() if isinstance(m, DeepSeekMoE)]
+        loads = [m.expert_load for m in moe]
         for chunk in self.model:
             chunk.eval()
-        totals = []
-        with torch.no_grad():
-            batches = self._batches(self.valid_ds, 0)
-            for _ in range(self.run.train.eval_iters):
-                totals.append(self._reduce_loss(self._forward_backward(batches, True)))
-        for chunk in self.model:
-            chunk.train()
+        try:
+            with torch.no_grad():
+                batches = self._batches(dataset, consumed)
+                losses = [self._reduce_loss(self._forward_backward(batches, True))
+                          for _ in range(steps)]
+        finally:
+            for chunk in self.model:
+                chunk.train()
+            for module, load in zip(moe, loads):
+                module.expert_load = load
         get_moe_metrics_tracker().clear()
-        return sum(totals) / max(1, len(totals))
+        return sum(losses) / max(1, len(losses))
+
+    def evaluate(self) -> float:
+        return self._forward_only_loss(self.valid_ds, 0, self.run.train.eval_iters)
+
+    def _weights_finite(self) -> bool:
+        finite = torch.tensor([all(bool(p.detach().isfinite().all())
+                                   for chunk in self.model for p in chunk.parameters())],
+                              dtype=torch.int32, device=self.rt.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
 
     def save(self) -> Path:
+        """Write a checkpoint of the current weights, if they are finite and the next forward
+        pass from them gives a finite loss (else stop: a named checkpoint always resumes).
+
+        Costs one forward pass of a global batch (the next one) per save."""
         from dsmoe_megatron import checkpoint
 
+        if not self._weights_finite():
+            self._diverged("a weight", math.nan, weights_changed=True)
+        # The batch of the next step; after the last step (no next one), the last step's.
+        batch_size = self.run.train.global_batch(self.dp_size)
+        last = self.iteration >= self.run.train.train_iters
+        loss = self._forward_only_loss(self.train_ds, self.consumed_samples - batch_size * last, 1)
+        if not math.isfinite(loss):
+            self._diverged(f"the loss of the next step from iteration {self.iteration}'s "
+                           "weights", loss, weights_changed=True)
         save = Path(self.run.train.save)
         run_yaml = (save / checkpoint.RUN_CONFIG_NAME).read_text() if _rank0() else None
         return checkpoint.save(
@@ -313,13 +431,14 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> Path | None:
+        """Train to train_iters (or stop_at); returns the last checkpoint written, if any."""
         from tqdm import tqdm
 
         train = self.run.train
         end = min(train.train_iters, stop_at or train.train_iters)
         bar = tqdm(total=end, initial=self.iteration, disable=not _rank0(), desc="train",
                    dynamic_ncols=True, file=sys.stdout)
-        saved = None
+        saved, saved_at = None, self.iteration
         window: list[StepStats] = []
         while self.iteration < end:
             stats = self.train_step()
@@ -332,9 +451,9 @@ class Trainer:
             if train.eval_interval and self.iteration % train.eval_interval == 0:
                 self._log_metrics({"valid_loss": self.evaluate()})
             if train.save and train.save_interval and self.iteration % train.save_interval == 0:
-                saved = self.save()
+                saved, saved_at = self.save(), self.iteration
         bar.close()
-        if train.save and (saved is None or self.iteration % (train.save_interval or 0) != 0):
+        if train.save and saved_at != self.iteration:
             saved = self.save()
         return saved
 
@@ -371,21 +490,31 @@ class Trainer:
             self.metrics_file.flush()
 
 
-def wrap_ddp(chunks, config, use_distributed_optimizer: bool) -> list:
-    """Megatron-core DDP around each model chunk, and the config hooks its schedules call."""
+def wrap_ddp(chunks, config, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False,
+             bucket_size: int | None = None) -> list:
+    """Megatron-core DDP around each model chunk, and the config hooks its schedules call.
+
+    With ``overlap_grad_reduce`` each bucket's reduction starts as soon as its gradients are
+    ready in the backward pass (the schedules call ``grad_sync_func`` per model chunk)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
     )
     model = [
         DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
+
+    def per_chunk(hooks):
+        return hooks if len(hooks) > 1 else hooks[0]
+
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    config.no_sync_func = per_chunk([m.no_sync for m in model])
+    config.grad_sync_func = per_chunk([m.start_grad_sync for m in model]) \
+        if overlap_grad_reduce else None
     return model
 
 
@@ -405,16 +534,37 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
+def _resume_mode(text: str) -> str:
+    if text not in ("auto", "always"):  # "always": what a bare --resume means
+        raise argparse.ArgumentTypeError(
+            f"takes no value or 'auto', not {text!r} (put key=value overrides before --resume)")
+    return text
+
+
+def _iteration(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an iteration number >= 1, not {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="dsmoe-train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML file from yaml_configs/ or your own")
     parser.add_argument("overrides", nargs="*", help="key=value, dotted for sections "
                         "(e.g. train_iters=50 language_model.num_layers=2)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in `save`")
-    parser.add_argument("--stop-at", type=int, default=None,
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const="always", default=None, type=_resume_mode,
+                       help="continue the run in `save` from its newest checkpoint (under any "
+                            "layout); `--resume auto`: continue if it has one, else start")
+    start.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in `save` and start over")
+    parser.add_argument("--stop-at", type=_iteration, default=None,
                         help="stop after this iteration (the schedule still spans train_iters)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -428,17 +578,44 @@ def main(argv=None) -> int:
     except (ConfigError, YamlConfigError, FileNotFoundError) as error:
         print(f"dsmoe-train: {error}", file=sys.stderr)
         return 2
+    trainer = None
+    started_process_group = not dist.is_initialized()  # else a caller's, which it keeps
     try:
-        trainer = Trainer(run, resume=args.resume)
+        trainer = Trainer(run, resume=args.resume or "never", overwrite=args.overwrite)
         saved = trainer.fit(stop_at=args.stop_at)
         if saved is not None:
             _log(f"checkpoint saved to {saved.resolve()}")
         return 0
-    except (TrainingDiverged, ConfigError, ValueError, FileNotFoundError) as error:
+    except (TrainingDiverged, CheckpointError, ConfigError, ValueError,
+            FileNotFoundError) as error:
         print(f"dsmoe-train: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if _rank0():
+            print(f"dsmoe-train: {_interrupted(run, trainer)}", file=sys.stderr)
+        return 130
     finally:
-        runtime.shutdown()
+        runtime.shutdown(destroy_process_group=started_process_group)
+
+
+def _interrupted(run, trainer) -> str:
+    """Clean up after Ctrl-C (no collectives: the other ranks may be gone) and say where the
+    run can continue from."""
+    from dsmoe_megatron import checkpoint
+
+    where = f" at iteration {trainer.iteration}" if trainer is not None else ""
+    save = run.train.save
+    if save is None:
+        return f"interrupted{where}; no save directory, nothing was written"
+    checkpoint.remove_partial_checkpoints(save)
+    try:
+        last = checkpoint.latest_iteration(save)
+    except CheckpointError:
+        last = None
+    if last is None:
+        return f"interrupted{where}; no complete checkpoint in {save}"
+    return (f"interrupted{where}; the last complete checkpoint is "
+            f"{checkpoint.iteration_dir(save, last)} (continue with --resume)")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,17 @@ class TrainingArgs:
     split: str = "969,30,1"
     """train,valid,test weights (Megatron's --split)."""
     tensorboard_dir: str | None = None
+    # Data parallelism and mixed precision (Megatron-LM's names).
+    use_distributed_optimizer: bool = True
+    """Shard the optimizer state over data-parallel ranks (ZeRO-1). A checkpoint resumes with the
+    same setting; under any layout."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce gradients in buckets during the backward pass; null: on with GPUs, off on CPU."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient-reduction bucket; null: Megatron's default."""
+    loss_scale: float | None = None
+    """fp16 only: a constant loss scale; null: dynamic, starting at initial_loss_scale."""
+    initial_loss_scale: float = 2.0**32
 
     def global_batch(self, data_parallel_size: int) -> int:
         return self.global_batch_size or self.micro_batch_size * data_parallel_size

@@ -5,6 +5,7 @@
 `check_fn` must be a module-level function (it is pickled into each process). Each rank brings up
 `dsmoe_megatron.runtime.initialize(layout)` before calling it. A failure on any rank raises
 `RankFailed` with that rank's traceback; a rank that hangs is killed after `timeout` seconds.
+On a GPU machine each rank uses its own GPU; a test that needs more ranks than GPUs is skipped.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def _rank_main(rank, world_size, port, layout, seed, fn, args, results):
 
 def run_on_ranks(fn, world_size: int, layout: ParallelLayout = ParallelLayout(), args=(),
                  seed: int = 1234, timeout: float = 240.0) -> list:
+    import pytest
+    import torch
+
+    # Each rank takes a GPU of its own when there are GPUs (NCCL cannot share one).
+    if torch.cuda.is_available() and world_size > torch.cuda.device_count():
+        pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
     for attempt in range(3):
         try:
             return _run_once(fn, world_size, layout, args, seed, timeout)

@@ -1,0 +1,270 @@
+"""Rank functions for the resume tests: several dsmoe-train runs in one spawned job.
+
+A job is a list of tasks run in turn on every rank: ``("train", argv)`` is ``train.main(argv)``
+in this process (the job's process group is reused; each run brings up its own parallel state
+for the layout its overrides name), the other tasks inspect what the trainer builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "yaml_configs" / "tiny.yaml")
+
+# A small DeepSeekMoE (12 routed experts, top-4, 2 shared, a2 = 0.05) whose routed experts are
+# wide against the hidden size (most of the parameters; not most of the first gradient norm).
+MODEL = [
+    "language_model.num_layers=4", "language_model.hidden_size=32",
+    "language_model.num_attention_heads=4", "language_model.ffn_hidden_size=64",
+    "language_model.num_moe_experts=12", "language_model.moe_router_topk=4",
+    "language_model.moe_ffn_hidden_size=96", "deepseekmoe.moe_num_shared_experts=2",
+    "deepseekmoe.moe_device_balance_coeff=0.05",
+    # The device-level loss groups experts; fixed so that it is the same loss on every layout.
+    "deepseekmoe.moe_device_groups=4",
+    "seq_length=32", "micro_batch_size=2", "global_batch_size=8",
+    "lr=3e-3", "min_lr=3e-4", "lr_warmup_iters=1", "lr_decay_style=cosine",
+    "eval_interval=null", "log_interval=1", "tensorboard_dir=null", "split=98,2,0",
+]
+
+# Layouts by name, as model_parallel overrides (the world size gives the data-parallel size).
+LAYOUTS = {
+    "1": [],
+    "DP2": [],
+    "EP2": ["model_parallel.expert_model_parallel_size=2"],
+    "EP4": ["model_parallel.expert_model_parallel_size=4"],
+    "TP2+SP": ["model_parallel.tensor_model_parallel_size=2",
+               "model_parallel.sequence_parallel=true"],
+    "PP2": ["model_parallel.pipeline_model_parallel_size=2"],
+    "PP2-interleaved": ["model_parallel.pipeline_model_parallel_size=2",
+                        "model_parallel.virtual_pipeline_model_parallel_size=2"],
+    "DP2xEP2": ["model_parallel.expert_model_parallel_size=2"],
+    "TP2xEP2": ["model_parallel.tensor_model_parallel_size=2",
+                "model_parallel.expert_model_parallel_size=2"],
+}
+WORLD = {"1": 1, "DP2": 2, "EP2": 2, "EP4": 4, "TP2+SP": 2, "PP2": 2, "PP2-interleaved": 2,
+         "DP2xEP2": 4, "TP2xEP2": 4}
+
+
+def train_argv(data_path: str, layout: str, save: Path, *extra: str) -> list[str]:
+    return [TINY, *MODEL, *LAYOUTS[layout], f"data_path=[{data_path}]", f"save={save}", *extra]
+
+
+def run_job(tasks: list[tuple]) -> list:
+    """Rank function: run each (kind, *args) task in turn; returns their results."""
+    kinds = {"train": train, "train_interrupted": train_interrupted, "damage": damage,
+             "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
+             "experts_on_gpu_rng": experts_on_gpu_rng,
+             "extra_state_round_trip": extra_state_round_trip}
+    return [kinds[kind](*args) for kind, *args in tasks]
+
+
+def train(argv: list[str]) -> dict:
+    """dsmoe-train's main() in this process: exit code, stderr, metrics (rank 0)."""
+    import torch.distributed as dist
+
+    from dsmoe_megatron import train as trainer
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = trainer.main(argv)
+    save = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("save=")))
+    metrics = save / "metrics.jsonl"
+    records = None
+    if dist.get_rank() == 0 and metrics.exists():
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {"code": code, "stderr": stderr.getvalue(), "records": records}
+
+
+def train_interrupted(argv: list[str], when: str) -> dict:
+    """train() with Ctrl-C (a real SIGINT) right after the first checkpoint is complete
+    (when="after save") or while it is being written (when="during save")."""
+    import signal
+    from unittest import mock
+
+    from dsmoe_megatron import checkpoint
+
+    real_save = checkpoint.dist_checkpointing.save
+
+    def write_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+
+    def save_then_interrupt(*args, **kwargs):
+        saved = real_checkpoint_save(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return saved
+
+    real_checkpoint_save = checkpoint.save
+    if when == "during save":
+        patch = mock.patch.object(checkpoint.dist_checkpointing, "save", write_then_interrupt)
+    else:
+        patch = mock.patch.object(checkpoint, "save", save_then_interrupt)
+    with patch:
+        return train(argv)
+
+
+def damage(save: str, copy: str, file: str, how: str) -> None:
+    """Copy a save directory and damage one file of the copy as disks and interrupted copies
+    do: "delete" it, "truncate" it to half, or replace its contents with the text `how`."""
+    import shutil
+
+    shutil.copytree(save, copy)
+    target = Path(copy) / file
+    if how == "delete":
+        target.unlink()
+    elif how == "truncate":
+        with open(target, "r+b") as f:
+            f.truncate(target.stat().st_size // 2)
+    else:
+        target.write_text(how)
+
+
+def _trainer(argv: list[str]):
+    from dsmoe_megatron import train as trainer
+    from dsmoe_megatron.yaml_config import load_run_config
+
+    args = trainer.parse_args(argv)
+    return trainer.Trainer(load_run_config(args.config, args.overrides))
+
+
+def initial_weights(argv: list[str], directory: str) -> None:
+    """Build the trainer's model (no training) and save its initial weights to `directory`."""
+    from dsmoe_megatron import checkpoint, runtime
+
+    model = _trainer([*argv, "save=null"]).model
+    checkpoint.save(directory, 0, model)
+    runtime.shutdown(destroy_process_group=False)
+
+
+def expert_gradient_share(argv: list[str]) -> float:
+    """Single rank: the routed experts' share of the squared gradient norm after one step."""
+    from dsmoe_megatron import runtime
+
+    trainer = _trainer([*argv, "save=null"])
+    trainer.train_step()
+    squares = {True: 0.0, False: 0.0}
+    for chunk in trainer.model:
+        for param in chunk.parameters():
+            expert = not getattr(param, "allreduce", True)
+            squares[expert] += float(param.main_grad.double().pow(2).sum())
+    runtime.shutdown(destroy_process_group=False)
+    return squares[True] / (squares[True] + squares[False])
+
+
+@contextlib.contextmanager
+def _gpu_like_rng():
+    """Megatron's RNG tracker on its own generator, as on a GPU (where it forks the CUDA
+    generator): the CPU compatibility layer otherwise points it at the CPU generator, which
+    hides draws made on the CPU outside the tracker's stream."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    fake_cuda = torch.Generator()
+    patches = [(mcore_random, "_get_cuda_rng_state", lambda *a, **k: fake_cuda.get_state()),
+               (mcore_random, "_set_cuda_rng_state", lambda state, *a, **k:
+                fake_cuda.set_state(state)),
+               (torch.cuda, "manual_seed", fake_cuda.manual_seed)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def experts_on_gpu_rng(argv: list[str], seeds: tuple[int, int]) -> dict:
+    """With a GPU-like RNG: layer 1's routed experts (gathered over EP) as Megatron-core's
+    construction alone draws them and as the trainer initialises them, for two seeds."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from dsmoe_megatron import runtime
+    from dsmoe_megatron.model import build_model_chunks
+
+    def gathered(model) -> torch.Tensor:
+        chunk = model[0]
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        local = chunk.decoder.layers[1].mlp.experts.gate_up_proj.detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(ps.get_expert_model_parallel_world_size())]
+        dist.all_gather(parts, local, group=ps.get_expert_model_parallel_group())
+        return torch.cat(parts)
+
+    out = {}
+    with _gpu_like_rng():
+        for seed in seeds:
+            trainer = _trainer([*argv, "save=null", f"seed={seed}"])
+            out[f"trainer seed {seed}"] = gathered(trainer.model)
+            # The construction alone, with the generators seeded alike on every rank as a
+            # launcher does (torch.manual_seed(seed); Megatron's tracker per EP rank).
+            torch.manual_seed(seed)
+            model_parallel_cuda_manual_seed(seed)
+            plain = build_model_chunks(trainer.config, trainer.padded_vocab,
+                                       trainer.run.train.seq_length)
+            out[f"construction seed {seed}"] = gathered(plain)
+            runtime.shutdown(destroy_process_group=False)
+    return out if dist.get_rank() == 0 else None
+
+
+@contextlib.contextmanager
+def _attention_extra_state():
+    """Megatron's local core attention with an `_extra_state`, as Transformer Engine's has (its
+    FP8 metadata): the model then asks checkpoints for one ShardedObject per layer."""
+    from unittest import mock
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # As Transformer Engine's modules do: the state dict, `_extra_state` as a ShardedObject.
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+
+    with mock.patch.object(DotProductAttention, "get_extra_state",
+                           lambda self: torch.tensor([1.0]), create=True), \
+            mock.patch.object(DotProductAttention, "set_extra_state",
+                              lambda self, state: None, create=True), \
+            mock.patch.object(DotProductAttention, "sharded_state_dict", sharded_state_dict):
+        yield
+
+
+def extra_state_round_trip(directory: str) -> dict:
+    """Save with / load without the attention's extra state, and the other way round; returns
+    the keys of each checkpoint and the loaded weights' agreement with the saved ones."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from common import build_chunks, tiny_config
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.runtime import ParallelLayout
+
+    def weights(model):
+        return {k: v for k, v in model[0].state_dict().items()
+                if torch.is_tensor(v) and not k.endswith("_extra_state")}
+
+    out = {}
+    for name, save_with_extra in (("gpu to cpu", True), ("cpu to gpu", False)):
+        torch.manual_seed(0)
+        with _attention_extra_state() if save_with_extra else contextlib.nullcontext():
+            saved = build_chunks(tiny_config(ParallelLayout()))
+            checkpoint.save(f"{directory}/{name}", 0, saved)
+        torch.manual_seed(1)
+        with contextlib.nullcontext() if save_with_extra else _attention_extra_state():
+            loaded = build_chunks(tiny_config(ParallelLayout()))
+            checkpoint.load(f"{directory}/{name}", loaded)
+        keys = FileSystemReader(f"{directory}/{name}/iter_0000000").read_metadata()
+        out[name] = {
+            "checkpoint has attention extra state": any(
+                "core_attention._extra_state" in k for k in keys.state_dict_metadata),
+            "weights equal": weights(saved).keys() == weights(loaded).keys() and all(
+                torch.equal(a, weights(loaded)[k]) for k, a in weights(saved).items()),
+        }
+    return out
