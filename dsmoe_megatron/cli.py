@@ -11,6 +11,7 @@ console scripts (``dsmoe-train``, ...) are the functions at the bottom, which qu
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
@@ -65,6 +66,17 @@ def quiet_warnings(argv: list[str] | None = None) -> list[str]:
             if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
                 logger.addFilter(_DropPrefixes(prefixes))
     return [a for a in argv if a not in VERBOSE_FLAGS]
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and iteration numbers: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1, 2, ...), got {text!r}")
+    return value
 
 
 def _run(module: str) -> int:

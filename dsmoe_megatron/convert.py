@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from dsmoe_megatron.cli import quiet_warnings
+from dsmoe_megatron.cli import positive_int, quiet_warnings
 from dsmoe_megatron.hf.mapping import (
     DTYPE_NAMES,
     DTYPES,
@@ -516,16 +516,6 @@ _LAYOUT_FLAGS = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1, 2, 4, ...), got {text!r}")
-    return value
-
-
 def _layout_overrides(args) -> list[str]:
     return [f"model_parallel.{field}={getattr(args, field)}" for _, field in _LAYOUT_FLAGS
             if getattr(args, field) is not None]
@@ -557,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="save directory to create (run.yaml + iter_0000000; the "
                          "trainer's load:)")
     for flag, field in _LAYOUT_FLAGS:
-        from_hf.add_argument(flag, dest=field, type=_positive_int, default=None, metavar="N",
+        from_hf.add_argument(flag, dest=field, type=positive_int, default=None, metavar="N",
                              help=f"model_parallel.{field} in run.yaml")
     from_hf.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                          help="the run's parameter dtype, stored in the checkpoint and run.yaml "

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsmoe_megatron.cli import quiet_warnings
+from dsmoe_megatron.cli import positive_int, quiet_warnings
 from dsmoe_megatron.checkpoint import CheckpointError
 
 # Fields of a checkpoint's model that must match the model it is loaded into (the layout,
@@ -541,16 +541,6 @@ def _resume_mode(text: str) -> str:
     return text
 
 
-def _iteration(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an iteration number >= 1, not {text!r}")
-    return value
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="dsmoe-train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML file from yaml_configs/ or your own")
@@ -562,7 +552,7 @@ def parse_args(argv=None):
                             "layout); `--resume auto`: continue if it has one, else start")
     start.add_argument("--overwrite", action="store_true",
                        help="delete the run already in `save` and start over")
-    parser.add_argument("--stop-at", type=_iteration, default=None,
+    parser.add_argument("--stop-at", type=positive_int, default=None,
                         help="stop after this iteration (the schedule still spans train_iters)")
     return parser.parse_intermixed_args(argv)
 

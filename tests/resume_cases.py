@@ -57,7 +57,8 @@ def train_argv(data_path: str, layout: str, save: Path, *extra: str) -> list[str
 
 def run_job(tasks: list[tuple]) -> list:
     """Rank function: run each (kind, *args) task in turn; returns their results."""
-    kinds = {"train": train, "train_interrupted": train_interrupted, "damage": damage,
+    kinds = {"train": train, "resume_copy": resume_copy, "train_interrupted": train_interrupted,
+             "damage": damage,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
              "experts_on_gpu_rng": experts_on_gpu_rng,
              "extra_state_round_trip": extra_state_round_trip}
@@ -79,6 +80,25 @@ def train(argv: list[str]) -> dict:
     if dist.get_rank() == 0 and metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
     return {"code": code, "stderr": stderr.getvalue(), "records": records}
+
+
+def resume_copy(source: str, argv: list[str], iteration: int) -> dict:
+    """``train(argv + --resume)`` in a save dir holding a copy of the run in ``source`` as if it
+    had stopped after ``iteration``: that checkpoint, run.yaml, and metrics.jsonl with the later
+    records, which the resumed run must set aside."""
+    import shutil
+
+    import torch.distributed as dist
+
+    save = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("save=")))
+    if dist.get_rank() == 0:
+        keep = f"iter_{iteration:07d}"
+        shutil.copytree(source, save, ignore=lambda folder, names: [
+            n for n in names if Path(folder) == Path(source) and n.startswith("iter_")
+            and n != keep])
+        (save / "latest").write_text(str(iteration))
+    dist.barrier()
+    return train([*argv, "--resume"])
 
 
 def train_interrupted(argv: list[str], when: str) -> dict:

@@ -202,7 +202,7 @@ def test_stop_at_must_be_positive(capsys):
 
     with pytest.raises(SystemExit):
         parse_args([TINY, "--stop-at", "0"])
-    assert "--stop-at: must be an iteration number >= 1" in capsys.readouterr().err
+    assert "--stop-at: must be a positive integer" in capsys.readouterr().err
 
 
 def test_loss_falls_and_a_checkpoint_is_written(tmp_path):
