@@ -11,6 +11,7 @@ On a GPU machine each rank uses its own GPU; a test that needs more ranks than G
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import traceback
 
@@ -37,7 +38,9 @@ def _rank_main(rank, world_size, port, layout, seed, fn, args, results):
 
     try:
         runtime.initialize(layout, seed=seed)
-        results.put((rank, "ok", fn(*args)))
+        # Pickled here: a tensor put on the queue as it is travels as a file descriptor that the
+        # parent must fetch from this process, which may have exited by then.
+        results.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - the parent reports it
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -84,7 +87,7 @@ def _run_once(fn, world_size, layout, args, seed, timeout):
                 ) from None
             if status == "error":
                 raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
-            collected[rank] = payload
+            collected[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=10)

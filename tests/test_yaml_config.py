@@ -610,7 +610,7 @@ def test_world_size_checks():
     assert check_world_size(moe, 128) == 128
     assert check_world_size(moe, 8) == 8  # 4608 sequences = 576 micro-batches of 1 per rank
     big = load_run_config(CONFIGS / "deepseekmoe_145b.yaml", instantiate_checks=False)
-    assert check_world_size(big, 1024) == 16  # TP 4 x PP 16 -> DP 16
+    assert check_world_size(big, 1024) == 32  # TP 2 x PP 16 -> DP 32
     with pytest.raises(ConfigError, match="global_batch_size=4608"):
         check_world_size(big, 16 * 1000)
 
@@ -635,5 +635,6 @@ def test_schema_sections_are_disjoint_and_cover_the_brief():
             "vocab_size", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "lr_step_decay_at",
             "lr_step_decay_factor", "train_iters", "weight_decay", "adam_beta1", "adam_beta2",
             "adam_eps", "clip_grad", "seed", "save", "load", "save_interval", "eval_interval",
-            "eval_iters", "log_interval", "data_path", "split", "tensorboard_dir"
-            } == set(TRAINING_KEYS)
+            "eval_iters", "log_interval", "data_path", "split", "tensorboard_dir",
+            "use_distributed_optimizer", "overlap_grad_reduce", "ddp_bucket_size", "loss_scale",
+            "initial_loss_scale"} == set(TRAINING_KEYS)

@@ -161,10 +161,10 @@ def pre_mlp_norm(m: Micro, moe: bool) -> float:
 def _pre_mlp_output_kept(m: Micro, moe: bool) -> float:
     if not moe or m.recomputes("moe") or m.recomputes("mlp") and mlp_recompute_covers_moe():
         return m.act  # fc1 of the dense MLP, or the checkpoint of the MLP / MoE block
-    if m.shared:
-        # the shared experts' fc1 (its FP8 copy under FP8), or their checkpoint
-        return m.act if m.recomputes("shared_experts") else m.gemm_input
-    return m.act if m.act == FP32 else 0  # the router reads it in fp32: itself, or a copy
+    # The router keeps it as it is (router_gating_linear: fp32 logits, no fp32 copy); under FP8
+    # the shared experts' fc1 keeps an FP8 copy besides.
+    fp8_copy = 1 if m.fp8 and m.shared and not m.recomputes("shared_experts") else 0
+    return m.act + fp8_copy
 
 
 def residual_dropout(m: Micro) -> float:
@@ -233,37 +233,36 @@ def routed_tokens(m: Micro) -> float:
 
 
 def router(m: Micro) -> float:
-    """fp32 copy of the input (unless fp32 already) and of the weight, the softmax, the top-k
-    indices, and the per-sequence statistics of the balance losses."""
-    n, e, h = m.tokens / m.sp, m.experts, m.hidden
-    copies = FP32 * h * n + FP32 * e * h if m.act != FP32 else 0
+    """The softmax output, the top-k indices, and the per-sequence statistics of the balance
+    losses (its input is counted with the pre-MLP norm's output)."""
+    n, e = m.tokens / m.sp, m.experts
     balance = FP32 * (e + 1) * m.batch if m.balance_loss else 0
-    return copies + FP32 * e * n + INDEX * m.topk * n + balance
+    return FP32 * e * n + INDEX * m.topk * n + balance
 
 
 def routed_experts(m: Micro) -> float:
-    """experts.py per routed copy (token x chosen expert): the gather and scatter indices, the
-    permuted rows (the GEMMs' input), gate, up, silu(gate), their product (down's input), down's
-    output (kept by the un-permuting index_copy) and its fp32 copy weighted by the gates; the
-    fp32 gates per copy; the grouped GEMMs' offsets. (An expert width per expert-TP rank that is
-    not a multiple of 16 bytes makes torch._grouped_mm keep zero-padded copies: not counted.)"""
+    """token_dispatcher.py and experts.py per routed copy (token x chosen expert): fc1's input
+    (the permuted rows; its FP8 copy under FP8), fc1's output (kept by the weighted SwiGLU),
+    the SwiGLU's output (fc2's input; dropped by moe_act recompute), the fp32 gate, and three
+    index maps (the rows' gather, the gates' order and the inverse permutation); the per-expert
+    counts. (An expert width per expert-TP rank that is not a multiple of 16 bytes makes
+    torch._grouped_mm keep zero-padded copies: not counted.)"""
     a, h, w = m.act, m.hidden, m.expert_width / m.etp
     copies = routed_tokens(m) * m.topk
-    inputs = 2 * h * copies if m.fp8 else a * h * copies  # TE FP8: gate and up each keep one
-    act = (2 if m.recomputes("moe_act") else 4) * a * w * copies
-    if m.fp8 and not m.recomputes("moe_act"):
-        act -= (a - 1) * w * copies  # down keeps its FP8 copy of the product
-    out = (a * h + FP32 * h) * copies
-    offsets = 3 * 4 * m.experts // m.ep
-    return inputs + act + out + (2 * INDEX + FP32) * copies + offsets
+    stored = 1 if m.fp8 else a  # bytes per element a GEMM keeps of its input
+    rows = stored * h * copies
+    fc1 = 2 * a * w * copies
+    act = 0 if m.recomputes("moe_act") else stored * w * copies
+    counts = INDEX * m.experts // m.ep
+    return rows + fc1 + act + (3 * INDEX + FP32) * copies + counts
 
 
 def ep_dispatch(m: Micro) -> float:
-    """Expert parallelism: the regrouping index of the received rows and the rows coming back
-    from the combine all-to-all (kept by the un-permuting index_copy)."""
-    if m.ep == 1:
+    """Expert parallelism: the index regrouping the received rows by local expert and its
+    inverse for the combine (none with one local expert); the all-to-alls keep nothing."""
+    if m.ep == 1 or m.experts // m.ep == 1:
         return 0.0
-    return (INDEX + m.act * m.hidden) * routed_tokens(m) * m.topk
+    return 2 * INDEX * routed_tokens(m) * m.topk
 
 
 def head_activations(m: Micro, vocab_rows: int) -> float:

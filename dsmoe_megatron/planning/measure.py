@@ -2,7 +2,8 @@
 
 Runs the forward of a small decoder block built from the project's own layer specs and records
 every tensor autograd saves (``torch.autograd.graph.saved_tensors_hooks``). Each storage is
-counted once at its full size (a view keeps its whole storage alive); parameters, the rotary
+counted once, at its size after the forward (a view keeps its whole storage alive; one freed for
+recompute in backward counts nothing); parameters, the rotary
 frequencies passed in, and storages saved by more than one layer (Megatron's cached causal mask)
 are not per-layer activations and are left out. The caller brings up the runtime
 (``dsmoe_megatron.runtime.initialize``) with the config's layout.
@@ -69,7 +70,7 @@ def measure_block(cfg: DeepSeekMoEConfig, seq_length: int, micro_batch_size: int
         if ptr not in excluded and storage.nbytes():
             where = modules[-1] if modules else ""
             match = _LAYER.search(where)
-            entry = saved.setdefault(ptr, (storage.nbytes(), where, set()))
+            entry = saved.setdefault(ptr, (storage, where, set()))
             entry[2].add(int(match.group(1)) if match else where)
         return t
 
@@ -79,10 +80,13 @@ def measure_block(cfg: DeepSeekMoEConfig, seq_length: int, micro_batch_size: int
     finally:
         for hook in hooks:
             hook.remove()
-    del out
+    # Sizes after the forward: a storage freed for recompute in backward (Megatron's
+    # CheckpointWithoutOutput resizes it to 0) is not kept.
+    sizes = [(storage.nbytes(), where, layers) for storage, where, layers in saved.values()]
+    del out, saved
     by_module: dict[str, int] = defaultdict(int)
     shared = total = 0
-    for nbytes, where, layers in saved.values():
+    for nbytes, where, layers in sizes:
         if len({i for i in layers if isinstance(i, int)}) > 1:
             shared += nbytes
             continue
