@@ -15,6 +15,8 @@ fc2 has used it and recomputes it from fc1's output in backward.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
@@ -73,7 +75,7 @@ class RoutedExperts(torch.nn.Module):
             # On the device, so that the expert-parallel RNG stream (one per EP / expert-TP
             # rank) is the one drawn from: the tracker forks the device's generator only. In
             # place (views of fc1), so that initialization.py sees which init filled what.
-            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+            with rng_stream(get_expert_parallel_rng_tracker_name()):
                 for name, weight in (("gate_proj", fc1[:, :width]), ("up_proj", fc1[:, width:]),
                                      ("down_proj", fc2)):
                     for expert_weight in weight:
@@ -161,8 +163,18 @@ class RoutedExperts(torch.nn.Module):
         }
 
 
+def rng_stream(name: str):
+    """Megatron's RNG stream ``name`` where its tracker has one (every run seeds it through
+    model_parallel_cuda_manual_seed); else the default generator (a module built on its own)."""
+    tracker = get_cuda_rng_tracker()
+    return tracker.fork(name) if name in tracker.get_states() else contextlib.nullcontext()
+
+
 def init_device(config) -> torch.device:
-    """Where Megatron-core allocates weights: the current GPU unless use_cpu_initialization."""
+    """Where Megatron-core allocates weights: the current GPU unless use_cpu_initialization; the
+    meta device while one is the default (a model built for its shapes only)."""
+    if torch.get_default_device().type == "meta":
+        return torch.device("meta")
     if config.use_cpu_initialization or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())

@@ -17,17 +17,14 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-from megatron.core.tensor_parallel.random import (
-    get_cuda_rng_tracker,
-    get_data_parallel_rng_tracker_name,
-)
+from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
 from megatron.core.transformer.moe.moe_utils import (
     router_gating_linear,
     save_to_aux_losses_tracker,
 )
 
 from dsmoe_megatron.config import DeepSeekMoEConfig
-from dsmoe_megatron.experts import init_device
+from dsmoe_megatron.experts import init_device, rng_stream
 
 
 @dataclass
@@ -86,7 +83,7 @@ class TopKRouter(torch.nn.Module):
         ))
         if config.perform_initialization:
             # Replicated on every rank: drawn from the stream all ranks share.
-            with get_cuda_rng_tracker().fork(get_data_parallel_rng_tracker_name()):
+            with rng_stream(get_data_parallel_rng_tracker_name()):
                 config.init_method(self.weight)
         # Under SP each TP rank routes its own slice of tokens, so the gradient is partial.
         self.weight.sequence_parallel = config.sequence_parallel
