@@ -168,9 +168,12 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
 
 def _destroy_model_parallel() -> None:
     """Megatron's destroy_model_parallel, and the process groups it forgets without destroying
-    (each holds threads and sockets; a process that changes layout would pile them up)."""
+    (each holds threads and sockets; a process that changes layout would pile them up), and
+    the MoE metrics tracker, whose per-layer tensors are sized for the last model."""
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
+    destroy_moe_metrics_tracker()
     if not parallel_state.model_parallel_is_initialized():
         return
     groups = {}
