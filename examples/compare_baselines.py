@@ -156,7 +156,7 @@ def _command(model: Model, seed: int, data_path: str, overrides: list[str]) -> l
     save = run_dir(model, seed)
     return [sys.executable, "-m", "dsmoe_megatron.train", str(BASE_CONFIG), *model.overrides,
             f"seed={seed}", f"save={save}", f"data_path=[{data_path}]", "tensorboard_dir=null",
-            *overrides, "--resume"]
+            *overrides, "--resume", "auto"]
 
 
 def _environment() -> dict:

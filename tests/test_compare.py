@@ -82,3 +82,25 @@ def test_paired_difference_by_hand():
     assert result["significant"] and result["a_better_in"] == 3
     noisy = compare.paired_difference([1.0, 1.2, 1.1], [1.1, 1.1, 1.15])
     assert not noisy["significant"] and noisy["a_better_in"] == 2
+
+
+def test_a_run_command_starts_in_an_empty_directory_and_continues_a_stopped_run(tmp_path):
+    """The command compare_baselines gives dsmoe-train must start a new run and resume an
+    interrupted one (its 'interrupted runs resume' promise), with train's own parser and
+    run-directory rules."""
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.run_dir import decide_resume
+    from dsmoe_megatron.train import parse_args
+
+    compare = load_compare()
+    compare.RUNS = tmp_path
+    model = compare.Model("gshard", "GShard")
+    command = compare._command(model, 11, "data/prefix", ["train_iters=4"])
+    args = parse_args(command[3:])  # after python -m dsmoe_megatron.train
+    save = compare.run_dir(model, 11)
+    assert f"save={save}" in args.overrides and not args.overwrite
+    save.mkdir()
+    (save / "train.log").write_text("the log the runner opened before starting\n")
+    assert decide_resume(str(save), args.resume or "never", args.overwrite) == (False, [])
+    (save / checkpoint.LATEST_NAME).write_text("2")
+    assert decide_resume(str(save), args.resume or "never", args.overwrite) == (True, [])
