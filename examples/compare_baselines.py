@@ -3,7 +3,8 @@
     python examples/compare_baselines.py                     # the full experiment
     python examples/compare_baselines.py --measure           # CPU seconds per step, extrapolated
     python examples/compare_baselines.py --data-path PREFIX  # on your own (preprocessed) data
-    python examples/compare_baselines.py --seeds 11 22 33 --jobs 2 train_iters=800 lr=2e-3
+    python examples/compare_baselines.py --seeds 11 22 33 --jobs 2 train_iters=1600 lr=4e-3
+    python examples/compare_baselines.py --language words_per_class=64 --corpus-tokens 9000000
 
 Models (all from yaml_configs/tiny_ablation.yaml, the GShard baseline of N experts of width W,
 top-K): dense (FFN K*W), Switch (top-1 of N/K experts of width K*W), GShard, and the paper's
@@ -47,7 +48,10 @@ from dsmoe_megatron.config import derive_from_baseline  # noqa: E402
 BASE_CONFIG = ROOT / "yaml_configs" / "tiny_ablation.yaml"
 RUNS = ROOT / "runs" / "compare"
 RESULTS = ROOT / "benchmarks" / "results"
-CORPUS_TOKENS = 3_000_000
+CORPUS_TOKENS = 6_000_000
+# 16 words per class (not 64): a smaller long tail of rare words, so that these small models
+# reach their plateau within the hour (with 64 the curves still fall steeply at the end).
+LANGUAGE = ["words_per_class=16"]
 DEEPSEEKMOE = "fine4"
 
 
@@ -91,12 +95,37 @@ def models(run) -> list[Model]:
 # Data
 
 
-def corpus_prefix(tokens: int) -> str:
+def language_config(settings: list[str]):
+    """The synthetic language, from the defaults and KEY=VALUE settings (--language)."""
+    from dataclasses import fields
+
+    from dsmoe_megatron.synthetic import LanguageConfig
+
+    types = {f.name: f.type for f in fields(LanguageConfig)}
+    values = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or key not in types:
+            raise SystemExit(f"compare_baselines: --language {setting!r}: expected KEY=VALUE with "
+                             f"KEY one of {', '.join(types)}")
+        try:
+            values[key] = {"int": int, "float": float}[types[key]](value)
+        except ValueError:
+            raise SystemExit(f"compare_baselines: --language {key}={value!r}: "
+                             f"{key} takes a number ({types[key]})") from None
+    language = LanguageConfig(**values)
+    try:
+        language.check()
+    except ValueError as error:
+        raise SystemExit(f"compare_baselines: --language: {error}") from None
+    return language
+
+
+def corpus_prefix(tokens: int, language) -> str:
     """The synthetic corpus (generated on first use)."""
     from dsmoe_megatron.data import get_bin_path, get_idx_path
-    from dsmoe_megatron.synthetic import LanguageConfig, metadata_path, write_corpus
+    from dsmoe_megatron.synthetic import metadata_path, write_corpus
 
-    language = LanguageConfig()
     digest = hashlib.sha256(json.dumps(asdict(language), sort_keys=True).encode()).hexdigest()
     prefix = RUNS / "data" / f"synthetic_{tokens}_{digest[:8]}"
     done = all(Path(p).exists() for p in (get_bin_path(str(prefix)), get_idx_path(str(prefix)),
@@ -270,14 +299,16 @@ def summarise(model_list, seeds) -> dict:
     return {"models": per_model, "pairs": pairs}
 
 
-def flatness(curves: list[list[tuple[int, float]]]) -> float:
-    """Mean drop of the validation loss over the last quarter of training."""
-    drops = []
+def flatness(curves: list[list[tuple[int, float]]]) -> dict:
+    """How flat the validation curves end: the mean drop over the last quarter of training,
+    absolute and as a share of the whole drop from the first evaluation."""
+    drops, shares = [], []
     for curve in curves:
-        last_iter = curve[-1][0]
-        earlier = [v for it, v in curve if it <= 0.75 * last_iter]
-        drops.append(earlier[-1] - curve[-1][1])
-    return statistics.fmean(drops)
+        last_iter, last = curve[-1]
+        quarter = [v for it, v in curve if it <= 0.75 * last_iter][-1] - last
+        drops.append(quarter)
+        shares.append(quarter / (curve[0][1] - last))
+    return {"drop": statistics.fmean(drops), "share_of_whole_drop": statistics.fmean(shares)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,11 +400,12 @@ def write_results(run, summary, redundancy, data: dict, cpu: dict, seeds, model_
            "train_iters": run.train.train_iters, "data": data, "cpu_seconds": cpu,
            "last_quarter_drop": flat, **summary, "redundancy": redundancy}
     (RESULTS / "paper_ablation.json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = ["| model | final valid loss (mean +- std) | per seed | drop in last quarter |",
-             "| --- | --- | --- | --- |"]
+    lines = ["| model | final valid loss (mean +- std) | per seed | drop in last quarter "
+             "(share of the whole drop) |", "| --- | --- | --- | --- |"]
     for key, m in summary["models"].items():
         lines.append(f"| {m['label']} | {m['mean']:.4f} +- {m['std']:.4f} | "
-                     f"{', '.join(f'{v:.4f}' for v in m['final_valid'])} | {flat[key]:.4f} |")
+                     f"{', '.join(f'{v:.4f}' for v in m['final_valid'])} | "
+                     f"{flat[key]['drop']:.4f} ({flat[key]['share_of_whole_drop']:.1%}) |")
     lines += ["", "| pair (a vs b) | mean a - b | 95% t-interval | a better in | significant |",
               "| --- | --- | --- | --- | --- |"]
     for name, p in summary["pairs"].items():
@@ -440,6 +472,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data-path", default=None, help="your indexed dataset prefix "
                         "(dsmoe-preprocess); default: the synthetic corpus")
     parser.add_argument("--corpus-tokens", type=int, default=CORPUS_TOKENS)
+    parser.add_argument("--language", nargs="+", default=LANGUAGE, metavar="KEY=VALUE",
+                        help="the synthetic language's settings (dsmoe_megatron.synthetic."
+                             "LanguageConfig), e.g. words_per_class=16")
     parser.add_argument("--analysis-eval-iters", type=int, default=16)
     parser.add_argument("--runs", type=Path, default=RUNS, help="where runs and data go")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
@@ -454,7 +489,8 @@ def main(argv=None) -> None:
     model_list = models(run)
     if args.models:
         model_list = [m for m in model_list if m.key in args.models]
-    data_path = args.data_path or corpus_prefix(args.corpus_tokens)
+    data_path = args.data_path or corpus_prefix(args.corpus_tokens,
+                                                 language_config(args.language))
     data = {"data_path": data_path, **check_single_epoch(run, data_path)}
     if args.data_path is None:
         from dsmoe_megatron.synthetic import split_stats

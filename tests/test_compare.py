@@ -84,7 +84,28 @@ def test_paired_difference_by_hand():
     assert not noisy["significant"] and noisy["a_better_in"] == 2
 
 
-def test_a_run_command_starts_in_an_empty_directory_and_continues_a_stopped_run(tmp_path):
+def test_flatness_by_hand():
+    compare = load_compare()
+    # Last quarter of 800 steps: from the value at 600 to the one at 800.
+    curves = [[(200, 2.0), (400, 1.2), (600, 1.05), (800, 1.0)],   # drop 0.05 of 1.0
+              [(200, 3.0), (400, 2.0), (600, 1.3), (800, 1.0)]]    # drop 0.3 of 2.0
+    flat = compare.flatness(curves)
+    assert flat["drop"] == pytest.approx((0.05 + 0.3) / 2)
+    assert flat["share_of_whole_drop"] == pytest.approx((0.05 + 0.15) / 2)
+
+
+def test_language_settings_are_checked():
+    compare = load_compare()
+    assert compare.language_config(["words_per_class=16", "zipf=0.5"]) == LanguageConfig(
+        words_per_class=16, zipf=0.5)
+    for bad, named in ((["words=3"], "words_per_class"), (["zipf=high"], "zipf"),
+                       (["words_per_class=2"], "successors")):
+        with pytest.raises(SystemExit, match=named):
+            compare.language_config(bad)
+
+
+def test_a_run_command_starts_in_an_empty_directory_and_continues_a_stopped_run(tmp_path,
+                                                                              monkeypatch):
     """The command compare_baselines gives dsmoe-train must start a new run and resume an
     interrupted one (its 'interrupted runs resume' promise), with train's own parser and
     run-directory rules."""
@@ -93,7 +114,7 @@ def test_a_run_command_starts_in_an_empty_directory_and_continues_a_stopped_run(
     from dsmoe_megatron.train import parse_args
 
     compare = load_compare()
-    compare.RUNS = tmp_path
+    monkeypatch.setattr(compare, "RUNS", tmp_path)
     model = compare.Model("gshard", "GShard")
     command = compare._command(model, 11, "data/prefix", ["train_iters=4"])
     args = parse_args(command[3:])  # after python -m dsmoe_megatron.train
