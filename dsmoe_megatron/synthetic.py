@@ -300,17 +300,30 @@ def split_stats(prefix: str | os.PathLike, split: str) -> dict[str, dict]:
     return out
 
 
+def add_language_arguments(parser, prefix: str = "",
+                           defaults: LanguageConfig = LanguageConfig()) -> None:
+    """One option per LanguageConfig field on ``parser`` (or an argument group):
+    ``--{prefix}words-per-class`` and so on."""
+    for field in dataclasses.fields(LanguageConfig):
+        parser.add_argument(f"--{prefix}{field.name.replace('_', '-')}",
+                            dest=f"{prefix.replace('-', '_')}{field.name}",
+                            type=type(field.default), default=getattr(defaults, field.name))
+
+
+def language_from_args(args: argparse.Namespace, prefix: str = "") -> LanguageConfig:
+    """The LanguageConfig that add_language_arguments(parser, prefix) parsed into ``args``."""
+    return LanguageConfig(**{f.name: getattr(args, f"{prefix.replace('-', '_')}{f.name}")
+                             for f in dataclasses.fields(LanguageConfig)})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsmoe_megatron.synthetic",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokens", type=float, default=3e6, help="corpus size in tokens")
-    for field in dataclasses.fields(LanguageConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
-                            default=field.default)
+    add_language_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = LanguageConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(
-        LanguageConfig)})
+    cfg = language_from_args(args)
     try:
         prefix = write_corpus(args.output_prefix, int(args.tokens), cfg)
     except (OSError, ValueError) as err:

@@ -4,7 +4,7 @@
     python examples/compare_baselines.py --measure           # CPU seconds per step, extrapolated
     python examples/compare_baselines.py --data-path PREFIX  # on your own (preprocessed) data
     python examples/compare_baselines.py --seeds 11 22 33 --jobs 2 train_iters=1600 lr=4e-3
-    python examples/compare_baselines.py --language words_per_class=64 --corpus-tokens 9000000
+    python examples/compare_baselines.py --language-words-per-class 64 --corpus-tokens 9000000
 
 Models (all from yaml_configs/tiny_ablation.yaml, the GShard baseline of N experts of width W,
 top-K): dense (FFN K*W), Switch (top-1 of N/K experts of width K*W), GShard, and the paper's
@@ -44,6 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 from dsmoe_megatron.analyze import draw_expert_load, pyplot  # noqa: E402
 from dsmoe_megatron.config import derive_from_baseline  # noqa: E402
+from dsmoe_megatron.synthetic import (  # noqa: E402
+    LanguageConfig,
+    add_language_arguments,
+    language_from_args,
+)
 
 BASE_CONFIG = ROOT / "yaml_configs" / "tiny_ablation.yaml"
 RUNS = ROOT / "runs" / "compare"
@@ -51,7 +56,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CORPUS_TOKENS = 6_000_000
 # 16 words per class (not 64): a smaller long tail of rare words, so that these small models
 # reach their plateau within the hour (with 64 the curves still fall steeply at the end).
-LANGUAGE = ["words_per_class=16"]
+LANGUAGE = LanguageConfig(words_per_class=16)
 DEEPSEEKMOE = "fine4"
 
 
@@ -95,33 +100,7 @@ def models(run) -> list[Model]:
 # Data
 
 
-def language_config(settings: list[str]):
-    """The synthetic language, from the defaults and KEY=VALUE settings (--language)."""
-    from dataclasses import fields
-
-    from dsmoe_megatron.synthetic import LanguageConfig
-
-    types = {f.name: f.type for f in fields(LanguageConfig)}
-    values = {}
-    for setting in settings:
-        key, sep, value = setting.partition("=")
-        if not sep or key not in types:
-            raise SystemExit(f"compare_baselines: --language {setting!r}: expected KEY=VALUE with "
-                             f"KEY one of {', '.join(types)}")
-        try:
-            values[key] = {"int": int, "float": float}[types[key]](value)
-        except ValueError:
-            raise SystemExit(f"compare_baselines: --language {key}={value!r}: "
-                             f"{key} takes a number ({types[key]})") from None
-    language = LanguageConfig(**values)
-    try:
-        language.check()
-    except ValueError as error:
-        raise SystemExit(f"compare_baselines: --language: {error}") from None
-    return language
-
-
-def corpus_prefix(tokens: int, language) -> str:
+def corpus_prefix(tokens: int, language: LanguageConfig) -> str:
     """The synthetic corpus (generated on first use)."""
     from dsmoe_megatron.data import get_bin_path, get_idx_path
     from dsmoe_megatron.synthetic import metadata_path, write_corpus
@@ -462,8 +441,7 @@ def measure(run, model_list, data_path: str, overrides: list[str], seeds: list[i
     return result
 
 
-def main(argv=None) -> None:
-    global RUNS, RESULTS
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="dsmoe-train key=value for every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 22, 33])
@@ -472,15 +450,25 @@ def main(argv=None) -> None:
     parser.add_argument("--data-path", default=None, help="your indexed dataset prefix "
                         "(dsmoe-preprocess); default: the synthetic corpus")
     parser.add_argument("--corpus-tokens", type=int, default=CORPUS_TOKENS)
-    parser.add_argument("--language", nargs="+", default=LANGUAGE, metavar="KEY=VALUE",
-                        help="the synthetic language's settings (dsmoe_megatron.synthetic."
-                             "LanguageConfig), e.g. words_per_class=16")
     parser.add_argument("--analysis-eval-iters", type=int, default=16)
     parser.add_argument("--runs", type=Path, default=RUNS, help="where runs and data go")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     parser.add_argument("--measure", action="store_true",
                         help="only measure CPU s/step per model and extrapolate the total")
+    add_language_arguments(parser.add_argument_group(
+        "the synthetic language (dsmoe_megatron.synthetic.LanguageConfig)"), "language-", LANGUAGE)
     args = parser.parse_args(argv)
+    args.language = language_from_args(args, "language-")
+    try:
+        args.language.check()
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv=None) -> None:
+    global RUNS, RESULTS
+    args = parse_args(argv)
     RUNS, RESULTS = args.runs.resolve(), args.results.resolve()
 
     from dsmoe_megatron.yaml_config import load_run_config
@@ -489,8 +477,7 @@ def main(argv=None) -> None:
     model_list = models(run)
     if args.models:
         model_list = [m for m in model_list if m.key in args.models]
-    data_path = args.data_path or corpus_prefix(args.corpus_tokens,
-                                                 language_config(args.language))
+    data_path = args.data_path or corpus_prefix(args.corpus_tokens, args.language)
     data = {"data_path": data_path, **check_single_epoch(run, data_path)}
     if args.data_path is None:
         from dsmoe_megatron.synthetic import split_stats

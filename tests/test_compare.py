@@ -14,6 +14,7 @@ from dsmoe_megatron.synthetic import (
     LEXICON_CONSONANTS,
     LanguageConfig,
     SyntheticLanguage,
+    main as synthetic_main,
     metadata_path,
     split_stats,
     write_corpus,
@@ -94,14 +95,26 @@ def test_flatness_by_hand():
     assert flat["share_of_whole_drop"] == pytest.approx((0.05 + 0.15) / 2)
 
 
-def test_language_settings_are_checked():
+def test_language_settings_are_checked(capsys):
     compare = load_compare()
-    assert compare.language_config(["words_per_class=16", "zipf=0.5"]) == LanguageConfig(
-        words_per_class=16, zipf=0.5)
-    for bad, named in ((["words=3"], "words_per_class"), (["zipf=high"], "zipf"),
-                       (["words_per_class=2"], "successors")):
-        with pytest.raises(SystemExit, match=named):
-            compare.language_config(bad)
+    assert compare.parse_args([]).language == LanguageConfig(words_per_class=16)
+    args = compare.parse_args(["--language-words-per-class", "32", "--language-zipf", "0.5"])
+    assert args.language == LanguageConfig(words_per_class=32, zipf=0.5)
+    for bad, named in ((["--language-zipf", "high"], "--language-zipf"),
+                       (["--language-words-per-class", "2"], "successors")):
+        with pytest.raises(SystemExit):
+            compare.parse_args(bad)
+        assert named in capsys.readouterr().err
+
+
+def test_synthetic_command_writes_the_language_its_options_name(tmp_path, capsys):
+    assert synthetic_main(["--output-prefix", str(tmp_path / "cli"), "--tokens", "2e4",
+                           "--words-per-class", "8"]) == 0
+    direct = write_corpus(tmp_path / "direct", 20_000, LanguageConfig(words_per_class=8))
+    assert Path(f"{tmp_path / 'cli'}.bin").read_bytes() == Path(f"{direct}.bin").read_bytes()
+    assert synthetic_main(["--output-prefix", str(tmp_path / "bad"), "--tokens", "2e4",
+                           "--words-per-class", "2"]) == 1
+    assert "successors" in capsys.readouterr().err
 
 
 def test_a_run_command_starts_in_an_empty_directory_and_continues_a_stopped_run(tmp_path,
