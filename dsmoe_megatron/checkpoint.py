@@ -8,8 +8,9 @@ A checkpoint is written to ``iter_XXXXXXX.partial`` and renamed when every rank 
 The sharded keys are the model's own (``decoder.layers.N.mlp.experts.gate_proj`` [E, W, H], ...),
 and the distributed optimizer's state is saved per parameter in the same keys
 (``fully_reshardable``), so a checkpoint saved under one TP/PP/EP/DP layout loads under any
-other, optimizer state included. Loading takes the state (moments, step) from the checkpoint
-and the hyper-parameters (lr, betas, weight decay, ...) from the optimizer it loads into.
+other, optimizer state included, and in another precision (optimizer_precision.py). Loading
+takes the state (moments, step) from the checkpoint and the hyper-parameters (lr, betas, weight
+decay, ...) from the optimizer it loads into.
 
 Checkpoints are trusted input: Megatron's ``.metadata`` file is a Python pickle.
 """
@@ -27,6 +28,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from dsmoe_megatron import optimizer_precision as precision
 
 RUN_CONFIG_NAME = "run.yaml"
 LATEST_NAME = "latest"
@@ -232,11 +235,14 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
     _check_shapes(ckpt, state)
     common = _read(ckpt, dist_checkpointing.load_common_state_dict)
     load_optimizer = optimizer is not None and common.get("has_optimizer")
+    bridges = []
     if load_optimizer:
         _check_optimizer_format(ckpt, common, optimizer)
         _create_adam_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
-                                                          metadata=OPTIMIZER_METADATA)
+        bridges = precision.bridges(_saved_sub_states(common), _sub_optimizers(optimizer))
+        with precision.saved_structure(bridges):
+            state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                              metadata=OPTIMIZER_METADATA)
     state["extra"] = {}
     state["iteration"] = 0
     # Keys the model asks for but the checkpoint lacks are dropped and returned (not an error
@@ -258,6 +264,11 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
                 f"{ckpt} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
     if load_optimizer:
+        for bridge, sub_state in zip(bridges, _sub_states(optimizer, loaded["optimizer"])):
+            if bridge:
+                bridge.read_masters(lambda request: _read(
+                    ckpt, lambda c: dist_checkpointing.load(request, c)))
+                bridge.to_current_structure(sub_state)
         _adopt_current_hyperparameters(ckpt, optimizer, loaded["optimizer"])
         _load_optimizer_state(optimizer, loaded["optimizer"])
     extra = dict(loaded.get("extra") or {})
@@ -314,11 +325,16 @@ def _is_distributed(optimizer) -> bool:
     return any(isinstance(sub, DistributedOptimizer) for sub in _sub_optimizers(optimizer))
 
 
+def _saved_sub_states(common: dict) -> list:
+    """The common (non-tensor) saved state of each sub-optimizer."""
+    saved = common.get("optimizer") or {}
+    return list(saved.values()) if isinstance(saved, dict) and 0 in saved else [saved]
+
+
 def _check_optimizer_format(ckpt: Path, common: dict, optimizer) -> None:
     """The distributed and the standard optimizer save their state differently."""
-    saved = common.get("optimizer") or {}
-    subs = saved.values() if isinstance(saved, dict) and 0 in saved else [saved]
-    saved_distributed = any(isinstance(s, dict) and "param_state_sharding_type" in s for s in subs)
+    saved_distributed = any(isinstance(s, dict) and "param_state_sharding_type" in s
+                            for s in _saved_sub_states(common))
     if saved_distributed != _is_distributed(optimizer):
         was = "true" if saved_distributed else "false"
         raise CheckpointError(

@@ -60,6 +60,7 @@ def run_job(tasks: list[tuple]) -> list:
     kinds = {"train": train, "resume_copy": resume_copy, "train_interrupted": train_interrupted,
              "damage": damage,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
+             "resumed_checkpoint": resumed_checkpoint,
              "experts_on_gpu_rng": experts_on_gpu_rng,
              "extra_state_round_trip": extra_state_round_trip}
     return [kinds[kind](*args) for kind, *args in tasks]
@@ -145,12 +146,22 @@ def damage(save: str, copy: str, file: str, how: str) -> None:
         target.write_text(how)
 
 
-def _trainer(argv: list[str]):
+def _trainer(argv: list[str], resume: str = "never"):
     from dsmoe_megatron import train as trainer
     from dsmoe_megatron.yaml_config import load_run_config
 
     args = trainer.parse_args(argv)
-    return trainer.Trainer(load_run_config(args.config, args.overrides))
+    return trainer.Trainer(load_run_config(args.config, args.overrides), resume=resume)
+
+
+def resumed_checkpoint(argv: list[str], directory: str) -> None:
+    """Resume the run in argv's save dir (no training) and save what was loaded, model and
+    optimizer, to `directory`."""
+    from dsmoe_megatron import checkpoint, runtime
+
+    trainer = _trainer(argv, resume="always")
+    checkpoint.save(directory, trainer.iteration, trainer.model, trainer.optimizer)
+    runtime.shutdown(destroy_process_group=False)
 
 
 def initial_weights(argv: list[str], directory: str) -> None:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from common import full_tensors
 from distributed import run_on_ranks
@@ -27,6 +28,7 @@ CROSS_LAYOUT = [("TP2xEP2", "1"), ("PP2", "1"), ("EP2", "EP4"), ("1", "TP2xEP2")
                 ("DP2xEP2", "PP2")]
 INIT_LAYOUTS = ["1", "TP2+SP", "PP2-interleaved", "TP2xEP2"]
 OPTIMIZERS = ("distributed", "standard")
+PRECISIONS = ("bf16", "fp32")  # a GPU run resumed on a CPU in fp32, and the other way round
 METRICS = ("lm_loss", "load_balancing_loss", "device_balance_loss", "grad_norm")
 
 
@@ -66,6 +68,28 @@ class Runs:
         (save / "latest").write_text(str(RESUME_AT))
         return ("train", self.argv(target, save, "--resume"))
 
+    def precision_source(self, optimizer: str, precision: str) -> Path:
+        """The DP2 run (bf16 or fp32) whose checkpoint RESUME_AT the other precision resumes."""
+        return self.save_dir("DP2", optimizer, "a" if precision == "fp32" else precision)
+
+    def precision_tasks(self, optimizer: str, source: str) -> list[tuple]:
+        """On one rank, in the other precision, from `source`'s checkpoint: resume and save
+        what was loaded ("resaved"), and resume and train ("train")."""
+        target = next(p for p in PRECISIONS if p != source)
+        flags = (f"use_distributed_optimizer={optimizer == 'distributed'}",
+                 f"model_parallel.bf16={target == 'bf16'}")
+        name = f"iter_{RESUME_AT:07d}"
+        tasks = []
+        for kind in ("resaved", "train"):
+            save = self.root / "precision" / optimizer / f"{source}-to-{target}-{kind}"
+            shutil.copytree(self.precision_source(optimizer, source) / name, save / name)
+            (save / "latest").write_text(str(RESUME_AT))
+            argv = self.argv("1", save, *flags)
+            task = (("resumed_checkpoint", argv, str(save / "resaved")) if kind == "resaved"
+                    else ("train", [*argv, "--resume"]))
+            tasks.append((("precision", optimizer, source, kind), task))
+        return tasks
+
     def init_task(self, layout: str) -> tuple:
         return ("initial_weights", self.argv(layout, self.root / "unused"),
                 str(self.root / "init" / layout))
@@ -95,6 +119,10 @@ def runs(tmp_path_factory) -> Runs:
     by_world[2].append((("DP2", "overlap"), ("train", runs.argv(
         "DP2", runs.save_dir("DP2", "distributed", "overlap"), "overlap_grad_reduce=true",
         "ddp_bucket_size=2000"))))
+    for optimizer in OPTIMIZERS:
+        by_world[2].append((("DP2", optimizer, "bf16"), ("train", runs.argv(
+            "DP2", runs.precision_source(optimizer, "bf16"), "model_parallel.bf16=true",
+            f"use_distributed_optimizer={optimizer == 'distributed'}"))))
     by_world[4].append((("EP4", "distributed", "straight"), ("train", runs.argv(
         "EP4", runs.save_dir("EP4", "distributed", "a"), "--stop-at", "1"))))
     # Jobs in dependency order: a cross-layout resume needs its source's checkpoint.
@@ -102,9 +130,11 @@ def runs(tmp_path_factory) -> Runs:
     runs.run(2, by_world[2])
     runs.run(4, by_world[4] + [((s, t), runs.cross_layout_task(s, t))
                                for s, t in CROSS_LAYOUT if WORLD[t] == 4])
-    for world in (2, 1):
-        runs.run(world, [((s, t), runs.cross_layout_task(s, t))
-                         for s, t in CROSS_LAYOUT if WORLD[t] == world])
+    runs.run(2, [((s, t), runs.cross_layout_task(s, t))
+                 for s, t in CROSS_LAYOUT if WORLD[t] == 2])
+    runs.run(1, [((s, t), runs.cross_layout_task(s, t)) for s, t in CROSS_LAYOUT if WORLD[t] == 1]
+             + [task for optimizer in OPTIMIZERS for source in PRECISIONS
+                for task in runs.precision_tasks(optimizer, source)])
     return runs
 
 
@@ -192,3 +222,43 @@ def test_overlapped_grad_reduce_matches(runs):
     for it in plain:
         assert overlapped[it]["lm_loss"] == pytest.approx(plain[it]["lm_loss"], rel=1e-6)
         assert not math.isnan(overlapped[it]["grad_norm"])
+
+
+def _master_weights(tensors: dict, key: str) -> torch.Tensor:
+    """A parameter's fp32 master weights in a checkpoint of either optimizer and precision: the
+    optimizer's copy where it keeps one (bf16/fp16 standard, and the distributed optimizer),
+    else the fp32 model weights."""
+    copies = [v for k, v in tensors.items() if k.startswith("chained_")
+              and k.split(".", 1)[1] in (f"optimizer.state.fp32_param.{key}",
+                                         f"optimizer.state.param.{key}")]
+    assert len(copies) <= 1, key
+    return copies[0] if copies else tensors[key]
+
+
+@pytest.mark.parametrize("source", PRECISIONS, ids=[f"from-{p}" for p in PRECISIONS])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_checkpoint_resumes_in_the_other_precision(runs, optimizer, source):
+    """A bf16 run resumed in fp32 (on a machine without bf16, or to check a divergence) and an
+    fp32 run resumed in bf16, from DP2 onto one rank: the fp32 master weights and Adam's moments
+    carry over exactly (the model weights are the masters in fp32, their bf16 rounding in bf16),
+    and training goes on where the source run went."""
+    saved = full_tensors(runs.precision_source(optimizer, source) / f"iter_{RESUME_AT:07d}")
+    resumed = full_tensors(runs.root / "precision" / optimizer / f"{source}-to-"
+                           f"{'fp32' if source == 'bf16' else 'bf16'}-resaved" / "resaved")
+    model_keys = [k for k in saved if not k.startswith("chained_")]
+    assert len(model_keys) > 20
+    for key in model_keys:
+        master = _master_weights(saved, key)
+        assert master.dtype == torch.float32
+        assert torch.equal(_master_weights(resumed, key), master), key
+        assert torch.equal(resumed[key].float(), master.to(resumed[key].dtype).float()), key
+    moments = [k for k in saved if ".optimizer.state.exp_avg" in k]
+    assert len(moments) == 2 * len(model_keys)  # exp_avg and exp_avg_sq
+    for key in moments:
+        assert torch.equal(resumed[key], saved[key]), key
+    source_run = by_iteration(runs.results[("DP2", optimizer, "straight" if source == "fp32"
+                                            else "bf16")])
+    after = by_iteration(runs.results[("precision", optimizer, source, "train")])
+    assert sorted(after) == list(range(RESUME_AT + 1, ITERS + 1))
+    for it in after:  # bf16 against fp32 arithmetic
+        assert after[it]["lm_loss"] == pytest.approx(source_run[it]["lm_loss"], rel=1e-2)
