@@ -23,8 +23,9 @@
 #   bench      bench_block.py: 16B layer, 16k tokens, bf16, balanced and skewed routing; block vs
 #              dense-equivalent time, Megatron-core's MoELayer
 #   train      dsmoe-train of the tiny model in bf16, one GPU (torchrun, world size 1), saved
-#   cpu        resume that checkpoint on the CPU (CUDA hidden, plain python), 2 iterations, save
-#   back       resume the CPU-written checkpoint on the GPU, 2 iterations, save
+#   cpu        resume that checkpoint on the CPU in fp32 (CUDA hidden, plain python), 2 iterations,
+#              save
+#   back       resume the CPU-written checkpoint on the GPU in bf16, 2 iterations, save
 #   hf         dsmoe-convert to-hf of the result, then transformers loads it and generates
 
 set +e -u
@@ -124,7 +125,7 @@ TRAIN=(yaml_configs/tiny.yaml model_parallel.bf16=true "save=$RUN/ckpt" "tensorb
        "${ITERS[0]}" lr_warmup_iters=2 eval_interval=1000 eval_iters=1 log_interval=2 save_interval=1000)
 step train 150 "${LAUNCH[@]}" -m dsmoe_megatron.train "${TRAIN[@]}" --stop-at "${ITERS[1]}"
 step cpu 150 env CUDA_VISIBLE_DEVICES= "$PY" -m dsmoe_megatron.train "${TRAIN[@]}" \
-  --resume --stop-at "${ITERS[2]}"
+  model_parallel.bf16=false --resume --stop-at "${ITERS[2]}"
 step back 120 "${LAUNCH[@]}" -m dsmoe_megatron.train "${TRAIN[@]}" --resume
 step hf 150 bash -c "${GPU_ONLY[*]+${GPU_ONLY[*]}} $PY -m dsmoe_megatron.convert to-hf \
   --checkpoint $RUN/ckpt --out $RUN/hf && ${GPU_ONLY[*]+${GPU_ONLY[*]}} \
