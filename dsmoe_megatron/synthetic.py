@@ -300,19 +300,23 @@ def split_stats(prefix: str | os.PathLike, split: str) -> dict[str, dict]:
     return out
 
 
+def _language_dest(prefix: str, name: str) -> str:
+    return f"{prefix.replace('-', '_')}{name}"
+
+
 def add_language_arguments(parser, prefix: str = "",
                            defaults: LanguageConfig = LanguageConfig()) -> None:
     """One option per LanguageConfig field on ``parser`` (or an argument group):
     ``--{prefix}words-per-class`` and so on."""
     for field in dataclasses.fields(LanguageConfig):
         parser.add_argument(f"--{prefix}{field.name.replace('_', '-')}",
-                            dest=f"{prefix.replace('-', '_')}{field.name}",
+                            dest=_language_dest(prefix, field.name),
                             type=type(field.default), default=getattr(defaults, field.name))
 
 
 def language_from_args(args: argparse.Namespace, prefix: str = "") -> LanguageConfig:
     """The LanguageConfig that add_language_arguments(parser, prefix) parsed into ``args``."""
-    return LanguageConfig(**{f.name: getattr(args, f"{prefix.replace('-', '_')}{f.name}")
+    return LanguageConfig(**{f.name: getattr(args, _language_dest(prefix, f.name))
                              for f in dataclasses.fields(LanguageConfig)})
 
 

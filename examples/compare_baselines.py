@@ -48,6 +48,10 @@ from dsmoe_megatron.synthetic import (  # noqa: E402
     LanguageConfig,
     add_language_arguments,
     language_from_args,
+    metadata_path,
+    split_documents,
+    split_stats,
+    write_corpus,
 )
 
 BASE_CONFIG = ROOT / "yaml_configs" / "tiny_ablation.yaml"
@@ -103,7 +107,6 @@ def models(run) -> list[Model]:
 def corpus_prefix(tokens: int, language: LanguageConfig) -> str:
     """The synthetic corpus (generated on first use)."""
     from dsmoe_megatron.data import get_bin_path, get_idx_path
-    from dsmoe_megatron.synthetic import metadata_path, write_corpus
 
     digest = hashlib.sha256(json.dumps(asdict(language), sort_keys=True).encode()).hexdigest()
     prefix = RUNS / "data" / f"synthetic_{tokens}_{digest[:8]}"
@@ -117,7 +120,6 @@ def corpus_prefix(tokens: int, language: LanguageConfig) -> str:
 
 def train_split_tokens(prefix: str, split: str) -> int:
     from dsmoe_megatron.data import open_indexed_dataset
-    from dsmoe_megatron.synthetic import split_documents
 
     dataset = open_indexed_dataset(prefix)  # holds the memory map the lengths live in
     lengths = dataset.sequence_lengths
@@ -480,7 +482,6 @@ def main(argv=None) -> None:
     data_path = args.data_path or corpus_prefix(args.corpus_tokens, args.language)
     data = {"data_path": data_path, **check_single_epoch(run, data_path)}
     if args.data_path is None:
-        from dsmoe_megatron.synthetic import split_stats
 
         meta = json.loads(Path(f"{data_path}.synthetic.json").read_text())
         data.update(language=meta["language"], splits=split_stats(data_path, run.train.split))

@@ -68,20 +68,28 @@ class Runs:
         (save / "latest").write_text(str(RESUME_AT))
         return ("train", self.argv(target, save, "--resume"))
 
+    @staticmethod
+    def precision_run(optimizer: str, precision: str) -> tuple:
+        """The key of the DP2 run (bf16 or fp32) whose checkpoint RESUME_AT the other precision
+        resumes: the fp32 one is the same-layout test's uninterrupted run."""
+        return ("DP2", optimizer, "straight" if precision == "fp32" else precision)
+
     def precision_source(self, optimizer: str, precision: str) -> Path:
-        """The DP2 run (bf16 or fp32) whose checkpoint RESUME_AT the other precision resumes."""
         return self.save_dir("DP2", optimizer, "a" if precision == "fp32" else precision)
+
+    def precision_save(self, optimizer: str, source: str, kind: str) -> Path:
+        target = next(p for p in PRECISIONS if p != source)
+        return self.root / "precision" / optimizer / f"{source}-to-{target}-{kind}"
 
     def precision_tasks(self, optimizer: str, source: str) -> list[tuple]:
         """On one rank, in the other precision, from `source`'s checkpoint: resume and save
         what was loaded ("resaved"), and resume and train ("train")."""
-        target = next(p for p in PRECISIONS if p != source)
         flags = (f"use_distributed_optimizer={optimizer == 'distributed'}",
-                 f"model_parallel.bf16={target == 'bf16'}")
+                 f"model_parallel.bf16={source != 'bf16'}")
         name = f"iter_{RESUME_AT:07d}"
         tasks = []
         for kind in ("resaved", "train"):
-            save = self.root / "precision" / optimizer / f"{source}-to-{target}-{kind}"
+            save = self.precision_save(optimizer, source, kind)
             shutil.copytree(self.precision_source(optimizer, source) / name, save / name)
             (save / "latest").write_text(str(RESUME_AT))
             argv = self.argv("1", save, *flags)
@@ -120,7 +128,7 @@ def runs(tmp_path_factory) -> Runs:
         "DP2", runs.save_dir("DP2", "distributed", "overlap"), "overlap_grad_reduce=true",
         "ddp_bucket_size=2000"))))
     for optimizer in OPTIMIZERS:
-        by_world[2].append((("DP2", optimizer, "bf16"), ("train", runs.argv(
+        by_world[2].append((runs.precision_run(optimizer, "bf16"), ("train", runs.argv(
             "DP2", runs.precision_source(optimizer, "bf16"), "model_parallel.bf16=true",
             f"use_distributed_optimizer={optimizer == 'distributed'}"))))
     by_world[4].append((("EP4", "distributed", "straight"), ("train", runs.argv(
@@ -243,8 +251,7 @@ def test_a_checkpoint_resumes_in_the_other_precision(runs, optimizer, source):
     carry over exactly (the model weights are the masters in fp32, their bf16 rounding in bf16),
     and training goes on where the source run went."""
     saved = full_tensors(runs.precision_source(optimizer, source) / f"iter_{RESUME_AT:07d}")
-    resumed = full_tensors(runs.root / "precision" / optimizer / f"{source}-to-"
-                           f"{'fp32' if source == 'bf16' else 'bf16'}-resaved" / "resaved")
+    resumed = full_tensors(runs.precision_save(optimizer, source, "resaved") / "resaved")
     model_keys = [k for k in saved if not k.startswith("chained_")]
     assert len(model_keys) > 20
     for key in model_keys:
@@ -256,8 +263,7 @@ def test_a_checkpoint_resumes_in_the_other_precision(runs, optimizer, source):
     assert len(moments) == 2 * len(model_keys)  # exp_avg and exp_avg_sq
     for key in moments:
         assert torch.equal(resumed[key], saved[key]), key
-    source_run = by_iteration(runs.results[("DP2", optimizer, "straight" if source == "fp32"
-                                            else "bf16")])
+    source_run = by_iteration(runs.results[runs.precision_run(optimizer, source)])
     after = by_iteration(runs.results[("precision", optimizer, source, "train")])
     assert sorted(after) == list(range(RESUME_AT + 1, ITERS + 1))
     for it in after:  # bf16 against fp32 arithmetic
