@@ -19,6 +19,7 @@ host syncs (profiling.HostSyncCounter). Results go to results/memory_<date>.{md,
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -192,10 +193,39 @@ def measure_ops(shape, tokens: int, ep: int) -> dict:
     return result
 
 
+def measure_traffic(shape, tokens: int, ep: int) -> dict:
+    """Bytes moved per token outside the GEMMs (profiling.bytes_moved), forward and backward,
+    bf16: the block, and at EP=1 the dense-equivalent (eager SwiGLU, like the block's on CPU)."""
+    from dsmoe_megatron.profiling import bytes_moved
+
+    torch.manual_seed(1)
+    x = torch.randn(tokens, 1, shape[0], dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def per_token(forward):
+        outputs = []
+        with Fp32Gemms():
+            fwd = bytes_moved(lambda: outputs.append(forward(x)))
+            bwd = bytes_moved(lambda: outputs.pop().backward(grad))
+        n = x.shape[0] * x.shape[1]
+        return dict(forward=fwd.other / n, backward=bwd.other / n,
+                    row_moves=(fwd.row_moves + bwd.row_moves) / n, gemm=(fwd.gemm + bwd.gemm) / n,
+                    by_op={k: v / n for k, v in sorted(
+                        {**collections.Counter(fwd.by_op) + collections.Counter(bwd.by_op)}.items(),
+                        key=lambda kv: -kv[1])})
+
+    rows = {"block": per_token(block_forward(make_block(shape, ep)))}
+    if ep == 1:
+        forward, _ = dense_equivalent(shape, fused_swiglu=False)
+        rows["dense-equivalent"] = per_token(forward)
+    return rows
+
+
 def run_rank(shapes, tokens, op_tokens, ep):
     results = {}
     for name in shapes:
-        results[name] = dict(memory=measure_memory(SHAPES[name], tokens, ep))
+        results[name] = dict(memory=measure_memory(SHAPES[name], tokens, ep),
+                             traffic=measure_traffic(SHAPES[name], tokens, ep))
         print(f"[rank {torch.distributed.get_rank()}] memory {name} ep{ep} done", flush=True)
     results["ops"] = measure_ops(SHAPES["small"], op_tokens, ep)
     return results
@@ -257,6 +287,8 @@ def markdown(meta, results, baseline) -> str:
                              f"{row['bytes_per_token'] / dense:.2f} | {before} |")
             lines += ["", "Per autograd node, block (B/token): " + ", ".join(
                 f"{k} {v:,.0f}" for k, v in list(rows["block"]["by_node"].items())[:12]), ""]
+            if "traffic" in ranks[0][shape]:
+                lines += _traffic_lines(results, baseline, ep, shape)
     lines += ["### Ops and host syncs per MoE layer (small shape, bf16)", "",
               "| run | fwd top-level | fwd dispatched | bwd top-level | bwd dispatched | "
               "host syncs fwd | host syncs bwd |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -267,6 +299,31 @@ def markdown(meta, results, baseline) -> str:
             if "dense" in ops:
                 lines.append(_ops_row(f"{label} dense-equivalent", ops["dense"]))
     return "\n".join(lines) + "\n"
+
+
+def _traffic_lines(results, baseline, ep, shape) -> list[str]:
+    rows = results[ep][0][shape]["traffic"]
+    dense = results["1"][0][shape]["traffic"]["dense-equivalent"] if "1" in results else None
+    lines = [f"Bytes moved outside the GEMMs, per token (forward + backward, bf16, rank 0; "
+             "profiling.bytes_moved):", "",
+             "| impl | forward | backward | total | x dense-equivalent | before | of which row "
+             "moves | before | GEMM operands |", "| --- | --- | --- | --- | --- | --- | --- | --- "
+             "| --- |"]
+    for name, row in rows.items():
+        total = row["forward"] + row["backward"]
+        ratio = f"{total / (dense['forward'] + dense['backward']):.2f}" if dense else ""
+        try:
+            old = baseline["results"][ep][0][shape]["traffic"][name]
+            before = f"{old['forward'] + old['backward']:,.0f}"
+            moves_before = f"{old['row_moves']:,.0f}"
+        except (KeyError, TypeError, IndexError):
+            before = moves_before = ""
+        lines.append(f"| {name} | {row['forward']:,.0f} | {row['backward']:,.0f} | {total:,.0f} | "
+                     f"{ratio} | {before} | {row['row_moves']:,.0f} | {moves_before} | "
+                     f"{row['gemm']:,.0f} |")
+    lines += ["", "By op, block (B/token): " + ", ".join(
+        f"{k} {v:,.0f}" for k, v in list(rows["block"]["by_op"].items())[:14]), ""]
+    return lines
 
 
 def _ops_row(label, ops) -> str:

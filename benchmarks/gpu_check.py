@@ -1,6 +1,7 @@
 """The Python checks of gpu_check.sh, one per subcommand; exit 0 = PASS, 77 = SKIP, else FAIL.
 
-    python benchmarks/gpu_check.py env | reference | syncs | generate HF_DIR | bench-summary JSON
+    python benchmarks/gpu_check.py env | reference | syncs | profile OUT_DIR | generate HF_DIR
+    python benchmarks/gpu_check.py bench-summary JSON
 
 Each runs on the GPU where there is one and on the CPU otherwise (gpu_check.sh --cpu checks the
 script itself on a machine without a GPU). Lines starting with "NOTE:" go to the summary.
@@ -126,6 +127,77 @@ def syncs() -> int:
     return 0
 
 
+def _category(op: str) -> str:
+    from dsmoe_megatron.profiling import GEMMS, ROW_MOVES
+
+    name = op.removeprefix("aten::")
+    if name in GEMMS or name in ("matmul", "linear"):
+        return "gemm"
+    if name in ROW_MOVES or name in ("argsort", "embedding_bag", "index_add"):
+        return "row moves"
+    fused = any(word in op.lower() for word in ("swiglu", "compiled"))  # Megatron's fused SwiGLU
+    if fused or name in ("silu", "silu_backward", "mul", "mul_", "sigmoid"):
+        return "activation"
+    return "other"
+
+
+def profile(out_dir: str) -> int:
+    """Where the block's forward + backward time goes: device time per ATen op (self), summed
+    into GEMMs, row moves, activation and the rest, beside the dense-equivalent MLP's."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_block import SHAPES_CPU, SHAPES_GPU, dense_equivalent
+
+    gpu = torch.cuda.is_available()
+    hidden, shared, routed, width, topk = SHAPES_GPU["16B"] if gpu else SHAPES_CPU["small-fine"]
+    tokens, dtype = (16384, torch.bfloat16) if gpu else (1024, torch.float32)
+    block = _block(dtype, hidden_size=hidden, num_moe_experts=routed, moe_router_topk=topk,
+                   moe_ffn_hidden_size=width, moe_num_shared_experts=shared,
+                   moe_aux_loss_coeff=0.001)
+    dense, _ = dense_equivalent(hidden, (shared + topk) * width, dtype, device())
+    x = torch.randn(tokens, 1, hidden, device=device(), dtype=dtype)
+    grad = torch.randn_like(x)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    steps, report = 3, {}
+    for label, step in (("block", lambda: block(x)[0].backward(grad)),
+                        ("dense-equivalent", lambda: dense(x).backward(grad))):
+        for _ in range(2):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if gpu:
+                torch.cuda.synchronize()
+        ops = {}
+        for event in prof.key_averages():
+            # On a GPU each kernel's time is its launching op's self device time, so host-side
+            # events alone count every kernel once (compiled regions included).
+            host = event.device_type == torch.autograd.DeviceType.CPU
+            ms = (event.self_device_time_total if gpu else event.self_cpu_time_total) / 1e3
+            if ms > 0 and host and (gpu or event.key.startswith("aten::")):
+                ops[event.key] = ops.get(event.key, 0.0) + ms / steps
+        by_category = {}
+        for op, ms in ops.items():
+            by_category[_category(op)] = by_category.get(_category(op), 0.0) + ms
+        report[label] = dict(total_ms=sum(ops.values()), by_category=by_category,
+                             top_ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])[:15]))
+        print(f"== {label}\n" + prof.key_averages().table(
+            sort_by="self_device_time_total" if gpu else "self_cpu_time_total", row_limit=25))
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_category.items(),
+                                                            key=lambda kv: -kv[1]))
+        print(f"NOTE: {label} {'device' if gpu else 'cpu'} ms per step "
+              f"{report[label]['total_ms']:.2f}: {parts}")
+    meta = dict(device=torch.cuda.get_device_name() if gpu else "cpu", dtype=str(dtype),
+                tokens=tokens, shape=[hidden, shared, routed, width, topk], torch=torch.__version__)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "profile.json").write_text(json.dumps(dict(meta=meta, **report), indent=1))
+    return 0
+
+
 def generate(hf_dir: str) -> int:
     """Load the to-hf export with transformers and generate greedily."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -173,7 +245,8 @@ def main(argv: list[str]) -> int:
 
     runtime.initialize()
     try:
-        return dict(env=env, reference=reference, syncs=syncs)[command]()
+        checks = dict(env=env, reference=reference, syncs=syncs, profile=profile)
+        return checks[command](*args)
     finally:
         runtime.shutdown()
 

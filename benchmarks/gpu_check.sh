@@ -12,6 +12,7 @@
 #   summary.txt       one line per step, and NOTE lines (versions, ratios, generated text)
 #   gpu_check.log     every step's full output
 #   gpu_<date>.json/.md   bench_block's results (cpu_<date>.* with --cpu)
+#   profile.json      the profile step's time by category and top ops
 # STEPS="train cpu" runs only those steps (each step needs only the steps before it in its own
 # group: train, cpu, back, hf in that order). Steps:
 #   env        GPU, torch, megatron-core, Transformer Engine versions, the fusions chosen
@@ -22,6 +23,8 @@
 #   fp8        tests/test_te.py, an FP8 step with padded expert rows (SKIP without TE)
 #   bench      bench_block.py: 16B layer, 16k tokens, bf16, balanced and skewed routing; block vs
 #              dense-equivalent time, Megatron-core's MoELayer
+#   profile    where that time goes: device time per op (torch.profiler) of the block and the
+#              dense-equivalent, summed into GEMMs, row moves, activation, other (profile.json)
 #   train      dsmoe-train of the tiny model in bf16, one GPU (torchrun, world size 1), saved
 #   cpu        resume that checkpoint on the CPU in fp32 (CUDA hidden, plain python), 2 iterations,
 #              save
@@ -120,6 +123,7 @@ step fp8 120 bash -c 'pytest_step tests/test_te.py -k fp8'
 step bench 240 bash -c "${GPU_ONLY[*]+${GPU_ONLY[*]}} $PY benchmarks/bench_block.py ${BENCH[*]} \
   --routing balanced skewed --out $OUT && $PY benchmarks/gpu_check.py bench-summary \
   \$(ls -t $OUT/*_????-??-??.json | head -n 1)"
+step profile 120 "${CHECK[@]}" profile "$OUT"
 
 TRAIN=(yaml_configs/tiny.yaml model_parallel.bf16=true "save=$RUN/ckpt" "tensorboard_dir=$RUN/tb"
        "${ITERS[0]}" lr_warmup_iters=2 eval_interval=1000 eval_iters=1 log_interval=2 save_interval=1000)

@@ -63,17 +63,22 @@ class WeightedSwiGLU(torch.autograd.Function):
     def forward(ctx, fc1: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(fc1, probs)
         gate, up = fc1.chunk(2, dim=-1)
-        return (torch.nn.functional.silu(gate) * up * probs.unsqueeze(-1)).to(fc1.dtype)
+        act = torch.nn.functional.silu(gate).mul_(up)
+        return act.mul_(probs.unsqueeze(-1))  # in fp32 (probs' dtype), stored in fc1's
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         fc1, probs = ctx.saved_tensors
         gate, up = fc1.chunk(2, dim=-1)
-        silu = torch.nn.functional.silu(gate)
+        act = torch.nn.functional.silu(gate)
         grad_product = (grad * probs.unsqueeze(-1)).to(fc1.dtype)  # d loss / d (silu * up)
-        grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate)
-        grad_probs = (grad.to(probs.dtype) * (silu * up)).sum(-1)
-        return torch.cat([grad_gate, grad_product * silu], dim=-1), grad_probs
+        # Both halves written in place into one [M, 2W] gradient (no concatenation).
+        grad_fc1 = torch.empty_like(fc1)
+        grad_gate, grad_up = grad_fc1.chunk(2, dim=-1)
+        torch.mul(grad_product, act, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_product * up, gate, grad_input=grad_gate)
+        grad_probs = (grad.to(probs.dtype) * act.mul_(up)).sum(-1)
+        return grad_fc1, grad_probs
 
 
 def weighted_swiglu(fc1: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@
   non-view ATen ops (about one kernel launch each) of a callable.
 - ``saved_bytes``: bytes autograd keeps for backward after a forward, each storage once, the
   given inputs and parameters excluded, with a breakdown by autograd node.
+- ``bytes_moved``: bytes each dispatched ATen op reads and writes, GEMMs apart: outside the
+  GEMMs a GPU's time is about these bytes over its memory bandwidth.
 """
 
 from __future__ import annotations
@@ -202,3 +204,87 @@ def _saved_tensors(node):
 
 def _node_name(node) -> str:
     return type(node).__name__.removesuffix("Backward").removesuffix("Backward0")
+
+
+# Ops that read only the indexed rows of their first tensor (about the bytes they write).
+GATHERS = frozenset({"index", "index_select", "embedding", "_embedding_bag",
+                     "_embedding_bag_forward_only", "gather"})
+# Ops that add rows into their first tensor: read and write the rows of the values they add.
+SCATTERS = frozenset({"index_put", "index_put_", "_index_put_impl_", "index_add", "index_add_",
+                      "scatter", "scatter_", "scatter_add", "scatter_add_", "index_copy",
+                      "index_copy_"})
+WRITE_ONLY = frozenset({"fill_", "zero_", "zeros", "zeros_like", "new_zeros", "full",
+                        "full_like", "new_full", "ones", "ones_like", "new_ones", "arange",
+                        "randn", "rand", "normal_", "uniform_"})
+NO_DATA = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+                     "_unsafe_view", "detach", "alias"})  # allocate or relabel, move nothing
+# What moving rows between token order and expert order costs: gathers, scatters, the sorts that
+# build their indices and the zero fills scatters need.
+ROW_MOVES = GATHERS | SCATTERS | {"sort", "fill_", "zero_", "zeros", "new_zeros"}
+GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"})
+
+
+@dataclass
+class BytesMoved:
+    gemm: int = 0  # operands and results of the matrix products
+    other: int = 0  # everything else: what memory-bound kernels move
+    by_op: dict[str, int] = field(default_factory=dict)  # the ``other`` bytes, by ATen op
+
+    @property
+    def row_moves(self) -> int:
+        return sum(v for k, v in self.by_op.items() if k in ROW_MOVES)
+
+
+def bytes_moved(fn) -> BytesMoved:
+    """Run ``fn()`` and add up, per dispatched non-view ATen op, the bytes of its tensor inputs
+    (read) and outputs (written). A gather counts only the rows it reads; a scatter reads and
+    writes the rows it adds; fills write; ``out=`` tensors are written, not read. A model of
+    traffic, not a measurement of it: it ignores caches and assumes no two ops are fused."""
+    counter = _BytesCounter()
+    with counter:
+        fn()
+    counter.result.by_op = dict(counter.by_op.most_common())
+    return counter.result
+
+
+class _BytesCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.result = BytesMoved()
+        self.by_op: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if func.is_view or name in NO_DATA:
+            return out
+        moved = _op_bytes(name, args, kwargs, out)
+        if name in GEMMS:
+            self.result.gemm += moved
+        else:
+            self.result.other += moved
+            self.by_op[name] += moved
+        return out
+
+
+def _op_bytes(name: str, args, kwargs, out) -> int:
+    written = sum(_nbytes(t) for t in _tensors(out))
+    inputs = [t for a in args for t in _tensors(a)]
+    if name in WRITE_ONLY:
+        return written
+    if name in GATHERS:  # the table is read where indexed: about what is written
+        return written + written + sum(_nbytes(t) for t in inputs[1:])
+    if name in SCATTERS:  # indices and values read; the rows they land on read and written
+        added = sum(_nbytes(t) for t in inputs[1:] if t.dtype == inputs[0].dtype)
+        return sum(_nbytes(t) for t in inputs[1:]) + 2 * added
+    if name == "copy_":
+        return _nbytes(inputs[1]) + _nbytes(inputs[0])
+    read = sum(_nbytes(t) for t in inputs)
+    read += sum(_nbytes(t) for key, v in kwargs.items() if key not in ("out", "grad_input")
+                for t in _tensors(v))
+    return read + written
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

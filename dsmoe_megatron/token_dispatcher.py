@@ -11,6 +11,11 @@ kept for backward anyway; so unpermute is a plain sum and every step here keeps 
 ([T*k] integers) for backward, never a copy of the rows. The rows themselves are kept once, by
 fc1 (its input). Host syncs: none at EP = 1 with grouped_mm; at EP > 1 one, for the all-to-all
 split sizes, which also brings the per-expert counts for backends that need them on the host.
+
+Row movement is two gathers, each the other's backward (as in megablocks): ``gather_rows``
+copies each token to its k rows, ``sum_rows`` adds each token's k rows in one fused gather-sum
+(``embedding_bag``, fp32 accumulation, deterministic). Autograd's own backward of an indexing op
+would be a zero fill plus a sorted, accumulating ``index_put`` into it; these never scatter.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Permutation:
     num_tokens: int
     topk: int
     fused: object = None  # Transformer Engine's row-id map when its fused kernels did the work
+    token_of_row: torch.Tensor | None = None  # [T*k]: the token each row copies
 
 
 def permute(x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, num_experts: int):
@@ -39,18 +45,72 @@ def permute(x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, num_
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on a GPU
-    row_of_slot = torch.argsort(order)  # the inverse permutation
-    # Advanced indexing keeps only the index for backward (whose accumulate is deterministic).
-    rows = x[order // k]
+    row_of_slot = inverse_permutation(order)
+    token_of_row = order // k
+    rows = gather_rows(x, token_of_row, row_of_slot.view(num_tokens, k))
     probs = gates.reshape(-1)[order]
-    return rows, probs, counts, Permutation(row_of_slot, num_tokens, k)
+    return rows, probs, counts, Permutation(row_of_slot, num_tokens, k, token_of_row=token_of_row)
 
 
 def unpermute(rows: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """rows [T*k, H] in expert order -> [T, H], each token's k rows summed (gates already in)."""
     if perm.fused is not None:
         return _unpermute_fused(rows, perm)
-    return rows[perm.row_of_slot].view(perm.num_tokens, perm.topk, -1).sum(1)
+    return sum_rows(rows, perm.row_of_slot.view(perm.num_tokens, perm.topk), perm.token_of_row)
+
+
+def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes ``index`` (a scatter, not a second sort)."""
+    positions = torch.arange(index.numel(), device=index.device)
+    return torch.empty_like(index).scatter_(0, index, positions)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out[r] = x[source[r]]; backward adds each source row's copies (``rows_of_source`` [S, n])."""
+
+    @staticmethod
+    def forward(ctx, x, source, rows_of_source):
+        ctx.save_for_backward(rows_of_source)
+        return x.index_select(0, source)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows_of_source,) = ctx.saved_tensors
+        return _gather_sum(grad, rows_of_source), None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """out[s] = sum_j rows[rows_of_source[s, j]]; backward copies each grad to its rows."""
+
+    @staticmethod
+    def forward(ctx, rows, rows_of_source, source):
+        ctx.save_for_backward(source)
+        return _gather_sum(rows, rows_of_source)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (source,) = ctx.saved_tensors
+        return grad.index_select(0, source), None, None
+
+
+def _gather_sum(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.embedding_bag(index, rows.contiguous(), mode="sum")
+
+
+def gather_rows(x: torch.Tensor, source: torch.Tensor, rows_of_source: torch.Tensor):
+    """x [S, H] -> [R, H] with row r = x[source[r]]; ``rows_of_source`` [S, n] lists the rows
+    of each source row (every source row has n copies, every row one source)."""
+    return _GatherRows.apply(x, source, rows_of_source)
+
+
+def sum_rows(rows: torch.Tensor, rows_of_source: torch.Tensor, source: torch.Tensor):
+    """The adjoint of ``gather_rows``: rows [R, H] -> [S, H], each source's n rows summed."""
+    return _SumRows.apply(rows, rows_of_source, source)
+
+
+def permute_rows(rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor):
+    """rows[index] for a permutation ``index``; backward is the gather by ``inverse``."""
+    return gather_rows(rows, index, inverse.view(-1, 1))
 
 
 def permute_fused(x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor,
@@ -83,7 +143,8 @@ def _unpermute_fused(rows: torch.Tensor, perm: Permutation) -> torch.Tensor:
 class _Exchange:
     send_splits: list[int]
     recv_splits: list[int]
-    to_source_order: torch.Tensor | None  # inverse of the regrouping (None: one local expert)
+    regroup: torch.Tensor | None  # received order -> by local expert (None: one local expert)
+    to_source_order: torch.Tensor | None  # its inverse
 
 
 class ExpertAllToAll:
@@ -118,21 +179,21 @@ class ExpertAllToAll:
         send_splits, recv_splits = host[:ep], host[ep:2 * ep]
         rows = all_to_all(self.ep_group, rows, recv_splits, send_splits)
         probs = all_to_all(self.ep_group, probs, recv_splits, send_splits)
-        to_source_order = None
+        regroup = to_source_order = None
         if e_local > 1:
             # Received rows are ordered [source rank][local expert]; regroup them by local expert.
             expert_of_row = torch.repeat_interleave(
                 torch.arange(e_local, device=rows.device).repeat(ep), received_counts,
                 output_size=rows.shape[0])
             regroup = torch.argsort(expert_of_row, stable=True)
-            to_source_order = torch.argsort(regroup)
-            rows, probs = rows[regroup], probs[regroup]
-        state = _Exchange(send_splits, recv_splits, to_source_order)
+            to_source_order = inverse_permutation(regroup)
+            rows, probs = permute_rows(rows, regroup, to_source_order), probs[regroup]
+        state = _Exchange(send_splits, recv_splits, regroup, to_source_order)
         return rows, probs, local_counts, host[2 * ep:] if self.host_counts else None, state
 
     def combine(self, rows: torch.Tensor, state: _Exchange | None) -> torch.Tensor:
         if state is None:
             return rows
         if state.to_source_order is not None:
-            rows = rows[state.to_source_order]
+            rows = permute_rows(rows, state.to_source_order, state.regroup)
         return all_to_all(self.ep_group, rows, state.send_splits, state.recv_splits)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from common import aux_losses, build_chunks, make_batches, tiny_config
 from dsmoe_megatron import ops, runtime
-from dsmoe_megatron.profiling import HostSyncCounter, saved_bytes
+from dsmoe_megatron.profiling import HostSyncCounter, bytes_moved, saved_bytes
 from test_block import compare_with_reference, make_block
 
 
@@ -38,6 +38,64 @@ def test_weighted_swiglu_matches_autograd_of_the_formula():
     torch.testing.assert_close(got[1], probs.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_row_gathers_match_autograd_of_plain_indexing():
+    """permute / unpermute / the EP regrouping against advanced indexing and its autograd."""
+    from dsmoe_megatron import token_dispatcher as td
+
+    torch.manual_seed(0)
+    tokens, k, hidden = 9, 3, 5
+    x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
+    order = torch.randperm(tokens * k)
+    row_of_slot = td.inverse_permutation(order)
+    assert torch.equal(row_of_slot, torch.argsort(order))
+    token_of_row = order // k
+    rows = td.gather_rows(x, token_of_row, row_of_slot.view(tokens, k))
+    shuffle = torch.randperm(tokens * k)
+    moved = td.permute_rows(rows * 2, shuffle, td.inverse_permutation(shuffle))
+    back = td.sum_rows(moved, td.inverse_permutation(shuffle)[row_of_slot].view(tokens, k),
+                       token_of_row[shuffle])
+    upstream = torch.randn(tokens, hidden, dtype=torch.float64)
+    (back * upstream).sum().backward()
+    got = back.detach(), x.grad.clone()
+
+    x.grad = None
+    plain = (x[token_of_row] * 2)[shuffle]
+    expected = plain[td.inverse_permutation(shuffle)][row_of_slot].view(tokens, k, -1).sum(1)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(got[0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], x.detach() * 2 * k, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_block_backward_scatters_no_rows():
+    """Row movement is gathers both ways: no zero-filled [rows, H] buffer and no accumulating
+    index_put of rows in the backward (what autograd's backward of indexing would do)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden = 16
+    block = make_block(hidden_size=hidden)
+    x = torch.randn(24, 2, hidden, requires_grad=True)
+    out, _ = block(x)
+
+    class Scatters(TorchDispatchMode):
+        found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            result = func(*args, **(kwargs or {}))
+            wide = (isinstance(result, torch.Tensor) and result.dim() == 2
+                    and result.shape[1] == hidden)
+            if wide and name in ("index_put", "index_put_", "_index_put_impl_", "index_add",
+                                 "index_add_", "scatter_add", "scatter_add_"):
+                self.found.append(name)
+            return result
+
+    with Scatters():
+        out.backward(torch.randn_like(out))
+    assert Scatters.found == []
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("multiple", [16, 32])
 def test_fp8_row_padding_round_trip_and_gradients(multiple):
     counts = [5, 0, 16, 33, 1]
@@ -60,6 +118,20 @@ def test_fp8_row_padding_round_trip_and_gradients(multiple):
     ((back * upstream).sum() + (padded_probs * 3).sum()).backward()
     assert torch.equal(rows.grad, upstream)  # unpad(pad(x)) is the identity
     assert torch.equal(probs.grad, torch.full_like(probs, 3.0))
+
+
+def test_bytes_moved_by_hand():
+    x = torch.randn(4, 8)  # 128 bytes
+    index = torch.tensor([0, 2, 2])  # 24 bytes
+    assert bytes_moved(lambda: x * 2).other == 128 + 128
+    assert bytes_moved(lambda: x.index_select(0, index)).by_op == {"index_select": 96 + 96 + 24}
+    product = bytes_moved(lambda: x @ x.t())
+    assert (product.gemm, product.other) == (128 + 128 + 64, 0)
+    values = torch.randn(3, 8)
+    scatter = bytes_moved(lambda: torch.zeros(4, 8).index_add_(0, index, values))
+    assert scatter.by_op == {"zeros": 128, "index_add_": 24 + 96 + 2 * 96}
+    assert scatter.row_moves == scatter.other
+    assert bytes_moved(lambda: torch.empty(4, 8).view(32)).other == 0
 
 
 # ---- host syncs -------------------------------------------------------------------------------
