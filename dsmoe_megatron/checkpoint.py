@@ -28,8 +28,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dsmoe_megatron import optimizer_precision as precision
+from dsmoe_megatron.cli import describe_os_error
 
 RUN_CONFIG_NAME = "run.yaml"
 LATEST_NAME = "latest"
@@ -37,8 +39,11 @@ LATEST_NAME = "latest"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Parameter-group fields that describe which parameters a group holds, not how to train them.
 _GROUP_STRUCTURE = ("is_expert_parallel", "wd_mult", "lr_mult", "is_decoupled_lr")
-_RECOVERY_HINT = ("resume from an earlier checkpoint (write its iteration number into {latest} "
-                  "or pass load=<its iter_ directory>)")
+# load= works only for a new run: in the run's own save directory --resume reads `latest`.
+_EARLIER_DIR = ("or name its iter_ directory: --checkpoint DIR to dsmoe-convert, or load=DIR with "
+                "a new save directory to dsmoe-train")
+_RECOVERY_HINT = ("resume from an earlier checkpoint: write its iteration number into {latest}, "
+                  + _EARLIER_DIR)
 
 
 class CheckpointError(RuntimeError):
@@ -51,11 +56,6 @@ def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -89,11 +89,21 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     ``sharded_strategy``: dist_checkpointing's (default: Megatron's torch_dist writer)."""
     final = iteration_dir(save_dir, iteration)
     partial = partial_dir(final)
-    if _rank() == 0:
+
+    def start():
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-    _barrier()
+
+    def finish():
+        if run_config_yaml is not None:
+            (partial / RUN_CONFIG_NAME).write_text(run_config_yaml)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        write_text_atomic(Path(save_dir) / LATEST_NAME, str(iteration))
+
+    _on_rank0_for_all(start, save_dir, iteration, partial)
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
@@ -101,17 +111,48 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     state["extra"] = extra_state or {}
     state["iteration"] = iteration
     state["has_optimizer"] = optimizer is not None
-    dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
-    _barrier()
-    if _rank() == 0:
-        if run_config_yaml is not None:
-            (partial / RUN_CONFIG_NAME).write_text(run_config_yaml)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_text_atomic(Path(save_dir) / LATEST_NAME, str(iteration))
-    _barrier()
+    try:  # a failed write fails on every rank (dist_checkpointing gathers the ranks' results)
+        dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
+    except (Exception, CheckpointException) as error:  # the latter is a BaseException
+        message = _save_failed(save_dir, iteration, error, partial)
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(message) from error
+    _on_rank0_for_all(finish, save_dir, iteration, partial)
     return final
+
+
+def _on_rank0_for_all(step, save_dir, iteration: int, partial: Path) -> None:
+    """Run ``step`` on rank 0; every rank raises if it failed (no rank waits on a dead one)."""
+    failure = [None]
+    if _rank() == 0:
+        try:
+            step()
+        except OSError as error:
+            failure[0] = _save_failed(save_dir, iteration, error, partial)
+            shutil.rmtree(partial, ignore_errors=True)
+    if dist.is_initialized():
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise CheckpointError(failure[0])
+
+
+def _save_failed(save_dir, iteration: int, error: BaseException, partial: Path) -> str:
+    """What failed, why, the free space against what the save had written (measured before
+    the partial checkpoint is deleted), and the checkpoint a resume would start from."""
+    try:
+        latest = latest_iteration(save_dir)
+    except (CheckpointError, OSError):
+        latest = None
+    written = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if (
+        partial.is_dir()) else 0
+    kept = (f"the last complete checkpoint, {iteration_dir(save_dir, latest)}, is untouched and "
+            "--resume continues from it once the cause is fixed" if latest is not None else
+            "there is no complete checkpoint in it yet")
+    return (describe_os_error(f"saving iteration {iteration} to {save_dir} failed", error,
+                              save_dir)
+            + f" ({written / 2**20:,.1f} MiB of it had been written). Nothing was lost: "
+            + kept)
 
 
 def partial_dir(final: Path) -> Path:
@@ -148,7 +189,7 @@ def latest_iteration(save_dir: str | Path) -> int | None:
         raise CheckpointError(
             f"{marker} holds {text[:40]!r}, not an iteration number; it should name the newest "
             f"complete checkpoint (complete ones here: {_describe_iterations(complete)}). Write "
-            "one of those numbers into it, or pass load=<an iter_ directory>")
+            "one of those numbers into it, " + _EARLIER_DIR)
     return int(text)
 
 

@@ -12,11 +12,14 @@ console scripts (``dsmoe-train``, ...) are the functions at the bottom, which qu
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
+import shutil
 import sys
 import warnings
+from pathlib import Path
 
 SHOW_WARNINGS_ENV = "DSMOE_SHOW_WARNINGS"
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -30,12 +33,20 @@ HARMLESS_WARNINGS = (
     "full scope is deprecated",  # Megatron-core's own default for cuda_graph_modules
     "'pin_memory' argument is set as true but no accelerator is found",
     "`torch.distributed.all_gather_into_tensor` is deprecated",  # called inside Megatron-core
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",  # the same
+    "The argument order of load has been changed",  # torch.distributed.checkpoint, from Megatron
+    # Loading a checkpoint in one process (the converter, a single-rank resume).
+    "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load",
+    # Megatron's distributed optimizer zeroes the .grad of its parameter-shard views.
+    "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 )
 # Logged messages (prefixes), by logger.
 HARMLESS_LOG_RECORDS = {
     "torch.utils.cpp_extension": ("No CUDA runtime is found",),
     "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
     "megatron.core.dist_checkpointing.strategies.torch": ("MCore's async save is deprecated",),
+    "megatron.core.distributed.distributed_data_parallel": (
+        "DistributedDataParallel: full_param_layout not provided",),  # it computes the layout
 }
 
 
@@ -77,6 +88,54 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (1, 2, ...), got {text!r}")
     return value
+
+
+def describe_os_error(what: str, error: BaseException, path: str | Path | None = None) -> str:
+    """One line for a failed file operation: what failed, why, the file, and the free space of
+    the filesystem it was writing to (``path`` or the error's file). Megatron's checkpoint writer
+    runs in worker processes and may report a full disk only as a worker failure; the free space
+    then says it."""
+    causes = list(_causes(error))
+    cause = next((e for e in causes if isinstance(e, OSError)), causes[-1])
+    why = (cause.strerror if isinstance(cause, OSError) else None) or str(cause).splitlines()[0]
+    filename = getattr(cause, "filename", None)
+    if getattr(cause, "errno", None) == errno.ENOTDIR:
+        why += " (a part of the path is a file)"
+    text = f"{what}: {why}" + (f" ({filename})" if filename else "")
+    # A named cause other than a full disk or quota (read-only, a file in the path, ...) is the
+    # whole story; otherwise the free space may be.
+    if getattr(cause, "errno", None) not in (None, errno.ENOSPC, errno.EDQUOT):
+        return text
+    free = _free_space(path or filename)
+    return text + (f"; {free}" if free else "")
+
+
+def _causes(error: BaseException):
+    """``error`` and what is behind it: its causes, or a distributed checkpoint's per-rank
+    failures ((exception, traceback) pairs), outermost first."""
+    for _ in range(16):
+        yield error
+        failures = getattr(error, "failures", None)  # torch.distributed.checkpoint
+        if isinstance(failures, dict) and failures:
+            inner = next(iter(failures.values()))
+            error = inner[0] if isinstance(inner, tuple) else inner
+        elif error.__cause__ is not None or error.__context__ is not None:
+            error = error.__cause__ or error.__context__
+        else:
+            return
+
+
+def _free_space(path) -> str | None:
+    if path is None:
+        return None
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    return f"{free / 2**20:,.0f} MiB free on the filesystem of {where}"
 
 
 def _run(module: str) -> int:

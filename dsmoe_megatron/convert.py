@@ -31,8 +31,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from dsmoe_megatron.cli import positive_int, quiet_warnings
+from dsmoe_megatron.cli import describe_os_error, positive_int, quiet_warnings
 from dsmoe_megatron.hf.mapping import (
     DTYPE_NAMES,
     DTYPES,
@@ -133,7 +134,10 @@ def _atomic_output(out_dir: str | Path, force: bool, source: Path) -> Iterator[t
     if dst == src or dst in src.parents:
         raise ConversionError(f"--out {out} contains the input {source}; choose a separate "
                               "output directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file, not a directory; choose another --out "
+                              "(--force replaces only a directory)")
+    if out.exists() and any(out.iterdir()):
         if not force:
             raise ConversionError(
                 f"output directory {out} exists and is not empty; choose another --out or pass "
@@ -144,10 +148,7 @@ def _atomic_output(out_dir: str | Path, force: bool, source: Path) -> Iterator[t
     try:
         yield out, partial
         if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
+            shutil.rmtree(out)
         os.replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -334,7 +335,7 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
                                          out_dtype, allow_non_finite=allow_non_finite)
         write_hf_remote_code(partial)  # after config.json: adds its auto_map
         tok_files = tok.write(partial)
-    log(f"wrote {out}: {len(files)} safetensors shard(s), {DTYPE_NAMES[out_dtype]}, "
+    log(f"wrote {out} from {ckpt}: {len(files)} safetensors shard(s), {DTYPE_NAMES[out_dtype]}, "
         f"vocab {vocab}; tokenizer: {', '.join(tok_files) if tok_files else 'none'}")
     return out
 
@@ -574,6 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            force=args.force, dtype=args.dtype)
     except ConversionError as err:
         print(f"dsmoe-convert: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as err:  # --out not creatable, a full disk, ...
+        what = f"{args.command} stopped, nothing at --out {args.out} changed"
+        print(f"dsmoe-convert: error: {describe_os_error(what, err, args.out)}", file=sys.stderr)
         return 2
     return 0
 

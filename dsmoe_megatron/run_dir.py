@@ -6,12 +6,24 @@ files (checkpoints, ``latest``, ``run.yaml``, ``metrics.jsonl``) is refused unle
 ``--resume auto`` resumes when there is one and starts otherwise (for cluster jobs that restart
 the same command). When a run continues from iteration k, metrics logged after k by the attempt
 that crashed are moved to ``metrics.discarded.jsonl``, so ``metrics.jsonl`` is one history.
+
+One live run per save directory: rank 0 holds an ``flock`` on ``.dsmoe-train.lock`` there while
+it trains, and a second run is refused with the first one's host and pid. A killed torchrun can
+leave its workers training, and a resubmitted job would otherwise replace their checkpoints (and
+they its). The kernel drops the lock when the holder dies, however it dies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import json
+import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 from dsmoe_megatron import checkpoint
@@ -19,6 +31,8 @@ from dsmoe_megatron import checkpoint
 METRICS_NAME = "metrics.jsonl"
 DISCARDED_METRICS_NAME = "metrics.discarded.jsonl"
 RESUME_MODES = ("never", "always", "auto")
+LOCK_NAME = ".dsmoe-train.lock"
+_held_locks: dict[Path, int] = {}  # save dir -> the lock file this process holds
 
 
 class RunDirError(ValueError):
@@ -67,6 +81,61 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return False, existing
+
+
+def lock_save_dir(save: str | Path) -> None:
+    """Hold ``save``'s run lock for this process (created if missing) until ``unlock_save_dir``
+    or exit; raises RunDirError naming the live run that holds it. Re-entrant in one process."""
+    save_dir = Path(save).resolve()
+    if save_dir in _held_locks:
+        return
+    save_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(save_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise RunDirError(
+            f"{save} is in use by another dsmoe-train run ({holder}): two runs writing one save "
+            "directory replace each other's checkpoints. Stop that run first (the workers of a "
+            "killed torchrun can live on: kill that pid on that host), or choose another save "
+            "directory") from None
+    except OSError as error:
+        os.close(fd)
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        # A filesystem without locks (Lustre mounted without -o flock): say so, go on.
+        print(f"warning: {save_dir} does not support file locks ({error.strerror}); nothing "
+              "stops a second run from writing into it at the same time", file=sys.stderr)
+        return
+    holder = dict(host=socket.gethostname(), pid=os.getpid(),
+                  since=datetime.datetime.now().isoformat(timespec="seconds"))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    _held_locks[save_dir] = fd
+
+
+def unlock_save_dir(save: str | Path, remove: bool = False) -> None:
+    """Drop the lock this process holds on ``save`` (if any); ``remove``: also delete the lock
+    file, and ``save`` if that leaves it empty (a start that did not happen leaves no trace)."""
+    save_dir = Path(save).resolve()
+    fd = _held_locks.pop(save_dir, None)
+    if fd is None:
+        return
+    if remove:
+        (save_dir / LOCK_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            save_dir.rmdir()
+    os.close(fd)  # closing drops the flock
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its host and pid were not recorded"
 
 
 def rewind_metrics(save: str | Path, iteration: int) -> int:

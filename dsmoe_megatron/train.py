@@ -25,8 +25,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsmoe_megatron.cli import positive_int, quiet_warnings
-from dsmoe_megatron.checkpoint import CheckpointError
+from dsmoe_megatron.cli import describe_os_error, positive_int, quiet_warnings
+
+# Run as python -m / torchrun -m (or re-imported by the processes those spawn): filter the
+# harmless warnings before the imports below raise them.
+if __name__ in ("__main__", "__mp_main__"):
+    quiet_warnings()
+
+from dsmoe_megatron.checkpoint import CheckpointError  # noqa: E402
 
 # Fields of a checkpoint's model that must match the model it is loaded into (the layout,
 # precision and training settings may change on resume).
@@ -130,15 +136,24 @@ class Trainer:
             self.metrics_file = open(Path(train.save) / METRICS_NAME, "a")
 
     def _claim_save_dir(self, resume: str, overwrite: bool) -> bool:
-        """Rank 0 decides (and with --overwrite clears) for all ranks: one view of the files."""
-        from dsmoe_megatron.run_dir import RunDirError, decide_resume
+        """Rank 0 takes the save directory's run lock, then decides (and with --overwrite
+        clears) for all ranks: one view of the files."""
+        from dsmoe_megatron.run_dir import (RunDirError, decide_resume, lock_save_dir,
+                                            unlock_save_dir)
 
-        outcome = [None]
+        outcome, save = [None], self.run.train.save
         if _rank0():
+            existed = save is None or Path(save).exists()
             try:
-                outcome[0] = decide_resume(self.run.train.save, resume, overwrite)
+                if save is not None:
+                    lock_save_dir(save)
+                outcome[0] = decide_resume(save, resume, overwrite)
+            except OSError as error:  # read-only, under a file, ...
+                outcome[0] = RunDirError(describe_os_error(f"cannot use save={save}", error))
             except (RunDirError, CheckpointError) as error:
                 outcome[0] = error
+            if isinstance(outcome[0], Exception) and save is not None:
+                unlock_save_dir(save, remove=not existed)
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
@@ -560,6 +575,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from dsmoe_megatron import runtime
     from dsmoe_megatron.config import ConfigError
+    from dsmoe_megatron.run_dir import unlock_save_dir
     from dsmoe_megatron.yaml_config import YamlConfigError, load_run_config
 
     args = parse_args(quiet_warnings(argv))
@@ -580,11 +596,17 @@ def main(argv=None) -> int:
             FileNotFoundError) as error:
         print(f"dsmoe-train: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a full disk, a read-only or missing directory, ...
+        print(f"dsmoe-train: {describe_os_error('stopped', error, run.train.save)}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if _rank0():
             print(f"dsmoe-train: {_interrupted(run, trainer)}", file=sys.stderr)
         return 130
     finally:
+        if run.train.save is not None:
+            unlock_save_dir(run.train.save)
         runtime.shutdown(destroy_process_group=started_process_group)
 
 

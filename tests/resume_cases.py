@@ -55,9 +55,14 @@ def train_argv(data_path: str, layout: str, save: Path, *extra: str) -> list[str
     return [TINY, *MODEL, *LAYOUTS[layout], f"data_path=[{data_path}]", f"save={save}", *extra]
 
 
+def save_dir(argv: list[str]) -> Path:
+    return Path(next(a.split("=", 1)[1] for a in argv if a.startswith("save=")))
+
+
 def run_job(tasks: list[tuple]) -> list:
     """Rank function: run each (kind, *args) task in turn; returns their results."""
     kinds = {"train": train, "resume_copy": resume_copy, "train_interrupted": train_interrupted,
+             "train_while_locked": train_while_locked, "train_disk_full": train_disk_full,
              "damage": damage,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
              "resumed_checkpoint": resumed_checkpoint,
@@ -75,7 +80,7 @@ def train(argv: list[str]) -> dict:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         code = trainer.main(argv)
-    save = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("save=")))
+    save = save_dir(argv)
     metrics = save / "metrics.jsonl"
     records = None
     if dist.get_rank() == 0 and metrics.exists():
@@ -91,7 +96,7 @@ def resume_copy(source: str, argv: list[str], iteration: int) -> dict:
 
     import torch.distributed as dist
 
-    save = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("save=")))
+    save = save_dir(argv)
     if dist.get_rank() == 0:
         keep = f"iter_{iteration:07d}"
         shutil.copytree(source, save, ignore=lambda folder, names: [
@@ -128,6 +133,64 @@ def train_interrupted(argv: list[str], when: str) -> dict:
         patch = mock.patch.object(checkpoint, "save", save_then_interrupt)
     with patch:
         return train(argv)
+
+
+HOLD_RUN_LOCK = """
+import sys, time
+from dsmoe_megatron.run_dir import lock_save_dir
+lock_save_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def train_while_locked(argv: list[str]) -> dict:
+    """train(argv) while another process (a live run, as far as the lock tells) holds the save
+    directory's run lock, and again after that process is SIGKILLed (single rank)."""
+    import subprocess
+    import sys
+
+    save = save_dir(argv)
+    before = sorted(p.name for p in save.iterdir()) if save.exists() else []
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(save)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused = train(argv)
+        files_while_refused = sorted(p.name for p in save.iterdir())
+    finally:
+        holder.kill()
+        holder.wait()
+    return {"refused": refused, "holder_pid": holder.pid, "files_before": before,
+            "files_while_refused": files_while_refused, "after_kill": train(argv)}
+
+
+def train_disk_full(argv: list[str], full_at_save: int) -> dict:
+    """train(argv) with the disk full at the ``full_at_save``-th checkpoint: the write fails as
+    Megatron's writer reports it (a CheckpointException over the rank's OSError)."""
+    import errno
+    import os
+    from unittest import mock
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dsmoe_megatron import checkpoint
+
+    real_save, calls = checkpoint.dist_checkpointing.save, [0]
+
+    def fill_the_disk(state, directory, **kwargs):
+        calls[0] += 1
+        if calls[0] < full_at_save:
+            return real_save(state, directory, **kwargs)
+        (Path(directory) / "__0_0.distcp").write_bytes(b"x" * 1000)  # what it got to write
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{directory}/__0_0.distcp")
+        raise CheckpointException("write", {0: (full, None)})
+
+    with mock.patch.object(checkpoint.dist_checkpointing, "save", fill_the_disk):
+        result = train(argv)
+    save = save_dir(argv)
+    return {**result, "latest": (save / "latest").read_text(),
+            "partial": [p.name for p in save.glob("*.partial")]}
 
 
 def damage(save: str, copy: str, file: str, how: str) -> None:

@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from dsmoe_megatron import checkpoint, convert, runtime  # noqa: E402
@@ -255,19 +256,36 @@ def test_export_refuses_a_non_empty_output_unless_forced(trained, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in read_tensors(out).values())
 
 
-def test_a_failed_export_leaves_the_previous_output_intact(trained, tmp_path, monkeypatch):
+def test_a_failed_export_leaves_the_previous_output_intact(trained, tmp_path, monkeypatch,
+                                                            capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
 
     def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
 
     monkeypatch.setattr(convert, "write_safetensors_shards", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SafetensorError, match="No space left"):
         convert.export_to_hf(trained.save, out, force=True)
+    code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out", str(out),
+                         "--force"], capsys)
+    assert code == 2 and "No space left on device" in err and "MiB free" in err, err
     assert (out / "keep.txt").read_text() == "x"
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_an_output_that_cannot_be_a_directory_is_one_line(trained, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out",
+                         str(a_file / "hf")], capsys)
+    assert code == 2 and "Not a directory (a part of the path is a file)" in err, err
+    code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out", str(a_file),
+                         "--force"], capsys)
+    assert code == 2 and "is a file, not a directory" in err, err
+    assert a_file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_missing_checkpoint_dir(tmp_path, capsys):
