@@ -114,7 +114,11 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     try:  # a failed write fails on every rank (dist_checkpointing gathers the ranks' results)
         dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
     except (Exception, CheckpointException) as error:  # the latter is a BaseException
-        message = _save_failed(save_dir, iteration, error, partial)
+        message = [_save_failed(save_dir, iteration, error, partial)]
+        if isinstance(error, CheckpointException) and dist.is_initialized():
+            # Raised on every rank, with the ranks' failures on rank 0 (the coordinator) only.
+            dist.broadcast_object_list(message, src=0)
+        message = message[0]
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(message) from error

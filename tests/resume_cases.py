@@ -166,12 +166,15 @@ def train_while_locked(argv: list[str]) -> dict:
 
 
 def train_disk_full(argv: list[str], full_at_save: int) -> dict:
-    """train(argv) with the disk full at the ``full_at_save``-th checkpoint: the write fails as
-    Megatron's writer reports it (a CheckpointException over the rank's OSError)."""
+    """train(argv) with the disk full at the ``full_at_save``-th checkpoint, failing as
+    Megatron's writer fails: a CheckpointException on every rank, the rank's OSError only in
+    rank 0's (the coordinator's). Returns rank 0's result with every rank's stderr, `latest`
+    and the partial checkpoints left right after."""
     import errno
     import os
     from unittest import mock
 
+    import torch.distributed as dist
     from torch.distributed.checkpoint.api import CheckpointException
 
     from dsmoe_megatron import checkpoint
@@ -182,14 +185,17 @@ def train_disk_full(argv: list[str], full_at_save: int) -> dict:
         calls[0] += 1
         if calls[0] < full_at_save:
             return real_save(state, directory, **kwargs)
-        (Path(directory) / "__0_0.distcp").write_bytes(b"x" * 1000)  # what it got to write
-        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{directory}/__0_0.distcp")
-        raise CheckpointException("write", {0: (full, None)})
+        shard = Path(directory) / f"__{dist.get_rank()}_0.distcp"
+        shard.write_bytes(b"x" * 2**20)  # what it got to write
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(shard))
+        raise CheckpointException("write", {0: (full, None)} if dist.get_rank() == 0 else {})
 
     with mock.patch.object(checkpoint.dist_checkpointing, "save", fill_the_disk):
         result = train(argv)
+    stderr = [None] * dist.get_world_size()
+    dist.all_gather_object(stderr, result["stderr"])
     save = save_dir(argv)
-    return {**result, "latest": (save / "latest").read_text(),
+    return {**result, "stderr_by_rank": stderr, "latest": (save / "latest").read_text(),
             "partial": [p.name for p in save.glob("*.partial")]}
 
 

@@ -1,5 +1,5 @@
 """Multi-rank runs through dsmoe-train: resume and reshard with optimizer state, grad norm,
-layout-independent initial weights.
+layout-independent initial weights, a save that fails on a full disk.
 
 Every run trains the same model (tests/resume_cases.py: 12 routed experts, top-4, 2 shared,
 a2 = 0.05) from its seed for ITERS iterations, saving at RESUME_AT. The reference is the
@@ -127,6 +127,9 @@ def runs(tmp_path_factory) -> Runs:
     by_world[2].append((("DP2", "overlap"), ("train", runs.argv(
         "DP2", runs.save_dir("DP2", "distributed", "overlap"), "overlap_grad_reduce=true",
         "ddp_bucket_size=2000"))))
+    full = root / "disk full"  # EP2: the disk fills at the second save (iteration 4)
+    by_world[2] += [(("disk full",), ("train_disk_full", runs.argv("EP2", full), 2)),
+                    (("resume after disk full",), ("train", runs.argv("EP2", full, "--resume")))]
     for optimizer in OPTIMIZERS:
         by_world[2].append((runs.precision_run(optimizer, "bf16"), ("train", runs.argv(
             "DP2", runs.precision_source(optimizer, "bf16"), "model_parallel.bf16=true",
@@ -221,6 +224,26 @@ def test_experts_differ_across_ep_ranks_and_follow_the_seed(runs):
     trainer = out["trainer seed 1234"]
     assert not (trainer[:half] == trainer[half:]).all(dim=(1, 2)).any()
     assert not (trainer == out["trainer seed 4321"]).all(dim=(1, 2)).any()
+
+
+def test_a_full_disk_stops_every_rank_with_the_cause_and_the_run_resumes(runs):
+    """EP2, the disk full at the save of iteration 4: every rank says why in one line (Megatron
+    gives the cause to rank 0 only) and names iteration 2, which stays `latest`; resumed from it,
+    the run continues exactly as the uninterrupted one."""
+    full = runs.results[("disk full",)]
+    assert full["code"] == 1
+    for message in full["stderr_by_rank"]:
+        assert "Traceback" not in message, message
+        for phrase in ("saving iteration 4", "No space left on device", "MiB free",
+                       f"{runs.root / 'disk full' / 'iter_0000002'}, is untouched"):
+            assert phrase in message, (phrase, message)
+    assert full["latest"] == "2" and full["partial"] == []
+    resumed = by_iteration(runs.results[("resume after disk full",)])
+    straight = by_iteration(runs.results[("EP2", "distributed", "straight")])
+    assert sorted(resumed) == list(range(1, ITERS + 1))
+    for it in range(RESUME_AT + 1, ITERS + 1):
+        for key in METRICS:
+            assert resumed[it][key] == straight[it][key], (it, key)
 
 
 def test_overlapped_grad_reduce_matches(runs):

@@ -72,8 +72,6 @@ def cli(tmp_path_factory) -> Cli:
         c.add(("ctrl-c", when), "train_interrupted",
               c.argv(f"ctrl-c {when}", "train_iters=3", "save_interval=1"), when)
     c.add("locked", "train_while_locked", c.argv("locked", *two))
-    c.add("disk full", "train_disk_full", c.argv("full", "train_iters=3", "save_interval=1"), 2)
-    c.add("resume after disk full", "train", c.argv("full", "train_iters=3", "--resume"))
     diverging = ["train_iters=30", "save_interval=1", "lr=1e6", "clip_grad=0",
                  "lr_warmup_iters=0"]
     c.add("diverge", "train", c.argv("nan", *diverging))
@@ -189,18 +187,6 @@ def test_a_live_run_holds_its_save_directory(cli):
     assert result["files_while_refused"] == [".dsmoe-train.lock"]
     after = records(ok(result["after_kill"]))
     assert sorted(after) == [1, 2]
-
-
-@pytest.mark.distributed
-def test_a_full_disk_names_itself_and_keeps_the_last_checkpoint(cli):
-    save = cli.root / "full"
-    refused(cli.results["disk full"], "saving iteration 2", "No space left on device",
-            "MiB free on the filesystem", "MiB of it had been written",
-            f"{save / 'iter_0000001'}, is untouched")
-    assert cli.results["disk full"]["latest"] == "1" and cli.results["disk full"]["partial"] == []
-    resumed = records(ok(cli.results["resume after disk full"]))
-    assert sorted(resumed) == [1, 2, 3]
-    assert all(math.isfinite(r["lm_loss"]) for r in resumed.values())
 
 
 def test_run_lock_is_reentrant_and_a_failed_start_leaves_no_trace(tmp_path):
