@@ -111,14 +111,14 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     state["extra"] = extra_state or {}
     state["iteration"] = iteration
     state["has_optimizer"] = optimizer is not None
-    try:  # a failed write fails on every rank (dist_checkpointing gathers the ranks' results)
+    try:
         dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
-    except (Exception, CheckpointException) as error:  # the latter is a BaseException
-        message = [_save_failed(save_dir, iteration, error, partial)]
-        if isinstance(error, CheckpointException) and dist.is_initialized():
-            # Raised on every rank, with the ranks' failures on rank 0 (the coordinator) only.
-            dist.broadcast_object_list(message, src=0)
-        message = message[0]
+    except CheckpointException as error:  # a BaseException, raised on every rank with the
+        # ranks' failures on rank 0 (the coordinator) only: every rank says rank 0's
+        _raise_on_every_rank(_save_failed(save_dir, iteration, error, partial)
+                             if _rank() == 0 else None, partial)
+    except Exception as error:  # this rank's own
+        message = _save_failed(save_dir, iteration, error, partial)
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(message) from error
@@ -128,17 +128,25 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
 
 def _on_rank0_for_all(step, save_dir, iteration: int, partial: Path) -> None:
     """Run ``step`` on rank 0; every rank raises if it failed (no rank waits on a dead one)."""
-    failure = [None]
+    failure = None
     if _rank() == 0:
         try:
             step()
         except OSError as error:
-            failure[0] = _save_failed(save_dir, iteration, error, partial)
-            shutil.rmtree(partial, ignore_errors=True)
+            failure = _save_failed(save_dir, iteration, error, partial)
+    _raise_on_every_rank(failure, partial)
+
+
+def _raise_on_every_rank(failure: str | None, partial: Path) -> None:
+    """Rank 0's ``failure`` (None: there was none) as a CheckpointError on every rank, after
+    rank 0 removed the partial checkpoint."""
+    shared = [failure]
     if dist.is_initialized():
-        dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise CheckpointError(failure[0])
+        dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(shared[0])
 
 
 def _save_failed(save_dir, iteration: int, error: BaseException, partial: Path) -> str:

@@ -98,13 +98,13 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
     causes = list(_causes(error))
     cause = next((e for e in causes if isinstance(e, OSError)), causes[-1])
     why = (cause.strerror if isinstance(cause, OSError) else None) or str(cause).splitlines()[0]
-    filename = getattr(cause, "filename", None)
-    if getattr(cause, "errno", None) == errno.ENOTDIR:
+    filename, code = getattr(cause, "filename", None), getattr(cause, "errno", None)
+    if code == errno.ENOTDIR:
         why += " (a part of the path is a file)"
     text = f"{what}: {why}" + (f" ({filename})" if filename else "")
     # A named cause other than a full disk or quota (read-only, a file in the path, ...) is the
     # whole story; otherwise the free space may be.
-    if getattr(cause, "errno", None) not in (None, errno.ENOSPC, errno.EDQUOT):
+    if code not in (None, errno.ENOSPC, errno.EDQUOT):
         return text
     free = _free_space(path or filename)
     return text + (f"; {free}" if free else "")

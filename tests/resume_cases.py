@@ -151,7 +151,6 @@ def train_while_locked(argv: list[str]) -> dict:
     import sys
 
     save = save_dir(argv)
-    before = sorted(p.name for p in save.iterdir()) if save.exists() else []
     holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(save)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -161,7 +160,7 @@ def train_while_locked(argv: list[str]) -> dict:
     finally:
         holder.kill()
         holder.wait()
-    return {"refused": refused, "holder_pid": holder.pid, "files_before": before,
+    return {"refused": refused, "holder_pid": holder.pid,
             "files_while_refused": files_while_refused, "after_kill": train(argv)}
 
 
