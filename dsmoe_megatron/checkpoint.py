@@ -291,7 +291,7 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
     bridges = []
     if load_optimizer:
         _check_optimizer_format(ckpt, common, optimizer)
-        _create_adam_state(optimizer)
+        create_adam_state(optimizer)
         bridges = precision.bridges(_saved_sub_states(common), _sub_optimizers(optimizer))
         with precision.saved_structure(bridges):
             state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
@@ -395,7 +395,7 @@ def _check_optimizer_format(ckpt: Path, common: dict, optimizer) -> None:
             f"run does not use; resume with use_distributed_optimizer={was}")
 
 
-def _create_adam_state(optimizer) -> None:
+def create_adam_state(optimizer) -> None:
     """Create torch Adam's per-parameter state (step, moments) that it otherwise creates on its
     first step. Without Transformer Engine or apex, Megatron's distributed optimizer reads the
     per-parameter `step` to build the state dict it loads into, so a fresh optimizer cannot
@@ -445,8 +445,7 @@ def _load_optimizer_state(optimizer, optimizer_state) -> None:
     - it copies every tensor of torch Adam's per-parameter state from the loaded one, which
       holds no ``step`` (the step is kept in the parameter groups): the per-parameter state is
       loaded here with the ``step`` tensors set aside;
-    - it gives every parameter the same ``step`` tensor object, which Adam then increments once
-      per parameter and step: each parameter gets its own copy.
+    - it gives every parameter the same ``step`` tensor object (``untie_adam_steps``).
     """
     param_states = [sub_state.pop("param_state", None)
                     for sub_state in _sub_states(optimizer, optimizer_state)]
@@ -460,7 +459,35 @@ def _load_optimizer_state(optimizer, optimizer_state) -> None:
             sub.load_parameter_state_from_fully_reshardable(param_state)
         finally:
             for param, step in steps.items():
-                state[param]["step"] = step.clone()
+                state[param]["step"] = step
+    untie_adam_steps(optimizer)
+
+
+def adam_steps_from_groups(optimizer) -> None:
+    """Set torch Adam's per-parameter ``step`` from its parameter group's, where Megatron's
+    distributed optimizer keeps it in a checkpoint (each parameter its own tensor)."""
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):
+            continue
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                if "step" in inner.state.get(param, {}):
+                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
+def untie_adam_steps(optimizer) -> None:
+    """Give each parameter its own torch Adam ``step`` tensor. Megatron's distributed optimizer
+    loads one tensor object into every parameter's state, which Adam then increments once per
+    parameter and step (its bias correction then runs far ahead)."""
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):
+            for state in inner.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
 
 
 def read_run_config_yaml(path: str | Path) -> str:

@@ -26,6 +26,7 @@ flag it would set is given explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
@@ -55,6 +56,7 @@ MODEL_FLAGS = ("--position-embedding-type", "rope", "--untie-embeddings-and-outp
 EXAMPLE_FLAGS = (*MODEL_FLAGS, "--tokenizer-type", "NullTokenizer",
                  "--vocab-size", str(ByteTokenizer().vocab_size))
 
+LAUNCHER = "dsmoe_megatron.megatron_lm"  # how its one-line errors start
 _state = types.SimpleNamespace(cpu=False)
 
 
@@ -89,6 +91,36 @@ def enable_cpu_training() -> bool:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         _state.cpu = True
     return True
+
+
+def resume_torch_adam() -> None:
+    """Let Megatron-LM load a distributed optimizer's state into torch's Adam (no TE or apex: on
+    CPU, and on GPUs without them). Megatron builds the state dict to load into from Adam's
+    per-parameter ``step``, which torch creates only on the first step, so ``--load`` of any
+    checkpoint failed (``assert len(steps) == 1``). The state is created first, as Adam would,
+    and each parameter's ``step`` is set after from the one its group was saved with (Megatron
+    leaves the created zeros, so Adam's bias correction started over).
+    Loading runs without autograd: in fp32 the optimizer's main parameters are views of the
+    model's, which Megatron's ``copy_`` into them refuses otherwise."""
+    from megatron.training import training
+
+    from dsmoe_megatron.checkpoint import adam_steps_from_groups, create_adam_state
+
+    original = training.load_checkpoint
+    if getattr(original, "dsmoe", False):
+        return
+
+    def load_checkpoint(model, optimizer, *args, **kwargs):
+        if optimizer is not None:
+            create_adam_state(optimizer)
+        with torch.no_grad():
+            loaded = original(model, optimizer, *args, **kwargs)
+        if optimizer is not None:
+            adam_steps_from_groups(optimizer)
+        return loaded
+
+    load_checkpoint.dsmoe = True
+    training.load_checkpoint = load_checkpoint
 
 
 def use_prebuilt_dataset_helpers() -> None:
@@ -150,6 +182,7 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
     ``args.moe_layer_freq`` so Megatron-LM's own logic sees the dense layers too."""
     from megatron.training import arguments
 
+    from dsmoe_megatron.model import VOCAB_PAD_MULTIPLE
     from dsmoe_megatron.specs import dsmoe_settings
 
     # The launcher and our example both come through here before Megatron-LM reads the environment.
@@ -162,8 +195,16 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
     megatron_parse = arguments.parse_and_validate_args
     megatron_parse = getattr(megatron_parse, "megatron_original", megatron_parse)
     defaults = [*(CPU_FLAGS if _state.cpu else ()), *default_flags]
-    sys.argv[1:] = [*defaults, *expand_dsmoe_yaml(sys.argv[1:], provider)]
-    args = megatron_parse(provider, ignore_unknown_args, args_defaults or {})
+    with _one_line_errors():
+        sys.argv[1:] = [*defaults, *expand_dsmoe_yaml(sys.argv[1:], provider)]
+        args = megatron_parse(provider, ignore_unknown_args, args_defaults or {})
+        _check_schedule(args)
+    tp = args.tensor_model_parallel_size
+    if (args.dsmoe_yaml and not VOCAB_PAD_MULTIPLE % tp
+            and not _given("--make-vocab-size-divisible-by", sys.argv[1:])):
+        # dsmoe-train's padding (a multiple of 1024 on every TP size), not Megatron-LM's
+        # 128 x TP: a resume on another TP size would otherwise add randomly initialised rows.
+        args.make_vocab_size_divisible_by = VOCAB_PAD_MULTIPLE // tp
     first_k = dsmoe_settings(args).get("moe_first_k_dense", 0)
     if first_k and args.num_experts:
         freq = args.moe_layer_freq
@@ -171,6 +212,38 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
             int(i % freq == 0) for i in range(args.num_layers)]
         args.moe_layer_freq = [0 if i < first_k else int(p) for i, p in enumerate(pattern)]
     return args
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """A bad YAML file or flag stops every rank with one line, not a traceback per rank:
+    our config errors, and Megatron-LM's argument checks (plain asserts)."""
+    from dsmoe_megatron.config import ConfigError
+
+    try:
+        yield
+    except (ConfigError, AssertionError) as error:
+        what = str(error) or "an argument check failed"
+        prefix = "" if isinstance(error, ConfigError) else "Megatron-LM refused the arguments: "
+        print(f"{LAUNCHER}: {prefix}{what}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _given(flag: str, argv: list[str]) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _check_schedule(args) -> None:
+    """Megatron-LM asserts (deep in the scheduler, after building the model) that warm-up ends
+    before the decay does."""
+    from dsmoe_megatron.config import ConfigError
+
+    decay = args.lr_decay_iters or args.train_iters
+    if args.train_iters and args.lr_warmup_iters and args.lr_warmup_iters >= decay:
+        raise ConfigError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length "
+            f"({'--lr-decay-iters' if args.lr_decay_iters else '--train-iters'} {decay}); lower "
+            "--lr-warmup-iters (the YAML's lr_warmup_iters) or raise --train-iters")
 
 
 def expand_dsmoe_yaml(argv: list[str], extra_args_provider=None) -> list[str]:
@@ -274,7 +347,8 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     if args.position_embedding_type != "rope" or not args.untie_embeddings_and_output_weights:
         raise ValueError("DeepSeekMoE models use RoPE and untied embeddings: pass "
                          + " ".join(MODEL_FLAGS))
-    config = config_from_megatron(config or core_transformer_config_from_args(args))
+    with _one_line_errors():
+        config = config_from_megatron(config or core_transformer_config_from_args(args))
     return build_model(config, args.padded_vocab_size, args.max_position_embeddings,
                        pre_process, post_process, vp_stage, pg_collection)
 
@@ -415,7 +489,12 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         raise SystemExit(0 if argv else 2)
     script, rest = argv[0], argv[1:]
+    if not os.path.isfile(script):
+        print(f"{LAUNCHER}: no training script {script} (the first argument, e.g. Megatron-LM's "
+              "pretrain_gpt.py or examples/pretrain_dsmoe_megatron_lm.py)", file=sys.stderr)
+        raise SystemExit(2)
     enable_cpu_training()
+    resume_torch_adam()
     _hook_megatron_arg_parsing()
     spec = rest[rest.index("--spec") + 1] if "--spec" in rest[:-1] else ""
     if spec.startswith("dsmoe_megatron") or script.endswith("pretrain_dsmoe_megatron_lm.py"):

@@ -10,7 +10,7 @@ with dsmoe_megatron (byte-level tokens).
         --dsmoe-yaml yaml_configs/deepseekmoe_16b.yaml --lr-decay-style cosine --save ckpt
     # CPU (gloo; the CPU shim and flags are applied automatically)
     torchrun --nproc-per-node 1 examples/pretrain_dsmoe_megatron_lm.py \\
-        --dsmoe-yaml yaml_configs/tiny.yaml --train-iters 20
+        --dsmoe-yaml yaml_configs/tiny.yaml --train-iters 40
 """
 
 from dsmoe_megatron import megatron_lm
@@ -18,6 +18,7 @@ from dsmoe_megatron import megatron_lm
 
 def main() -> None:
     megatron_lm.enable_cpu_training()  # no-op with CUDA
+    megatron_lm.resume_torch_adam()
     megatron_lm.log_dsmoe_balance_losses()
 
     from megatron.core.enums import ModelType

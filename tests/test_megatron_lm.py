@@ -11,9 +11,11 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsmoe_megatron.config import ConfigError
 from dsmoe_megatron.runtime import free_port
@@ -85,7 +87,8 @@ def check_iterations(log: str) -> list[float]:
     found = ITERATION.findall(log)
     assert [int(i) for i, _, _ in found] == list(range(1, ITERS + 1)), log[-4000:]
     losses = [float(loss) for _, loss, _ in found]
-    # Byte-level tokens, Megatron's padded vocabulary: a fresh model's loss is near ln(384).
+    # Byte-level tokens, a padded vocabulary: a fresh model's loss is near ln(1024) (ln(384) with
+    # Megatron-LM's padding, without --dsmoe-yaml).
     assert all(4.5 < loss < 7.0 for loss in losses), losses
     assert all(0 < float(balance) < 1 for _, _, balance in found)  # a1 = 0.01 x ~1
     assert re.search(r"validation loss at iteration 3 .*lm loss value: ([\d.Ee+-]+)", log)
@@ -181,3 +184,73 @@ def test_config_from_megatron_reads_widths_and_environment(monkeypatch):
     assert config.moe_layer_pattern() == [False, True, True, True]
     with pytest.raises(ConfigError, match="multiple of --moe-ffn-hidden-size"):
         config_from_megatron(megatron_config(moe_shared_expert_intermediate_size=24))
+
+
+@pytest.fixture
+def parse_args(monkeypatch):
+    """Our example's argument parsing, in this process, as rank 0 of 2."""
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.training import global_vars
+
+    from dsmoe_megatron import megatron_lm
+
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1", CUDA_DEVICE_MAX_CONNECTIONS="1").items():
+        monkeypatch.setenv(name, value)
+    # What Megatron-LM's TP checks read (enable_cpu_training's stand-in, for this test only).
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *_, **__: types.SimpleNamespace(major=9, minor=0))
+
+    def parse(argv):
+        monkeypatch.setattr(sys, "argv", ["pretrain.py", *argv])
+        return megatron_lm.parse_and_validate_args(default_flags=megatron_lm.EXAMPLE_FLAGS)
+
+    def reset():  # parsing sets Megatron-LM's globals
+        global_vars.destroy_global_vars()
+        destroy_num_microbatches_calculator()
+
+    reset()
+    yield parse
+    reset()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--dsmoe-yaml", "/nonexistent/run.yaml"], "/nonexistent/run.yaml: cannot read"),
+    (["--dsmoe-yaml", TINY, "--train-iters", "20"], "--lr-warmup-iters 20 must be below"),
+    (["--dsmoe-yaml", TINY, "--expert-model-parallel-size", "2", "--num-experts", "15"],
+     "Megatron-LM refused the arguments: Number of experts"),
+])
+def test_bad_arguments_are_one_line(argv, says, parse_args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsmoe_megatron.megatron_lm: "), err
+    assert says in err[0]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_yaml_runs_pad_the_vocabulary_like_dsmoe_train(tp, parse_args):
+    """A multiple of 1024 on every TP size (Megatron-LM: 128 x TP), so a checkpoint resumes on
+    another TP size with the same rows."""
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+
+    args = parse_args(["--dsmoe-yaml", TINY, "--tensor-model-parallel-size", str(tp)])
+    assert vocab_size_with_padding(259, args, logging_enabled=False) == 1024
+
+
+def test_resume_continues_the_run(cache, tmp_path):
+    """Megatron-LM's --load of its own checkpoint with torch's Adam (no TE / apex) continues
+    the run exactly: the next iteration's loss and the validation loss after two more updates
+    equal the uninterrupted run's. (Megatron-LM logs the mean of the first two iterations after
+    a resume as the second one's loss, so that one is not compared.)"""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    common = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--data-cache-path", cache,
+              "--train-iters", "4", "--eval-interval", "4", "--save-interval", "2"]
+    validation = re.compile(r"validation loss at iteration 4 \| lm loss value: (\S+)")
+    whole = run([*common, "--save", str(first)])
+    (first / "latest_checkpointed_iteration.txt").write_text("2")
+    again = run([*common, "--load", str(first), "--save", str(resumed)])
+    assert [int(i) for i, _, _ in ITERATION.findall(whole)] == [1, 2, 3, 4]
+    assert ITERATION.findall(again)[0] == ITERATION.findall(whole)[2]
+    assert validation.findall(again) == validation.findall(whole) != []
