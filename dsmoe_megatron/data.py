@@ -11,6 +11,7 @@ then train with ``data_path=["data/my_corpus"]`` or a blend such as
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
+from pathlib import Path
 
 import numpy
 import torch
@@ -244,16 +246,22 @@ def open_indexed_dataset(prefix: str) -> IndexedDataset:
         raise ValueError(f"{corrupt} ({type(err).__name__}: {err}); re-{fix}") from err
 
 
-def _check_split_sizes(prefix: str, dataset: IndexedDataset, split: str, seq_length: int) -> None:
-    # Megatron repeats a split's documents until it has enough tokens, and loops forever when
-    # the split has none, so every split in use must hold at least one full sample.
+def _split_samples(prefix: str, dataset: IndexedDataset, split: str, seq_length: int
+                   ) -> dict[Split, int]:
+    """The samples one pass over each split in use (train, valid) holds.
+
+    Megatron repeats a split's documents until it has enough tokens, and loops forever when
+    the split has none, so each must hold at least one full sample. The test split is never
+    built here, so its share is not checked."""
     lengths = dataset.sequence_lengths
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    samples = {}
     for part, bookends in zip(Split, split_matrix):
-        if bookends is None:
+        if bookends is None or part == Split.test:
             continue
         begin, end = (int(round(b * len(lengths))) for b in bookends)
         num_tokens = int(lengths[begin:end].sum())
+        samples[part] = (num_tokens - 1) // seq_length
         if num_tokens < seq_length + 1:
             raise ValueError(
                 f"corpus {prefix} is too small for seq_length={seq_length}: its {part.name} "
@@ -261,6 +269,16 @@ def _check_split_sizes(prefix: str, dataset: IndexedDataset, split: str, seq_len
                 f"{num_tokens} tokens, fewer than seq_length + 1 = {seq_length + 1}; use more "
                 "text, a shorter seq_length, or a larger share for that split"
             )
+    return samples
+
+
+def _can_create(directory: str) -> bool:
+    """Whether ``directory`` exists writable or can be made (the nearest existing parent is
+    writable)."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK | os.X_OK)
 
 
 def _require_dataset_helpers() -> None:
@@ -272,6 +290,20 @@ def _require_dataset_helpers() -> None:
             "import. Binary megatron-core wheels ship them; for a source install, reinstall "
             "megatron-core with pybind11 and a C++ compiler available."
         ) from err
+
+
+def check_blend(data_path: Sequence[str] | str, split: str, seq_length: int
+                ) -> tuple[list[str], list[float] | None, collections.Counter]:
+    """Open every dataset of a Megatron blend and check its splits (errors name the file):
+    (prefixes, weights or None, samples of one pass over each split of them together)."""
+    blend = data_path.split() if isinstance(data_path, str) else [os.fspath(p) for p in data_path]
+    if not blend:
+        raise ValueError("data_path is empty; give at least one indexed dataset prefix")
+    prefixes, weights = get_blend_from_list(blend)
+    one_pass = collections.Counter()
+    for prefix in prefixes:
+        one_pass.update(_split_samples(prefix, open_indexed_dataset(prefix), split, seq_length))
+    return prefixes, weights, one_pass
 
 
 def build_gpt_datasets(
@@ -291,23 +323,24 @@ def build_gpt_datasets(
     extra ``dataset_id``).
     ``data_path`` is ``["prefix"]`` or ``["w1", "prefix1", "w2", "prefix2", ...]`` (a
     whitespace-separated string works too). Samples hold ``seq_length`` tokens plus the shifted
-    labels, i.e. ``seq_length + 1`` tokens of text. ``*_samples=None`` means one epoch of that
-    split (not allowed with weights). Sample indices are cached in ``cache_dir`` (default: a
-    ``gpt_index_cache`` folder next to the first prefix). A split with no share yields None.
+    labels, i.e. ``seq_length + 1`` tokens of text. ``*_samples=None`` means one pass over that
+    split: one epoch, and for a weighted blend as many samples as its datasets' splits hold
+    together. Sized so, a dataset does not depend on the run's length, and ``iterate_batches``
+    gives the same sample stream when ``train_iters`` changes. Sample indices are cached in
+    ``cache_dir`` (default: a ``gpt_index_cache`` folder next to the first prefix, or under
+    ``~/.cache/dsmoe_megatron`` where that is read-only). A split with no share yields None.
     """
     tokenizer = tokenizer or ByteTokenizer()
-    blend = data_path.split() if isinstance(data_path, str) else [os.fspath(p) for p in data_path]
-    if not blend:
-        raise ValueError("data_path is empty; give at least one indexed dataset prefix")
-    prefixes, weights = get_blend_from_list(blend)
-    if weights is not None and (train_samples is None or valid_samples is None):
-        raise ValueError("a weighted data_path blend needs train_samples and valid_samples")
-    for prefix in prefixes:
-        _check_split_sizes(prefix, open_indexed_dataset(prefix), split, seq_length)
+    prefixes, weights, one_pass = check_blend(data_path, split, seq_length)
+    if weights is not None:  # Megatron blends only to a given size
+        train_samples = train_samples or one_pass[Split.train]
+        valid_samples = valid_samples or one_pass[Split.valid]
     _require_dataset_helpers()
 
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "gpt_index_cache")
+        if not _can_create(cache_dir):
+            cache_dir = os.path.join(Path.home(), ".cache", "dsmoe_megatron", "gpt_index_cache")
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -320,6 +353,9 @@ def build_gpt_datasets(
         eod_mask_loss=False,
         create_attention_mask=False,  # causal attention builds its own mask
     )
+    # The test split is never used: not building it keeps the train / valid boundaries and
+    # spares Megatron a split it would loop on forever if its share holds no sample.
+    config.split_matrix = [*config.split_matrix[:2], None]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], is_built_on_rank or (lambda: True), config
     ).build()

@@ -17,7 +17,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,10 @@ class Trainer:
         train = run.train
         self.rt = runtime.initialize(run.layout, seed=train.seed)
         check_world_size(run, self.rt.world_size)
+        if train.data_path is not None:  # before --overwrite deletes anything
+            from dsmoe_megatron.data import check_blend
+
+            check_blend(train.data_path, train.split, train.seq_length)
         resume = self._claim_save_dir(resume, overwrite)
         self.config = run.model
         self.config.pipeline_dtype = self.config.params_dtype
@@ -203,21 +209,18 @@ class Trainer:
 
         train = self.run.train
         data_path = train.data_path
+        # The save directory is shared by every node and writable; a dataset may be neither.
+        cache = Path(train.save or "runs") / "data_cache"
         if data_path is None:
-            cache = Path(train.save or "runs") / "data_cache"
             data_path = [default_corpus_prefix(cache, self.tokenizer)] if _rank0() else None
             if dist.is_initialized():
                 holder = [data_path]
                 dist.broadcast_object_list(holder, src=0)
                 data_path = holder[0]
-        global_batch = train.global_batch(self.dp_size)
-        return build_gpt_datasets(
-            data_path, train.seq_length, train.seed, split=train.split,
-            train_samples=train.train_iters * global_batch,
-            valid_samples=max(1, train.eval_iters) * global_batch * (
-                train.train_iters // max(1, train.eval_interval or train.train_iters) + 1),
-            tokenizer=self.tokenizer,
-        )
+        # One pass over each split, whatever train_iters: a run extended on resume keeps its
+        # sample stream (iterate_batches reshuffles per pass).
+        return build_gpt_datasets(data_path, train.seq_length, train.seed, split=train.split,
+                                  tokenizer=self.tokenizer, cache_dir=cache / "index")
 
     def _tensorboard(self):
         if not (_rank0() and self.run.train.tensorboard_dir):
@@ -242,6 +245,14 @@ class Trainer:
         self.iteration = int(extra.get("iteration", 0))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
         _log(f"loaded {ckpt} (iteration {self.iteration})")
+        if self.iteration >= train.train_iters:
+            if not resume:  # a new run from a checkpoint that would train nothing
+                raise CheckpointError(
+                    f"load: {ckpt} is at iteration {self.iteration}, and train_iters="
+                    f"{train.train_iters} leaves nothing to train (the iteration carries over); "
+                    f"raise train_iters above {self.iteration}")
+            _log(f"the run is complete: iteration {self.iteration} of train_iters="
+                 f"{train.train_iters}; raise train_iters to train on")
 
     def _check_same_model(self, ckpt: Path) -> None:
         """A checkpoint resumes under any layout and hyper-parameters, but only into the model
@@ -586,6 +597,7 @@ def main(argv=None) -> int:
         return 2
     trainer = None
     started_process_group = not dist.is_initialized()  # else a caller's, which it keeps
+    on_sigterm = _stop_on_sigterm()
     try:
         trainer = Trainer(run, resume=args.resume or "never", overwrite=args.overwrite)
         saved = trainer.fit(stop_at=args.stop_at)
@@ -600,33 +612,49 @@ def main(argv=None) -> int:
         print(f"dsmoe-train: {describe_os_error('stopped', error, run.train.save)}",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if _rank0():
-            print(f"dsmoe-train: {_interrupted(run, trainer)}", file=sys.stderr)
-        return 130
+            print(f"dsmoe-train: {_interrupted(run, trainer, str(stop) or 'interrupted')}",
+                  file=sys.stderr)
+        return 143 if str(stop) else 130
     finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
         if run.train.save is not None:
             unlock_save_dir(run.train.save)
         runtime.shutdown(destroy_process_group=started_process_group)
 
 
-def _interrupted(run, trainer) -> str:
-    """Clean up after Ctrl-C (no collectives: the other ranks may be gone) and say where the
-    run can continue from."""
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's time limit or preemption, torchrun passing one on) stops like
+    Ctrl-C: the partial save is removed and the last complete checkpoint named. Returns the
+    previous handler (None off the main thread, where there is none to set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _interrupted(run, trainer, what: str = "interrupted") -> str:
+    """Clean up after Ctrl-C or SIGTERM (no collectives: the other ranks may be gone) and say
+    where the run can continue from."""
     from dsmoe_megatron import checkpoint
 
-    where = f" at iteration {trainer.iteration}" if trainer is not None else ""
+    where = f"{what} at iteration {trainer.iteration}" if trainer is not None else what
     save = run.train.save
     if save is None:
-        return f"interrupted{where}; no save directory, nothing was written"
+        return f"{where}; no save directory, nothing was written"
     checkpoint.remove_partial_checkpoints(save)
     try:
         last = checkpoint.latest_iteration(save)
     except CheckpointError:
         last = None
     if last is None:
-        return f"interrupted{where}; no complete checkpoint in {save}"
-    return (f"interrupted{where}; the last complete checkpoint is "
+        return f"{where}; no complete checkpoint in {save}"
+    return (f"{where}; the last complete checkpoint is "
             f"{checkpoint.iteration_dir(save, last)} (continue with --resume)")
 
 

@@ -63,7 +63,7 @@ def run_job(tasks: list[tuple]) -> list:
     """Rank function: run each (kind, *args) task in turn; returns their results."""
     kinds = {"train": train, "resume_copy": resume_copy, "train_interrupted": train_interrupted,
              "train_while_locked": train_while_locked, "train_disk_full": train_disk_full,
-             "damage": damage,
+             "damage": damage, "listing": listing,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
              "resumed_checkpoint": resumed_checkpoint,
              "experts_on_gpu_rng": experts_on_gpu_rng,
@@ -107,9 +107,10 @@ def resume_copy(source: str, argv: list[str], iteration: int) -> dict:
     return train([*argv, "--resume"])
 
 
-def train_interrupted(argv: list[str], when: str) -> dict:
-    """train() with Ctrl-C (a real SIGINT) right after the first checkpoint is complete
-    (when="after save") or while it is being written (when="during save")."""
+def train_interrupted(argv: list[str], when: str, signal_name: str = "SIGINT") -> dict:
+    """train() with Ctrl-C (a real SIGINT; or ``signal_name``, e.g. a scheduler's SIGTERM) right
+    after the first checkpoint is complete (when="after save") or while it is being written
+    (when="during save")."""
     import signal
     from unittest import mock
 
@@ -119,11 +120,11 @@ def train_interrupted(argv: list[str], when: str) -> dict:
 
     def write_then_interrupt(*args, **kwargs):
         real_save(*args, **kwargs)
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(getattr(signal, signal_name))
 
     def save_then_interrupt(*args, **kwargs):
         saved = real_checkpoint_save(*args, **kwargs)
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(getattr(signal, signal_name))
         return saved
 
     real_checkpoint_save = checkpoint.save
@@ -196,6 +197,10 @@ def train_disk_full(argv: list[str], full_at_save: int) -> dict:
     save = save_dir(argv)
     return {**result, "stderr_by_rank": stderr, "latest": (save / "latest").read_text(),
             "partial": [p.name for p in save.glob("*.partial")]}
+
+
+def listing(directory: str) -> list[str]:
+    return sorted(p.name for p in Path(directory).iterdir())
 
 
 def damage(save: str, copy: str, file: str, how: str) -> None:

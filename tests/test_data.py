@@ -318,10 +318,35 @@ def test_corpus_too_small_for_seq_length(tmp_path):
         data.build_gpt_datasets([prefix], 8, seed=0)
 
 
-def test_weighted_blend_needs_sample_counts(tmp_path):
-    prefix = make_prefix(tmp_path, "w", numbered_paragraphs("w", 10))
-    with pytest.raises(ValueError, match="train_samples and valid_samples"):
-        data.build_gpt_datasets(["1", prefix], 16, seed=0, split="80,20,0")
+def test_datasets_are_one_pass_whatever_the_run_length(tmp_path):
+    """Without sample counts a split is one pass over its data: one epoch, and for a weighted
+    blend as many samples as its datasets' splits hold together (hand count: 10 documents of
+    200 bytes + EOD, 8 in train, seq_length 16 -> (8 * 201 - 1) // 16 = 100 per dataset)."""
+    prefix_a = make_prefix(tmp_path, "a", ["A" * 200] * 10)
+    prefix_b = make_prefix(tmp_path, "b", ["B" * 200] * 10)
+    train, valid = data.build_gpt_datasets(["0.5", prefix_a, "0.5", prefix_b], 16, seed=0,
+                                           split="80,20,0", cache_dir=tmp_path)
+    assert len(train) == 2 * 100 and len(valid) == 2 * ((2 * 201 - 1) // 16)
+    single, _ = data.build_gpt_datasets([prefix_a], 16, seed=0, split="80,20,0",
+                                        cache_dir=tmp_path)
+    assert len(single) == 100
+
+
+def test_a_test_share_too_small_is_not_checked(tmp_path):
+    """Only the train and valid splits are built: a test share holding no sample is fine."""
+    prefix = make_prefix(tmp_path, "t", ["T" * 200] * 100)
+    train, valid = data.build_gpt_datasets([prefix], 16, seed=0, split="969,30,1",
+                                           cache_dir=tmp_path)
+    assert len(train) > 0 and len(valid) > 0
+
+
+def test_index_cache_avoids_a_read_only_dataset_directory(tmp_path, monkeypatch):
+    prefix = make_prefix(tmp_path, "ro", numbered_paragraphs("r", 20))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(data, "_can_create", lambda directory: False)
+    data.build_gpt_datasets([prefix], 16, seed=0, split="80,20,0")
+    assert not (tmp_path / "gpt_index_cache").exists()
+    assert list((tmp_path / "home" / ".cache" / "dsmoe_megatron" / "gpt_index_cache").iterdir())
 
 
 # --- batches ---------------------------------------------------------------------------------

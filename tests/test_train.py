@@ -67,11 +67,26 @@ def cli(tmp_path_factory) -> Cli:
     for case, (file, how, _) in DAMAGE.items():
         c.add(("damage", case), "damage", str(root / "run"), str(root / case), file, how)
         c.add(("resume damaged", case), "train", c.argv(case, *two, "--resume"))
+    c.add("overwrite bad data", "train", [*c.argv("run", "train_iters=1", "--overwrite"),
+                                          f"data_path=[{root / 'absent'}]"])
+    c.add("files before overwrite", "listing", str(root / "run"))
     c.add("overwrite", "train", c.argv("run", "train_iters=1", "--overwrite"))
     for when in ("after save", "during save"):
         c.add(("ctrl-c", when), "train_interrupted",
               c.argv(f"ctrl-c {when}", "train_iters=3", "save_interval=1"), when)
+    c.add(("sigterm", "during save"), "train_interrupted",
+          c.argv("sigterm during save", "train_iters=3", "save_interval=1"), "during save",
+          "SIGTERM")
     c.add("locked", "train_while_locked", c.argv("locked", *two))
+    # A run extended on resume (train_iters 3 -> 1000, far past one pass over the data) against
+    # one planned that long from the start; constant lr after the warm-up.
+    constant, stop = ["lr_decay_style=constant"], ["--stop-at", "6"]
+    c.add("planned long", "train", c.argv("planned long", "train_iters=1000", *constant, *stop))
+    c.add("short", "train", c.argv("extended", "train_iters=3", *constant))
+    c.add("extended", "train", c.argv("extended", "train_iters=1000", *constant, *stop,
+                                      "--resume"))
+    c.add("load past train_iters", "train", c.argv("load past", "train_iters=2",
+                                                    f"load={root / 'extended'}"))
     diverging = ["train_iters=30", "save_interval=1", "lr=1e6", "clip_grad=0",
                  "lr_warmup_iters=0"]
     c.add("diverge", "train", c.argv("nan", *diverging))
@@ -175,6 +190,44 @@ def test_ctrl_c_names_the_last_complete_checkpoint(cli, when):
     else:  # interrupted while writing the first checkpoint: none is complete
         assert not (save / "latest").exists()
         assert "no complete checkpoint" in result["stderr"]
+
+
+@pytest.mark.distributed
+def test_sigterm_stops_like_ctrl_c(cli):
+    """A scheduler's SIGTERM (time limit, preemption) during a save: the partial save is
+    removed, the message says so, and nothing is a traceback."""
+    result = cli.results[("sigterm", "during save")]
+    save = cli.root / "sigterm during save"
+    assert result["code"] == 143
+    assert "Traceback" not in result["stderr"]
+    assert "terminated (SIGTERM) at iteration 1; no complete checkpoint" in result["stderr"]
+    assert not list(save.glob("*.partial"))
+
+
+@pytest.mark.distributed
+def test_extending_train_iters_keeps_the_sample_stream(cli):
+    """Datasets are one pass over the data, whatever train_iters: a run extended on resume
+    trains on what a run planned that long from the start trains on."""
+    planned = records(ok(cli.results["planned long"]))
+    records(ok(cli.results["short"]))
+    extended = records(ok(cli.results["extended"]))
+    assert sorted(extended) == [1, 2, 3, 4, 5, 6]
+    assert [extended[i]["lm_loss"] for i in (4, 5, 6)] == [planned[i]["lm_loss"] for i in (4, 5, 6)]
+    # The index cache goes under the save directory, not beside the dataset (read-only mounts).
+    assert not list(Path(cli.data).parent.glob("*index_cache*"))
+    assert list((cli.root / "extended" / "data_cache" / "index").iterdir())
+
+
+@pytest.mark.distributed
+def test_load_past_train_iters_is_refused(cli):
+    refused(cli.results["load past train_iters"], "is at iteration 6", "train_iters=2",
+            "raise train_iters above 6")
+
+
+@pytest.mark.distributed
+def test_overwrite_keeps_the_run_when_the_data_is_bad(cli):
+    refused(cli.results["overwrite bad data"], "absent.idx")
+    assert "iter_0000002" in cli.results["files before overwrite"]
 
 
 @pytest.mark.distributed
