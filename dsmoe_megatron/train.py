@@ -179,7 +179,7 @@ class Trainer:
         train = self.run.train
         with record_init_methods(self.config) as record:
             chunks = [chunk.to(self.rt.device) for chunk in build_model_chunks(
-                self.config, self.padded_vocab, train.seq_length)]
+                self.config, self.padded_vocab, train.seq_length, self.vocab_size)]
         redraw_initial_weights(chunks, record, train.seed)
         if self.config.bf16 or self.config.fp16:
             chunks = [Float16Module(self.config, chunk) for chunk in chunks]

@@ -141,3 +141,31 @@ def count_host_syncs(layout) -> dict:
             out.sum().backward()
         counts[backend] = (forward.events, backward.events)
     return counts
+
+
+def padded_vocabulary_loss(layout) -> dict:
+    """The loss of a model whose padded vocabulary (256 rows) is masked to 100 real ones, and
+    an independent one: torch's cross-entropy over the first 100 columns of its gathered logits;
+    the gradient of the output layer's padding rows."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from common import SEQ, tiny_config
+    from dsmoe_megatron.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(layout), 256, SEQ, real_vocab_size=100)
+    tokens = torch.randint(0, 100, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    positions = torch.arange(SEQ).expand(2, SEQ)
+    loss = model(inputs, positions, None, labels=labels)
+    loss.sum().backward()
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model(inputs, positions, None))
+    reference = torch.nn.functional.cross_entropy(
+        logits[..., :100].flatten(0, 1), labels.flatten(), reduction="none").view(2, SEQ)
+    grad = model.output_layer.weight.grad
+    rows = torch.arange(grad.shape[0]) + ps.get_tensor_model_parallel_rank() * grad.shape[0]
+    return {"loss": loss.detach(), "reference": reference,
+            "padding_grad": float(grad[rows >= 100].abs().sum()),
+            "real_grad": float(grad[rows < 100].abs().sum())}

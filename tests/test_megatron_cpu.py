@@ -4,7 +4,7 @@ import pytest
 
 from distributed import run_on_ranks
 from dsmoe_megatron.runtime import ParallelLayout
-from parallel_cases import single_rank_reference, train_step
+from parallel_cases import padded_vocabulary_loss, single_rank_reference, train_step
 
 DENSE = {"num_moe_experts": None, "moe_router_topk": 2, "moe_ffn_hidden_size": None,
          "moe_num_shared_experts": 0, "moe_first_k_dense": 0}
@@ -35,3 +35,18 @@ def test_layout_matches_single_rank(dense_reference, layout, tmp_path):
     last_stage = [r for r in results if r["pp_rank"] == layout.pipeline - 1]
     for r in last_stage:
         assert r["losses"] == pytest.approx(single["losses"], abs=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vocabulary_padding_takes_no_probability(tp):
+    """The loss is the cross-entropy over the real vocabulary (on every TP size), and the
+    padding rows of the output layer get no gradient."""
+    import torch
+
+    results = run_on_ranks(padded_vocabulary_loss, tp, layout=ParallelLayout(tensor=tp),
+                           args=(ParallelLayout(tensor=tp),))
+    for r in results:
+        torch.testing.assert_close(r["loss"], r["reference"], rtol=1e-5, atol=1e-6)
+        assert r["padding_grad"] == 0
+    assert sum(r["real_grad"] for r in results) > 0  # TP2: rank 1 holds only padding rows
