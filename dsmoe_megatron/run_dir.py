@@ -65,10 +65,12 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
     save_dir = Path(save)
     latest = checkpoint.latest_iteration(save_dir)
     if mode == "always" and latest is None:
+        # A run that stopped before its first checkpoint left files a plain start refuses.
+        start = ("--overwrite to start it over" if run_files(save_dir)
+                 else "start without --resume")
         raise RunDirError(
             f"--resume: there is no checkpoint in {save_dir} (no '{checkpoint.LATEST_NAME}' "
-            "file) to continue; start without --resume, or use --resume auto to start when "
-            "there is none")
+            f"file) to continue; {start}, or use --resume auto to start when there is none")
     if mode != "never":
         return latest is not None, []
     existing = run_files(save_dir)

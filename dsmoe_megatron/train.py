@@ -245,6 +245,11 @@ class Trainer:
         self.iteration = int(extra.get("iteration", 0))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
         _log(f"loaded {ckpt} (iteration {self.iteration})")
+        was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
+        if was is not None and was != now:
+            _log(f"the global batch changes from {was} to {now} samples per step"
+                 + (" (global_batch_size: null follows the data-parallel size; set it to keep "
+                    f"{was})" if train.global_batch_size is None else ""))
         if self.iteration >= train.train_iters:
             if not resume:  # a new run from a checkpoint that would train nothing
                 raise CheckpointError(
@@ -451,7 +456,8 @@ class Trainer:
         run_yaml = (save / checkpoint.RUN_CONFIG_NAME).read_text() if _rank0() else None
         return checkpoint.save(
             save, self.iteration, self.model, self.optimizer,
-            extra_state={"iteration": self.iteration, "consumed_samples": self.consumed_samples},
+            extra_state={"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                         "global_batch": self.run.train.global_batch(self.dp_size)},
             run_config_yaml=run_yaml,
         )
 

@@ -77,15 +77,16 @@ def train(argv: list[str]) -> dict:
 
     from dsmoe_megatron import train as trainer
 
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
+    stderr, stdout = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         code = trainer.main(argv)
     save = save_dir(argv)
     metrics = save / "metrics.jsonl"
     records = None
     if dist.get_rank() == 0 and metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return {"code": code, "stderr": stderr.getvalue(), "records": records}
+    return {"code": code, "stderr": stderr.getvalue(), "stdout": stdout.getvalue(),
+            "records": records}
 
 
 def resume_copy(source: str, argv: list[str], iteration: int) -> dict:

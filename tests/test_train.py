@@ -77,6 +77,8 @@ def cli(tmp_path_factory) -> Cli:
     c.add(("sigterm", "during save"), "train_interrupted",
           c.argv("sigterm during save", "train_iters=3", "save_interval=1"), "during save",
           "SIGTERM")
+    c.add("resume before a checkpoint", "train",
+          c.argv("sigterm during save", "train_iters=3", "--resume"))
     c.add("locked", "train_while_locked", c.argv("locked", *two))
     # A run extended on resume (train_iters 3 -> 1000, far past one pass over the data) against
     # one planned that long from the start; constant lr after the warm-up.
@@ -85,6 +87,9 @@ def cli(tmp_path_factory) -> Cli:
     c.add("short", "train", c.argv("extended", "train_iters=3", *constant))
     c.add("extended", "train", c.argv("extended", "train_iters=1000", *constant, *stop,
                                       "--resume"))
+    c.add("batch 4", "train", c.argv("batch", "train_iters=2", "global_batch_size=4"))
+    c.add("batch 8", "train", c.argv("batch", "train_iters=3", "global_batch_size=8",
+                                     "--resume"))
     c.add("load past train_iters", "train", c.argv("load past", "train_iters=2",
                                                     f"load={root / 'extended'}"))
     diverging = ["train_iters=30", "save_interval=1", "lr=1e6", "clip_grad=0",
@@ -202,6 +207,9 @@ def test_sigterm_stops_like_ctrl_c(cli):
     assert "Traceback" not in result["stderr"]
     assert "terminated (SIGTERM) at iteration 1; no complete checkpoint" in result["stderr"]
     assert not list(save.glob("*.partial"))
+    # Its run.yaml stays, so a plain start would be refused: --resume says what works.
+    refused(cli.results["resume before a checkpoint"], "no checkpoint",
+            "--overwrite to start it over", "--resume auto")
 
 
 @pytest.mark.distributed
@@ -216,6 +224,14 @@ def test_extending_train_iters_keeps_the_sample_stream(cli):
     # The index cache goes under the save directory, not beside the dataset (read-only mounts).
     assert not list(Path(cli.data).parent.glob("*index_cache*"))
     assert list((cli.root / "extended" / "data_cache" / "index").iterdir())
+
+
+@pytest.mark.distributed
+def test_a_resume_says_when_the_global_batch_changes(cli):
+    records(ok(cli.results["batch 4"]))
+    assert "global batch changes from 4 to 8 samples per step" in ok(
+        cli.results["batch 8"])["stdout"]
+    assert "global batch changes" not in cli.results["extended"]["stdout"]
 
 
 @pytest.mark.distributed
