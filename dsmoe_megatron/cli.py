@@ -39,6 +39,11 @@ HARMLESS_WARNINGS = (
     "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load",
     # Megatron's distributed optimizer zeroes the .grad of its parameter-shard views.
     "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+    # Megatron's logging helpers in a single-process tool (dsmoe-preprocess): rank 0 is right.
+    "Could not determine rank from torch.distributed",
+    "Could not determine world size from torch.distributed",
+    # About Megatron's router (moe_router_dtype); ours always routes in fp32 (router.py).
+    r"Using a large number of experts \(e.g. >=32\) without fp32 routing",
 )
 # Logged messages (prefixes), by logger.
 HARMLESS_LOG_RECORDS = {
@@ -79,6 +84,15 @@ def quiet_warnings(argv: list[str] | None = None) -> list[str]:
     return [a for a in argv if a not in VERBOSE_FLAGS]
 
 
+def default_file_mode(file: str | Path | int) -> None:
+    """Give ``file`` (a path or an open descriptor) the mode open() creates files with, 0o666
+    less the umask: tempfile.mkstemp and safetensors create them 0o600, which colleagues on a
+    shared cluster cannot read."""
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts and iteration numbers: an integer >= 1."""
     try:
@@ -108,6 +122,11 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
         return text
     free = _free_space(path or filename)
     return text + (f"; {free}" if free else "")
+
+
+def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first of ``error`` and what is behind it (see ``_causes``) that is a ``kind``."""
+    return next((e for e in _causes(error) if isinstance(e, kind)), None)
 
 
 def _causes(error: BaseException):

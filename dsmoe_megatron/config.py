@@ -129,20 +129,43 @@ def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
     _check_low_precision(cfg)
 
 
+def _head_counts_near(hidden: int, heads: int) -> str:
+    """Head counts next to ``heads`` that divide ``hidden`` into an even head dimension (RoPE
+    rotates channel pairs), or into any, for an odd ``hidden``."""
+    divisors = [d for d in range(1, hidden + 1) if hidden % d == 0]
+    divisors = [d for d in divisors if hidden // d % 2 == 0] or divisors
+    near = [max(d for d in divisors if d < heads), *[d for d in divisors if d > heads][:1]]
+    return " or ".join(map(str, near))
+
+
 def _check_attention_heads(cfg: DeepSeekMoEConfig) -> None:
     heads, hidden = cfg.num_attention_heads, cfg.hidden_size
     if cfg.kv_channels is None and hidden % heads:
-        divisors = [d for d in range(1, hidden + 1) if hidden % d == 0]
-        near = [max(d for d in divisors if d < heads), *[d for d in divisors if d > heads][:1]]
         raise ConfigError(
             f"num_attention_heads={heads} does not divide hidden_size={hidden} (each head gets "
             f"hidden_size / num_attention_heads channels); use a head count that divides it, "
-            f"e.g. {' or '.join(map(str, near))}, or set kv_channels")
+            f"e.g. {_head_counts_near(hidden, heads)}, or set kv_channels")
     groups = cfg.num_query_groups
     if groups is not None and heads % groups:
         raise ConfigError(
             f"num_query_groups={groups} does not divide num_attention_heads={heads} (each "
             "key/value head serves the same number of query heads); pick a divisor or null")
+
+
+def check_rope_head_dim(cfg: DeepSeekMoEConfig) -> None:
+    """The model's attention (not the MoE block alone) needs an even head dimension: rotary
+    position embeddings rotate pairs of channels (Megatron's RoPE fails at the first step)."""
+    heads, hidden, head_dim = cfg.num_attention_heads, cfg.hidden_size, cfg.kv_channels
+    if head_dim % 2 == 0:
+        return
+    if hidden == head_dim * heads:
+        where = f"hidden_size={hidden} / num_attention_heads={heads} = {head_dim}"
+        fix = (f"use num_attention_heads={_head_counts_near(hidden, heads)}, or set an even "
+               "kv_channels" if hidden % 2 == 0 else "use an even hidden_size")
+    else:
+        where, fix = f"kv_channels={head_dim}", "set an even kv_channels"
+    raise ConfigError(f"the head dimension ({where}) is odd, but rotary position embeddings "
+                      f"(RoPE) rotate pairs of channels; {fix}")
 
 
 def _check_low_precision(cfg: DeepSeekMoEConfig) -> None:

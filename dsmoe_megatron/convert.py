@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from dsmoe_megatron.cli import describe_os_error, positive_int, quiet_warnings
+from dsmoe_megatron.cli import describe_os_error, find_cause, positive_int, quiet_warnings
 from dsmoe_megatron.hf.mapping import (
     DTYPE_NAMES,
     DTYPES,
@@ -486,8 +486,15 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
                                     post_process=True, use_te=False)
             _check_sources_fit(model, hf_to_megatron(
                 lambda n: torch.empty(shapes[n], dtype=params_dtype, device="meta"), dims, padded))
-            checkpoint.save(partial, 0, [model], run_config_yaml=run_yaml_text,
-                            sharded_strategy=StreamingSaveStrategy(tensor_of))
+            try:
+                checkpoint.save(partial, 0, [model], run_config_yaml=run_yaml_text,
+                                sharded_strategy=StreamingSaveStrategy(tensor_of))
+            except checkpoint.CheckpointError as err:
+                # A source tensor unreadable or broken (NaN/inf) as it was written: say that.
+                cause = find_cause(err, ConversionError)
+                if cause is None:
+                    raise
+                raise cause from None
     log(f"wrote {out}: iteration 0, {DTYPE_NAMES[params_dtype]}, vocab {dims.vocab} padded to "
         f"{padded} for tensor parallel size {run.layout.tensor}")
     return out

@@ -37,6 +37,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.tokenizer import ByteTokenizer
 
 FUNCTION_CONSONANTS = "tlnrs"
@@ -63,13 +64,20 @@ class LanguageConfig:
     mean_sentences: float = 8.0
 
     def check(self) -> None:
-        consonants = len(LEXICON_CONSONANTS) // max(1, self.lexicons)
+        max_lexicons = len(LEXICON_CONSONANTS) // 2  # at least 2 consonants each
+        consonants = len(LEXICON_CONSONANTS) // min(max(1, self.lexicons), max_lexicons)
+        # Distinct words a lexicon can spell (2-3 syllables of 3 vowels, maybe a final
+        # consonant); its three classes take 3 x words_per_class of them, at most half.
+        max_words = (9 * consonants**2 + 27 * consonants**3) * (1 + consonants) // 6
         problems = [
             (not 1 <= self.grammars <= len(TERMINATORS), f"grammars must be 1..{len(TERMINATORS)}"),
-            (consonants < 2, f"lexicons must be 1..{len(LEXICON_CONSONANTS) // 2}"),
+            (not 1 <= self.lexicons <= max_lexicons, f"lexicons must be 1..{max_lexicons}"),
+            (not 1 <= self.words_per_class <= max_words,
+             f"words_per_class must be 1..{max_words} with {self.lexicons} lexicon(s)"),
             (not 1 <= self.successors <= self.words_per_class,
              "successors must be between 1 and words_per_class"),
             (not 0 <= self.association <= 1, "association must be in [0, 1]"),
+            (not 0 <= self.zipf < math.inf, "zipf must be >= 0 (0: uniform word frequencies)"),
             (not 0 <= self.modifier_prob < 1, "modifier_prob must be in [0, 1)"),
             (self.mean_sentences < 1, "mean_sentences must be >= 1"),
         ]
@@ -240,12 +248,15 @@ def metadata_path(prefix: str | os.PathLike) -> Path:
 
 
 def write_corpus(output_prefix: str | os.PathLike, num_tokens: int,
-                 cfg: LanguageConfig = LanguageConfig()) -> str:
+                 cfg: LanguageConfig = LanguageConfig(), force: bool = False) -> str:
     """Generate documents until they hold ``num_tokens`` tokens (bytes + one end-of-document
     each), write ``<prefix>.bin/.idx`` and ``<prefix>.synthetic.json`` (the language, each
-    document's domain, token count and -log p). Returns the prefix."""
+    document's domain, token count and -log p). Returns the prefix. An existing corpus at the
+    prefix is replaced only with ``force``."""
     from dsmoe_megatron.data import preprocess
 
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens={num_tokens} must be >= 1")
     language = SyntheticLanguage(cfg)
     rng = random.Random(f"dsmoe-synthetic-documents-{cfg.seed}")
     docs = {"domain": [], "tokens": [], "nll": []}
@@ -262,7 +273,7 @@ def write_corpus(output_prefix: str | os.PathLike, num_tokens: int,
                 total += tokens
                 for key, value in (("domain", domain), ("tokens", tokens), ("nll", nll)):
                     docs[key].append(value)
-        preprocess([jsonl], prefix, ByteTokenizer())
+        preprocess([jsonl], prefix, ByteTokenizer(), force=force)
     meta = {"language": dataclasses.asdict(cfg), "num_tokens": sum(docs["tokens"]),
             "entropy_nats_per_token": sum(docs["nll"]) / sum(docs["tokens"]),
             "domains": [{"lexicon": lex, "grammar": gram} for lex, gram in language.domains],
@@ -304,6 +315,20 @@ def _language_dest(prefix: str, name: str) -> str:
     return f"{prefix.replace('-', '_')}{name}"
 
 
+LANGUAGE_HELP = {
+    "seed": "seed of the language and its documents",
+    "lexicons": "vocabularies, each spelt with its own consonants "
+                f"(1..{len(LEXICON_CONSONANTS) // 2})",
+    "grammars": f"word orders and punctuation styles (1..{len(TERMINATORS)})",
+    "words_per_class": "nouns, verbs and modifiers of each lexicon",
+    "successors": "favourite next words of each word (1..words per class)",
+    "association": "probability that a word is one of its predecessor's favourites, in [0, 1]",
+    "zipf": "exponent of the Zipfian word frequencies, >= 0 (0: uniform)",
+    "modifier_prob": "probability that a noun has a modifier, in [0, 1)",
+    "mean_sentences": "mean sentences per document, >= 1",
+}
+
+
 def add_language_arguments(parser, prefix: str = "",
                            defaults: LanguageConfig = LanguageConfig()) -> None:
     """One option per LanguageConfig field on ``parser`` (or an argument group):
@@ -311,7 +336,8 @@ def add_language_arguments(parser, prefix: str = "",
     for field in dataclasses.fields(LanguageConfig):
         parser.add_argument(f"--{prefix}{field.name.replace('_', '-')}",
                             dest=_language_dest(prefix, field.name),
-                            type=type(field.default), default=getattr(defaults, field.name))
+                            type=type(field.default), default=getattr(defaults, field.name),
+                            help=f"{LANGUAGE_HELP[field.name]} (default %(default)s)")
 
 
 def language_from_args(args: argparse.Namespace, prefix: str = "") -> LanguageConfig:
@@ -320,16 +346,29 @@ def language_from_args(args: argparse.Namespace, prefix: str = "") -> LanguageCo
                              for f in dataclasses.fields(LanguageConfig)})
 
 
+def _token_count(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1 (e.g. 3e6), got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsmoe_megatron.synthetic",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokens", type=float, default=3e6, help="corpus size in tokens")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                        help="write PREFIX.bin / .idx and PREFIX.synthetic.json")
+    parser.add_argument("--tokens", type=_token_count, default=3e6,
+                        help="corpus size in tokens (default %(default)g)")
+    parser.add_argument("--force", action="store_true", help="replace an existing corpus at PREFIX")
     add_language_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(quiet_warnings(argv))
     cfg = language_from_args(args)
     try:
-        prefix = write_corpus(args.output_prefix, int(args.tokens), cfg)
+        prefix = write_corpus(args.output_prefix, int(args.tokens), cfg, force=args.force)
     except (OSError, ValueError) as err:
         print(f"dsmoe_megatron.synthetic: {err}", file=sys.stderr)
         return 1

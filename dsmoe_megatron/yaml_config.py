@@ -53,6 +53,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from dsmoe_megatron import config as _config_module
 from dsmoe_megatron import field_ranges, strict_yaml
+from dsmoe_megatron.cli import default_file_mode
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, deepseek_defaults
 from dsmoe_megatron.runtime import ParallelLayout
 from dsmoe_megatron.tokenizer import ByteTokenizer
@@ -544,6 +545,7 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     try:
         with _environment_checks(instantiate_checks):
             model = DeepSeekMoEConfig(**kwargs)
+        _config_module.check_rope_head_dim(model)
     except YamlConfigError:
         raise
     except (ValueError, AssertionError, TypeError, ZeroDivisionError) as err:
@@ -733,6 +735,7 @@ def dump_run_config(cfg: RunConfig, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
+            default_file_mode(f.fileno())
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

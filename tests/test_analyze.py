@@ -197,6 +197,24 @@ def test_disabling_no_expert_reproduces_the_hf_model_loss(tiny, tmp_path):
         assert abs(result["redundancy"][0]["loss"] - reference) < 1e-5, source
 
 
+def test_an_hf_export_is_analysed_with_the_defaults_from_hf_gives_it(tiny, tmp_path):
+    """An HF export gets from-hf's defaults: the shipped corpus and split 969,30,1, whose test
+    share holds no document of that corpus. The analysis evaluates the validation split only,
+    so the empty test share must not stop it."""
+    from dsmoe_megatron.data import default_corpus_prefix, open_indexed_dataset
+    from dsmoe_megatron.synthetic import split_documents
+
+    hf = convert.export_to_hf(tiny.save, tmp_path / "hf", dtype="fp32")
+    split = convert.build_run_config(convert.read_hf_config(hf)).train.split
+    lengths = open_indexed_dataset(default_corpus_prefix()).sequence_lengths
+    test = split_documents(len(lengths), split)["test"]
+    assert int(lengths[test.start:test.stop].sum()) == 0  # the case this is about
+    out = tmp_path / "out"
+    assert analyze.main([str(hf), "--out", str(out), "--eval-iters", "2",
+                         "--micro-batch-size", "2"]) == 0
+    assert json.loads((out / "analysis.json").read_text())["eval_tokens"] == 2 * 2 * SEQ
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert analyze.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err

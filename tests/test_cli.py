@@ -1,11 +1,16 @@
 """The command-line tools print our messages, not pages of known-harmless third-party warnings of a
-CPU install; ``-v`` or DSMOE_SHOW_WARNINGS=1 shows them."""
+CPU install; ``-v`` or DSMOE_SHOW_WARNINGS=1 shows them. ``python -m dsmoe_megatron.synthetic``
+names each bad setting."""
 
+import inspect
 import os
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "yaml_configs" / "tiny.yaml")
@@ -63,3 +68,90 @@ def test_console_scripts_quiet_warnings_before_importing_the_tool():
                        "dsmoe-plan": "dsmoe_megatron.cli:plan",
                        "dsmoe-preprocess": "dsmoe_megatron.cli:preprocess",
                        "dsmoe-analyze": "dsmoe_megatron.cli:analyze"}
+
+
+def test_preprocess_hides_megatrons_unknown_rank_warning(tmp_path):
+    corpus = ROOT / "dsmoe_megatron" / "corpus" / "aesop_fables.txt"
+    proc = run_tool("preprocess", ["--input", str(corpus), "--output-prefix", str(tmp_path / "a")])
+    assert "wrote" in proc.stdout and "Could not determine rank" not in proc.stderr, proc.stderr
+
+
+def test_plan_hides_the_fp32_routing_advice_our_router_does_not_need():
+    # Megatron's advice is about its own router's moe_router_dtype; ours computes the logits and
+    # the softmax in fp32 whatever the parameters' dtype (router.py), so it does not apply.
+    from dsmoe_megatron.router import TopKRouter
+
+    assert "torch.float32" in inspect.getsource(TopKRouter.forward)
+    proc = run_tool("plan", [str(ROOT / "yaml_configs" / "deepseekmoe_16b.yaml")])
+    assert "Parameters" in proc.stdout and "fp32 routing" not in proc.stderr, proc.stderr
+
+
+# ---- python -m dsmoe_megatron.synthetic ------------------------------------------------------
+
+def synthetic(args: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the synthetic corpus command, run in this process."""
+    from dsmoe_megatron.synthetic import main
+
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's own errors and --help
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lexicons", "0"], "dsmoe_megatron.synthetic: synthetic language: lexicons must be 1..8"),
+    (["--lexicons", "-3"], "dsmoe_megatron.synthetic: synthetic language: lexicons must be 1..8"),
+    (["--words-per-class", "0"],
+     "dsmoe_megatron.synthetic: synthetic language: words_per_class must be 1.."),
+    (["--tokens", "0"], "error: argument --tokens: must be a number >= 1 (e.g. 3e6), got '0'"),
+    (["--tokens", "-5"], "error: argument --tokens: must be a number >= 1"),
+    (["--tokens", "nan"], "error: argument --tokens: must be a number >= 1"),
+    (["--zipf", "-1"], "dsmoe_megatron.synthetic: synthetic language: zipf must be >= 0"),
+], ids=["lexicons-0", "lexicons-negative", "words-0", "tokens-0",
+        "tokens-negative", "tokens-nan", "zipf-negative"])
+def test_synthetic_refuses_bad_settings_by_name(tmp_path, capsys, args, message):
+    code, _, err = synthetic(["--output-prefix", str(tmp_path / "c"), "--tokens", "2000", *args],
+                             capsys)
+    # argparse's errors exit with 2; the language's with 1 (tests/test_compare.py)
+    assert code == (2 if "--tokens" in args else 1) and message in err.splitlines()[-1], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_synthetic_language_refuses_more_words_than_it_can_spell():
+    from dsmoe_megatron.synthetic import LanguageConfig, SyntheticLanguage
+
+    # 8 lexicons spell with 2 consonants and 3 vowels each: 2 or 3 syllables, maybe a final
+    # consonant, 756 words; 3 classes of 300 would make the generator search for ever.
+    spellable = sum((2 * 3) ** n * (1 + 2) for n in (2, 3))
+    assert spellable == 756
+    with pytest.raises(ValueError, match=r"words_per_class must be 1\.\.126 with 8 lexicon"):
+        LanguageConfig(lexicons=8, words_per_class=300).check()
+    language = SyntheticLanguage(LanguageConfig(lexicons=8, words_per_class=126))  # half of them
+    assert all(len(set(words)) == 126 for lex in language.lexicons for words in lex.words.values())
+
+
+def test_synthetic_options_have_help_and_force_replaces_a_corpus(tmp_path, capsys):
+    code, out, _ = synthetic(["--help"], capsys)
+    options = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+    assert code == 0 and len(options) == 12  # --output-prefix, --tokens, --force, 9 language
+    # each option is followed by its description (on its line or the next)
+    described = re.findall(r"^  (--[\w-]+)(?: [A-Z_]+)?(?:  +\S|\n {20,}\S)", out, re.M)
+    assert described == options, out
+    assert "--zipf ZIPF           exponent of the Zipfian word frequencies, >= 0" in out
+    args = ["--output-prefix", str(tmp_path / "c"), "--tokens", "2000"]
+    assert synthetic(args, capsys)[0] == 0
+    code, _, err = synthetic(args, capsys)
+    assert code == 1 and "already exists; pass --force" in err
+    assert synthetic([*args, "--force"], capsys)[0] == 0
+
+
+def test_synthetic_hides_harmless_warnings(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if k != "DSMOE_SHOW_WARNINGS"}
+    proc = subprocess.run([sys.executable, "-m", "dsmoe_megatron.synthetic", "--output-prefix",
+                           str(tmp_path / "c"), "--tokens", "2000"], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
+    assert "Transformer Engine and Apex are not installed" not in proc.stderr, proc.stderr

@@ -59,9 +59,10 @@ from dsmoe_megatron.config import ConfigError, derive_from_baseline
      "num_attention_heads=3 does not divide hidden_size=32 (each head gets hidden_size / "
      "num_attention_heads channels); use a head count that divides it, e.g. 2 or 4, or set "
      "kv_channels"),
+    # 32 heads would divide it into heads of 1 channel, which RoPE cannot rotate
     (dict(num_attention_heads=40), "num_attention_heads=40 does not divide hidden_size=32 (each "
                                    "head gets hidden_size / num_attention_heads channels); use a "
-                                   "head count that divides it, e.g. 32, or set kv_channels"),
+                                   "head count that divides it, e.g. 16, or set kv_channels"),
     (dict(num_query_groups=3), "num_query_groups=3 does not divide num_attention_heads=4"),
     (dict(moe_layer_freq=0), "moe_layer_freq=0 must be N >= 1 (every N-th layer is MoE)"),
     (dict(moe_layer_freq=[0, 1, 1]), "or a list with one 0 (dense) or 1 (MoE) per layer (4 "

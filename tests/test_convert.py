@@ -33,6 +33,7 @@ from dsmoe_megatron import checkpoint, convert, runtime  # noqa: E402
 from dsmoe_megatron.convert import ConversionError  # noqa: E402
 from dsmoe_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES  # noqa: E402
 from dsmoe_megatron.hf.mapping import single_rank_config  # noqa: E402
+from dsmoe_megatron.hf import streaming  # noqa: E402
 from dsmoe_megatron.hf.streaming import SafetensorsReader  # noqa: E402
 from dsmoe_megatron.model import build_model, padded_vocab_size  # noqa: E402
 
@@ -181,6 +182,19 @@ def test_export_writes_a_complete_hf_directory(trained, exported):
     assert generation["eos_token_id"] == config["eos_token_id"]
     assert (exported / "tokenizer.json").is_file()
     assert not exported.with_name(exported.name + ".partial").exists()
+
+
+def test_exported_shards_are_as_readable_as_any_file_the_user_creates(trained, tmp_path):
+    """safetensors writes its files 0600; colleagues on a shared cluster could not read them."""
+    old = os.umask(0o027)
+    try:
+        out = convert.export_to_hf(trained.save, tmp_path / "hf", max_shard_size="60KB")
+        (tmp_path / "probe").touch()  # what open() gives a new file under this umask
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "probe").stat().st_mode & 0o777
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.glob("*.safetensors")}
+    assert len(modes) >= 3 and set(modes.values()) == {expected} == {0o640}, modes
 
 
 def test_export_logits_match_megatron(trained, exported):
@@ -589,7 +603,9 @@ def test_export_refuses_non_finite_weights_unless_allowed(rt, tmp_path, capsys):
 
     write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
     edit_tensors(tmp_path / "hf", spoil)
-    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    with pytest.MonkeyPatch.context() as patch:  # from-hf itself refuses NaN/inf weights
+        patch.setattr(streaming, "check_finite", lambda *args: None)
+        save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
     out = tmp_path / "out"
     code, err = run_cli(["to-hf", "--checkpoint", str(save), "--out", str(out)], capsys)
     assert code == 2
@@ -602,6 +618,19 @@ def test_export_refuses_non_finite_weights_unless_allowed(rt, tmp_path, capsys):
                     "--allow-non-finite"], capsys)[0] == 0
     tensors = read_tensors(out)
     assert torch.isnan(tensors[nan_name][3, 5]) and torch.isfinite(tensors[big_name]).all()
+
+
+def test_import_refuses_non_finite_weights_naming_tensor_and_file(rt, tmp_path, capsys):
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    edit_tensors(tmp_path / "hf", lambda t: t[name].__setitem__((3, 5), float("inf")))
+    [path] = (tmp_path / "hf").glob("*.safetensors")
+    out = tmp_path / "m"
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out)], capsys)
+    assert code == 2, err
+    [line] = [x for x in err.splitlines() if x.startswith("dsmoe-convert: error: ")]
+    assert f"{name} has 1 non-finite values (NaN or inf) of {8 * 64} in {path}" in line
+    assert not out.exists() and not out.with_name("m.partial").exists()
 
 
 @pytest.mark.parametrize("change, message", [

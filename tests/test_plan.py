@@ -366,6 +366,24 @@ def test_search_returns_only_layouts_the_config_validation_accepts(toy_search):
     assert all(r.estimate.fits for r in ranked)
 
 
+def test_a_search_without_candidates_says_why_and_which_gpu_counts_have_some(capsys):
+    """No DP size possible on 1000 GPUs divides the global batch 4608 = 2^9 x 9 (DP would have
+    to take up the factor 125); the nearest whole-node counts the enumeration gives layouts on
+    are suggested."""
+    run = load_run_config(CONFIGS / "deepseekmoe_145b.yaml", instantiate_checks=False)
+    result = search.search(run, Cluster(GPUS["H100-80GB"], 1000, 8))
+    assert result["candidates"] == 0
+    has = {n: bool(search.candidates(run.model, n, 8, 4608)) for n in range(960, 1041, 8)}
+    below = max(n for n in has if has[n] and n < 1000)
+    above = min(n for n in has if has[n] and n > 1000)
+    assert result["nearby_gpus"] == [below, above]
+    assert plan.main([str(CONFIGS / "deepseekmoe_145b.yaml"), "--gpus", "1000", "--search"]) == 1
+    out = capsys.readouterr().out
+    assert "no data-parallel size possible on 1000 GPUs" in out
+    assert "divides the global batch 4608" in out and f"--gpus {below} or {above}" in out
+    assert "none fits" not in out
+
+
 def test_ranking_prefers_fewer_cross_node_all_to_all_bytes(toy_search):
     _, result = toy_search
     position = {r.layout: i for i, r in enumerate(result["ranked"])}

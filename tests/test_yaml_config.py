@@ -157,6 +157,16 @@ def test_dump_then_load_gives_the_same_config(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["run.yaml"]  # no temporary file left
 
 
+def test_dumped_run_config_gets_the_umask_mode_not_mkstemps_0600(tmp_path):
+    cfg = load_run_config(TINY)
+    old = os.umask(0o027)
+    try:
+        dump_run_config(cfg, tmp_path / "run.yaml")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.yaml").stat().st_mode & 0o777 == 0o640  # 0o666 less 0o027
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_round_trips(path, tmp_path):
     cfg = load_run_config(path, instantiate_checks=False)
@@ -328,6 +338,11 @@ def test_moe_layer_freq_may_be_an_int_or_a_list():
      "num_moe_experts=15 is not divisible by expert_model_parallel_size=2"),
     (["model_parallel.sequence_parallel=true"], "sequence parallelism"),
     (["model_parallel.virtual_pipeline_model_parallel_size=2"], "needs pipeline parallelism"),
+    # 100 / 4 = 25 channels a head: RoPE rotates channel pairs (it failed at the first step)
+    (["language_model.hidden_size=100", "language_model.num_attention_heads=4"],
+     "the head dimension (hidden_size=100 / num_attention_heads=4 = 25) is odd, but rotary "
+     "position embeddings (RoPE) rotate pairs of channels; use num_attention_heads=2 or 5"),
+    (["language_model.kv_channels=33"], "the head dimension (kv_channels=33) is odd"),
 ])
 def test_invalid_values_are_reported_with_the_file(overrides, message):
     with pytest.raises(YamlConfigError) as err:

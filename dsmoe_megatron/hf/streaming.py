@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
+from dsmoe_megatron.cli import default_file_mode
 from dsmoe_megatron.hf.mapping import DTYPE_NAMES, ConversionError, canonical_name
 
 # ------------------------------------------------------------------------------------------
@@ -89,14 +90,18 @@ class SafetensorsReader:
             raise ConversionError(f"cannot open {path}: {err}") from err
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``; NaN/inf values are refused."""
         path = self.files[name]
         if self._current is None or self._current[0] != path:
             self._current = None  # unmap the previous file first
             self._current = (path, self._open(path))
         try:
-            return self._current[1].get_tensor(name)
+            tensor = self._current[1].get_tensor(name)
         except Exception as err:  # noqa: BLE001
             raise ConversionError(f"cannot read tensor {name} from {path}: {err}") from err
+        check_finite(name, tensor, str(path), "these weights are broken; download or export "
+                     "the model again")
+        return tensor
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -147,6 +152,7 @@ def write_safetensors_shards(sources: Mapping[str, Callable[[], torch.Tensor]],
             total += t.numel() * t.element_size()
             weight_map[name] = filename
         save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+        default_file_mode(out_dir / filename)
         files.append(filename)
         del shard
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -159,15 +165,20 @@ def _exported(name: str, t: torch.Tensor, dtype: torch.dtype,
     out = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
     if allow_non_finite or torch.isfinite(out).all():
         return out
-    bad = int((~torch.isfinite(out)).sum())
-    if torch.isfinite(t).all():
-        raise ConversionError(
-            f"{name}: {bad} of {out.numel()} values overflow {DTYPE_NAMES[dtype]} (the largest "
-            f"is {float(t.abs().max()):.4g}); export with --dtype bf16 or fp32")
+    check_finite(name, t, "the checkpoint", "these weights are broken; export an earlier "
+                 "checkpoint, or pass --allow-non-finite to write them anyway")
     raise ConversionError(
-        f"{name} has {bad} non-finite values (NaN or inf) of {out.numel()} in the checkpoint: "
-        "these weights are broken; export an earlier checkpoint, or pass --allow-non-finite "
-        "to write them anyway")
+        f"{name}: {int((~torch.isfinite(out)).sum())} of {out.numel()} values overflow "
+        f"{DTYPE_NAMES[dtype]} (the largest is {float(t.abs().max()):.4g}); export with "
+        "--dtype bf16 or fp32")
+
+
+def check_finite(name: str, t: torch.Tensor, where: str, fix: str) -> None:
+    """Refuse tensor ``name`` (read from ``where``) if it holds NaN or inf."""
+    finite = torch.isfinite(t)
+    if not finite.all():
+        raise ConversionError(f"{name} has {int((~finite).sum())} non-finite values (NaN or "
+                              f"inf) of {t.numel()} in {where}: {fix}")
 
 
 # ------------------------------------------------------------------------------------------

@@ -146,6 +146,22 @@ def candidates(cfg: DeepSeekMoEConfig, world: int, gpus_per_node: int,
     return groups
 
 
+def nearby_worlds(cfg: DeepSeekMoEConfig, world: int, gpus_per_node: int,
+                  global_batch: int) -> list[int]:
+    """The nearest GPU counts below and above ``world`` (in whole nodes when ``world`` is) that
+    have candidates: a data-parallel size world / (TP x PP) that divides the global batch."""
+    def has_candidates(n: int) -> bool:
+        return any(global_batch % (n // (tp * pp)) == 0
+                   for tp in _divisors(gpus_per_node) if n % tp == 0
+                   for pp in _divisors(n // tp) if pp <= cfg.num_layers)
+
+    step = gpus_per_node if world % gpus_per_node == 0 else 1
+    below = next((n for n in range(world - step, 0, -step) if has_candidates(n)), None)
+    above = next((n for n in range(world + step, 2 * world + 1, step) if has_candidates(n)),
+                 None)
+    return [n for n in (below, above) if n is not None]
+
+
 @dataclass
 class Ranked:
     layout: Layout
@@ -187,7 +203,9 @@ def search(run: RunConfig, cluster: Cluster, top: int = 10, min_headroom: float 
     return {"gpu": cluster.gpu.name, "num_gpus": world, "gpus_per_node": cluster.gpus_per_node,
             "global_batch_size": global_batch, "candidates": sum(map(len, groups)),
             "fit": len(fitting),
-            "rejected_by_validation": rejected, "ranked": ranked}
+            "rejected_by_validation": rejected, "ranked": ranked,
+            "nearby_gpus": [] if groups else nearby_worlds(cfg, world, cluster.gpus_per_node,
+                                                           global_batch)}
 
 
 def _estimate(cfg, params: ParamCount, cluster, seq, layout: Layout, global_batch, options,
