@@ -17,6 +17,7 @@ Checkpoints are trusted input: Megatron's ``.metadata`` file is a Python pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -453,14 +454,22 @@ def _load_optimizer_state(optimizer, optimizer_state) -> None:
     for sub, param_state in zip(_sub_optimizers(optimizer), param_states):
         if param_state is None:
             continue
-        state = sub.optimizer.state
-        steps = {param: state[param].pop("step") for param in state if "step" in state[param]}
-        try:
+        with adam_steps_set_aside(sub):
             sub.load_parameter_state_from_fully_reshardable(param_state)
-        finally:
-            for param, step in steps.items():
-                state[param]["step"] = step
     untie_adam_steps(optimizer)
+
+
+@contextlib.contextmanager
+def adam_steps_set_aside(distributed_optimizer):
+    """Without torch Adam's per-parameter ``step``, which Megatron's fully-reshardable load
+    would copy from a loaded state that keeps it in the groups instead."""
+    state = distributed_optimizer.optimizer.state
+    steps = {param: state[param].pop("step") for param in state if "step" in state[param]}
+    try:
+        yield
+    finally:
+        for param, step in steps.items():
+            state[param]["step"] = step
 
 
 def adam_steps_from_groups(optimizer) -> None:

@@ -102,13 +102,22 @@ def resume_torch_adam() -> None:
     leaves the created zeros, so Adam's bias correction started over).
     Loading runs without autograd: in fp32 the optimizer's main parameters are views of the
     model's, which Megatron's ``copy_`` into them refuses otherwise."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import training
 
-    from dsmoe_megatron.checkpoint import adam_steps_from_groups, create_adam_state
+    from dsmoe_megatron.checkpoint import (adam_steps_from_groups, adam_steps_set_aside,
+                                           create_adam_state)
 
     original = training.load_checkpoint
     if getattr(original, "dsmoe", False):
         return
+    load_param_state = DistributedOptimizer.load_parameter_state_from_fully_reshardable
+
+    def load_fully_reshardable(self, *args, **kwargs):
+        with adam_steps_set_aside(self):
+            return load_param_state(self, *args, **kwargs)
+
+    DistributedOptimizer.load_parameter_state_from_fully_reshardable = load_fully_reshardable
 
     def load_checkpoint(model, optimizer, *args, **kwargs):
         if optimizer is not None:
@@ -182,7 +191,6 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
     ``args.moe_layer_freq`` so Megatron-LM's own logic sees the dense layers too."""
     from megatron.training import arguments
 
-    from dsmoe_megatron.model import VOCAB_PAD_MULTIPLE
     from dsmoe_megatron.specs import dsmoe_settings
 
     # The launcher and our example both come through here before Megatron-LM reads the environment.
@@ -196,15 +204,10 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
     megatron_parse = getattr(megatron_parse, "megatron_original", megatron_parse)
     defaults = [*(CPU_FLAGS if _state.cpu else ()), *default_flags]
     with _one_line_errors():
-        sys.argv[1:] = [*defaults, *expand_dsmoe_yaml(sys.argv[1:], provider)]
+        argv = expand_dsmoe_yaml(sys.argv[1:], provider)
+        sys.argv[1:] = [*defaults, *_layout_independent_flags(argv), *argv]
         args = megatron_parse(provider, ignore_unknown_args, args_defaults or {})
         _check_schedule(args)
-    tp = args.tensor_model_parallel_size
-    if (args.dsmoe_yaml and not VOCAB_PAD_MULTIPLE % tp
-            and not _given("--make-vocab-size-divisible-by", sys.argv[1:])):
-        # dsmoe-train's padding (a multiple of 1024 on every TP size), not Megatron-LM's
-        # 128 x TP: a resume on another TP size would otherwise add randomly initialised rows.
-        args.make_vocab_size_divisible_by = VOCAB_PAD_MULTIPLE // tp
     first_k = dsmoe_settings(args).get("moe_first_k_dense", 0)
     if first_k and args.num_experts:
         freq = args.moe_layer_freq
@@ -229,8 +232,24 @@ def _one_line_errors():
         raise SystemExit(2) from None
 
 
-def _given(flag: str, argv: list[str]) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+def _layout_independent_flags(argv: list[str]) -> list[str]:
+    """With --dsmoe-yaml, checkpoints that resume on another layout as dsmoe-train's do: the
+    vocabulary padded to a multiple of 1024 on every TP size (Megatron-LM: 128 x TP, so a resume
+    on another TP size got randomly initialised rows), and the optimizer state in the
+    ``fully_reshardable`` format (Megatron-LM's ``dp_reshardable`` refuses another TP / PP).
+    Flags given explicitly come later and win."""
+    from dsmoe_megatron.model import VOCAB_PAD_MULTIPLE
+
+    if not any(a == "--dsmoe-yaml" or a.startswith("--dsmoe-yaml=") for a in argv):
+        return []
+    tp = 1
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--tensor-model-parallel-size" and value.isdigit():
+            tp = int(value)
+    flags = ["--dist-ckpt-optim-fully-reshardable"]
+    if tp and VOCAB_PAD_MULTIPLE % tp == 0:
+        flags += ["--make-vocab-size-divisible-by", str(VOCAB_PAD_MULTIPLE // tp)]
+    return flags
 
 
 def _check_schedule(args) -> None:

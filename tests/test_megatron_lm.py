@@ -239,18 +239,44 @@ def test_yaml_runs_pad_the_vocabulary_like_dsmoe_train(tp, parse_args):
     assert vocab_size_with_padding(259, args, logging_enabled=False) == 1024
 
 
-def test_resume_continues_the_run(cache, tmp_path):
+@pytest.fixture(scope="module")
+def first_run(cache, tmp_path_factory):
+    """4 iterations of our example on one process, saved at 2 and 4, then set back to 2."""
+    save = tmp_path_factory.mktemp("megatron_lm_first")
+    log = run([*RESUMABLE, "--data-cache-path", cache, "--save", str(save)])
+    (save / "latest_checkpointed_iteration.txt").write_text("2")
+    assert [int(i) for i, _, _ in ITERATION.findall(log)] == [1, 2, 3, 4]
+    return save, log
+
+
+RESUMABLE = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--train-iters", "4", "--eval-interval", "4",
+             "--save-interval", "2"]
+VALIDATION = re.compile(r"validation loss at iteration 4 \| lm loss value: (\S+)")
+
+
+def test_resume_continues_the_run(first_run, cache, tmp_path):
     """Megatron-LM's --load of its own checkpoint with torch's Adam (no TE / apex) continues
     the run exactly: the next iteration's loss and the validation loss after two more updates
     equal the uninterrupted run's. (Megatron-LM logs the mean of the first two iterations after
     a resume as the second one's loss, so that one is not compared.)"""
-    first, resumed = tmp_path / "first", tmp_path / "resumed"
-    common = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--data-cache-path", cache,
-              "--train-iters", "4", "--eval-interval", "4", "--save-interval", "2"]
-    validation = re.compile(r"validation loss at iteration 4 \| lm loss value: (\S+)")
-    whole = run([*common, "--save", str(first)])
-    (first / "latest_checkpointed_iteration.txt").write_text("2")
-    again = run([*common, "--load", str(first), "--save", str(resumed)])
-    assert [int(i) for i, _, _ in ITERATION.findall(whole)] == [1, 2, 3, 4]
+    save, whole = first_run
+    again = run([*RESUMABLE, "--data-cache-path", cache, "--load", str(save),
+                 "--save", str(tmp_path)])
     assert ITERATION.findall(again)[0] == ITERATION.findall(whole)[2]
-    assert validation.findall(again) == validation.findall(whole) != []
+    assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
+
+
+@pytest.mark.distributed
+def test_resume_on_another_layout(first_run, cache, tmp_path):
+    """The same checkpoint resumed under TP2 on two ranks (the optimizer state is saved fully
+    reshardable and the vocabulary padded alike on every TP size): the same losses, up to the
+    order of TP's sums."""
+    save, whole = first_run
+    again = run([*RESUMABLE, "--data-cache-path", cache, "--load", str(save),
+                 "--save", str(tmp_path), "--tensor-model-parallel-size", "2"], world_size=2)
+    (_, loss, balance), = ITERATION.findall(again)[:1]
+    (_, loss_then, balance_then) = ITERATION.findall(whole)[2]
+    assert float(loss) == pytest.approx(float(loss_then), rel=1e-5)
+    assert float(balance) == pytest.approx(float(balance_then), rel=1e-4)
+    assert float(VALIDATION.findall(again)[0]) == pytest.approx(
+        float(VALIDATION.findall(whole)[0]), rel=1e-5)
