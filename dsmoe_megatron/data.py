@@ -54,11 +54,15 @@ _PREPROCESS_HINT = (
 # Raw text -> documents -> .bin/.idx
 
 
+JSON_LINES_SUFFIXES = (".jsonl", ".json")
+
+
 def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
-    """.jsonl: one document per line's "text"; other files: blank-line paragraphs, merged."""
+    """.jsonl / .json (Megatron-LM's name for JSON lines), any case: one document per line's
+    "text"; other files: blank-line paragraphs, merged. A UTF-8 byte-order mark is dropped."""
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8-sig") as f:
+            if path.lower().endswith(JSON_LINES_SUFFIXES):
                 for number, line in enumerate(f, 1):
                     text = _jsonl_text(path, number, line)
                     if text:
@@ -418,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--input", nargs="+", required=True, metavar="FILE",
-        help="UTF-8 .txt files (blank-line separated paragraphs) or .jsonl files "
+        help="UTF-8 .txt files (blank-line separated paragraphs) or .jsonl / .json files "
         '(one {"text": ...} per line)',
     )
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX")

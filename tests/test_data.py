@@ -108,6 +108,19 @@ def test_preprocess_reads_back_exact_ids(tmp_path):
     assert without_eod[0].tolist() == TOKENIZER.tokenize(first[0])
 
 
+def test_preprocess_reads_json_lines_by_any_of_its_names_and_drops_a_bom(tmp_path):
+    """.json is Megatron-LM's name for JSON lines; the suffix's case does not matter; a UTF-8
+    byte-order mark (Windows editors) is not text."""
+    for name in ("a.json", "b.JSONL"):
+        (tmp_path / name).write_text(json.dumps({"text": "one"}) + "\n", encoding="utf-8-sig")
+    (tmp_path / "c.txt").write_text("two", encoding="utf-8-sig")
+    prefix = data.preprocess([str(tmp_path / n) for n in ("a.json", "b.JSONL", "c.txt")],
+                             tmp_path / "out", min_document_chars=1)
+    dataset = data.open_indexed_dataset(prefix)
+    expected = [TOKENIZER.tokenize(t) + [TOKENIZER.eod] for t in ("one", "one", "two")]
+    assert [dataset[i].tolist() for i in range(len(dataset))] == expected
+
+
 def test_preprocess_merges_short_paragraphs(tmp_path):
     paragraphs = ["x" * 30] * 10
     source = write_paragraphs(tmp_path / "short.txt", paragraphs)
