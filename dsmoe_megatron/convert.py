@@ -155,12 +155,23 @@ def _atomic_output(out_dir: str | Path, force: bool, source: Path) -> Iterator[t
         raise
 
 
+# Megatron-LM's own name for our 'latest' (its training loop: examples/pretrain_dsmoe_megatron_lm.py).
+MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
+
+
 def _resolve_checkpoint(path: str | Path) -> Path:
     from dsmoe_megatron import checkpoint
 
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"checkpoint directory {path} does not exist (--checkpoint)")
+    tracker = path / MEGATRON_LM_TRACKER
+    if not (path / checkpoint.LATEST_NAME).exists() and tracker.exists():
+        iteration = tracker.read_text().strip()
+        if not iteration.isdigit():
+            raise ConversionError(f"{tracker} holds {iteration[:40]!r}, not an iteration; pass "
+                                  "an iter_XXXXXXX directory as --checkpoint")
+        path = checkpoint.iteration_dir(path, int(iteration))
     try:
         return checkpoint.resolve(path)
     except checkpoint.CheckpointError as err:
@@ -272,26 +283,36 @@ def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | No
 # to-hf
 # ------------------------------------------------------------------------------------------
 
-def read_checkpoint_run(ckpt: Path):
-    """The RunConfig saved with a checkpoint (machine checks off: the converter runs on CPU)."""
+def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
+                        overrides: Iterable[str] = ()):
+    """The RunConfig saved with a checkpoint, or for one without (written by Megatron-LM's
+    training loop) the ``config`` YAML with ``overrides`` (machine checks off: the converter
+    runs on CPU)."""
     from dsmoe_megatron import checkpoint
 
     run_yaml = ckpt / checkpoint.RUN_CONFIG_NAME
-    if not run_yaml.exists():
-        raise ConversionError(f"{run_yaml} is missing; the checkpoint does not say its model")
+    if config is None and not run_yaml.exists():
+        raise ConversionError(
+            f"{run_yaml} is missing; the checkpoint does not say its model (a checkpoint of "
+            "Megatron-LM's training loop?): pass the --dsmoe-yaml file it was trained with as "
+            "--config, and each model flag given beside it as --set KEY=VALUE")
     yaml_config = _yaml_config()
     try:
-        return yaml_config.load_run_config(run_yaml, instantiate_checks=False)
+        return yaml_config.load_run_config(config or run_yaml, tuple(overrides),
+                                           instantiate_checks=False)
     except yaml_config.YamlConfigError as err:
         raise ConversionError(str(err)) from err
 
 
 def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-                 tokenizer: bool | str | Path = True, allow_non_finite: bool = False) -> Path:
+                 tokenizer: bool | str | Path = True, allow_non_finite: bool = False,
+                 config: str | Path | None = None, overrides: Iterable[str] = ()) -> Path:
     """Megatron dist checkpoint (any layout) -> Hugging Face directory; returns ``out_dir``.
 
     ``checkpoint_dir``: a save directory (its latest iteration) or an ``iter_XXXXXXX`` dir.
+    ``config`` / ``overrides``: the run config of a checkpoint that has no run.yaml (one written
+    by Megatron-LM's training loop), in place of the one it would carry.
     ``dtype``: ``auto`` (as stored in the checkpoint), ``bf16``, ``fp16`` or ``fp32``.
     ``tokenizer``: True (see ``choose_tokenizer``), False (no tokenizer files) or a directory
     of Hugging Face tokenizer files to include. ``allow_non_finite``: write NaN/inf weights
@@ -303,7 +324,7 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
         raise ConversionError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     max_shard_size = parse_size(max_shard_size)
     ckpt = _resolve_checkpoint(checkpoint_dir)
-    run = read_checkpoint_run(ckpt)
+    run = read_checkpoint_run(ckpt, config, overrides)
     check_exportable(run.model)  # before anything is read or created
     vocab = run.train.vocab_size
     reader = DistCheckpointReader(ckpt)
@@ -549,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--allow-non-finite", action="store_true",
                        help="write NaN/inf weights instead of refusing them")
     to_hf.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    to_hf.add_argument("--config", default=None, metavar="YAML",
+                       help="the run config, for a checkpoint without run.yaml (written by "
+                       "Megatron-LM's training loop: its --dsmoe-yaml file)")
+    to_hf.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="[SECTION.]KEY=VALUE",
+                       help="with --config: an override, e.g. num_moe_experts=16 (repeatable)")
     from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> Megatron dist checkpoint")
     from_hf.add_argument("--hf", required=True, help="directory with config.json + safetensors")
     from_hf.add_argument("--out", required=True,
@@ -575,7 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             export_to_hf(args.checkpoint, args.out, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, force=args.force,
                          tokenizer=False if args.no_tokenizer else (args.tokenizer or True),
-                         allow_non_finite=args.allow_non_finite)
+                         allow_non_finite=args.allow_non_finite, config=args.config,
+                         overrides=args.overrides)
         else:
             import_from_hf(args.hf, args.out, overrides=[*_layout_overrides(args),
                                                          *args.overrides],

@@ -280,3 +280,30 @@ def test_resume_on_another_layout(first_run, cache, tmp_path):
     assert float(balance) == pytest.approx(float(balance_then), rel=1e-4)
     assert float(VALIDATION.findall(again)[0]) == pytest.approx(
         float(VALIDATION.findall(whole)[0]), rel=1e-5)
+
+
+def test_a_megatron_lm_checkpoint_exports_to_hugging_face(first_run, tmp_path, capsys):
+    """dsmoe-convert to-hf of a checkpoint of Megatron-LM's loop (no run.yaml; its iteration
+    in latest_checkpointed_iteration.txt): the run config from --config and --set; the exported
+    embedding is the checkpoint's, read back by torch.distributed.checkpoint itself."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    from dsmoe_megatron import convert
+
+    save, _ = first_run
+    out = tmp_path / "hf"
+    assert convert.main(["to-hf", "--checkpoint", str(save), "--out", str(out)]) == 2
+    assert "pass the --dsmoe-yaml file it was trained with as --config" in capsys.readouterr().err
+    model = ["language_model.num_layers=2", "language_model.hidden_size=64", "seq_length=64",
+             "max_position_embeddings=64"]
+    assert convert.main(["to-hf", "--checkpoint", str(save), "--out", str(out), "--config", TINY,
+                         *[a for m in model for a in ("--set", m)]]) == 0
+    assert "iter_0000002" in capsys.readouterr().err
+    saved = {"embedding.word_embeddings.weight": torch.empty(1024, 64)}
+    load(saved, storage_reader=FileSystemReader(str(save / "iter_0000002")), no_dist=True)
+    exported = {}
+    for shard in out.glob("*.safetensors"):
+        exported.update(load_file(shard))
+    assert torch.equal(exported["model.embed_tokens.weight"],
+                       saved["embedding.word_embeddings.weight"][:259])
