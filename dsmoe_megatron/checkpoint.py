@@ -401,10 +401,7 @@ def create_adam_state(optimizer) -> None:
     first step. Without Transformer Engine or apex, Megatron's distributed optimizer reads the
     per-parameter `step` to build the state dict it loads into, so a fresh optimizer cannot
     load. The zeros are what Adam would create; the load overwrites them."""
-    for sub in _sub_optimizers(optimizer):
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam):
-            continue  # TE / apex FusedAdam keep the step per group
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
                 if not inner.state[param]:
@@ -475,10 +472,7 @@ def adam_steps_set_aside(distributed_optimizer):
 def adam_steps_from_groups(optimizer) -> None:
     """Set torch Adam's per-parameter ``step`` from its parameter group's, where Megatron's
     distributed optimizer keeps it in a checkpoint (each parameter its own tensor)."""
-    for sub in _sub_optimizers(optimizer):
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam):
-            continue
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             if group.get("step") is None:
                 continue
@@ -491,12 +485,17 @@ def untie_adam_steps(optimizer) -> None:
     """Give each parameter its own torch Adam ``step`` tensor. Megatron's distributed optimizer
     loads one tensor object into every parameter's state, which Adam then increments once per
     parameter and step (its bias correction then runs far ahead)."""
-    for sub in _sub_optimizers(optimizer):
-        inner = getattr(sub, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam):
-            for state in inner.state.values():
-                if "step" in state:
-                    state["step"] = state["step"].clone()
+    for inner in _torch_adams(optimizer):
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
+
+
+def _torch_adams(optimizer) -> list:
+    """The torch Adam optimizers inside Megatron's (TE / apex FusedAdam keep the step per group
+    and need none of the above)."""
+    return [sub.optimizer for sub in _sub_optimizers(optimizer)
+            if isinstance(getattr(sub, "optimizer", None), torch.optim.Adam)]
 
 
 def read_run_config_yaml(path: str | Path) -> str:

@@ -240,7 +240,7 @@ def _layout_independent_flags(argv: list[str]) -> list[str]:
     Flags given explicitly come later and win."""
     from dsmoe_megatron.model import VOCAB_PAD_MULTIPLE
 
-    if not any(a == "--dsmoe-yaml" or a.startswith("--dsmoe-yaml=") for a in argv):
+    if _dsmoe_yaml_path(argv) is None:
         return []
     tp = 1
     for flag, value in zip(argv, argv[1:]):
@@ -265,14 +265,19 @@ def _check_schedule(args) -> None:
             "--lr-warmup-iters (the YAML's lr_warmup_iters) or raise --train-iters")
 
 
-def expand_dsmoe_yaml(argv: list[str], extra_args_provider=None) -> list[str]:
-    """``argv`` with the flags of its ``--dsmoe-yaml`` file (if any) put in front of it."""
+def _dsmoe_yaml_path(argv: list[str]) -> str | None:
     path = None
     for i, token in enumerate(argv):
         if token == "--dsmoe-yaml" and i + 1 < len(argv):
             path = argv[i + 1]
         elif token.startswith("--dsmoe-yaml="):
             path = token.partition("=")[2]
+    return path
+
+
+def expand_dsmoe_yaml(argv: list[str], extra_args_provider=None) -> list[str]:
+    """``argv`` with the flags of its ``--dsmoe-yaml`` file (if any) put in front of it."""
+    path = _dsmoe_yaml_path(argv)
     if path is None:
         return list(argv)
     import argparse
