@@ -36,6 +36,8 @@ from dsmoe_megatron.cli import describe_os_error
 
 RUN_CONFIG_NAME = "run.yaml"
 LATEST_NAME = "latest"
+# Megatron-LM's own name for `latest` (its training loop: dsmoe_megatron.megatron_lm).
+MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's layout-independent format (its default is deprecated and broken).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Parameter-group fields that describe which parameters a group holds, not how to train them.
@@ -204,6 +206,15 @@ def latest_iteration(save_dir: str | Path) -> int | None:
             f"complete checkpoint (complete ones here: {_describe_iterations(complete)}). Write "
             "one of those numbers into it, " + _EARLIER_DIR)
     return int(text)
+
+
+def is_ours(path: str | Path) -> bool:
+    """``path`` is a save directory of dsmoe-train / dsmoe-convert from-hf (its ``latest``, not
+    Megatron-LM's tracker) or one of their iteration directories (with run.yaml)."""
+    path = Path(path)
+    if (path / MEGATRON_LM_TRACKER).exists():
+        return False
+    return (path / LATEST_NAME).is_file() or (path / RUN_CONFIG_NAME).is_file()
 
 
 def _describe_iterations(iterations: list[int]) -> str:

@@ -155,17 +155,13 @@ def _atomic_output(out_dir: str | Path, force: bool, source: Path) -> Iterator[t
         raise
 
 
-# Megatron-LM's own name for our 'latest' (its training loop: examples/pretrain_dsmoe_megatron_lm.py).
-MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
-
-
 def _resolve_checkpoint(path: str | Path) -> Path:
     from dsmoe_megatron import checkpoint
 
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"checkpoint directory {path} does not exist (--checkpoint)")
-    tracker = path / MEGATRON_LM_TRACKER
+    tracker = path / checkpoint.MEGATRON_LM_TRACKER
     if not (path / checkpoint.LATEST_NAME).exists() and tracker.exists():
         iteration = tracker.read_text().strip()
         if not iteration.isdigit():

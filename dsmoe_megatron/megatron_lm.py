@@ -32,6 +32,7 @@ import enum
 import os
 import runpy
 import sys
+import traceback
 import types
 from functools import partial
 
@@ -93,17 +94,24 @@ def enable_cpu_training() -> bool:
     return True
 
 
-def resume_torch_adam() -> None:
-    """Let Megatron-LM load a distributed optimizer's state into torch's Adam (no TE or apex: on
-    CPU, and on GPUs without them). Megatron builds the state dict to load into from Adam's
-    per-parameter ``step``, which torch creates only on the first step, so ``--load`` of any
-    checkpoint failed (``assert len(steps) == 1``). The state is created first, as Adam would,
-    and each parameter's ``step`` is set after from the one its group was saved with (Megatron
-    leaves the created zeros, so Adam's bias correction started over).
-    Loading runs without autograd: in fp32 the optimizer's main parameters are views of the
-    model's, which Megatron's ``copy_`` into them refuses otherwise."""
+def hook_checkpoint_loading() -> None:
+    """Megatron-LM's ``load_checkpoint`` with two additions.
+
+    1. Checkpoints of dsmoe-train and ``dsmoe-convert from-hf`` (``checkpoint.is_ours``), which
+       Megatron-LM finds no tracker in and so started from random weights: given as
+       ``--pretrained-checkpoint`` (with ``--load`` holding no Megatron-LM checkpoint yet), or as
+       ``--load`` with ``--finetune``, the model starts from their weights, on any layout, at
+       iteration 0 with a new optimizer, as Megatron-LM's own ``--finetune`` does.
+    2. Resuming into torch's Adam (no TE or apex: on CPU, and on GPUs without them). Megatron
+       builds the state dict to load into from Adam's per-parameter ``step``, which torch creates
+       only on the first step, so ``--load`` of any checkpoint failed (``assert len(steps) ==
+       1``). The state is created first, as Adam would, and each parameter's ``step`` is set after
+       from the one its group was saved with (Megatron leaves the created zeros, so Adam's bias
+       correction started over). Loading runs without autograd: in fp32 the optimizer's main
+       parameters are views of the model's, which Megatron's ``copy_`` into them refuses
+       otherwise."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.training import training
+    from megatron.training import get_args, training
 
     from dsmoe_megatron.checkpoint import (adam_steps_from_groups, adam_steps_set_aside,
                                            create_adam_state)
@@ -120,9 +128,12 @@ def resume_torch_adam() -> None:
     DistributedOptimizer.load_parameter_state_from_fully_reshardable = load_fully_reshardable
 
     def load_checkpoint(model, optimizer, *args, **kwargs):
+        source = _our_checkpoint_to_start_from(get_args())
+        if source is not None:
+            return _start_from_our_checkpoint(source, model, optimizer)
         if optimizer is not None:
             create_adam_state(optimizer)
-        with torch.no_grad():
+        with _one_line_errors("Megatron-LM cannot resume from --load"), torch.no_grad():
             loaded = original(model, optimizer, *args, **kwargs)
         if optimizer is not None:
             adam_steps_from_groups(optimizer)
@@ -130,6 +141,41 @@ def resume_torch_adam() -> None:
 
     load_checkpoint.dsmoe = True
     training.load_checkpoint = load_checkpoint
+
+
+def _our_checkpoint_to_start_from(args) -> str | None:
+    """The dsmoe checkpoint to take the weights of, as Megatron-LM picks a checkpoint: ``--load``
+    if it holds one, else ``--pretrained-checkpoint`` (``_check_checkpoint_dirs`` has refused
+    ``--load`` of ours without ``--finetune``)."""
+    from dsmoe_megatron.checkpoint import MEGATRON_LM_TRACKER, is_ours
+
+    if args.load and is_ours(args.load):
+        return args.load
+    load_has_megatron_lm = args.load and os.path.isfile(os.path.join(args.load,
+                                                                     MEGATRON_LM_TRACKER))
+    if args.pretrained_checkpoint and not load_has_megatron_lm and is_ours(
+            args.pretrained_checkpoint):
+        return args.pretrained_checkpoint
+    return None
+
+
+def _start_from_our_checkpoint(source: str, model, optimizer) -> tuple[int, int]:
+    """Load the weights of a dsmoe checkpoint (any layout); Megatron-LM's (iteration,
+    floating-point operations so far) of a fine-tuning start: (0, 0)."""
+    from megatron.training import get_args, print_rank_0
+
+    from dsmoe_megatron import checkpoint
+
+    with _one_line_errors(), torch.no_grad():
+        ckpt = checkpoint.resolve(source)
+        extra = checkpoint.load(ckpt, model)
+    args = get_args()
+    if optimizer is not None and (args.fp16 or args.bf16):
+        optimizer.reload_model_params()  # the fp32 main copies of the loaded weights
+    print_rank_0(f"{LAUNCHER}: started from the weights of {ckpt} (saved "
+                 f"at its iteration {extra['iteration']}): iteration 0, a new optimizer and "
+                 "learning-rate schedule")
+    return 0, 0
 
 
 def use_prebuilt_dataset_helpers() -> None:
@@ -208,6 +254,7 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
         sys.argv[1:] = [*defaults, *_layout_independent_flags(argv), *argv]
         args = megatron_parse(provider, ignore_unknown_args, args_defaults or {})
         _check_schedule(args)
+        _check_checkpoint_dirs(args)
     first_k = dsmoe_settings(args).get("moe_first_k_dense", 0)
     if first_k and args.num_experts:
         freq = args.moe_layer_freq
@@ -218,18 +265,35 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
 
 
 @contextlib.contextmanager
-def _one_line_errors():
-    """A bad YAML file or flag stops every rank with one line, not a traceback per rank:
-    our config errors, and Megatron-LM's argument checks (plain asserts)."""
+def _one_line_errors(megatron_check: str = "Megatron-LM refused the arguments"):
+    """A bad YAML file, flag or checkpoint stops every rank with one line, not a traceback per
+    rank: our config and checkpoint errors, and Megatron-LM's own checks (plain asserts, each
+    reported after ``megatron_check``)."""
+    from dsmoe_megatron.checkpoint import CheckpointError
     from dsmoe_megatron.config import ConfigError
 
     try:
         yield
-    except (ConfigError, AssertionError) as error:
-        what = str(error) or "an argument check failed"
-        prefix = "" if isinstance(error, ConfigError) else "Megatron-LM refused the arguments: "
-        print(f"{LAUNCHER}: {prefix}{what}", file=sys.stderr)
+    except (ConfigError, CheckpointError, AssertionError) as error:
+        what = str(error) or _failed_assert(error)
+        if isinstance(error, AssertionError):
+            what = f"{megatron_check}: {what}{_hint(what)}"
+        print(f"{LAUNCHER}: {what}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _hint(check: str) -> str:
+    if "OptimizerParamScheduler" in check:  # a resume with another --train-iters, --lr, ...
+        return ("; pass --override-opt_param-scheduler to take the command line's learning-rate "
+                "schedule, or --use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+    return ""
+
+
+def _failed_assert(error: AssertionError) -> str:
+    """An assert without a message, as its source line and place (``assert args.save_interval
+    is not None``, arguments.py:1322): the check says what it needs."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{frame.line} ({os.path.basename(frame.filename)}:{frame.lineno})"
 
 
 def _layout_independent_flags(argv: list[str]) -> list[str]:
@@ -263,6 +327,27 @@ def _check_schedule(args) -> None:
             f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay length "
             f"({'--lr-decay-iters' if args.lr_decay_iters else '--train-iters'} {decay}); lower "
             "--lr-warmup-iters (the YAML's lr_warmup_iters) or raise --train-iters")
+
+
+def _check_checkpoint_dirs(args) -> None:
+    """Megatron-LM finds no checkpoint in a save directory of dsmoe-train or dsmoe-convert
+    from-hf (no tracker file): ``--load`` of one started from random weights, and ``--save``
+    into one would write its iter_ directories among (and over) those of the run there."""
+    from dsmoe_megatron.checkpoint import is_ours
+    from dsmoe_megatron.config import ConfigError
+
+    start = ("to start from its weights (iteration 0, a new optimizer), pass it as "
+             "--pretrained-checkpoint with --save / --load a new directory")
+    if args.save and is_ours(args.save):
+        raise ConfigError(
+            f"--save {args.save} holds checkpoints of dsmoe-train or dsmoe-convert, which "
+            "Megatron-LM's iter_ directories would be written among and over; save to a new "
+            f"directory ({start})")
+    if args.load and is_ours(args.load) and not args.finetune:
+        raise ConfigError(
+            f"--load {args.load} holds a checkpoint of dsmoe-train or dsmoe-convert, which "
+            "Megatron-LM's loop cannot resume (it would start from random weights); "
+            f"{start}, or add --finetune")
 
 
 def _dsmoe_yaml_path(argv: list[str]) -> str | None:
@@ -360,8 +445,10 @@ def _flag_for(parser, dest: str, value) -> list[str]:
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
                    pg_collection=None):
-    """DeepSeekMoE GPTModel (dsmoe_megatron.model.build_model) from Megatron-LM's arguments."""
-    from megatron.training import get_args
+    """DeepSeekMoE GPTModel (dsmoe_megatron.model.build_model) from Megatron-LM's arguments,
+    the padding rows of the vocabulary masked as in dsmoe-train (the loss is the model's over the
+    tokenizer's vocabulary, as Hugging Face computes it)."""
+    from megatron.training import get_args, get_tokenizer
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     from dsmoe_megatron.model import build_model
@@ -374,7 +461,8 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     with _one_line_errors():
         config = config_from_megatron(config or core_transformer_config_from_args(args))
     return build_model(config, args.padded_vocab_size, args.max_position_embeddings,
-                       pre_process, post_process, vp_stage, pg_collection)
+                       pre_process, post_process, vp_stage, pg_collection,
+                       real_vocab_size=get_tokenizer().vocab_size)
 
 
 _BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
@@ -518,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
               "pretrain_gpt.py or examples/pretrain_dsmoe_megatron_lm.py)", file=sys.stderr)
         raise SystemExit(2)
     enable_cpu_training()
-    resume_torch_adam()
+    hook_checkpoint_loading()
     _hook_megatron_arg_parsing()
     spec = rest[rest.index("--spec") + 1] if "--spec" in rest[:-1] else ""
     if spec.startswith("dsmoe_megatron") or script.endswith("pretrain_dsmoe_megatron_lm.py"):

@@ -18,7 +18,7 @@ from dsmoe_megatron import megatron_lm
 
 def main() -> None:
     megatron_lm.enable_cpu_training()  # no-op with CUDA
-    megatron_lm.resume_torch_adam()
+    megatron_lm.hook_checkpoint_loading()
     megatron_lm.log_dsmoe_balance_losses()
 
     from megatron.core.enums import ModelType

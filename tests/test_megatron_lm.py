@@ -87,8 +87,8 @@ def check_iterations(log: str) -> list[float]:
     found = ITERATION.findall(log)
     assert [int(i) for i, _, _ in found] == list(range(1, ITERS + 1)), log[-4000:]
     losses = [float(loss) for _, loss, _ in found]
-    # Byte-level tokens, a padded vocabulary: a fresh model's loss is near ln(1024) (ln(384) with
-    # Megatron-LM's padding, without --dsmoe-yaml).
+    # Byte-level tokens: a fresh model's loss is near ln(259), the padding rows of the vocabulary
+    # masked (with --spec, Megatron's GPTModel: ln(384), Megatron-LM's padding unmasked).
     assert all(4.5 < loss < 7.0 for loss in losses), losses
     assert all(0 < float(balance) < 1 for _, _, balance in found)  # a1 = 0.01 x ~1
     assert re.search(r"validation loss at iteration 3 .*lm loss value: ([\d.Ee+-]+)", log)
@@ -209,6 +209,7 @@ def parse_args(monkeypatch):
         global_vars.destroy_global_vars()
         destroy_num_microbatches_calculator()
 
+    parse.reset = reset
     reset()
     yield parse
     reset()
@@ -219,6 +220,9 @@ def parse_args(monkeypatch):
     (["--dsmoe-yaml", TINY, "--train-iters", "20"], "--lr-warmup-iters 20 must be below"),
     (["--dsmoe-yaml", TINY, "--expert-model-parallel-size", "2", "--num-experts", "15"],
      "Megatron-LM refused the arguments: Number of experts"),
+    # An assert without a message: its own line says what is needed.
+    (["--dsmoe-yaml", TINY, "--save", "/nonexistent/save"],
+     "Megatron-LM refused the arguments: assert args.save_interval is not None (arguments.py:"),
 ])
 def test_bad_arguments_are_one_line(argv, says, parse_args, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -307,3 +311,60 @@ def test_a_megatron_lm_checkpoint_exports_to_hugging_face(first_run, tmp_path, c
         exported.update(load_file(shard))
     assert torch.equal(exported["model.embed_tokens.weight"],
                        saved["embedding.word_embeddings.weight"][:259])
+
+
+def test_checkpoints_of_dsmoe_train_are_not_resumed_or_written_over(parse_args, tmp_path, capsys):
+    """Megatron-LM finds no checkpoint in a save directory of dsmoe-train (no tracker file):
+    --load of one started from random weights, and --save into one would write iter_ directories
+    among the run's. Both stop in one line naming --pretrained-checkpoint; --finetune is let
+    through (it takes the weights only)."""
+    ours = tmp_path / "dsmoe_run"
+    ours.mkdir()
+    (ours / "latest").write_text("2")
+    common = ["--dsmoe-yaml", TINY, "--save-interval", "2"]
+    for argv in (["--load", str(ours), "--save", str(tmp_path / "new")],
+                 ["--load", str(tmp_path / "new"), "--save", str(ours)]):
+        with pytest.raises(SystemExit):
+            parse_args([*common, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(ours) in err[0] and "--pretrained-checkpoint" in err[0], err
+        parse_args.reset()
+    args = parse_args([*common, "--load", str(ours), "--finetune", "--save", str(tmp_path / "n")])
+    assert args.finetune
+
+
+def test_training_starts_from_a_dsmoe_train_checkpoint(cache, tmp_path):
+    """--pretrained-checkpoint of a dsmoe-train save directory: Megatron-LM's loop starts from
+    its weights at iteration 0. With lr 0 the checkpoint Megatron-LM saves after one step holds
+    exactly the weights dsmoe-train saved (both read back by torch.distributed.checkpoint); a
+    restart with the same flags then resumes Megatron-LM's own checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ours, new = tmp_path / "dsmoe", tmp_path / "megatron_lm"
+    small = [f"{k}={v}" for k, v in [("language_model.num_layers", 2),
+                                     ("language_model.hidden_size", 64), ("seq_length", 64),
+                                     ("max_position_embeddings", 64), ("micro_batch_size", 2),
+                                     ("global_batch_size", 4), ("lr_warmup_iters", 1)]]
+    run(["-m", "dsmoe_megatron.train", TINY, *small, "train_iters=2", "save_interval=2",
+         "eval_interval=null", "tensorboard_dir=null", f"save={ours}"])
+    start = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--data-cache-path", cache, "--lr", "0",
+             "--min-lr", "0", "--lr-warmup-iters", "0", "--pretrained-checkpoint", str(ours),
+             "--load", str(new), "--save", str(new), "--save-interval", "1"]
+    log = run([*start, "--train-iters", "1", "--eval-iters", "0"])
+    assert f"started from the weights of {ours / 'iter_0000002'}" in log
+
+    def model_tensors(ckpt: Path) -> dict:
+        entries = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+                   if isinstance(m, TensorStorageMetadata) and "optimizer" not in k}
+        load(tensors, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
+        return tensors
+
+    saved, trained_on = model_tensors(ours / "iter_0000002"), model_tensors(new / "iter_0000001")
+    assert len(saved) > 10 and saved.keys() == trained_on.keys()
+    assert [k for k in saved if not torch.equal(saved[k], trained_on[k])] == []
+    again = run([*start, "--train-iters", "2", "--eval-iters", "0",
+                 "--override-opt_param-scheduler"])
+    assert f"loading distributed checkpoint from {new} at iteration 1" in again
+    assert "started from the weights" not in again
