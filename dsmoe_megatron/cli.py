@@ -157,26 +157,31 @@ def _free_space(path) -> str | None:
     return f"{free / 2**20:,.0f} MiB free on the filesystem of {where}"
 
 
-def _run(module: str) -> int:
+def _run(tool: str, module: str) -> int:
     sys.argv[1:] = quiet_warnings()
-    return importlib.import_module(f"dsmoe_megatron.{module}").main()
+    try:
+        return importlib.import_module(f"dsmoe_megatron.{module}").main()
+    except KeyboardInterrupt:
+        # Ctrl-C while the libraries import (seconds), or one a tool passed on after cleaning up.
+        print(f"{tool}: interrupted", file=sys.stderr)
+        return 130
 
 
 def train() -> int:
-    return _run("train")
+    return _run("dsmoe-train", "train")
 
 
 def convert() -> int:
-    return _run("convert")
+    return _run("dsmoe-convert", "convert")
 
 
 def plan() -> int:
-    return _run("plan")
+    return _run("dsmoe-plan", "plan")
 
 
 def preprocess() -> int:
-    return _run("data")
+    return _run("dsmoe-preprocess", "data")
 
 
 def analyze() -> int:
-    return _run("analyze")
+    return _run("dsmoe-analyze", "analyze")

@@ -5,8 +5,10 @@ names each bad setting."""
 import inspect
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -59,6 +61,23 @@ def test_environment_variable_shows_warnings():
     proc = run_tool("plan", [TINY], DSMOE_SHOW_WARNINGS="1")
     assert proc.stdout.startswith("dsmoe-plan: ") and "Parameters" in proc.stdout
     assert all(w in proc.stderr for w in PLAN_WARNINGS), proc.stderr[-3000:]
+
+
+def test_ctrl_c_while_the_libraries_import_is_one_line(tmp_path):
+    """Ctrl-C a second after start lands in the imports (several seconds of torch and
+    Megatron-core), or on a slow machine in the training, which handles it itself: either way
+    one line and exit code 130, no traceback."""
+    code = "import sys; from dsmoe_megatron import cli; sys.argv[0] = 'dsmoe-train'; sys.exit(cli.train())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, TINY, "train_iters=100000", "eval_interval=null",
+         f"save={tmp_path}", "tensorboard_dir=null"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("dsmoe-train: interrupted"), err[-3000:]
 
 
 def test_console_scripts_quiet_warnings_before_importing_the_tool():
