@@ -29,9 +29,12 @@ from pathlib import Path
 
 import torch
 
-from dsmoe_megatron.cli import quiet_warnings
-from dsmoe_megatron.checkpoint import CheckpointError
-from dsmoe_megatron.hf.mapping import ConversionError
+from dsmoe_megatron.cli import quiet_warnings, quiet_when_run_as_main
+
+quiet_when_run_as_main(__name__)
+
+from dsmoe_megatron.checkpoint import CheckpointError  # noqa: E402
+from dsmoe_megatron.hf.mapping import ConversionError  # noqa: E402
 
 
 class AnalysisError(ValueError):

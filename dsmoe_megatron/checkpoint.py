@@ -217,6 +217,11 @@ def is_ours(path: str | Path) -> bool:
     return (path / LATEST_NAME).is_file() or (path / RUN_CONFIG_NAME).is_file()
 
 
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 def _describe_iterations(iterations: list[int]) -> str:
     if not iterations:
         return "none"
@@ -259,6 +264,10 @@ def check_readable(ckpt: Path) -> None:
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist; check the path (load: / "
                               "--checkpoint)")
+    if ckpt.name.endswith(".partial"):
+        raise CheckpointError(
+            f"{ckpt} is the unfinished save of an interrupted run, not a checkpoint; pass the "
+            f"save directory {ckpt.parent} for its newest complete one (named by {latest})")
     marker = ckpt / "metadata.json"
     try:
         json.loads(marker.read_text())
@@ -272,7 +281,8 @@ def check_readable(ckpt: Path) -> None:
     except Exception as err:  # noqa: BLE001 - a truncated pickle raises almost anything
         raise CheckpointError(
             f"{index} (the index of the checkpoint's tensors) is missing, truncated or corrupt "
-            f"({type(err).__name__}: {str(err)[:80]}); {ckpt} cannot be loaded; {hint}") from None
+            f"({type(err).__name__}: {_first_line(err)}); {ckpt} cannot be loaded; {hint}"
+        ) from None
     needed: dict[str, int] = {}
     for item in storage.values():
         needed[item.relative_path] = max(needed.get(item.relative_path, 0),

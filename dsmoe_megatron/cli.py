@@ -84,6 +84,14 @@ def quiet_warnings(argv: list[str] | None = None) -> list[str]:
     return [a for a in argv if a not in VERBOSE_FLAGS]
 
 
+def quiet_when_run_as_main(module_name: str) -> None:
+    """``python -m dsmoe_megatron.X`` / ``torchrun -m ...`` (and the processes those spawn, which
+    import the module again as ``__mp_main__``): filter the harmless warnings before the
+    module's own imports raise them. Call it with ``__name__`` above those imports."""
+    if module_name in ("__main__", "__mp_main__"):
+        quiet_warnings()
+
+
 def default_file_mode(file: str | Path | int) -> None:
     """Give ``file`` (a path or an open descriptor) the mode open() creates files with, 0o666
     less the umask: tempfile.mkstemp and safetensors create them 0o600, which colleagues on a

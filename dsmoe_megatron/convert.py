@@ -33,8 +33,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from dsmoe_megatron.cli import describe_os_error, find_cause, positive_int, quiet_warnings
-from dsmoe_megatron.hf.mapping import (
+from dsmoe_megatron.cli import (describe_os_error, find_cause, positive_int, quiet_warnings,
+                                quiet_when_run_as_main)
+
+quiet_when_run_as_main(__name__)
+
+from dsmoe_megatron.hf.mapping import (  # noqa: E402
     DTYPE_NAMES,
     DTYPES,
     IGNORED_HF_TENSORS,
@@ -56,7 +60,7 @@ from dsmoe_megatron.hf.mapping import (
     normalise_megatron_names,
     single_rank_config,
 )
-from dsmoe_megatron.hf.streaming import (
+from dsmoe_megatron.hf.streaming import (  # noqa: E402
     DistCheckpointReader,
     SafetensorsReader,
     StreamingSaveStrategy,
@@ -367,7 +371,13 @@ def read_hf_config(hf_dir: str | Path) -> dict:
         raise ConversionError(f"Hugging Face directory {hf_dir} does not exist (--hf)")
     path = hf_dir / "config.json"
     if not path.exists():
-        raise ConversionError(f"{path} is missing")
+        from dsmoe_megatron import checkpoint
+
+        ours = (f"; {hf_dir} is a checkpoint of dsmoe-train or Megatron-LM: to-hf exports it"
+                if checkpoint.is_ours(hf_dir)
+                or (hf_dir / checkpoint.MEGATRON_LM_TRACKER).exists() else "")
+        raise ConversionError(f"{path} is missing, so {hf_dir} is not a Hugging Face model "
+                              f"directory (--hf){ours}")
     try:
         hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -393,10 +403,12 @@ def make_run_config(model_fields: Mapping, vocab_size: int | None = None,
                        ("max_position_embeddings", max_position_embeddings)):
         if value is not None:
             source[key] = int(value)
+    origin = ("the model of the Hugging Face config.json with the layout flags "
+              "(--tensor/--pipeline/--expert-model-parallel-size) and --set")
     try:
-        return yaml_config.run_config_from_dict(source, tuple(overrides))
+        return yaml_config.run_config_from_dict(source, tuple(overrides), origin=origin)
     except yaml_config.YamlConfigError as err:
-        raise ConversionError(f"run config: {err}") from err
+        raise ConversionError(str(err)) from err
 
 
 def build_run_config(hf: Mapping, overrides: Iterable[str] = ()):

@@ -23,13 +23,18 @@ from pathlib import Path
 
 import numpy
 import torch
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import (
+
+from dsmoe_megatron.cli import quiet_warnings, quiet_when_run_as_main
+
+quiet_when_run_as_main(__name__)
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder  # noqa: E402
+from megatron.core.datasets.blended_megatron_dataset_config import (  # noqa: E402
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import (
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: E402
+from megatron.core.datasets.indexed_dataset import (  # noqa: E402
     DType,
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -37,10 +42,9 @@ from megatron.core.datasets.indexed_dataset import (
     get_bin_path,
     get_idx_path,
 )
-from megatron.core.datasets.utils import Split, get_blend_from_list
+from megatron.core.datasets.utils import Split, get_blend_from_list  # noqa: E402
 
-from dsmoe_megatron.cli import quiet_warnings
-from dsmoe_megatron.tokenizer import ByteTokenizer
+from dsmoe_megatron.tokenizer import ByteTokenizer  # noqa: E402
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 # Paragraphs are merged up to this size so that a training sequence mostly sees coherent text.

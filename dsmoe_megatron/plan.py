@@ -22,12 +22,15 @@ import math
 import sys
 import textwrap
 
-from dsmoe_megatron.cli import quiet_warnings
-from dsmoe_megatron.config import ConfigError
-from dsmoe_megatron.planning.estimate import estimate
-from dsmoe_megatron.planning.hardware import GB, GPUS, Cluster, get_gpu
-from dsmoe_megatron.planning.memory import MemoryOptions, memory_assumptions
-from dsmoe_megatron.planning.params import (
+from dsmoe_megatron.cli import quiet_warnings, quiet_when_run_as_main
+
+quiet_when_run_as_main(__name__)
+
+from dsmoe_megatron.config import ConfigError  # noqa: E402
+from dsmoe_megatron.planning.estimate import estimate  # noqa: E402
+from dsmoe_megatron.planning.hardware import GB, GPUS, Cluster, get_gpu  # noqa: E402
+from dsmoe_megatron.planning.memory import MemoryOptions, memory_assumptions  # noqa: E402
+from dsmoe_megatron.planning.params import (  # noqa: E402
     FLOPS_CONVENTION,
     NOMINAL_CONVENTION,
     TOKENS_4K,
@@ -35,9 +38,13 @@ from dsmoe_megatron.planning.params import (
     flops_per_token,
     nominal_flops_per_token,
 )
-from dsmoe_megatron.planning.search import search
-from dsmoe_megatron.planning.step_time import COMPONENTS, Rates
-from dsmoe_megatron.yaml_config import RunConfig, check_world_size, load_run_config
+from dsmoe_megatron.planning.search import search  # noqa: E402
+from dsmoe_megatron.planning.step_time import COMPONENTS, Rates  # noqa: E402
+from dsmoe_megatron.yaml_config import (  # noqa: E402
+    RunConfig,
+    check_world_size,
+    load_run_config,
+)
 
 DEFAULT_GPU = "H100-80GB"
 

@@ -27,12 +27,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsmoe_megatron.cli import describe_os_error, positive_int, quiet_warnings
+from dsmoe_megatron.cli import (describe_os_error, positive_int, quiet_warnings,
+                                quiet_when_run_as_main)
 
-# Run as python -m / torchrun -m (or re-imported by the processes those spawn): filter the
-# harmless warnings before the imports below raise them.
-if __name__ in ("__main__", "__mp_main__"):
-    quiet_warnings()
+quiet_when_run_as_main(__name__)
 
 from dsmoe_megatron.checkpoint import CheckpointError  # noqa: E402
 
@@ -143,7 +141,9 @@ class Trainer:
 
     def _claim_save_dir(self, resume: str, overwrite: bool) -> bool:
         """Rank 0 takes the save directory's run lock, then decides (and with --overwrite
-        clears) for all ranks: one view of the files."""
+        clears) for all ranks: one view of the files. Holding the lock, it removes what a run
+        killed mid-save left (``.partial`` directories: no live run writes them)."""
+        from dsmoe_megatron.checkpoint import remove_partial_checkpoints
         from dsmoe_megatron.run_dir import (RunDirError, decide_resume, lock_save_dir,
                                             unlock_save_dir)
 
@@ -153,7 +153,9 @@ class Trainer:
             try:
                 if save is not None:
                     lock_save_dir(save)
-                outcome[0] = decide_resume(save, resume, overwrite)
+                resumed, removed = decide_resume(save, resume, overwrite)
+                unfinished = remove_partial_checkpoints(save) if save is not None else []
+                outcome[0] = resumed, removed, [p.name for p in unfinished]
             except OSError as error:  # read-only, under a file, ...
                 outcome[0] = RunDirError(describe_os_error(f"cannot use save={save}", error))
             except (RunDirError, CheckpointError) as error:
@@ -163,10 +165,12 @@ class Trainer:
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
-        resumed, removed = outcome[0]
+        resumed, removed, unfinished = outcome[0]
         if removed:
             _log(f"--overwrite: deleted the previous run's {len(removed)} files in "
                  f"{self.run.train.save}")
+        if unfinished:
+            _log(f"removed the unfinished save of an interrupted run: {', '.join(unfinished)}")
         return resumed
 
     # ---- construction ---------------------------------------------------------------------
@@ -230,7 +234,10 @@ class Trainer:
         except ImportError:
             _log("tensorboard is not installed: logging to the console and metrics.jsonl only")
             return None
-        return SummaryWriter(self.run.train.tensorboard_dir)
+        # A resumed run logs again from the iteration after its checkpoint: hide what the
+        # interrupted run had logged from there on, as metrics.jsonl sets it aside.
+        return SummaryWriter(self.run.train.tensorboard_dir,
+                             purge_step=self.iteration + 1 if self.iteration else None)
 
     def _load_if_asked(self, resume: bool) -> None:
         from dsmoe_megatron import checkpoint

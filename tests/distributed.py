@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -76,15 +77,24 @@ def _run_once(fn, world_size, layout, args, seed, timeout):
     for p in procs:
         p.start()
     collected: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(collected) < world_size:
             try:
-                rank, status, payload = results.get(timeout=timeout)
+                rank, status, payload = results.get(timeout=1.0)
             except queue.Empty:
-                raise RankFailed(
-                    f"ranks {sorted(set(range(world_size)) - set(collected))} gave no result "
-                    f"within {timeout:.0f} s (hang or deadlock)"
-                ) from None
+                missing = sorted(set(range(world_size)) - set(collected))
+                # A rank killed by a signal (or exiting at C level) never reports: say so now
+                # rather than at the timeout. (One that returned exits 0 after its report.)
+                dead = [(r, procs[r].exitcode) for r in missing if procs[r].exitcode]
+                if dead:
+                    raise RankFailed(f"ranks {[r for r, _ in dead]} of {world_size} exited "
+                                     f"without a result (exit codes {[c for _, c in dead]}; "
+                                     "negative: killed by that signal)") from None
+                if time.monotonic() > deadline:
+                    raise RankFailed(f"ranks {missing} gave no result within {timeout:.0f} s "
+                                     "(hang or deadlock)") from None
+                continue
             if status == "error":
                 raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
             collected[rank] = pickle.loads(payload)

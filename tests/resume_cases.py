@@ -63,7 +63,7 @@ def run_job(tasks: list[tuple]) -> list:
     """Rank function: run each (kind, *args) task in turn; returns their results."""
     kinds = {"train": train, "resume_copy": resume_copy, "train_interrupted": train_interrupted,
              "train_while_locked": train_while_locked, "train_disk_full": train_disk_full,
-             "damage": damage, "listing": listing,
+             "damage": damage, "listing": listing, "killed_during_save": killed_during_save,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
              "resumed_checkpoint": resumed_checkpoint,
              "experts_on_gpu_rng": experts_on_gpu_rng,
@@ -198,6 +198,14 @@ def train_disk_full(argv: list[str], full_at_save: int) -> dict:
     save = save_dir(argv)
     return {**result, "stderr_by_rank": stderr, "latest": (save / "latest").read_text(),
             "partial": [p.name for p in save.glob("*.partial")]}
+
+
+def killed_during_save(save: str, iteration: int) -> None:
+    """What a SIGKILL while saving ``iteration`` leaves (after it had logged that iteration):
+    its directory still ``.partial``, ``latest`` naming the one before."""
+    final = Path(save) / f"iter_{iteration:07d}"
+    final.rename(final.with_name(final.name + ".partial"))
+    (Path(save) / "latest").write_text(str(iteration - 1))
 
 
 def listing(directory: str) -> list[str]:

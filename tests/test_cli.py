@@ -80,6 +80,17 @@ def test_ctrl_c_while_the_libraries_import_is_one_line(tmp_path):
     assert err.strip().splitlines()[-1].startswith("dsmoe-train: interrupted"), err[-3000:]
 
 
+@pytest.mark.parametrize("module", ["train", "convert", "analyze", "plan", "data"])
+def test_python_m_hides_harmless_warnings(module):
+    """``python -m dsmoe_megatron.X`` (as torchrun -m runs them) filters before its imports warn."""
+    environ = {k: v for k, v in os.environ.items() if k != "DSMOE_SHOW_WARNINGS"}
+    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", f"dsmoe_megatron.{module}", "-h"], cwd=ROOT,
+                          env=environ, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-3000:]
+    assert not [w for w in TRAIN_WARNINGS if w in proc.stderr], proc.stderr[-3000:]
+
+
 def test_console_scripts_quiet_warnings_before_importing_the_tool():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"dsmoe-train": "dsmoe_megatron.cli:train",

@@ -500,6 +500,11 @@ def test_import_path_errors(tmp_path, capsys):
     assert convert.main(["from-hf", "--hf", str(tmp_path / "nowhere"),
                          "--out", str(tmp_path / "megatron")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    ours = tmp_path / "run"  # a save directory given as --hf
+    ours.mkdir()
+    (ours / "latest").write_text("2")
+    with pytest.raises(ConversionError, match="not a Hugging Face model directory.*to-hf exports"):
+        convert.import_from_hf(ours, tmp_path / "megatron")
 
 
 def test_import_refuses_architecture_overrides(tmp_path):
@@ -695,6 +700,7 @@ def test_from_hf_refuses_layouts_the_model_cannot_take(tmp_path, capsys, flag, v
     code, err = run_cli(["from-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "m"), flag,
                          value], capsys)
     assert code == 2 and message in err
+    assert flag in err or "layout flags (--tensor/--pipeline/--expert-model-parallel-size)" in err
     assert not (tmp_path / "m").exists()
 
 
@@ -708,6 +714,13 @@ def test_export_names_a_damaged_checkpoint(rt, trained, tmp_path, capsys):
                         capsys)
     assert code == 2 and str(damaged) in err
     assert not (tmp_path / "hf").exists()
+    # A complete-looking save never renamed from .partial is not called a checkpoint either.
+    unfinished = tmp_path / "run" / "iter_0000002.partial"
+    shutil.copytree(checkpoint.resolve(trained.save), unfinished)
+    code, err = run_cli(["to-hf", "--checkpoint", str(unfinished), "--out", str(tmp_path / "hf")],
+                        capsys)
+    assert code == 2 and "unfinished save of an interrupted run" in err
+    assert f"pass the save directory {unfinished.parent}" in err
 
 
 @pytest.mark.distributed

@@ -80,6 +80,10 @@ def cli(tmp_path_factory) -> Cli:
     c.add("resume before a checkpoint", "train",
           c.argv("sigterm during save", "train_iters=3", "--resume"))
     c.add("locked", "train_while_locked", c.argv("locked", *two))
+    board = f"tensorboard_dir={root / 'killed' / 'tensorboard'}"
+    c.add("to be killed", "train", c.argv("killed", *two, board))
+    c.add("kill", "killed_during_save", str(root / "killed"), 2)
+    c.add("after kill", "train", c.argv("killed", "train_iters=3", board, "--resume"))
     # A run extended on resume (train_iters 3 -> 1000, far past one pass over the data) against
     # one planned that long from the start; constant lr after the warm-up.
     constant, stop = ["lr_decay_style=constant"], ["--stop-at", "6"]
@@ -210,6 +214,25 @@ def test_sigterm_stops_like_ctrl_c(cli):
     # Its run.yaml stays, so a plain start would be refused: --resume says what works.
     refused(cli.results["resume before a checkpoint"], "no checkpoint",
             "--overwrite to start it over", "--resume auto")
+
+
+@pytest.mark.distributed
+def test_a_resume_after_a_kill_mid_save_leaves_one_history(cli):
+    """SIGKILL while saving iteration 2 (logged, not saved): the resume removes the unfinished
+    save and TensorBoard shows iteration 2 once, from the resumed run (as metrics.jsonl)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ok(cli.results["to be killed"])
+    resumed = ok(cli.results["after kill"])
+    save = cli.root / "killed"
+    assert "removed the unfinished save of an interrupted run: iter_0000002.partial" in resumed[
+        "stdout"]
+    assert not list(save.glob("*.partial")) and (save / "latest").read_text() == "3"
+    board = EventAccumulator(str(save / "tensorboard"))
+    board.Reload()
+    events = board.Scalars("lm_loss")
+    assert [e.step for e in events] == [1, 2, 3]
+    assert events[1].value == pytest.approx(records(resumed)[2]["lm_loss"])
 
 
 @pytest.mark.distributed
