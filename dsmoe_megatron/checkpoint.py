@@ -18,6 +18,8 @@ Checkpoints are trusted input: Megatron's ``.metadata`` file is a Python pickle.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -51,6 +54,39 @@ _RECOVERY_HINT = ("resume from an earlier checkpoint: write its iteration number
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _read_tensor_metadata_without_strides() -> None:
+    """torch 2.15 gives torch.distributed.checkpoint's TensorProperties a ``strides`` field;
+    Megatron-core 0.19 reads a checkpoint's tensor metadata as ``torch.empty(size,
+    **properties.__dict__)``, which takes no ``strides``, so every load failed. Megatron is given
+    a copy of the metadata without the field (no-op on earlier torch)."""
+    strategy = torch_strategy.TorchDistLoadShardedStrategy
+    original = strategy.load_tensors_metadata
+    if getattr(original, "dsmoe", False):
+        return
+
+    def without_strides(item):
+        properties = getattr(item, "properties", None)  # tensors have them, bytes do not
+        if properties is None or "strides" not in vars(properties):
+            return item
+        properties = copy.copy(properties)
+        del vars(properties)["strides"]
+        return dataclasses.replace(item, properties=properties)
+
+    def load_tensors_metadata(self, checkpoint_dir, metadata=None):
+        if metadata is None:
+            metadata = torch_strategy._get_filesystem_reader(checkpoint_dir).read_metadata()
+        metadata = copy.copy(metadata)
+        metadata.state_dict_metadata = {key: without_strides(item) for key, item in
+                                        metadata.state_dict_metadata.items()}
+        return original(self, checkpoint_dir, metadata)
+
+    load_tensors_metadata.dsmoe = True
+    strategy.load_tensors_metadata = load_tensors_metadata
+
+
+_read_tensor_metadata_without_strides()
 
 
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
