@@ -53,9 +53,10 @@ def hardware_overrides(hw: Hardware, config: str = TINY, user: list[str] = ()) -
 
 def main(argv: list[str] | None = None) -> int:
     from dsmoe_megatron.cli import quiet_warnings
+
+    user = quiet_warnings(argv)  # before the imports that warn (Megatron-core's, via config)
     from dsmoe_megatron.config import ConfigError
 
-    user = quiet_warnings(argv)
     hw = detect()
     try:
         overrides = hardware_overrides(hw, TINY, user)

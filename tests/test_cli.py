@@ -91,6 +91,18 @@ def test_python_m_hides_harmless_warnings(module):
     assert not [w for w in TRAIN_WARNINGS if w in proc.stderr], proc.stderr[-3000:]
 
 
+def test_quick_start_hides_harmless_warnings(tmp_path):
+    """What ``bash bootstrap.sh train`` runs."""
+    environ = {k: v for k, v in os.environ.items() if k != "DSMOE_SHOW_WARNINGS"}
+    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsmoe_megatron.quickstart", "train_iters=1", "lr_warmup_iters=0",
+         "eval_interval=null", f"save={tmp_path}", "tensorboard_dir=null"], cwd=ROOT, env=environ,
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "checkpoint saved to" in proc.stdout, proc.stderr[-3000:]
+    assert not [w for w in TRAIN_WARNINGS if w in proc.stderr], proc.stderr[-3000:]
+
+
 def test_console_scripts_quiet_warnings_before_importing_the_tool():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"dsmoe-train": "dsmoe_megatron.cli:train",
