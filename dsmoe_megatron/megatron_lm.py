@@ -460,9 +460,13 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
                          + " ".join(MODEL_FLAGS))
     with _one_line_errors():
         config = config_from_megatron(config or core_transformer_config_from_args(args))
+    try:
+        real_vocab_size = get_tokenizer().vocab_size
+    except AssertionError:  # no tokenizer built (a caller's own set-up): nothing to mask by
+        real_vocab_size = None
     return build_model(config, args.padded_vocab_size, args.max_position_embeddings,
                        pre_process, post_process, vp_stage, pg_collection,
-                       real_vocab_size=get_tokenizer().vocab_size)
+                       real_vocab_size=real_vocab_size)
 
 
 _BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
