@@ -29,6 +29,11 @@ SMALL = ["--num-layers", "2", "--hidden-size", "64", "--seq-length", "64",
          "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--train-iters", str(ITERS), "--lr-warmup-iters", "1", "--eval-interval", str(ITERS),
          "--eval-iters", "1", "--log-interval", "1"]
+# SMALL as dsmoe-train overrides.
+DSMOE_TRAIN_SMALL = [f"{k}={v}" for k, v in [
+    ("language_model.num_layers", 2), ("language_model.hidden_size", 64), ("seq_length", 64),
+    ("max_position_embeddings", 64), ("micro_batch_size", 2), ("global_batch_size", 4),
+    ("lr_warmup_iters", 1)]]
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                       "MASTER_PORT")
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([-+.\dEe]+) \|"
@@ -342,11 +347,7 @@ def test_training_starts_from_a_dsmoe_train_checkpoint(cache, tmp_path):
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     ours, new = tmp_path / "dsmoe", tmp_path / "megatron_lm"
-    small = [f"{k}={v}" for k, v in [("language_model.num_layers", 2),
-                                     ("language_model.hidden_size", 64), ("seq_length", 64),
-                                     ("max_position_embeddings", 64), ("micro_batch_size", 2),
-                                     ("global_batch_size", 4), ("lr_warmup_iters", 1)]]
-    run(["-m", "dsmoe_megatron.train", TINY, *small, "train_iters=2", "save_interval=2",
+    run(["-m", "dsmoe_megatron.train", TINY, *DSMOE_TRAIN_SMALL, "train_iters=2", "save_interval=2",
          "eval_interval=null", "tensorboard_dir=null", f"save={ours}"])
     start = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--data-cache-path", cache, "--lr", "0",
              "--min-lr", "0", "--lr-warmup-iters", "0", "--pretrained-checkpoint", str(ours),
@@ -368,3 +369,26 @@ def test_training_starts_from_a_dsmoe_train_checkpoint(cache, tmp_path):
                  "--override-opt_param-scheduler"])
     assert f"loading distributed checkpoint from {new} at iteration 1" in again
     assert "started from the weights" not in again
+
+
+def test_a_hugging_face_import_starts_where_its_source_was(cache, tmp_path):
+    """dsmoe-train -> to-hf -> from-hf -> Megatron-LM's loop: the first loss equals the one of
+    the same loop started from the dsmoe-train checkpoint. The import's vocabulary padding rows
+    are zeros, the trained ones not: equal only with the padding masked, as dsmoe-train does."""
+    from dsmoe_megatron import convert
+
+    ours = tmp_path / "dsmoe"
+    run(["-m", "dsmoe_megatron.train", TINY, *DSMOE_TRAIN_SMALL, "train_iters=2",
+         "save_interval=2", "eval_interval=null", "tensorboard_dir=null", f"save={ours}"])
+    assert convert.main(["to-hf", "--checkpoint", str(ours), "--out", str(tmp_path / "hf")]) == 0
+    assert convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--out",
+                         str(tmp_path / "imported")]) == 0
+    first_losses = []
+    for source in (ours, tmp_path / "imported"):
+        save = tmp_path / f"megatron_lm_{source.name}"
+        log = run([EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--data-cache-path", cache,
+                   "--pretrained-checkpoint", str(source), "--load", str(save), "--save",
+                   str(save), "--save-interval", "1", "--train-iters", "1",
+                   "--lr-warmup-iters", "0", "--eval-iters", "0"])
+        first_losses.append(ITERATION.findall(log)[0][1])
+    assert first_losses[0] == first_losses[1]
