@@ -167,10 +167,11 @@ def swiglu_reference(x, mlp):
 def test_moe_matches_per_token_loop(norm_topk_prob):
     torch.manual_seed(0)
     config = tiny_config(norm_topk_prob=norm_topk_prob, initializer_range=0.02)
-    moe = DeepseekMoE(config)
+    moe = DeepseekMoE(config).eval()
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
-        actual = moe(x)
+        actual, aux_loss = moe(x)
+        assert aux_loss is None  # in training mode only
 
         expected = torch.empty_like(x)
         for b in range(2):
@@ -356,3 +357,115 @@ def test_forward_refuses_what_it_does_not_implement():
     with pytest.raises(ValueError, match="output_attentions"):
         model(ids, output_attentions=True)
     assert {"cache", "past_key_values"} <= set(model._skip_keys_device_placement)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning an exported model with transformers: the balance loss in training mode, gradient
+# checkpointing, and the Trainer with gradient accumulation against a plain PyTorch loop.
+
+# transformers 5.24 renamed gradient checkpointing (`gradient_checkpointing_enable`, the Trainer's
+# `gradient_checkpointing`) to activation checkpointing.
+CHECKPOINTING = ("activation_checkpointing" if hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable")
+                 else "gradient_checkpointing")
+
+def released_balance_loss(x, gate_weight, top_k, alpha, seq_aux):
+    """The released DeepSeek training code's balance loss, written out per sequence and expert:
+    alpha * sum_i f_i P_i, f_i = N'/(K'T) * #tokens choosing i, P_i the mean probability of expert i."""
+    probs = torch.softmax(x.float() @ gate_weight.float().T, dim=-1)  # [batch, seq, experts]
+    num_experts = probs.shape[-1]
+    chosen = probs.topk(top_k, dim=-1).indices
+    if seq_aux:
+        groups = list(zip(probs, chosen))
+    else:
+        groups = [(probs.reshape(-1, num_experts), chosen.reshape(-1, top_k))]
+    total = 0.0
+    for p, c in groups:
+        tokens = p.shape[0]
+        total = total + sum(num_experts / (top_k * tokens) * (c == i).sum() * p[:, i].mean()
+                            for i in range(num_experts))
+    return alpha * total / len(groups)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_training_loss_adds_the_released_balance_loss(seq_aux):
+    model = tiny_model(num_hidden_layers=3, aux_loss_alpha=0.1, seq_aux=seq_aux, initializer_range=0.02)
+    ids = torch.randint(3, 64, (3, 8), generator=torch.Generator().manual_seed(7))
+    moe_inputs = []
+    for layer in model.model.layers[1:]:
+        layer.mlp.register_forward_pre_hook(lambda module, args: moe_inputs.append(args[0]))
+    with torch.no_grad():
+        eval_out = model(ids, labels=ids)
+    assert eval_out.aux_loss is None
+    moe_inputs.clear()
+
+    out = model.train()(ids, labels=ids)
+    gates = [layer.mlp.gate.weight for layer in model.model.layers[1:]]
+    expected = sum(released_balance_loss(x, g, 2, 0.1, seq_aux) for x, g in zip(moe_inputs, gates))
+    assert expected > 0.1 * 2  # each layer's loss is alpha * (about 1 or more)
+    torch.testing.assert_close(out.aux_loss, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.loss, eval_out.loss + expected, rtol=1e-6, atol=0)
+    # The gradient reaches the routers through the probabilities P_i, as in the released code.
+    actual_grads = torch.autograd.grad(out.aux_loss, gates, retain_graph=True)
+    expected_grads = torch.autograd.grad(expected, gates)
+    for actual, reference in zip(actual_grads, expected_grads):
+        assert reference.abs().max() > 0
+        torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-8)
+
+
+def test_gradient_checkpointing_recomputes_layers_to_the_same_gradients():
+    model = tiny_model(num_hidden_layers=3).train()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(8))
+    calls = []
+    for layer in model.model.layers:
+        # A pre-hook: torch's checkpoint may stop a recompute once it has what backward needs.
+        layer.self_attn.register_forward_pre_hook(lambda *args: calls.append(1))
+
+    def gradients():
+        model.zero_grad()
+        calls.clear()
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = gradients()
+    getattr(model, f"{CHECKPOINTING}_enable")()
+    recomputed, recomputed_calls = gradients()
+    assert (plain_calls, recomputed_calls) == (3, 6)  # every layer ran again in backward
+    assert plain.keys() == recomputed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_trainer_fine_tunes_with_accumulation_and_checkpointing(tmp_path):
+    """transformers' Trainer (which passes ``num_items_in_batch``) with gradient accumulation and gradient
+    checkpointing takes the steps a plain PyTorch loop takes on the same batches."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model(aux_loss_alpha=0.1).train()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(3, 64, (10,), generator=torch.Generator().manual_seed(9))
+    # Identical examples: the Trainer's shuffling cannot change what a step sees.
+    dataset = [{"input_ids": ids, "labels": ids}] * 8
+    batch, accumulation, steps, lr = 2, 2, 2, 1e-3
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=lr,
+                             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+                             use_cpu=True, report_to=[], save_strategy="no",
+                             disable_tqdm=True, **{CHECKPOINTING: True})
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=0.0)
+    micro_batch = ids.expand(batch, -1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        for _ in range(accumulation):
+            (reference(micro_batch, labels=micro_batch).loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+    trained = dict(model.named_parameters())
+    moved = 0.0
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(trained[name], param, rtol=0, atol=1e-6, msg=name)
+        moved = max(moved, (param - tiny_model(aux_loss_alpha=0.1).get_parameter(name)).abs().max().item())
+    assert moved > 1e-3  # the steps changed the weights

@@ -5,7 +5,7 @@ This file is shipped as Hugging Face remote code next to exported weights and lo
 ``transformers`` and its sibling configuration module (relatively).
 """
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from functools import cache as memoize, partial
 
 import torch
@@ -15,7 +15,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
 from .configuration_deepseek import DeepseekConfig
@@ -23,9 +24,12 @@ from .configuration_deepseek import DeepseekConfig
 # transformers 5.24 renamed the generation cache `past_key_values` -> `cache`: `generate` passes it to `forward`
 # and reads it back from the output under the new name. The forward methods take either name and return the
 # cache under the field the installed version's output classes declare.
-CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 # Passed by `generate` of transformers < 5.24 and ignored: the past length comes from the cache itself.
 IGNORED_GENERATE_KWARGS = ("cache_position",)
+# Passed by transformers' Trainer to a forward that takes **kwargs (the label tokens of the whole
+# accumulated batch, for the loss of each micro-batch).
+LOSS_KWARGS = ("num_items_in_batch",)
 
 
 def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -38,7 +42,7 @@ def check_extra_kwargs(owner: str, kwargs: dict) -> None:
     """Refuse keyword arguments this model does not implement instead of silently ignoring them."""
     if kwargs.pop("output_attentions", None):
         raise ValueError(f"{owner}: output_attentions=True is not supported (attention runs in SDPA)")
-    unknown = sorted(k for k in kwargs if k not in IGNORED_GENERATE_KWARGS)
+    unknown = sorted(k for k in kwargs if k not in IGNORED_GENERATE_KWARGS + LOSS_KWARGS)
     if unknown:
         raise TypeError(f"{owner}.forward() got unexpected keyword argument(s): {', '.join(unknown)}")
 
@@ -168,12 +172,15 @@ class DeepseekMLP(nn.Module):
 
 
 class DeepseekMoE(nn.Module):
-    """Softmax top-k routed experts plus always-on shared experts (no auxiliary loss is computed)."""
+    """Softmax top-k routed experts plus always-on shared experts, and in training mode the released code's
+    expert-level balance loss."""
 
     def __init__(self, config: DeepseekConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.aux_loss_alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
         self.gate = nn.Linear(config.hidden_size, config.n_routed_experts, bias=False)
         self.experts = nn.ModuleList(
             DeepseekMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
@@ -184,21 +191,31 @@ class DeepseekMoE(nn.Module):
             else None
         )
 
-    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (weights, expert ids) per token, both [tokens, top_k]; weights in float32.
-
-        The released code ran this softmax in the model dtype; in bf16 that can flip the choice between
-        near-tied experts, so we route in float32.
-        """
-        scores = F.linear(tokens.float(), self.gate.weight.float()).softmax(dim=-1)
+    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (weights, expert ids) per token, both [tokens, top_k], from the router probabilities."""
         weights, expert_ids = scores.topk(self.top_k, dim=-1)
         if self.top_k > 1 and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights, expert_ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        """``aux_loss_alpha * sum_i f_i P_i`` with ``f_i = N' / (K' T) * #tokens choosing i`` and ``P_i`` the
+        mean probability of expert i, over each sequence (``seq_aux``, averaged) or the whole batch, as the
+        released training code computes it (padding tokens count)."""
+        groups = batch if self.seq_aux else 1
+        scores = scores.view(groups, -1, scores.shape[-1])
+        chosen = expert_ids.reshape(groups, -1)
+        counts = torch.zeros_like(scores[:, 0]).scatter_add_(1, chosen, torch.ones_like(chosen, dtype=scores.dtype))
+        f = counts * (scores.shape[-1] / chosen.shape[1])
+        return self.aux_loss_alpha * (f * scores.mean(dim=1)).sum(dim=-1).mean()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MoE output and, in training mode with ``aux_loss_alpha > 0``, its balance loss (else None)."""
         tokens = x.reshape(-1, x.shape[-1])
-        weights, expert_ids = self.route(tokens)
+        # The released code ran this softmax in the model dtype; in bf16 that can flip the choice between
+        # near-tied experts, so we route in float32.
+        scores = F.linear(tokens.float(), self.gate.weight.float()).softmax(dim=-1)
+        weights, expert_ids = self.route(scores)
         routed = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         for expert_id, expert in enumerate(self.experts):
             token_idx, slot = torch.where(expert_ids == expert_id)
@@ -209,24 +226,35 @@ class DeepseekMoE(nn.Module):
         out = routed.to(x.dtype).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        aux_loss = None
+        if self.training and self.aux_loss_alpha > 0:
+            aux_loss = self.balance_loss(scores, expert_ids, x.shape[0])
+        return out, aux_loss
 
 
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DeepseekConfig, layer_idx: int):
         super().__init__()
         self.self_attn = DeepseekAttention(config, layer_idx)
-        if config.is_moe_layer(layer_idx):
-            self.mlp = DeepseekMoE(config)
-        else:
-            self.mlp = DeepseekMLP(config, config.intermediate_size)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = DeepseekMoE(config) if self.is_moe else DeepseekMLP(config, config.intermediate_size)
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden, cos, sin, attention_bias, cache, cache_position):
+        """The layer's output and its balance loss (None in dense layers and outside training)."""
         attention = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_bias, cache, cache_position)
         hidden = hidden + attention
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        mlp_input = self.post_attention_layernorm(hidden)
+        out, aux_loss = self.mlp(mlp_input) if self.is_moe else (self.mlp(mlp_input), None)
+        return hidden + out, aux_loss
+
+
+@dataclass
+class DeepseekModelOutputWithPast(BaseModelOutputWithPast):
+    """``aux_loss``: the balance losses of all MoE layers summed (training mode only)."""
+
+    aux_loss: torch.FloatTensor | None = None
 
 
 class DeepseekPreTrainedModel(PreTrainedModel):
@@ -235,6 +263,7 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DeepseekDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module):
         std = self.config.initializer_range
@@ -252,6 +281,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -272,7 +302,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> DeepseekModelOutputWithPast:
         """``cache`` (or its pre-5.24 name ``past_key_values``) is updated in place and returned."""
         check_extra_kwargs(type(self).__name__, kwargs)
         cache = resolve_cache(cache, past_key_values)
@@ -280,6 +310,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # a recomputed layer would append its keys to the cache twice
         if not use_cache:
             cache = None
         elif cache is None:
@@ -297,16 +329,20 @@ class DeepseekModel(DeepseekPreTrainedModel):
         )
 
         all_hidden = [] if output_hidden_states else None
+        aux_losses = []
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden = layer(hidden, cos, sin, attention_bias, cache, cache_position)
+            hidden, aux_loss = layer(hidden, cos, sin, attention_bias, cache, cache_position)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
-        return BaseModelOutputWithPast(
+        return DeepseekModelOutputWithPast(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
             **{CACHE_FIELD: cache},
         )
 
@@ -352,8 +388,14 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """``cache`` (or its pre-5.24 name ``past_key_values``) is updated in place and returned."""
+    ) -> MoeCausalLMOutputWithPast:
+        """``cache`` (or its pre-5.24 name ``past_key_values``) is updated in place and returned.
+
+        In training mode ``aux_loss`` is the layers' balance loss, and ``loss`` (given ``labels``) includes it,
+        weighted as the language-model loss is: by this batch's share of ``num_items_in_batch`` label tokens
+        when the Trainer passes that (gradient accumulation), so each optimizer step sees it once.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         check_extra_kwargs(type(self).__name__, kwargs)
         outputs = self.model(
             input_ids=input_ids,
@@ -369,11 +411,18 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         # float32 logits, as the released code returned.
         logits = self.lm_head(hidden).float()
-        loss = None
+        loss, aux_loss = None, outputs.aux_loss
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
+            if aux_loss is not None:
+                share = 1.0
+                if num_items_in_batch is not None:  # the label tokens the loss function counts
+                    share = (labels[:, 1:] != -100).sum() / num_items_in_batch
+                loss = loss + share * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
