@@ -98,6 +98,32 @@ _GPU_GENERATIONS = {(8, 9): "FP8 tensor cores: Ada, Hopper or newer", (9, 0): "H
                     (10, 0): "Blackwell"}
 
 
+_DROPLESS = "routing is dropless: every token reaches its k experts"
+_UNGROUPED = "each token picks its k experts among all routed experts"
+# Megatron-core MoE settings the DeepSeekMoE block does not implement, with the values that
+# mean "off" and what the block does instead: setting one is an error, not a run without it.
+_NOT_IMPLEMENTED = {
+    "moe_expert_capacity_factor": ((None,), _DROPLESS),
+    "moe_expert_rank_capacity_factor": ((None,), _DROPLESS),
+    "moe_pad_expert_input_to_capacity": ((False,), _DROPLESS),
+    "moe_token_dropping": ((False,), _DROPLESS),
+    "moe_router_topk_scaling_factor": ((None,), "the gates are the chosen experts' softmax "
+                                       "scores (renormalised with moe_router_pre_softmax: false)"),
+    "moe_z_loss_coeff": ((None, 0.0), "the router's losses are the expert-level "
+                         "(moe_aux_loss_coeff) and device-level (moe_device_balance_coeff) ones"),
+    "moe_input_jitter_eps": ((None, 0.0), "the router sees the hidden states as they are"),
+    "moe_router_num_groups": ((None,), _UNGROUPED),
+    "moe_router_group_topk": ((None,), _UNGROUPED),
+    "moe_router_topk_limited_devices": ((None,), _UNGROUPED),
+    "moe_router_enable_expert_bias": ((False,), "balance comes from the balance losses"),
+    "moe_router_force_load_balancing": ((False,), "the router routes by its scores"),
+    "moe_router_dtype": ((None, "fp32"), "the router computes in fp32"),
+    "moe_shared_expert_gate": ((False,), "the shared experts are always on, ungated"),
+    "moe_apply_probs_on_input": ((False,), "the gates weight the experts' outputs"),
+    "moe_latent_size": ((None,), "the experts take the hidden states at full width"),
+}
+
+
 def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
     """Checks that must come before TransformerConfig's own, whose messages are less direct
     (or that it lacks: it divides by zero, or accepts what cannot run)."""
@@ -106,6 +132,23 @@ def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
         problem = field_ranges.problem(f.name, value)
         if problem:
             raise ConfigError(f"{f.name}={value!r}: {problem}")
+    for name, (off, instead) in _NOT_IMPLEMENTED.items():
+        value = getattr(cfg, name)
+        if value not in off:
+            raise ConfigError(
+                f"{name}={value!r} is a Megatron-core MoE setting the DeepSeekMoE block does "
+                f"not implement ({instead}); remove it")
+    if isinstance(cfg.moe_aux_loss_coeff, (list, tuple)):
+        raise ConfigError(
+            f"moe_aux_loss_coeff={cfg.moe_aux_loss_coeff!r}: one number, the expert-level "
+            "balance factor a1 (Megatron's list pairs coefficients with a list of balance "
+            "types; DeepSeekMoE has one expert-level loss, and the device-level one is "
+            "moe_device_balance_coeff)")
+    if cfg.context_parallel_size != 1:
+        raise ConfigError(
+            f"context_parallel_size={cfg.context_parallel_size}: context parallelism is not "
+            "supported with the DeepSeekMoE block (its per-sequence balance statistics would "
+            "see only each rank's part of a sequence); use 1")
     _check_attention_heads(cfg)
     freq = cfg.moe_layer_freq
     if isinstance(freq, int) and freq < 1 or isinstance(freq, list) and (
@@ -401,10 +444,16 @@ def _fit_hot_path(cfg: DeepSeekMoEConfig) -> None:
             "in Megatron's router; DeepSeekMoE's experts pad each expert's rows for FP8 "
             "themselves (exactly, no extra tokens): remove the key"
         )
-    if cfg.recompute_granularity == "selective" and "moe_act" in (cfg.recompute_modules or ()):
-        # Megatron guards moe_act against its SequentialMLP; our experts are grouped on every
-        # backend and support it.
+    if recomputes_moe_act(cfg):
         cfg.moe_grouped_gemm = True
+
+
+def recomputes_moe_act(settings) -> bool:
+    """Whether a config (or Megatron-LM's arguments) recomputes the expert activation, for which
+    Megatron asks moe_grouped_gemm (it guards moe_act against its SequentialMLP; our experts are
+    grouped on every backend and support it)."""
+    return (settings.recompute_granularity == "selective"
+            and "moe_act" in (settings.recompute_modules or ()))
 
 
 def derive_from_baseline(ffn_hidden_size: int, num_experts: int, topk: int,

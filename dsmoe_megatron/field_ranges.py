@@ -1,7 +1,7 @@
 """The valid range of every numeric setting of a run: model, parallel layout and training.
 
 One table, grouped by range. NaN and inf are refused for every number, listed or not; a list
-value (``moe_aux_loss_coeff`` per layer, ``lr_step_decay_at``) is checked entry by entry.
+value (``lr_step_decay_at``) is checked entry by entry.
 Relations between fields (``min_lr <= lr``, heads dividing the hidden size...) are checked
 where the fields meet: ``config.py`` (DeepSeekMoEConfig) and ``yaml_config.TrainingArgs``.
 """

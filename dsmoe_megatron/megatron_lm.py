@@ -113,19 +113,16 @@ def hook_checkpoint_loading() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import get_args, training
 
-    from dsmoe_megatron.checkpoint import (adam_steps_from_groups, adam_steps_set_aside,
-                                           create_adam_state)
+    from dsmoe_megatron.checkpoint import adam_steps_from_groups, create_adam_state
 
     original = training.load_checkpoint
     if getattr(original, "dsmoe", False):
         return
-    load_param_state = DistributedOptimizer.load_parameter_state_from_fully_reshardable
-
-    def load_fully_reshardable(self, *args, **kwargs):
-        with adam_steps_set_aside(self):
-            return load_param_state(self, *args, **kwargs)
-
-    DistributedOptimizer.load_parameter_state_from_fully_reshardable = load_fully_reshardable
+    # Each --ckpt-format's way of loading the distributed optimizer's state (torch_dist:
+    # fully_reshardable or dp_reshardable; torch: dp_zero).
+    for kind in ("fully_reshardable", "dp_reshardable", "dp_zero"):
+        name = f"load_parameter_state_from_{kind}"
+        setattr(DistributedOptimizer, name, _without_adam_steps(getattr(DistributedOptimizer, name)))
 
     def load_checkpoint(model, optimizer, *args, **kwargs):
         source = _our_checkpoint_to_start_from(get_args())
@@ -141,6 +138,16 @@ def hook_checkpoint_loading() -> None:
 
     load_checkpoint.dsmoe = True
     training.load_checkpoint = load_checkpoint
+
+
+def _without_adam_steps(load_param_state):
+    from dsmoe_megatron.checkpoint import adam_steps_set_aside
+
+    def load(self, *args, **kwargs):
+        with adam_steps_set_aside(self):
+            return load_param_state(self, *args, **kwargs)
+
+    return load
 
 
 def _our_checkpoint_to_start_from(args) -> str | None:
@@ -237,6 +244,7 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
     ``args.moe_layer_freq`` so Megatron-LM's own logic sees the dense layers too."""
     from megatron.training import arguments
 
+    from dsmoe_megatron.config import recomputes_moe_act
     from dsmoe_megatron.specs import dsmoe_settings
 
     # The launcher and our example both come through here before Megatron-LM reads the environment.
@@ -255,6 +263,8 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
         args = megatron_parse(provider, ignore_unknown_args, args_defaults or {})
         _check_schedule(args)
         _check_checkpoint_dirs(args)
+    if recomputes_moe_act(args):
+        args.moe_grouped_gemm = True  # as DeepSeekMoEConfig sets it, before Megatron-LM checks it
     first_k = dsmoe_settings(args).get("moe_first_k_dense", 0)
     if first_k and args.num_experts:
         freq = args.moe_layer_freq
@@ -265,20 +275,22 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
 
 
 @contextlib.contextmanager
-def _one_line_errors(megatron_check: str = "Megatron-LM refused the arguments"):
+def _one_line_errors(megatron_check: str = "Megatron-LM refused the arguments",
+                     megatron_errors: tuple[type[Exception], ...] = (AssertionError,)):
     """A bad YAML file, flag or checkpoint stops every rank with one line, not a traceback per
-    rank: our config and checkpoint errors, and Megatron-LM's own checks (plain asserts, each
-    reported after ``megatron_check``)."""
+    rank: our config and checkpoint errors, and Megatron-LM's own checks (plain asserts, and
+    ``megatron_errors``, each reported after ``megatron_check``)."""
     from dsmoe_megatron.checkpoint import CheckpointError
     from dsmoe_megatron.config import ConfigError
 
     try:
         yield
-    except (ConfigError, CheckpointError, AssertionError) as error:
+    except (ConfigError, CheckpointError) as error:
+        print(f"{LAUNCHER}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except megatron_errors as error:
         what = str(error) or _failed_assert(error)
-        if isinstance(error, AssertionError):
-            what = f"{megatron_check}: {what}{_hint(what)}"
-        print(f"{LAUNCHER}: {what}", file=sys.stderr)
+        print(f"{LAUNCHER}: {megatron_check}: {what}{_hint(what)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -454,11 +466,14 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from dsmoe_megatron.model import build_model
     from dsmoe_megatron.specs import config_from_megatron
 
+    from dsmoe_megatron.config import ConfigError
+
     args = get_args()
-    if args.position_embedding_type != "rope" or not args.untie_embeddings_and_output_weights:
-        raise ValueError("DeepSeekMoE models use RoPE and untied embeddings: pass "
-                         + " ".join(MODEL_FLAGS))
-    with _one_line_errors():
+    # TransformerConfig's own checks raise ValueError.
+    with _one_line_errors(megatron_errors=(AssertionError, ValueError)):
+        if args.position_embedding_type != "rope" or not args.untie_embeddings_and_output_weights:
+            raise ConfigError("DeepSeekMoE models use RoPE and untied embeddings: pass "
+                              + " ".join(MODEL_FLAGS))
         config = config_from_megatron(config or core_transformer_config_from_args(args))
     try:
         real_vocab_size = get_tokenizer().vocab_size

@@ -274,12 +274,6 @@ NOT_CONFIGURABLE = {
     "pipeline_dtype": "not configurable: it follows params_dtype (model_parallel.bf16 / fp16)",
     "autocast_dtype": "not configurable: it follows params_dtype (model_parallel.bf16 / fp16)",
 }
-# In the schema, but only one value works with this plugin's runtime.
-_FIXED_VALUES = {
-    "context_parallel_size": (1, "context parallelism is not supported by dsmoe_megatron's "
-                                 "runtime; use 1"),
-}
-
 
 def _build_schema() -> dict[str, dict[str, Any]]:
     lm, mp, dsm = {}, {}, {}
@@ -518,9 +512,6 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     for key in _REQUIRED:
         if key not in lm:
             raise YamlConfigError(f"language_model.{key}: required (a positive integer)")
-    for key, (value, why) in _FIXED_VALUES.items():
-        if key in mp and mp[key] != value:
-            raise YamlConfigError(f"model_parallel.{key}={mp[key]}: {why}")
 
     train = TrainingArgs(**train_values)
     if train.max_position_embeddings is None:

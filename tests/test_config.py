@@ -82,6 +82,41 @@ def test_validation_errors_name_the_field_and_the_fix(changes, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("name, value", [
+    ("moe_expert_capacity_factor", 1.0), ("moe_pad_expert_input_to_capacity", True),
+    ("moe_token_dropping", True), ("moe_expert_rank_capacity_factor", 1.5),
+    ("moe_router_topk_scaling_factor", 2.5), ("moe_z_loss_coeff", 1e-3),
+    ("moe_input_jitter_eps", 0.1), ("moe_router_num_groups", 2), ("moe_router_group_topk", 1),
+    ("moe_router_topk_limited_devices", 1), ("moe_router_enable_expert_bias", True),
+    ("moe_router_force_load_balancing", True), ("moe_router_dtype", "fp64"),
+    ("moe_shared_expert_gate", True), ("moe_apply_probs_on_input", True), ("moe_latent_size", 16),
+])
+def test_megatron_moe_settings_the_block_does_not_implement_are_refused(name, value):
+    """Each changed the loss or gradients of Megatron's own MoE layer; ours read none of them, so
+    a run that set one trained without it."""
+    with pytest.raises(ConfigError) as err:
+        tiny_config(**{name: value})
+    assert str(err.value).startswith(
+        f"{name}={value!r} is a Megatron-core MoE setting the DeepSeekMoE block does not implement")
+    assert str(err.value).endswith("remove it")
+
+
+def test_what_the_block_does_anyway_may_be_said():
+    cfg = tiny_config(moe_router_dtype="fp32", moe_z_loss_coeff=0.0, moe_input_jitter_eps=0.0)
+    assert cfg.moe_router_dtype == "fp32"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(moe_aux_loss_coeff=[0.01, 0.02]),
+     "moe_aux_loss_coeff=[0.01, 0.02]: one number, the expert-level balance factor a1"),
+    (dict(context_parallel_size=2), "context_parallel_size=2: context parallelism is not supported"),
+])
+def test_megatron_forms_the_block_cannot_take(changes, message):
+    with pytest.raises(ConfigError) as err:
+        tiny_config(**changes)
+    assert str(err.value).startswith(message)
+
+
 @pytest.mark.parametrize("name, value, expected", [
     ("hidden_dropout", 0.0, None), ("hidden_dropout", 0.999, None),
     ("hidden_dropout", 1.0, "must be in [0, 1)"), ("hidden_dropout", -1e-9, "must be in [0, 1)"),

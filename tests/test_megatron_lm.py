@@ -238,6 +238,42 @@ def test_bad_arguments_are_one_line(argv, says, parse_args, capsys):
     assert says in err[0]
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--moe-z-loss-coeff", "0.1"], "moe_z_loss_coeff=0.1 is a Megatron-core MoE setting the "
+     "DeepSeekMoE block does not implement"),
+    (["--moe-expert-capacity-factor", "1.0"], "routing is dropless"),
+    (["--position-embedding-type", "learned_absolute"], "DeepSeekMoE models use RoPE"),
+    # TransformerConfig's own check (a ValueError).
+    (["--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj"],
+     "Megatron-LM refused the arguments: mla_up_proj in recompute_modules is only supported"),
+])
+def test_model_settings_the_block_refuses_are_one_line(argv, says, parse_args, capsys):
+    from dsmoe_megatron.megatron_lm import CPU_FLAGS, model_provider
+
+    parse_args([*CPU_FLAGS, "--dsmoe-yaml", TINY, *argv])
+    with pytest.raises(SystemExit) as stop:
+        model_provider()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsmoe_megatron.megatron_lm: "), err
+    assert says in err[0]
+
+
+def test_the_expert_activation_is_recomputed_as_in_dsmoe_train(parse_args):
+    """Megatron asks moe_grouped_gemm for recompute_modules moe_act; dsmoe-train's config sets
+    it (our experts are grouped on every backend), and so must the launcher, before Megatron-LM
+    builds its TransformerConfig."""
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from dsmoe_megatron.megatron_lm import CPU_FLAGS
+    from dsmoe_megatron.specs import config_from_megatron
+
+    args = parse_args([*CPU_FLAGS, "--dsmoe-yaml", TINY, "--recompute-granularity", "selective",
+                       "--recompute-modules", "moe_act", "shared_experts"])
+    config = config_from_megatron(core_transformer_config_from_args(args))
+    assert config.recompute_modules == ["moe_act", "shared_experts"]
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_yaml_runs_pad_the_vocabulary_like_dsmoe_train(tp, parse_args):
     """A multiple of 1024 on every TP size (Megatron-LM: 128 x TP), so a checkpoint resumes on
@@ -271,6 +307,19 @@ def test_resume_continues_the_run(first_run, cache, tmp_path):
     save, whole = first_run
     again = run([*RESUMABLE, "--data-cache-path", cache, "--load", str(save),
                  "--save", str(tmp_path)])
+    assert ITERATION.findall(again)[0] == ITERATION.findall(whole)[2]
+    assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
+
+
+def test_resume_continues_the_run_in_the_torch_checkpoint_format(cache, tmp_path):
+    """--ckpt-format torch keeps the distributed optimizer's state in one file (loaded as
+    "dp_zero"), which lacks the per-parameter Adam step torch's Adam is given before a load: the
+    resume failed with KeyError 'step'. Now it continues the run as the default format does."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    torch_format = [*RESUMABLE, "--ckpt-format", "torch", "--data-cache-path", cache]
+    whole = run([*torch_format, "--save", str(first)])
+    (first / "latest_checkpointed_iteration.txt").write_text("2")
+    again = run([*torch_format, "--load", str(first), "--save", str(second)])
     assert ITERATION.findall(again)[0] == ITERATION.findall(whole)[2]
     assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
 
