@@ -35,7 +35,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dsmoe_megatron import optimizer_precision as precision
-from dsmoe_megatron.cli import describe_os_error
+from dsmoe_megatron.cli import describe_os_error, root_cause
 
 RUN_CONFIG_NAME = "run.yaml"
 LATEST_NAME = "latest"
@@ -382,9 +382,37 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
                 bridge.to_current_structure(sub_state)
         _adopt_current_hyperparameters(ckpt, optimizer, loaded["optimizer"])
         _load_optimizer_state(optimizer, loaded["optimizer"])
+    _check_finite(ckpt, chunks, optimizer if load_optimizer else None)
     extra = dict(loaded.get("extra") or {})
     extra["iteration"] = loaded.get("iteration", 0)
     return extra
+
+
+def _check_finite(ckpt: Path, chunks, optimizer) -> None:
+    """Refuse, on every rank, values holding NaN or inf: saves write finite weights only, so the
+    file is damaged, and training from it would fail at once and blame the learning rate."""
+    tensors = [(name, param) for chunk in chunks for name, param in chunk.named_parameters()]
+    for sub in _sub_optimizers(optimizer) if optimizer is not None else ():
+        inner = getattr(sub, "optimizer", None)
+        for param, state in getattr(inner, "state", {}).items():
+            tensors += [(f"the optimizer's {key} of a {list(param.shape)} parameter", value)
+                        for key, value in state.items()
+                        if torch.is_tensor(value) and value.is_floating_point()]
+        for group in getattr(inner, "param_groups", ()):
+            tensors += [(f"the optimizer's copy of a {list(param.shape)} parameter", param)
+                        for param in group["params"]]
+    finite = torch.stack([t.detach().isfinite().all() for _, t in tensors]).cpu() if tensors \
+        else torch.ones(0, dtype=torch.bool)  # one host sync
+    bad = next((name for (name, _), ok in zip(tensors, finite.tolist()) if not ok), None)
+    found = [bad]
+    if dist.is_initialized() and dist.get_world_size() > 1:  # ranks hold different shards
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+    bad = next((name for name in found if name is not None), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"{ckpt} holds NaN or inf values ({bad}); saves write finite values only, so its "
+            f"files are damaged; {_RECOVERY_HINT.format(latest=ckpt.parent / LATEST_NAME)}")
 
 
 def _read(ckpt: Path, reader):
@@ -393,9 +421,12 @@ def _read(ckpt: Path, reader):
         return reader(str(ckpt))
     except CheckpointError:
         raise
-    except Exception as err:  # noqa: BLE001 - torch.distributed.checkpoint raises many kinds
+    # torch.distributed.checkpoint raises many kinds, and CheckpointException (a BaseException)
+    # with each rank's failure inside.
+    except (Exception, CheckpointException) as err:  # noqa: BLE001
+        cause = root_cause(err)
         raise CheckpointError(
-            f"{ckpt} could not be read ({type(err).__name__}: {str(err).strip()[:200]}); the "
+            f"{ckpt} could not be read ({type(cause).__name__}: {_first_line(cause, 200)}); the "
             f"checkpoint is damaged; {_RECOVERY_HINT.format(latest=ckpt.parent / LATEST_NAME)}"
         ) from None
 

@@ -137,6 +137,12 @@ def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException
     return next((e for e in _causes(error) if isinstance(e, kind)), None)
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost of ``error`` and what is behind it (see ``_causes``)."""
+    *_, innermost = _causes(error)
+    return innermost
+
+
 def _causes(error: BaseException):
     """``error`` and what is behind it: its causes, or a distributed checkpoint's per-rank
     failures ((exception, traceback) pairs), outermost first."""

@@ -77,8 +77,10 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
     if existing and not overwrite:
         held = (f"checkpoints up to iteration {latest}" if latest is not None
                 else ", ".join(p.name for p in existing[:4]))
+        # Without a checkpoint --resume has nothing to continue: --resume auto starts afresh.
+        resume = "--resume" if latest is not None else "--resume auto"
         raise RunDirError(
-            f"{save_dir} already holds a run ({held}); pass --resume to continue it, "
+            f"{save_dir} already holds a run ({held}); pass {resume} to continue it, "
             "--overwrite to delete its files and start over, or choose another save directory")
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -142,16 +144,24 @@ def _read_holder(fd: int) -> str:
 
 def rewind_metrics(save: str | Path, iteration: int) -> int:
     """Move the records logged after ``iteration`` from metrics.jsonl to metrics.discarded.jsonl
-    (progress lost when the run stopped after its last checkpoint); returns how many moved."""
+    (progress lost when the run stopped after its last checkpoint), and lines that are not
+    records (one cut short by a crash or a full disk); returns how many moved."""
     metrics = Path(save) / METRICS_NAME
     if not metrics.exists():
         return 0
     kept, moved = [], []
     for line in metrics.read_text().splitlines():
         if line.strip():
-            (moved if json.loads(line).get("iteration", 0) > iteration else kept).append(line)
+            (moved if _logged_after(line, iteration) else kept).append(line)
     if moved:
         with open(Path(save) / DISCARDED_METRICS_NAME, "a") as f:
             f.write("".join(line + "\n" for line in moved))
         checkpoint.write_text_atomic(metrics, "".join(line + "\n" for line in kept))
     return len(moved)
+
+
+def _logged_after(line: str, iteration: int) -> bool:
+    try:
+        return json.loads(line).get("iteration", 0) > iteration
+    except (ValueError, AttributeError):  # not a record
+        return True

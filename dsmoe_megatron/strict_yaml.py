@@ -62,6 +62,14 @@ def load(text: str) -> Any:
         raise YamlSyntaxError(f"not valid YAML: {' '.join(str(err).split())}") from None
 
 
+def comment_start(text: str) -> int | None:
+    """Where YAML starts dropping ``text`` as a comment: the first ``#`` outside every token (after
+    a space or at the start, outside quotes); None without one. ``text`` must load."""
+    spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(text, Loader=StrictLoader)]
+    return next((i for i, char in enumerate(text) if char == "#" and not any(
+        start <= i < end for start, end in spans)), None)
+
+
 class _NoAliasDumper(yaml.SafeDumper):
     def ignore_aliases(self, data):
         return True

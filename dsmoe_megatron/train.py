@@ -40,7 +40,7 @@ MODEL_SHAPE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
     "moe_num_shared_experts", "moe_first_k_dense", "normalization", "gated_linear_unit",
-    "add_bias_linear", "qk_layernorm",
+    "add_bias_linear", "qk_layernorm", "layernorm_epsilon", "moe_router_pre_softmax",
 )
 
 
@@ -234,6 +234,7 @@ class Trainer:
         except ImportError:
             _log("tensorboard is not installed: logging to the console and metrics.jsonl only")
             return None
+        _quiet_tensorboard_writer_thread()
         # A resumed run logs again from the iteration after its checkpoint: hide what the
         # interrupted run had logged from there on, as metrics.jsonl sets it aside.
         return SummaryWriter(self.run.train.tensorboard_dir,
@@ -295,6 +296,10 @@ class Trainer:
         if saved.layout != self.run.layout:
             _log(f"resharding {ckpt} from {_describe_layout(saved.layout)} to "
                  f"{_describe_layout(self.run.layout)}")
+        if saved.train.seq_length != self.run.train.seq_length:
+            _log(f"seq_length changes from {saved.train.seq_length} to "
+                 f"{self.run.train.seq_length}: the data is cut into other samples, so the run "
+                 "does not continue the sample stream it was reading")
 
     # ---- one step -------------------------------------------------------------------------
     def _batches(self, dataset, consumed: int):
@@ -636,6 +641,23 @@ def main(argv=None) -> int:
         if run.train.save is not None:
             unlock_save_dir(run.train.save)
         runtime.shutdown(destroy_process_group=started_process_group)
+
+
+def _quiet_tensorboard_writer_thread() -> None:
+    """TensorBoard's writer thread keeps a write error (a full disk) for the next write or flush
+    of the main thread, which reports it in one line, and re-raises it, so that Python printed
+    the thread's traceback as well: not any more (other threads' errors are printed as before)."""
+    previous = threading.excepthook
+    if getattr(previous, "dsmoe", False):
+        return
+
+    def hook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread"
+                and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook.dsmoe = True
+    threading.excepthook = hook
 
 
 def _stop_on_sigterm():

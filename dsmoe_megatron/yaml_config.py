@@ -377,10 +377,20 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
                                   "language_model.num_layers=4)")
         key, _, text = item.partition("=")
         key = key.strip()
+        if not text.strip():
+            # An unset shell variable (save=$SAVE) must not become null and silently save nothing.
+            raise YamlConfigError(f"override {item!r}: no value; write {key}=null to unset it")
         try:
             value = strict_yaml.load(text)
         except strict_yaml.YamlSyntaxError as err:
             raise YamlConfigError(f"override {item!r}: the value: {err}") from None
+        comment = strict_yaml.comment_start(text)
+        if comment is not None:
+            # save=/runs/job #2 would otherwise mean /runs/job: another run's directory.
+            raise YamlConfigError(
+                f"override {item!r}: YAML reads ' #' and what follows as a comment, so the value "
+                f"would be {text[:comment].strip()!r}; quote the value ({key}='\"...\"') if the "
+                "# belongs to it")
         parts = key.split(".")
         where = f"override {item!r}: "
         if len(parts) == 1:

@@ -67,7 +67,8 @@ def run_job(tasks: list[tuple]) -> list:
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
              "resumed_checkpoint": resumed_checkpoint,
              "experts_on_gpu_rng": experts_on_gpu_rng,
-             "extra_state_round_trip": extra_state_round_trip}
+             "extra_state_round_trip": extra_state_round_trip,
+             "damaged_tensor_data": damaged_tensor_data}
     return [kinds[kind](*args) for kind, *args in tasks]
 
 
@@ -380,4 +381,44 @@ def extra_state_round_trip(directory: str) -> dict:
             "weights equal": weights(saved).keys() == weights(loaded).keys() and all(
                 torch.equal(a, weights(loaded)[k]) for k, a in weights(saved).items()),
         }
+    return out
+
+
+def damaged_tensor_data(directory: str, tensor_parallel: int) -> dict:
+    """Save a model, change bytes of its .distcp files as failing disks do, and load it: what
+    each rank's load raised (None: nothing), per case. "nan": the first weight of rank 0's shard
+    of a shared-expert weight becomes NaN (rank 1 holds none of it); "garbled": the first bytes
+    of a file, where an item's header is, become zeros."""
+    import torch.distributed as dist
+
+    from common import build_chunks, tiny_config
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.runtime import ParallelLayout
+
+    config = tiny_config(ParallelLayout(tensor=tensor_parallel))
+    name = "decoder.layers.1.mlp.shared_experts.linear_fc1.weight"
+    out = {}
+    for case in ("nan", "garbled"):
+        torch.manual_seed(0)
+        saved = build_chunks(config)
+        save = Path(directory) / case
+        checkpoint.save(save, 0, saved)
+        if dist.get_rank() == 0:
+            files = sorted((save / "iter_0000000").glob("*.distcp"))
+            if case == "nan":
+                weights = saved[0].get_parameter(name).detach().cpu().numpy().tobytes()[:64]
+                [(file, at)] = [(f, f.read_bytes().find(weights)) for f in files
+                                if weights in f.read_bytes()]
+                replacement = torch.tensor([float("nan")]).numpy().tobytes()
+            else:
+                file, at, replacement = files[0], 0, bytes(8)
+            with open(file, "r+b") as f:
+                f.seek(at)
+                f.write(replacement)
+        dist.barrier()
+        try:
+            checkpoint.load(save, build_chunks(config))
+            out[case] = None
+        except checkpoint.CheckpointError as error:
+            out[case] = str(error)
     return out

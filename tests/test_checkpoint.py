@@ -1,5 +1,6 @@
 """Checkpoints move between machines with and without Transformer Engine, whose modules keep
-FP8 metadata in `_extra_state` objects that a CPU model neither writes nor reads."""
+FP8 metadata in `_extra_state` objects that a CPU model neither writes nor reads; damaged tensor
+data is refused on every rank."""
 
 import pytest
 
@@ -15,3 +16,23 @@ def test_extra_state_objects_are_optional_both_ways(tmp_path):
                                     "weights equal": True}
     assert result["cpu to gpu"] == {"checkpoint has attention extra state": False,
                                     "weights equal": True}
+
+
+@pytest.mark.distributed
+def test_damaged_tensor_data_is_refused_on_every_rank(tmp_path):
+    """A NaN where a weight was (bit rot: the file still reads) used to load silently, and the
+    run then stopped at its first step blaming the learning rate; rank 1, which holds none of
+    it, must stop too rather than wait for rank 0 forever. Bytes that no longer read raised
+    torch's CheckpointException (a BaseException) past the one-line error."""
+    from dsmoe_megatron.runtime import ParallelLayout
+
+    results = run_on_ranks(run_job, 2, ParallelLayout(tensor=2),
+                           args=([("damaged_tensor_data", str(tmp_path), 2)],))
+    for [result] in results:
+        assert result["nan"].startswith(f"{tmp_path / 'nan' / 'iter_0000000'} holds NaN or inf "
+                                        "values (decoder.layers.1.mlp.shared_experts.linear_fc1"
+                                        ".weight); saves write finite values only")
+        assert "resume from an earlier checkpoint" in result["nan"]
+        assert result["garbled"].startswith(f"{tmp_path / 'garbled' / 'iter_0000000'} could not be "
+                                            "read (")
+        assert "the checkpoint is damaged" in result["garbled"]

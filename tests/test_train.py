@@ -64,6 +64,9 @@ def cli(tmp_path_factory) -> Cli:
                                         "language_model.moe_ffn_hidden_size=64", "--resume"))
     c.add("new lr", "train", c.argv("auto", "train_iters=4", "lr=1e-4", "min_lr=1e-5",
                                     "--resume"))
+    c.add("other norm epsilon", "train", c.argv("auto", "train_iters=5",
+                                               "language_model.layernorm_epsilon=0.1", "--resume"))
+    c.add("new seq_length", "train", c.argv("auto", "train_iters=5", "seq_length=16", "--resume"))
     for case, (file, how, _) in DAMAGE.items():
         c.add(("damage", case), "damage", str(root / "run"), str(root / case), file, how)
         c.add(("resume damaged", case), "train", c.argv(case, *two, "--resume"))
@@ -164,6 +167,17 @@ def test_resume_takes_hyper_parameters_from_the_config(cli):
 @pytest.mark.distributed
 def test_resume_into_another_model_names_the_field(cli):
     refused(cli.results["other model"], "language_model.moe_ffn_hidden_size is 96 there and 64")
+    # Not a shape, but the function the weights were trained for (and the export's rms_norm_eps).
+    refused(cli.results["other norm epsilon"],
+            "language_model.layernorm_epsilon is 1e-05 there and 0.1 here")
+
+
+@pytest.mark.distributed
+def test_a_resume_with_another_seq_length_says_the_stream_changes(cli):
+    result = ok(cli.results["new seq_length"])
+    assert "seq_length changes from 32 to 16: the data is cut into other samples" in (
+        result["stderr"] + result["stdout"])
+    assert sorted(records(result))[-1] == 5
 
 
 @pytest.mark.distributed
@@ -281,6 +295,16 @@ def test_a_live_run_holds_its_save_directory(cli):
     assert sorted(after) == [1, 2]
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume_auto(tmp_path):
+    from dsmoe_megatron.run_dir import RunDirError, decide_resume
+
+    (tmp_path / "run.yaml").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(RunDirError, match="pass --resume auto to continue it"):
+        decide_resume(str(tmp_path), "never", overwrite=False)
+    assert decide_resume(str(tmp_path), "auto", overwrite=False) == (False, [])
+
+
 def test_run_lock_is_reentrant_and_a_failed_start_leaves_no_trace(tmp_path):
     from dsmoe_megatron.run_dir import LOCK_NAME, lock_save_dir, unlock_save_dir
 
@@ -294,6 +318,51 @@ def test_run_lock_is_reentrant_and_a_failed_start_leaves_no_trace(tmp_path):
     unlock_save_dir(save, remove=True)  # never deletes a run's files
     assert sorted(p.name for p in save.iterdir()) == ["latest"]
     assert not (save / LOCK_NAME).exists()
+
+
+def test_a_metrics_line_cut_short_does_not_block_the_resume(tmp_path):
+    """A crash or a full disk can leave metrics.jsonl's last line half written; the resume read
+    every line as JSON and refused to start ("Expecting ',' delimiter")."""
+    from dsmoe_megatron.run_dir import rewind_metrics
+
+    lines = [json.dumps({"iteration": i, "lm_loss": 5.0 - i}) for i in (1, 2, 3)]
+    torn = '{"iteration": 4, "lm_loss": 4.6'
+    (tmp_path / "metrics.jsonl").write_text("\n".join([*lines, torn]) + "\n")
+    assert rewind_metrics(tmp_path, 2) == 2
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
+    # Nothing is deleted: what the resume sets aside is kept beside the run.
+    assert (tmp_path / "metrics.discarded.jsonl").read_text().splitlines() == [lines[2], torn]
+
+
+def test_a_full_disk_under_tensorboard_is_reported_once(tmp_path, monkeypatch):
+    """TensorBoard's writer thread hit the full disk first and Python printed its traceback
+    after dsmoe-train's one-line error; the error reaches the main thread's next flush, which
+    dsmoe-train reports."""
+    import errno
+    import threading
+
+    from tensorboard.summary.writer import record_writer
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dsmoe_megatron import train
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    printed = []  # what Python's hook would print
+    monkeypatch.setattr(threading, "excepthook", lambda args: printed.append(args.exc_type))
+    train._quiet_tensorboard_writer_thread()
+    writer = SummaryWriter(str(tmp_path))
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    writer.add_scalar("lm_loss", 1.0, 1)
+    with pytest.raises(OSError, match="No space left"):
+        writer.flush()
+    assert printed == []
+    # Another thread's error is still printed.
+    thread = threading.Thread(target=lambda: 1 / 0)
+    thread.start()
+    thread.join()
+    assert printed == [ZeroDivisionError]
 
 
 @pytest.mark.distributed

@@ -224,6 +224,11 @@ def test_parse_overrides_places_keys_in_their_sections():
     }
 
 
+def test_a_quoted_hash_belongs_to_the_value():
+    assert parse_overrides(["save='/runs/job #2'", "data_path=[a#1]", "save_interval=null"]) == {
+        "save": "/runs/job #2", "data_path": ["a#1"], "save_interval": None}
+
+
 def test_overrides_apply_before_validation():
     cfg = load_run_config(TINY, ["language_model.num_layers=2", "lr=1e-3",
                                  "model_parallel.expert_model_parallel_size=3", "num_moe_experts=6",
@@ -247,6 +252,11 @@ def test_overrides_apply_before_validation():
     ("learning_rat=1", "learning_rat: unknown key"),
     ("language_model.bf16=true", "belongs in model_parallel.bf16"),
     ("a.b.c=1", "keys are SECTION.KEY or KEY"),
+    # YAML would drop " #2" as a comment: --overwrite then deleted the run in /runs/job.
+    ("save=/runs/job #2", "YAML reads ' #' and what follows as a comment, so the value would be "
+                          "'/runs/job'; quote the value"),
+    ("data_path=[a, b] # the blend", "so the value would be '[a, b]'"),
+    ("save=", "override 'save=': no value; write save=null to unset it"),  # an unset $SAVE
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(YamlConfigError, match=None) as err:
