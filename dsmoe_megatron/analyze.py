@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dsmoe_megatron.cli import quiet_warnings, quiet_when_run_as_main
+from dsmoe_megatron.cli import describe_os_error, quiet_warnings, quiet_when_run_as_main
 
 quiet_when_run_as_main(__name__)
 
@@ -349,6 +349,20 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
     return result
 
 
+def _out_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot take the results, or None once it exists as a directory: checked
+    before the evaluation, which can take minutes."""
+    from dsmoe_megatron.yaml_config import _output_dir_problem
+
+    problem = _output_dir_problem(str(out))
+    if problem is None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a read-only mount, ...
+            problem = describe_os_error("cannot be created", err)
+    return problem
+
+
 def _summary(result: dict) -> str:
     lines = [f"validation loss {result['loss']:.4f} over {result['eval_tokens']} tokens"]
     for row in result["expert_load"]:
@@ -393,12 +407,19 @@ def main(argv=None) -> int:
     if not 0 <= args.max_disabled_fraction < 1 or math.isnan(args.max_disabled_fraction):
         print("dsmoe-analyze: --max-disabled-fraction must be in [0, 1)", file=sys.stderr)
         return 2
+    problem = _out_dir_problem(out)
+    if problem:
+        print(f"dsmoe-analyze: --out {out}: {problem}; choose another --out", file=sys.stderr)
+        return 2
     settings = EvalSettings(args.eval_iters, args.micro_batch_size, args.seq_length,
                             args.data_path, args.split)
     try:
         result = run_analysis(source, out, settings, args.max_disabled_fraction)
     except (ValueError, FileNotFoundError, CheckpointError, ConversionError) as err:
         print(f"dsmoe-analyze: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, ...
+        print(f"dsmoe-analyze: {describe_os_error('stopped', err, out)}", file=sys.stderr)
         return 1
     print(_summary(result))
     print(f"wrote {', '.join(result['written'])}")

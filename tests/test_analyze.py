@@ -219,3 +219,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert analyze.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_an_unusable_out_is_refused_before_the_evaluation(tiny, tmp_path, capsys, monkeypatch):
+    """--out on a file, or under one: one line naming it, before minutes of evaluation."""
+    def evaluated(*args):
+        raise AssertionError("evaluated before --out was checked")
+
+    monkeypatch.setattr(analyze, "load_model", evaluated)
+    taken = tmp_path / "taken"
+    taken.write_text("a user's file\n")
+    for out, problem in ((taken, "is a file, not a directory"),
+                         (taken / "sub", f"{taken} is a file, so no directory can be created")):
+        assert analyze.main([str(tiny.save), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dsmoe-analyze: --out {out}: {problem}"), err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert taken.read_text() == "a user's file\n"
