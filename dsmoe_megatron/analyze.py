@@ -324,6 +324,7 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
                  max_disabled_fraction: float = 0.25) -> dict:
     """Analyse a checkpoint (or HF export) and write analysis.json and the plots into ``out``."""
     from dsmoe_megatron.convert import import_from_hf, single_rank_runtime
+    from dsmoe_megatron.hf.streaming import check_finite
 
     source = Path(source)
     if not source.exists():
@@ -336,11 +337,20 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
             checkpoint_dir = import_from_hf(source, tmp / "checkpoint")
         with single_rank_runtime():
             run, model = load_model(checkpoint_dir)
+            for name, tensor in model.state_dict().items():
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    check_finite(name, tensor, str(source),
+                                 "these weights are broken; analyse an earlier checkpoint")
             result = analyze(model, eval_batches(run, settings), run.train.vocab_size,
                              max_disabled_fraction)
     result = {"source": str(source), "settings": asdict(settings), **result}
+    try:
+        text = json.dumps(result, indent=1, allow_nan=False)
+    except ValueError:
+        raise AnalysisError(f"{source}: the model's loss is not finite (NaN or inf) although its "
+                            "weights are (an overflow); analyse an earlier checkpoint") from None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "analysis.json").write_text(text + "\n")
     written = [out / "analysis.json"]
     for plot, name in ((plot_expert_load, "expert_load.png"), (plot_redundancy, "redundancy.png")):
         if plot(result, out / name):

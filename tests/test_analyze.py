@@ -236,3 +236,33 @@ def test_an_unusable_out_is_refused_before_the_evaluation(tiny, tmp_path, capsys
         assert err.startswith(f"dsmoe-analyze: --out {out}: {problem}"), err
         assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert taken.read_text() == "a user's file\n"
+
+
+def test_non_finite_weights_or_loss_are_refused_and_nothing_is_written(tiny, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A NaN weight is named with its checkpoint; a NaN loss from finite weights is refused
+    too. analysis.json is never written with NaN (which is not JSON)."""
+    weight = tiny.model.decoder.layers[1].mlp.router.weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight[2, 3] = float("nan")
+    try:
+        checkpoint.save(tmp_path / "nan", 3, [tiny.model],
+                        run_config_yaml=(tiny.root / "run.yaml").read_text())
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+    args = ["--eval-iters", "1", "--micro-batch-size", "2"]
+    assert analyze.main([str(tmp_path / "nan"), "--out", str(tmp_path / "a"), *args]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"dsmoe-analyze: decoder.layers.1.mlp.router.weight has 1 non-finite values "
+                   f"(NaN or inf) of {weight.numel()} in {tmp_path / 'nan'}: these weights are "
+                   "broken; analyse an earlier checkpoint\n")
+    assert not (tmp_path / "a" / "analysis.json").exists()
+
+    real = analyze.analyze
+    monkeypatch.setattr(analyze, "analyze", lambda *a: {**real(*a), "loss": float("nan")})
+    assert analyze.main([str(tiny.save), "--out", str(tmp_path / "b"), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsmoe-analyze: {tiny.save}: the model's loss is not finite"), err
+    assert not (tmp_path / "b" / "analysis.json").exists()
