@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -386,6 +387,19 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+_WEIGHT = r"\s*\d+(\.\d*)?\s*"
+
+
+def split_weights(text: str) -> str:
+    """argparse type for --split: train,valid,test weights in Megatron's form, with a validation
+    share (the part evaluated); Megatron reads other text as weights that divide by zero."""
+    form = re.fullmatch(rf"{_WEIGHT}(,{_WEIGHT}){{1,2}}", text)
+    if not (form and float(text.split(",")[1]) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not train,valid,test weights with a "
+                                         "validation share, e.g. 95,5,0")
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dsmoe-analyze", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="save directory, iter_XXXXXXX directory or a "
@@ -395,8 +409,8 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an earlier analysis.json")
     parser.add_argument("--data-path", nargs="+", default=None, metavar="PREFIX",
                         help="indexed dataset prefix(es) (default: the run's data)")
-    parser.add_argument("--split", default=None, help="train,valid,test weights (default: the "
-                        "run's); the validation part is evaluated")
+    parser.add_argument("--split", type=split_weights, default=None, help="train,valid,test "
+                        "weights (default: the run's); the validation part is evaluated")
     parser.add_argument("--eval-iters", type=int, default=EvalSettings.eval_iters)
     parser.add_argument("--micro-batch-size", type=int, default=EvalSettings.micro_batch_size)
     parser.add_argument("--seq-length", type=int, default=None)

@@ -266,3 +266,21 @@ def test_non_finite_weights_or_loss_are_refused_and_nothing_is_written(tiny, tmp
     err = capsys.readouterr().err
     assert err.startswith(f"dsmoe-analyze: {tiny.save}: the model's loss is not finite"), err
     assert not (tmp_path / "b" / "analysis.json").exists()
+
+
+@pytest.mark.parametrize("split", ["abc", "95,0,5", "100", "1,2,3,4", "-1,2", "1e3,1", ""])
+def test_a_bad_split_names_the_option(split, tmp_path, capsys):
+    """Megatron reads any text as weights ("abc": none, then 0/0); the option is named."""
+    with pytest.raises(SystemExit) as exit_info:
+        analyze.main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"), f"--split={split}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dsmoe-analyze: error: argument --split: {split!r} is not train,valid,test weights "
+        "with a validation share, e.g. 95,5,0")
+
+
+def test_a_good_split_is_taken(tmp_path, capsys):
+    for split in ("90,10", "0,1,0", " 98.5, 1.5 ,0"):
+        assert analyze.main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
+                             "--split", split]) == 1
+        assert "ckpt does not exist" in capsys.readouterr().err  # past the arguments
