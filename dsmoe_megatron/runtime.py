@@ -99,14 +99,39 @@ _LAUNCHERS = (
 )
 
 
+class LaunchError(ValueError):
+    """Launcher variables that cannot work (often left over in a shell); the message names them
+    and the fix. A ValueError, which the tools report in one line."""
+
+
+def _launcher_variables() -> tuple[str, str, str] | None:
+    """The names of the first launcher's variables that are all set; None for a plain process."""
+    return next((names for names in _LAUNCHERS
+                 if all(os.environ.get(name, "").strip() for name in names)), None)
+
+
+def _launch_error(names: tuple[str, str, str], problem: str) -> LaunchError:
+    shown = ", ".join(f"{name}={os.environ[name].strip()!r}" for name in names)
+    return LaunchError(f"{shown}: {problem}; if they are left over from another launch, unset "
+                       f"{names[0]}, {names[1]} and {names[2]}, or start with torchrun")
+
+
 def launch_ranks() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the first launcher whose variables are all set;
-    (0, 1, 0) for a plain process."""
-    for names in _LAUNCHERS:
-        values = [os.environ.get(name, "").strip() for name in names]
-        if all(values):
-            return tuple(int(v) for v in values)
-    return 0, 1, 0
+    (0, 1, 0) for a plain process. LaunchError when they are not a rank of a world."""
+    names = _launcher_variables()
+    if names is None:
+        return 0, 1, 0
+    values = []
+    for name in names:
+        try:
+            values.append(int(os.environ[name]))
+        except ValueError:
+            raise _launch_error(names, f"{name} is not a whole number") from None
+    rank, world_size, local_rank = values
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise _launch_error(names, f"{names[0]} must be in [0, {names[1]}) and {names[2]} >= 0")
+    return rank, world_size, local_rank
 
 
 def _limit_cuda_connections(layout: ParallelLayout) -> None:
@@ -134,11 +159,15 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
         cpu_compat.activate()
     if not dist.is_initialized():
         rank, world_size, local_rank = launch_ranks()
+        if world_size > 1 and "MASTER_PORT" not in os.environ:
+            raise _launch_error(_launcher_variables(), f"a world of {world_size} processes, but "
+                                "MASTER_PORT is not set (torchrun sets it; under srun or mpirun, "
+                                "the launch script), so they cannot meet")
         backend = "nccl" if gpu else "gloo"
         if gpu:
             _limit_cuda_connections(layout)
             if local_rank >= torch.cuda.device_count():
-                raise RuntimeError(
+                raise LaunchError(
                     f"this process is rank {local_rank} on its node but only "
                     f"{torch.cuda.device_count()} GPU(s) are visible; launch one process per GPU")
             torch.cuda.set_device(local_rank)
@@ -146,8 +175,6 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
             # A lone process needs no rendezvous: an in-memory store avoids picking a port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            if "MASTER_PORT" not in os.environ:
-                raise RuntimeError("MASTER_PORT is not set; launch several processes with torchrun")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             dist.init_process_group(backend, rank=rank, world_size=world_size)
     world_size = dist.get_world_size()

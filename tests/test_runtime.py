@@ -1,8 +1,15 @@
 """Each process finds its rank, the world size and its GPU on the node from its launcher."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from dsmoe_megatron.runtime import launch_ranks
+from dsmoe_megatron.runtime import LaunchError, launch_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LAUNCHER_VARIABLES = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
@@ -23,8 +30,53 @@ LAUNCHER_VARIABLES = (
       "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}, (9, 16, 1)),
 ], ids=["plain", "torchrun", "srun", "openmpi", "mpich", "torchrun-under-srun"])
 def test_launch_ranks(monkeypatch, env, expected):
+    set_launcher_variables(monkeypatch, env)
+    assert launch_ranks() == expected
+
+
+def set_launcher_variables(monkeypatch, env):
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert launch_ranks() == expected
+
+
+TORCHRUN_FIX = "unset RANK, WORLD_SIZE and LOCAL_RANK, or start with torchrun"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0", "WORLD_SIZE": "abc", "LOCAL_RANK": "0"},
+     "RANK='0', WORLD_SIZE='abc', LOCAL_RANK='0': WORLD_SIZE is not a whole number; if they are "
+     f"left over from another launch, {TORCHRUN_FIX}"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+     "RANK='2', WORLD_SIZE='2', LOCAL_RANK='0': RANK must be in [0, WORLD_SIZE) and "
+     f"LOCAL_RANK >= 0; if they are left over from another launch, {TORCHRUN_FIX}"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "-1"},
+     "SLURM_PROCID='0', SLURM_STEP_NUM_TASKS='4', SLURM_LOCALID='-1': SLURM_PROCID must be in "
+     "[0, SLURM_STEP_NUM_TASKS) and SLURM_LOCALID >= 0; if they are left over from another "
+     "launch, unset SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, or start with "
+     "torchrun"),
+], ids=["not-a-number", "rank-past-the-world", "srun"])
+def test_bad_launcher_variables_are_named(monkeypatch, env, message):
+    set_launcher_variables(monkeypatch, env)
+    with pytest.raises(LaunchError) as err:
+        launch_ranks()
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("world_size, problem", [
+    ("2", "a world of 2 processes, but MASTER_PORT is not set"),
+    ("abc", "WORLD_SIZE is not a whole number"),
+], ids=["no-master-port", "not-a-number"])
+def test_leftover_launcher_variables_stop_dsmoe_train_in_one_line(world_size, problem, tmp_path):
+    """torchrun's variables left in a shell: one line naming them and the fix, no traceback."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARIABLES and not k.startswith(("MASTER_", "TORCHELASTIC"))}
+    env.update(RANK="0", WORLD_SIZE=world_size, LOCAL_RANK="0", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "dsmoe_megatron.train", "yaml_configs/tiny.yaml",
+                           f"save={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    line = f"dsmoe-train: RANK='0', WORLD_SIZE={world_size!r}, LOCAL_RANK='0': {problem}"
+    assert proc.stderr.splitlines()[-1].startswith(line), proc.stderr
+    assert proc.stderr.endswith(f"{TORCHRUN_FIX}\n") and "Traceback" not in proc.stderr
