@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import hashlib
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
@@ -149,6 +151,7 @@ def preprocess(
                 f"input file {path} does not exist or is not a file; pass existing UTF-8 text "
                 '(.txt) or JSON-lines (.jsonl, one {"text": ...} object per line) files to --input'
             )
+    _remove_stale_temp_files(output_prefix)
     for path in (get_bin_path(output_prefix), get_idx_path(output_prefix)):
         if os.path.exists(path) and not force:
             raise FileExistsError(
@@ -157,7 +160,7 @@ def preprocess(
             )
 
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    suffix = f".tmp{os.getpid()}"
+    suffix = f".tmp{os.getpid()}@{socket.gethostname()}"  # see _remove_stale_temp_files
     bin_tmp, idx_tmp = get_bin_path(output_prefix) + suffix, get_idx_path(output_prefix) + suffix
     builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
     try:
@@ -180,6 +183,29 @@ def preprocess(
             if os.path.exists(tmp):
                 os.remove(tmp)
     return output_prefix
+
+
+def _remove_stale_temp_files(output_prefix: str) -> None:
+    """Remove the temporary files that runs for ``output_prefix`` killed on this host left (the
+    next run has another pid, so nothing else would). A live writer's, or another host's on a
+    shared filesystem, are kept."""
+    host = socket.gethostname()
+    for path in (get_bin_path(output_prefix), get_idx_path(output_prefix)):
+        for tmp in glob.glob(glob.escape(path) + ".tmp*"):
+            pid, _, tmp_host = tmp[len(path) + len(".tmp"):].partition("@")
+            # No host: named by an earlier version, which ran here as far as we can tell.
+            if pid.isdigit() and tmp_host in (host, "") and not _process_alive(int(pid)):
+                Path(tmp).unlink(missing_ok=True)  # another run may be cleaning up too
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def corpus_files() -> list[str]:

@@ -4,8 +4,10 @@ import itertools
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -416,3 +418,45 @@ def test_batches_split_across_data_parallel_ranks(small_train_set):
     for step in range(4):
         joined = torch.cat([ranks[0][step]["tokens"], ranks[1][step]["tokens"]])
         assert torch.equal(joined, single[step]["tokens"])
+
+
+STALLED_PREPROCESS = """
+import sys, time
+from dsmoe_megatron import data
+
+def stalled(path, min_document_chars):
+    yield "one document, then a wait"
+    time.sleep(600)
+
+data._read_documents = stalled
+data.preprocess([sys.argv[1]], sys.argv[2])
+"""
+
+
+def test_preprocess_removes_what_a_killed_run_left_and_nothing_of_a_live_one(tmp_path):
+    """A run killed with -9 leaves PREFIX.bin.tmp<its pid>; the next run for the prefix removes
+    it, but not the file a live run is writing, nor one from another host (a shared disk)."""
+    source = write_paragraphs(tmp_path / "in.txt", ["text"])
+    prefix = str(tmp_path / "ds")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    killed, live = (subprocess.Popen([sys.executable, "-c", STALLED_PREPROCESS, source, prefix],
+                                     env=env) for _ in range(2))
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob("ds.bin.tmp*"))) < 2:
+            assert killed.poll() is None and live.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        killed.kill()
+        killed.wait()
+        (left,) = tmp_path.glob(f"ds.bin.tmp{killed.pid}@*")
+        elsewhere = tmp_path / f"ds.bin.tmp{killed.pid}@another-host"
+        shutil.copy(left, elsewhere)
+        writing = {p.name for p in tmp_path.glob(f"ds.bin.tmp{live.pid}@*")}
+        data.preprocess([source], prefix, min_document_chars=1)
+        assert {p.name for p in tmp_path.glob("ds.*")} == {
+            "ds.bin", "ds.idx", elsewhere.name, *writing}
+        assert live.poll() is None and len(writing) == 1
+    finally:
+        for process in (killed, live):
+            process.kill()
+            process.wait()
