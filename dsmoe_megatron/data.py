@@ -220,7 +220,8 @@ def default_corpus_prefix(
     """Preprocess the shipped corpus into ``cache_dir`` once and return its prefix.
 
     The prefix name carries a hash of the corpus files and tokenizer, so an edited corpus or a
-    different tokenizer gets a fresh dataset and an existing one is reused as is.
+    different tokenizer gets a fresh dataset and an existing one is reused as is, unless it fails
+    ``open_indexed_dataset``'s checks (a truncated .bin, say), when it is rebuilt.
     """
     tokenizer = tokenizer or ByteTokenizer()
     if cache_dir is None:
@@ -234,8 +235,10 @@ def default_corpus_prefix(
         with open(path, "rb") as f:
             digest.update(os.path.basename(path).encode() + b"\0" + f.read())
     prefix = os.path.join(os.fspath(cache_dir), f"dsmoe_corpus_{digest.hexdigest()[:16]}")
-    if not os.path.exists(get_idx_path(prefix)) or not os.path.exists(get_bin_path(prefix)):
-        preprocess(files, prefix, tokenizer, force=True)  # our cache: replace a partial pair
+    try:
+        open_indexed_dataset(prefix)
+    except (FileNotFoundError, ValueError):  # missing, partial or damaged: our cache, rebuild it
+        preprocess(files, prefix, tokenizer, force=True)
     return prefix
 
 

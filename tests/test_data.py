@@ -1,5 +1,6 @@
 """Tests for the byte tokenizer, preprocessing into Megatron indexed datasets, and GPT datasets."""
 
+import hashlib
 import itertools
 import json
 import os
@@ -240,6 +241,23 @@ def test_default_corpus_is_cached(tmp_path):
     assert os.path.getmtime(prefix + ".bin") == mtime
     dataset = data.open_indexed_dataset(prefix)
     assert dataset.sequence_lengths.sum() > 100_000
+
+
+def test_a_damaged_corpus_cache_is_rebuilt(tmp_path):
+    """The package's own cache of the shipped corpus, truncated (a full disk, a killed copy) or
+    garbled, is built again, not reported as the user's to fix with dsmoe-preprocess."""
+    prefix = data.default_corpus_prefix(tmp_path)
+
+    def digests():
+        return {ext: hashlib.sha256(Path(prefix + ext).read_bytes()).hexdigest()
+                for ext in (".bin", ".idx")}
+
+    built = digests()
+    for ext, damaged in ((".bin", Path(prefix + ".bin").read_bytes()[:1000]),
+                         (".idx", b"not an index")):
+        Path(prefix + ext).write_bytes(damaged)
+        assert data.default_corpus_prefix(tmp_path) == prefix
+        assert digests() == built, ext
 
 
 # --- GPT datasets ----------------------------------------------------------------------------
