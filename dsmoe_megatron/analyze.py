@@ -331,6 +331,7 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
     if not source.exists():
         raise AnalysisError(f"{source} does not exist; pass a checkpoint save directory, an "
                             "iter_XXXXXXX directory or a Hugging Face export")
+    out.mkdir(parents=True, exist_ok=True)  # before the evaluation, which can take minutes
     with contextlib.ExitStack() as stack:
         checkpoint_dir = source
         if _is_hf_dir(source):
@@ -350,7 +351,6 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
     except ValueError:
         raise AnalysisError(f"{source}: the model's loss is not finite (NaN or inf) although its "
                             "weights are (an overflow); analyse an earlier checkpoint") from None
-    out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(text + "\n")
     written = [out / "analysis.json"]
     for plot, name in ((plot_expert_load, "expert_load.png"), (plot_redundancy, "redundancy.png")):
@@ -358,20 +358,6 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
             written.append(out / name)
     result["written"] = [str(p) for p in written]
     return result
-
-
-def _out_dir_problem(out: Path) -> str | None:
-    """Why ``out`` cannot take the results, or None once it exists as a directory: checked
-    before the evaluation, which can take minutes."""
-    from dsmoe_megatron.yaml_config import _output_dir_problem
-
-    problem = _output_dir_problem(str(out))
-    if problem is None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:  # a read-only mount, ...
-            problem = describe_os_error("cannot be created", err)
-    return problem
 
 
 def _summary(result: dict) -> str:
@@ -401,6 +387,8 @@ def split_weights(text: str) -> str:
 
 
 def main(argv=None) -> int:
+    from dsmoe_megatron.yaml_config import _output_dir_problem
+
     parser = argparse.ArgumentParser(prog="dsmoe-analyze", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="save directory, iter_XXXXXXX directory or a "
                         "Hugging Face export directory")
@@ -431,7 +419,7 @@ def main(argv=None) -> int:
     if not 0 <= args.max_disabled_fraction < 1 or math.isnan(args.max_disabled_fraction):
         print("dsmoe-analyze: --max-disabled-fraction must be in [0, 1)", file=sys.stderr)
         return 2
-    problem = _out_dir_problem(out)
+    problem = _output_dir_problem(str(out))
     if problem:
         print(f"dsmoe-analyze: --out {out}: {problem}; choose another --out", file=sys.stderr)
         return 2

@@ -219,6 +219,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert analyze.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # a mistyped checkpoint leaves no empty --out
 
 
 def test_an_unusable_out_is_refused_before_the_evaluation(tiny, tmp_path, capsys, monkeypatch):
