@@ -325,7 +325,6 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
                  max_disabled_fraction: float = 0.25) -> dict:
     """Analyse a checkpoint (or HF export) and write analysis.json and the plots into ``out``."""
     from dsmoe_megatron.convert import import_from_hf, single_rank_runtime
-    from dsmoe_megatron.hf.streaming import check_finite
 
     source = Path(source)
     if not source.exists():
@@ -338,11 +337,7 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dsmoe-analyze-")))
             checkpoint_dir = import_from_hf(source, tmp / "checkpoint")
         with single_rank_runtime():
-            run, model = load_model(checkpoint_dir)
-            for name, tensor in model.state_dict().items():
-                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                    check_finite(name, tensor, str(source),
-                                 "these weights are broken; analyse an earlier checkpoint")
+            run, model = load_model(checkpoint_dir)  # refuses NaN / inf weights
             result = analyze(model, eval_batches(run, settings), run.train.vocab_size,
                              max_disabled_fraction)
     result = {"source": str(source), "settings": asdict(settings), **result}
