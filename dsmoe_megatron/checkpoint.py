@@ -155,7 +155,7 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     except CheckpointException as error:  # a BaseException, raised on every rank with the
         # ranks' failures on rank 0 (the coordinator) only: every rank says rank 0's
         _raise_on_every_rank(_save_failed(save_dir, iteration, error, partial)
-                             if _rank() == 0 else None, partial)
+                             if _rank() == 0 else None, partial, error)
     except Exception as error:  # this rank's own
         message = _save_failed(save_dir, iteration, error, partial)
         if _rank() == 0:
@@ -167,25 +167,27 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
 
 def _on_rank0_for_all(step, save_dir, iteration: int, partial: Path) -> None:
     """Run ``step`` on rank 0; every rank raises if it failed (no rank waits on a dead one)."""
-    failure = None
+    failure = cause = None
     if _rank() == 0:
         try:
             step()
         except OSError as error:
-            failure = _save_failed(save_dir, iteration, error, partial)
-    _raise_on_every_rank(failure, partial)
+            failure, cause = _save_failed(save_dir, iteration, error, partial), error
+    _raise_on_every_rank(failure, partial, cause)
 
 
-def _raise_on_every_rank(failure: str | None, partial: Path) -> None:
+def _raise_on_every_rank(failure: str | None, partial: Path,
+                         cause: BaseException | None) -> None:
     """Rank 0's ``failure`` (None: there was none) as a CheckpointError on every rank, after
-    rank 0 removed the partial checkpoint."""
+    rank 0 removed the partial checkpoint; ``cause`` (this rank's error) stays its cause, for
+    callers that word the failure themselves (dsmoe-convert)."""
     shared = [failure]
     if dist.is_initialized():
         dist.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(shared[0])
+        raise CheckpointError(shared[0]) from cause
 
 
 def _save_failed(save_dir, iteration: int, error: BaseException, partial: Path) -> str:

@@ -604,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dsmoe_megatron import checkpoint
+
     args = build_parser().parse_args(quiet_warnings(argv))
     try:
         if args.command == "to-hf":
@@ -619,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConversionError as err:
         print(f"dsmoe-convert: error: {err}", file=sys.stderr)
         return 2
-    except (OSError, SafetensorError) as err:  # --out not creatable, a full disk, ...
+    except (OSError, SafetensorError, checkpoint.CheckpointError) as err:
+        # --out not creatable, a full disk, ...: said for --out (the save goes to <out>.partial)
         what = f"{args.command} stopped, nothing at --out {args.out} changed"
         print(f"dsmoe-convert: error: {describe_os_error(what, err, args.out)}", file=sys.stderr)
         return 2

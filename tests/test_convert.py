@@ -12,6 +12,7 @@ CLI in a fresh process (how a multi-rank training job's checkpoint is exported).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -672,6 +673,34 @@ def test_import_names_a_truncated_safetensors_file(tmp_path, capsys, indexed):
                         capsys)
     assert code == 2 and str(path) in err and "truncated" in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("step", ["tensors", "run.yaml"])
+def test_import_onto_a_full_disk_is_one_line_about_out(rt, tmp_path, capsys, monkeypatch, step):
+    """The disk fills while the tensors or, last, run.yaml are written: one line that names
+    --out (not the checkpoint writer's '.partial' save of 'iteration 0'), and no --out."""
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if step == "tensors":
+        def save(self, *args):
+            raise full
+        monkeypatch.setattr(streaming.StreamingSaveStrategy, "save", save)
+    else:
+        write_text = Path.write_text
+
+        def save(path, *args, **kwargs):
+            if path.name == checkpoint.RUN_CONFIG_NAME:
+                raise full
+            return write_text(path, *args, **kwargs)
+        monkeypatch.setattr(Path, "write_text", save)
+    out = tmp_path / "m"
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out)], capsys)
+    assert code == 2
+    [line] = err.splitlines()
+    assert line.startswith(f"dsmoe-convert: error: from-hf stopped, nothing at --out {out} "
+                           "changed: No space left on device; "), line
+    assert "MiB free" in line and "iteration" not in line and ".partial" not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 @pytest.mark.parametrize("flag, value", [
