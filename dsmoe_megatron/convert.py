@@ -286,8 +286,9 @@ def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | No
 def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
                         overrides: Iterable[str] = ()):
     """The RunConfig saved with a checkpoint, or for one without (written by Megatron-LM's
-    training loop) the ``config`` YAML with ``overrides`` (machine checks off: the converter
-    runs on CPU)."""
+    training loop) the ``config`` YAML; ``overrides`` apply to either (machine checks off: the
+    converter runs on CPU). Where the checkpoint has its run.yaml, ``config`` and ``overrides``
+    may change settings (max_position_embeddings...) but not the model it was trained as."""
     from dsmoe_megatron import checkpoint
 
     run_yaml = ckpt / checkpoint.RUN_CONFIG_NAME
@@ -296,12 +297,36 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
             f"{run_yaml} is missing; the checkpoint does not say its model (a checkpoint of "
             "Megatron-LM's training loop?): pass the --dsmoe-yaml file it was trained with as "
             "--config, and each model flag given beside it as --set KEY=VALUE")
+    overrides = tuple(overrides)
+    run = _load_run_config(config or run_yaml, overrides)
+    if run_yaml.exists() and (config is not None or overrides):
+        given = " ".join([*(["--config", str(config)] if config is not None else []),
+                          *(f"--set {o}" for o in overrides)])
+        _check_same_model(run, _load_run_config(run_yaml), given, run_yaml)
+    return run
+
+
+def _load_run_config(path: str | Path, overrides: Sequence[str] = ()):
     yaml_config = _yaml_config()
     try:
-        return yaml_config.load_run_config(config or run_yaml, tuple(overrides),
-                                           instantiate_checks=False)
+        return yaml_config.load_run_config(path, overrides, instantiate_checks=False)
     except yaml_config.YamlConfigError as err:
         raise ConversionError(str(err)) from err
+
+
+def _check_same_model(run, saved, given: str, run_yaml: Path) -> None:
+    """``run`` (from ``given``) has the model and vocabulary of the checkpoint's own run.yaml."""
+    yaml_config = _yaml_config()
+    fields = [(key, getattr(run.model, key), getattr(saved.model, key))
+              for section in ("language_model", "deepseekmoe")
+              for key in yaml_config.SCHEMA[section]]
+    fields.append(("vocab_size", run.train.vocab_size, saved.train.vocab_size))
+    for key, got, trained in fields:
+        if got != trained:
+            raise ConversionError(
+                f"{given} gives {key}={got!r}, but the checkpoint's {run_yaml} says {trained!r}: "
+                "its run.yaml defines the model it was trained as (--config and --set describe "
+                "only a checkpoint without one); drop the option that changes it")
 
 
 def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
@@ -312,7 +337,8 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
 
     ``checkpoint_dir``: a save directory (its latest iteration) or an ``iter_XXXXXXX`` dir.
     ``config`` / ``overrides``: the run config of a checkpoint that has no run.yaml (one written
-    by Megatron-LM's training loop), in place of the one it would carry.
+    by Megatron-LM's training loop), in place of the one it would carry; for one that has it,
+    settings that leave its model unchanged (see ``read_checkpoint_run``).
     ``dtype``: ``auto`` (as stored in the checkpoint), ``bf16``, ``fp16`` or ``fp32``.
     ``tokenizer``: True (see ``choose_tokenizer``), False (no tokenizer files) or a directory
     of Hugging Face tokenizer files to include. ``allow_non_finite``: write NaN/inf weights

@@ -752,6 +752,58 @@ def test_export_names_a_damaged_checkpoint(rt, trained, tmp_path, capsys):
     assert f"pass the save directory {unfinished.parent}" in err
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--set", "num_moe_experts=16"], "--set num_moe_experts=16 gives num_moe_experts=16, but "
+     "the checkpoint's {} says 8"),
+    (["--set", "moe_router_topk=5"], "--set moe_router_topk=5 gives moe_router_topk=5, but the "
+     "checkpoint's {} says 3"),
+    (["--set", "vocab_size=300"], "gives vocab_size=300, but the checkpoint's {} says 259"),
+    (["--config", str(REPO / "yaml_configs/tiny.yaml")],
+     f"--config {REPO / 'yaml_configs/tiny.yaml'} gives "),
+], ids=["experts", "topk", "vocab", "config"])
+def test_to_hf_options_may_not_change_the_model_run_yaml_defines(trained, tmp_path, capsys,
+                                                                  option, message):
+    out = tmp_path / "hf"
+    code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out", str(out),
+                         *option], capsys)
+    run_yaml = checkpoint.resolve(trained.save) / checkpoint.RUN_CONFIG_NAME
+    assert code == 2 and message.format(run_yaml) in err, err
+    assert "defines the model it was trained as" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_to_hf_options_that_keep_the_model_of_run_yaml_apply(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_yaml = checkpoint.resolve(trained.save) / checkpoint.RUN_CONFIG_NAME
+    (tmp_path / "same.yaml").write_text(run_yaml.read_text())
+    for option in (["--set", "max_position_embeddings=64"], ["--config", "same.yaml", "--set",
+                                                              "max_position_embeddings=64"]):
+        out = tmp_path / option[0].strip("-")
+        assert convert.main(["to-hf", "--checkpoint", str(trained.save), "--out", str(out),
+                             *option]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert (config["max_position_embeddings"], config["num_experts_per_tok"],
+                config["n_routed_experts"]) == (64, 3, 8)
+
+
+def test_a_config_that_does_not_fit_a_megatron_lm_checkpoint_names_both_shapes(
+        trained, tmp_path, capsys):
+    """A checkpoint of Megatron-LM's loop (no run.yaml) with a --set that contradicts its
+    tensors: one line with the checkpoint's shape beside the config's (was an IndexError)."""
+    import shutil
+
+    ckpt = tmp_path / "megatron_lm"
+    shutil.copytree(checkpoint.resolve(trained.save), ckpt)
+    (ckpt / checkpoint.RUN_CONFIG_NAME).rename(tmp_path / "run.yaml")
+    code, err = run_cli(["to-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"),
+                         "--config", str(tmp_path / "run.yaml"), "--set", "num_moe_experts=16"],
+                        capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "decoder.layers.1.mlp.router.weight: (8, 32), expected (16, 32)" in err, err
+    assert "decoder.layers.1.mlp.experts.up_proj: (8, 16, 32), expected (16, 16, 32)" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.distributed
 def test_from_hf_checkpoint_loads_on_tp2_pp2_ep2_and_exports_from_there(exported, tmp_path):
     """from-hf's streamed checkpoint loads on 8 ranks (TP2 x PP2 x EP2); saved from there and

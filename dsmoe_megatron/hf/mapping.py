@@ -212,25 +212,14 @@ def megatron_to_hf(get: Callable[[str], torch.Tensor], dims: Dims) -> dict[str, 
 
 
 def check_megatron_tensors(shapes: Mapping[str, Sequence[int]], dims: Dims) -> None:
-    """A checkpoint's tensors (local-spec name -> shape) against what ``megatron_to_hf`` reads
-    and writes: missing, unused and mis-shaped tensors raise ConversionError before any data is
-    read (the mapping runs on meta tensors)."""
-    used: set[str] = set()
-
-    def get(name: str) -> torch.Tensor:
-        if name not in shapes:
-            raise ConversionError(f"the checkpoint has no tensor {name!r}")
-        used.add(name)
-        return torch.empty(tuple(shapes[name]), device="meta")
-
-    out = {name: make() for name, make in megatron_to_hf(get, dims).items()}
-    extra = sorted(set(shapes) - used)
-    if extra:
-        raise ConversionError(
-            f"the checkpoint has tensors the Hugging Face model has no place for: {extra[:8]}"
-            f"{' ...' if len(extra) > 8 else ''} (biases, qk-norm and similar are not supported)"
-        )
-    check_shapes(out, hf_expected_shapes(dims), "exported")
+    """A checkpoint's tensors (local-spec name -> shape) against those of the model ``dims``
+    describes (its run config's): missing, unused and mis-shaped tensors raise ConversionError
+    with both shapes, before any data is read (the mapping runs on meta tensors)."""
+    padded = tuple(shapes.get("embedding.word_embeddings.weight", (dims.vocab,)))[0]
+    hf = {n: torch.empty(s, device="meta") for n, s in hf_expected_shapes(dims).items()}
+    expected = {n: tuple(make().shape)
+                for n, make in hf_to_megatron(hf.__getitem__, dims, padded).items()}
+    check_shapes(shapes, expected, "the checkpoint's", shape_of=tuple)
 
 
 def hf_to_megatron(get: Callable[[str], torch.Tensor], dims: Dims, padded_vocab: int
