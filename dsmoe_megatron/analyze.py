@@ -335,7 +335,8 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
         checkpoint_dir = source
         if _is_hf_dir(source):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dsmoe-analyze-")))
-            checkpoint_dir = import_from_hf(source, tmp / "checkpoint")
+            # The analysis reads its own data: the export's tokenizer files are not needed.
+            checkpoint_dir = import_from_hf(source, tmp / "checkpoint", tokenizer=False)
         with single_rank_runtime():
             run, model = load_model(checkpoint_dir)  # refuses NaN / inf weights
             result = analyze(model, eval_batches(run, settings), run.train.vocab_size,

@@ -229,13 +229,27 @@ class TokenizerExport:
                 return []
             return [f for f in TOKENIZER_FILES if (out / f).exists()]
         if self.directory is not None:
-            copied = []
-            for name in TOKENIZER_FILES:
-                if (self.directory / name).is_file():
-                    shutil.copyfile(self.directory / name, out / name)
-                    copied.append(name)
+            copied = tokenizer_files(self.directory)
+            for name in copied:
+                shutil.copyfile(self.directory / name, out / name)
             return copied
         return []
+
+
+def tokenizer_files(directory: Path) -> list[str]:
+    """The tokenizer files in ``directory``; one of JSON that does not parse (a truncated copy,
+    which AutoTokenizer would fail on) raises ConversionError."""
+    names = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    for name in names:
+        if name.endswith(".json"):
+            try:
+                json.loads((directory / name).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConversionError(
+                    f"tokenizer file {directory / name} is not valid JSON ({err}); replace it "
+                    "with a complete copy, or pass --no-tokenizer to convert without the "
+                    "tokenizer files") from None
+    return names
 
 
 def _token_ids_from(directory: Path) -> dict:
@@ -252,20 +266,27 @@ def _token_ids_from(directory: Path) -> dict:
 
 def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | None = None
                      ) -> TokenizerExport:
-    """The run's tokenizer: an explicit directory of HF tokenizer files, else the one from-hf
+    """The run's tokenizer: an explicit directory of HF tokenizer files, else the files from-hf
     kept next to the checkpoint (same vocabulary size), else the byte tokenizer when the
-    vocabulary is its size; otherwise none (config.json then has no special-token ids)."""
-    candidates = []
+    vocabulary is its size; otherwise none (config.json then has the special-token ids of the
+    kept source's config, if any)."""
     if tokenizer_dir is not None:
         directory = Path(tokenizer_dir)
         if not directory.is_dir():
             raise ConversionError(f"tokenizer directory {directory} does not exist (--tokenizer)")
+        if not tokenizer_files(directory):
+            raise ConversionError(
+                f"tokenizer directory {directory} holds none of {', '.join(TOKENIZER_FILES)} "
+                "(--tokenizer); pass the directory that has them, or --no-tokenizer")
         return TokenizerExport(str(directory), _token_ids_from(directory), directory)
-    candidates = [ckpt.parent / HF_SOURCE_DIR, ckpt / HF_SOURCE_DIR]
-    for directory in candidates:
+    source = None
+    for directory in (ckpt.parent / HF_SOURCE_DIR, ckpt / HF_SOURCE_DIR):
         config = directory / "config.json"
         if config.is_file() and json.loads(config.read_text()).get("vocab_size") == vocab_size:
-            return TokenizerExport(str(directory), _token_ids_from(directory), directory)
+            source = TokenizerExport(str(directory), _token_ids_from(directory), directory)
+            if tokenizer_files(directory):
+                return source
+            break  # a source without tokenizer files: its special-token ids, unless byte's fit
     try:
         from dsmoe_megatron.tokenizer import ByteTokenizer
     except ImportError:
@@ -276,7 +297,7 @@ def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | No
                                             pad_token_id=tok.pad))
     log(f"vocabulary {vocab_size} is not the byte tokenizer's and no tokenizer files are known; "
         "pass --tokenizer DIR to include them")
-    return TokenizerExport("none", {})
+    return source or TokenizerExport("none", {})
 
 
 # ------------------------------------------------------------------------------------------
@@ -490,7 +511,7 @@ def _dtype_overrides(dtype: str) -> list[str]:
 
 
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[str] = (),
-                   force: bool = False, dtype: str = "auto") -> Path:
+                   force: bool = False, dtype: str = "auto", tokenizer: bool = True) -> Path:
     """Hugging Face directory -> save directory with an iteration-0 dist checkpoint + run.yaml.
 
     ``overrides``: yaml_config overrides for the run (``model_parallel.tensor_model_parallel_size
@@ -498,14 +519,16 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     ``dtype``: the run's parameter dtype (``bf16`` / ``fp16`` set ``model_parallel.bf16`` /
     ``fp16``; ``auto`` keeps the run config's, fp32 by default); the checkpoint stores that.
     The vocabulary is padded for the run's tensor-parallel size, as the trainer builds it.
-    The source's config.json and tokenizer files are kept in ``out_dir/hf_source`` so a later
-    to-hf can include them. Returns ``out_dir`` (the trainer's ``load:``).
+    The source's config.json and (unless ``tokenizer`` is False) tokenizer files are kept in
+    ``out_dir/hf_source`` so a later to-hf can include them; a tokenizer file of broken JSON is
+    refused. Returns ``out_dir`` (the trainer's ``load:``).
     """
     from dsmoe_megatron import checkpoint
     from dsmoe_megatron.model import build_model, padded_vocab_size
 
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)
+    tok_files = tokenizer_files(hf_dir) if tokenizer else []
     run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     _check_run_matches_hf(run, hf)
     dims = hf_dims(hf)
@@ -525,7 +548,7 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     with _atomic_output(out_dir, force, source=hf_dir) as (out, partial):
         kept = partial / HF_SOURCE_DIR
         kept.mkdir()
-        for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+        for name in ("config.json", "generation_config.json", *tok_files):
             if (hf_dir / name).is_file():
                 shutil.copyfile(hf_dir / name, kept / name)
         yaml_path = partial / "run.yaml.tmp"
@@ -551,7 +574,8 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
                     raise
                 raise cause from None
     log(f"wrote {out}: iteration 0, {DTYPE_NAMES[params_dtype]}, vocab {dims.vocab} padded to "
-        f"{padded} for tensor parallel size {run.layout.tensor}")
+        f"{padded} for tensor parallel size {run.layout.tensor}; tokenizer: "
+        f"{', '.join(tok_files) if tok_files else 'none'}")
     return out
 
 
@@ -625,6 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="[SECTION.]KEY=VALUE",
                          help="run.yaml override, e.g. model_parallel.bf16=true or lr=1e-4 "
                          "(repeatable)")
+    from_hf.add_argument("--no-tokenizer", action="store_true",
+                         help="do not keep the source's tokenizer files for to-hf")
     from_hf.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return parser
 
@@ -643,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             import_from_hf(args.hf, args.out, overrides=[*_layout_overrides(args),
                                                          *args.overrides],
-                           force=args.force, dtype=args.dtype)
+                           force=args.force, dtype=args.dtype,
+                           tokenizer=not args.no_tokenizer)
     except ConversionError as err:
         print(f"dsmoe-convert: error: {err}", file=sys.stderr)
         return 2

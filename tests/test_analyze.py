@@ -215,6 +215,17 @@ def test_an_hf_export_is_analysed_with_the_defaults_from_hf_gives_it(tiny, tmp_p
     assert json.loads((out / "analysis.json").read_text())["eval_tokens"] == 2 * 2 * SEQ
 
 
+def test_an_hf_export_with_a_broken_tokenizer_file_is_analysed(tiny, tmp_path):
+    """The analysis reads no tokenizer files, so from-hf's check of them does not stop it."""
+    hf = convert.export_to_hf(tiny.save, tmp_path / "hf", dtype="fp32")
+    (hf / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    out = tmp_path / "out"
+    assert analyze.main([str(hf), "--out", str(out), "--eval-iters", "1",
+                         "--micro-batch-size", "2", "--data-path", *tiny.run.train.data_path,
+                         "--split", "90,10,0"]) == 0
+    assert json.loads((out / "analysis.json").read_text())["eval_tokens"] == 2 * SEQ
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert analyze.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err

@@ -406,6 +406,64 @@ def test_16b_shaped_model_converts_both_ways(rt, tmp_path):
     assert json.loads((back / "tokenizer_config.json").read_text()) == tokenizer_config
 
 
+def test_a_broken_tokenizer_file_is_refused_not_carried_into_the_export(rt, tmp_path, capsys):
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    broken = tmp_path / "hf" / "tokenizer.json"
+    broken.write_text('{"version": "1.0", "model": {"vocab": {"a": 0')  # truncated
+    out = tmp_path / "m"
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"tokenizer file {broken} is not valid JSON" in err and "--no-tokenizer" in err, err
+    assert not out.exists()
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out),
+                         "--no-tokenizer"], capsys)
+    assert code == 0 and "tokenizer: none" in err, err
+    assert sorted(p.name for p in (out / convert.HF_SOURCE_DIR).iterdir()) == ["config.json"]
+    # Without tokenizer files the export keeps the source's special-token ids (vocabulary 300 is
+    # not the byte tokenizer's).
+    code, err = run_cli(["to-hf", "--checkpoint", str(out), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0 and "tokenizer: none" in err, err
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    # A checkpoint imported before from-hf checked them: to-hf refuses the broken file too.
+    (out / convert.HF_SOURCE_DIR / "tokenizer.json").write_text(broken.read_text())
+    code, err = run_cli(["to-hf", "--checkpoint", str(out), "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "tokenizer.json is not valid JSON" in err, err
+    assert not (tmp_path / "b").exists()
+
+
+def test_to_hf_refuses_a_tokenizer_directory_without_tokenizer_files(trained, tmp_path, capsys):
+    empty = tmp_path / "tok"
+    empty.mkdir()
+    (empty / "README.md").write_text("not a tokenizer")
+    code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out",
+                         str(tmp_path / "hf"), "--tokenizer", str(empty)], capsys)
+    assert code == 2 and f"tokenizer directory {empty} holds none of tokenizer.json" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_source_without_tokenizer_files_exports_the_byte_tokenizer_its_vocabulary_is(
+        rt, exported, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from dsmoe_megatron.tokenizer import ByteTokenizer
+
+    source = tmp_path / "source"
+    shutil.copytree(exported, source)
+    for name in convert.TOKENIZER_FILES:
+        (source / name).unlink(missing_ok=True)
+    save = convert.import_from_hf(source, tmp_path / "m")
+    out = convert.export_to_hf(save, tmp_path / "hf")
+    byte = ByteTokenizer()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (byte.bos, byte.eod)
+    text = "Grüße, tokenizer"
+    ids = AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"]
+    assert ids == byte.tokenize(text)
+
+
 @pytest.mark.parametrize("changes", [
     dict(first_k_dense_replace=1, moe_layer_freq=2, num_hidden_layers=4),
     dict(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
