@@ -11,7 +11,8 @@ sharded safetensors + index, the remote-code files and the tokenizer files (see
 ``choose_tokenizer``); it refuses NaN/inf weights unless told otherwise. from-hf reads
 config.json and the safetensors (never pickles) tensor by tensor, and writes a save directory:
 an iteration-0 dist checkpoint with its run.yaml, which the trainer loads on any layout. Both
-write ``<out>.partial`` and rename it when complete.
+write ``<out>.partial`` and rename it when complete (``--force`` renames the earlier output
+aside first, and deletes it last).
 
 The tensor and config mapping is in ``dsmoe_megatron.hf.mapping``, the streaming readers and
 writers in ``dsmoe_megatron.hf.streaming``.
@@ -132,12 +133,16 @@ def _yaml_config():
 @contextlib.contextmanager
 def _atomic_output(out_dir: str | Path, force: bool, source: Path) -> Iterator[tuple[Path, Path]]:
     """Yields (out, partial): write into ``<out>.partial``, which replaces ``out`` when the block
-    completes and is removed if it fails, so ``out`` is never half-written."""
+    completes and is removed if it fails, so ``out`` is never half-written. A replaced ``out``
+    is renamed aside first and deleted last, so a kill in between loses nothing: the next run
+    puts it back (or deletes it, if the new output had already taken its place)."""
     out = Path(out_dir)
     src, dst = source.resolve(), out.resolve()
     if dst == src or dst in src.parents:
         raise ConversionError(f"--out {out} contains the input {source}; choose a separate "
                               "output directory")
+    aside = out.with_name(out.name + ".replaced-by-dsmoe-convert")
+    _settle_aside(out, aside)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} is a file, not a directory; choose another --out "
                               "(--force replaces only a directory)")
@@ -152,11 +157,26 @@ def _atomic_output(out_dir: str | Path, force: bool, source: Path) -> Iterator[t
     try:
         yield out, partial
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, aside)
         os.replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        _settle_aside(out, aside)
         raise
+    shutil.rmtree(aside, ignore_errors=True)  # what is left, the next run into --out removes
+
+
+def _settle_aside(out: Path, aside: Path) -> None:
+    """``aside``, the earlier ``out`` of a replacing run that stopped between its renames: put
+    back where no new ``out`` took its place, else deleted."""
+    if not aside.is_dir():
+        return
+    if out.exists():
+        shutil.rmtree(aside)
+        log(f"removed {aside}: the earlier output, already replaced by an interrupted run")
+    else:
+        os.replace(aside, out)
+        log(f"restored {out} from {aside}, where an interrupted run had moved it")
 
 
 def _resolve_checkpoint(path: str | Path) -> Path:

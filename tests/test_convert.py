@@ -290,6 +290,64 @@ def test_a_failed_export_leaves_the_previous_output_intact(trained, tmp_path, mo
     assert not (tmp_path / "out.partial").exists()
 
 
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+from dsmoe_megatron.convert import main
+rename = os.replace
+def replace(src, dst):
+    if str(src).endswith(".partial"):  # the new output is complete; the old one moved aside
+        os._exit(9)  # killed: no clean-up runs
+    rename(src, dst)
+os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_replacing_export_killed_between_its_renames_loses_nothing(trained, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    aside = tmp_path / "out.replaced-by-dsmoe-convert"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, "to-hf", "--checkpoint",
+                           str(trained.save), "--out", str(out), "--force"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    assert not out.exists() and (aside / "keep.txt").read_text() == "x"
+    # The next run puts the earlier output back, and without --force leaves it there.
+    code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out", str(out)], capsys)
+    assert code == 2 and f"restored {out} from {aside}" in err and "--force" in err, err
+    assert (out / "keep.txt").read_text() == "x" and not aside.exists()
+    # Killed after the new output took its place: the next run deletes the earlier one.
+    aside.mkdir()
+    (aside / "keep.txt").write_text("x")
+    code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out", str(out),
+                         "--force"], capsys)
+    assert code == 0 and f"removed {aside}" in err, err
+    assert not aside.exists() and (out / "config.json").is_file()
+    assert not (out / "keep.txt").exists()
+
+
+def test_a_replacing_export_whose_last_rename_fails_keeps_the_earlier_output(
+        trained, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rename = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".partial"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src))
+        rename(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out", str(out),
+                         "--force"], capsys)
+    assert code == 2 and "Permission denied" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 def test_an_output_that_cannot_be_a_directory_is_one_line(trained, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
