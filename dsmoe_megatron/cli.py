@@ -119,7 +119,8 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
     then says it."""
     causes = list(_causes(error))
     cause = next((e for e in causes if isinstance(e, OSError)), causes[-1])
-    why = (cause.strerror if isinstance(cause, OSError) else None) or str(cause).splitlines()[0]
+    why = ((cause.strerror if isinstance(cause, OSError) else None)
+           or next(iter(str(cause).splitlines()), type(cause).__name__))  # EOFError() says nothing
     filename, code = getattr(cause, "filename", None), getattr(cause, "errno", None)
     if code == errno.ENOTDIR:
         why += " (a part of the path is a file)"

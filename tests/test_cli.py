@@ -197,3 +197,14 @@ def test_synthetic_hides_harmless_warnings(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
     assert "Transformer Engine and Apex are not installed" not in proc.stderr, proc.stderr
+
+
+def test_a_failure_without_a_message_is_described_by_its_kind():
+    """A writer process that died with EOFError() (no text) made the one-line report itself
+    fail with an IndexError."""
+    from dsmoe_megatron.cli import describe_os_error
+
+    failure = RuntimeError("the checkpoint writer failed")
+    failure.__cause__ = EOFError()
+    assert describe_os_error("saving iteration 2 failed", failure) == (
+        "saving iteration 2 failed: EOFError")
