@@ -98,10 +98,10 @@ def single_rank_runtime() -> Iterator[None]:
             runtime.initialize(runtime.ParallelLayout())
         yield
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+    if os.environ.get("WORLD_SIZE", "1").strip() != "1":  # also one left over in a shell
         raise ConversionError(
-            f"WORLD_SIZE={os.environ['WORLD_SIZE']}: the converter runs as a single process "
-            "(run dsmoe-convert without torchrun)")
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: this tool runs as a single process (run "
+            "it without torchrun, and unset WORLD_SIZE if it is left over in the shell)")
     saved = {k: os.environ.get(k) for k in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         # A MASTER_PORT inherited from a parent that holds it would make the rendezvous fail;

@@ -1,6 +1,9 @@
 """dsmoe-analyze: expert routing with top experts disabled, shared experts removed, the CLI."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +15,8 @@ from dsmoe_megatron import analyze, checkpoint, convert, runtime
 from dsmoe_megatron.config import DeepSeekMoEConfig, deepseek_defaults
 from dsmoe_megatron.model import build_model, padded_vocab_size
 from dsmoe_megatron.router import TopKRouter
+
+ROOT = Path(__file__).resolve().parents[1]
 from dsmoe_megatron.synthetic import LanguageConfig, write_corpus
 
 SEQ = 32
@@ -296,3 +301,14 @@ def test_a_good_split_is_taken(tmp_path, capsys):
         assert analyze.main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
                              "--split", split]) == 1
         assert "ckpt does not exist" in capsys.readouterr().err  # past the arguments
+
+
+def test_a_world_size_left_over_in_the_shell_is_named(tiny, tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "abc", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "dsmoe_megatron.analyze", str(tiny.save),
+                           "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dsmoe-analyze: WORLD_SIZE='abc': this tool runs as a single process (run it without "
+        "torchrun, and unset WORLD_SIZE if it is left over in the shell)")
