@@ -262,14 +262,16 @@ def tokenizer_files(directory: Path) -> list[str]:
     names = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
     for name in names:
         if name.endswith(".json"):
-            try:
-                json.loads((directory / name).read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ConversionError(
-                    f"tokenizer file {directory / name} is not valid JSON ({err}); replace it "
-                    "with a complete copy, or pass --no-tokenizer to convert without the "
-                    "tokenizer files") from None
+            read_json(directory / name, "replace it with a complete copy, or pass "
+                      "--no-tokenizer to convert without the tokenizer files", "tokenizer file ")
     return names
+
+
+def read_json(path: Path, fix: str, what: str = "") -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{what}{path} is not valid JSON ({err}); {fix}") from None
 
 
 def _token_ids_from(directory: Path) -> dict:
@@ -277,7 +279,7 @@ def _token_ids_from(directory: Path) -> dict:
     for name in ("generation_config.json", "config.json"):
         path = directory / name
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_json(path, "replace it with a complete copy")
             for key in _TOKEN_ID_KEYS:
                 if key not in ids and data.get(key) is not None:
                     ids[key] = data[key]
@@ -302,7 +304,8 @@ def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | No
     source = None
     for directory in (ckpt.parent / HF_SOURCE_DIR, ckpt / HF_SOURCE_DIR):
         config = directory / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("vocab_size") == vocab_size:
+        if config.is_file() and read_json(config, "replace it with a complete copy").get(
+                "vocab_size") == vocab_size:
             source = TokenizerExport(str(directory), _token_ids_from(directory), directory)
             if tokenizer_files(directory):
                 return source
@@ -445,10 +448,7 @@ def read_hf_config(hf_dir: str | Path) -> dict:
                 or (hf_dir / checkpoint.MEGATRON_LM_TRACKER).exists() else "")
         raise ConversionError(f"{path} is missing, so {hf_dir} is not a Hugging Face model "
                               f"directory (--hf){ours}")
-    try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConversionError(f"{path} is not valid JSON: {err}") from err
+    hf = read_json(path, "replace it with a complete copy")
     check_hf_config(hf, where=str(path))
     return hf
 
@@ -549,6 +549,9 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)
     tok_files = tokenizer_files(hf_dir) if tokenizer else []
+    if (hf_dir / "generation_config.json").is_file():  # kept for to-hf, which reads it
+        read_json(hf_dir / "generation_config.json",
+                  "replace it with a complete copy, or delete it (it holds generation defaults)")
     run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     _check_run_matches_hf(run, hf)
     dims = hf_dims(hf)

@@ -490,6 +490,18 @@ def test_a_broken_tokenizer_file_is_refused_not_carried_into_the_export(rt, tmp_
     assert not (tmp_path / "b").exists()
 
 
+def test_a_broken_generation_config_is_refused_on_import(rt, tmp_path, capsys):
+    """from-hf kept it unread, and to-hf then failed on it with a JSONDecodeError traceback."""
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    broken = tmp_path / "hf" / "generation_config.json"
+    broken.write_text('{"bos_token_id": 1, "eos_')
+    out = tmp_path / "m"
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"dsmoe-convert: error: {broken} is not valid JSON ("), err
+    assert "delete it (it holds generation defaults)" in err and not out.exists()
+
+
 def test_to_hf_refuses_a_tokenizer_directory_without_tokenizer_files(trained, tmp_path, capsys):
     empty = tmp_path / "tok"
     empty.mkdir()
