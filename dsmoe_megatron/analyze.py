@@ -339,6 +339,12 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
             checkpoint_dir = import_from_hf(source, tmp / "checkpoint", tokenizer=False)
         with single_rank_runtime():
             run, model = load_model(checkpoint_dir)  # refuses NaN / inf weights
+            if checkpoint_dir is not source and settings.split is None:
+                # The export keeps the model only, so the loss differs from its checkpoint's.
+                print(f"dsmoe-analyze: {source} carries no data settings: evaluating the "
+                      f"validation part of split {run.train.split} (seed {run.train.seed}); pass "
+                      "--split (and --data-path) as the run had them to compare with its "
+                      "checkpoint", file=sys.stderr)
             result = analyze(model, eval_batches(run, settings), run.train.vocab_size,
                              max_disabled_fraction)
     result = {"source": str(source), "settings": asdict(settings), **result}

@@ -398,21 +398,26 @@ class Trainer:
         return out
 
     def expert_load(self) -> list[dict]:
-        """Per MoE layer on this rank: max/mean tokens per expert and the unused fraction."""
+        """Per MoE layer: max/mean tokens per expert and the unused fraction, over the tokens
+        of every rank (each routes its own) and the layers of every pipeline stage. A
+        collective: every rank calls it."""
         from dsmoe_megatron.moe import DeepSeekMoE
 
-        rows = []
+        numbers = [i + 1 for i, moe in enumerate(self.config.moe_layer_pattern()) if moe]
+        counts = torch.zeros(len(numbers), self.config.num_moe_experts or 0, dtype=torch.int64,
+                             device=self.rt.device)
         for chunk in self.model:
             for module in chunk.modules():
                 if isinstance(module, DeepSeekMoE):
                     load = module.take_expert_load()
-                    if load is None:
-                        continue
-                    load = load.float()
-                    rows.append(dict(layer=module.layer_number, max=float(load.max()),
-                                     mean=float(load.mean()),
-                                     unused=float((load == 0).float().mean())))
-        return rows
+                    if load is not None:
+                        counts[numbers.index(module.layer_number)] += load.to(counts.device)
+        # Summed over all ranks: tensor-parallel ranks without SP count the same tokens, which
+        # scales a layer's counts and leaves the ratios below as they are.
+        dist.all_reduce(counts)
+        return [dict(layer=number, max=float(load.max()), mean=float(load.float().mean()),
+                     unused=float((load == 0).float().mean()))
+                for number, load in zip(numbers, counts) if load.sum() > 0]
 
     def _forward_only_loss(self, dataset, consumed: int, steps: int) -> float:
         """Mean loss of `steps` global batches from sample `consumed` on, in eval mode, leaving

@@ -202,10 +202,11 @@ def test_disabling_no_expert_reproduces_the_hf_model_loss(tiny, tmp_path):
         assert abs(result["redundancy"][0]["loss"] - reference) < 1e-5, source
 
 
-def test_an_hf_export_is_analysed_with_the_defaults_from_hf_gives_it(tiny, tmp_path):
+def test_an_hf_export_is_analysed_with_the_defaults_from_hf_gives_it(tiny, tmp_path, capsys):
     """An HF export gets from-hf's defaults: the shipped corpus and split 969,30,1, whose test
     share holds no document of that corpus. The analysis evaluates the validation split only,
-    so the empty test share must not stop it."""
+    so the empty test share must not stop it. It says which split it took: not the run's, so
+    the loss is not its checkpoint's."""
     from dsmoe_megatron.data import default_corpus_prefix, open_indexed_dataset
     from dsmoe_megatron.synthetic import split_documents
 
@@ -218,6 +219,8 @@ def test_an_hf_export_is_analysed_with_the_defaults_from_hf_gives_it(tiny, tmp_p
     assert analyze.main([str(hf), "--out", str(out), "--eval-iters", "2",
                          "--micro-batch-size", "2"]) == 0
     assert json.loads((out / "analysis.json").read_text())["eval_tokens"] == 2 * 2 * SEQ
+    assert (f"dsmoe-analyze: {hf} carries no data settings: evaluating the validation part of "
+            f"split {split} (seed ") in capsys.readouterr().err
 
 
 def test_an_hf_export_with_a_broken_tokenizer_file_is_analysed(tiny, tmp_path):

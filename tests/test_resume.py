@@ -212,6 +212,10 @@ def test_first_steps_match_across_layouts(runs):
         run = by_iteration(runs.results[(layout, "distributed", "straight")])
         for it in range(1, ITERS + 1):
             assert run[it]["lm_loss"] == pytest.approx(ref[it]["lm_loss"], rel=1e-5), (layout, it)
+            # Routing statistics of the global batch (rank 0's tokens alone under DP / EP, its
+            # own stage's layers alone under PP, before).
+            for key in ("expert_load_max_over_mean", "experts_unused_fraction"):
+                assert run[it][key] == pytest.approx(ref[it][key], rel=1e-6), (layout, it, key)
 
 
 def test_experts_differ_across_ep_ranks_and_follow_the_seed(runs):
