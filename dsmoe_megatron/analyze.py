@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import math
-import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -375,21 +374,20 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-_WEIGHT = r"\s*\d+(\.\d*)?\s*"
-
-
 def split_weights(text: str) -> str:
     """argparse type for --split: train,valid,test weights in Megatron's form, with a validation
     share (the part evaluated); Megatron reads other text as weights that divide by zero."""
-    form = re.fullmatch(rf"{_WEIGHT}(,{_WEIGHT}){{1,2}}", text)
-    if not (form and float(text.split(",")[1]) > 0):
+    from dsmoe_megatron.yaml_config import split_shares
+
+    shares = split_shares(text)
+    if not (shares and shares[1] > 0):
         raise argparse.ArgumentTypeError(f"{text!r} is not train,valid,test weights with a "
                                          "validation share, e.g. 95,5,0")
     return text
 
 
 def main(argv=None) -> int:
-    from dsmoe_megatron.yaml_config import _output_dir_problem
+    from dsmoe_megatron.yaml_config import output_dir_problem
 
     parser = argparse.ArgumentParser(prog="dsmoe-analyze", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="save directory, iter_XXXXXXX directory or a "
@@ -421,7 +419,7 @@ def main(argv=None) -> int:
     if not 0 <= args.max_disabled_fraction < 1 or math.isnan(args.max_disabled_fraction):
         print("dsmoe-analyze: --max-disabled-fraction must be in [0, 1)", file=sys.stderr)
         return 2
-    problem = _output_dir_problem(str(out))
+    problem = output_dir_problem(str(out))
     if problem:
         print(f"dsmoe-analyze: --out {out}: {problem}; choose another --out", file=sys.stderr)
         return 2

@@ -463,10 +463,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron.training import get_args, get_tokenizer
     from megatron.training.argument_utils import core_transformer_config_from_args
 
+    from dsmoe_megatron.config import ConfigError
     from dsmoe_megatron.model import build_model
     from dsmoe_megatron.specs import config_from_megatron
-
-    from dsmoe_megatron.config import ConfigError
 
     args = get_args()
     # TransformerConfig's own checks raise ValueError.

@@ -34,9 +34,10 @@ quiet_when_run_as_main(__name__)
 
 from dsmoe_megatron.checkpoint import CheckpointError  # noqa: E402
 
-# Fields of a checkpoint's model that must match the model it is loaded into (the layout,
-# precision and training settings may change on resume).
-MODEL_SHAPE_FIELDS = (
+# Fields of a checkpoint's model that must match the model it is loaded into: its shapes and
+# the function its weights were trained for (the layout, precision and training settings may
+# change on resume).
+SAME_MODEL_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
     "moe_num_shared_experts", "moe_first_k_dense", "normalization", "gated_linear_unit",
@@ -284,7 +285,7 @@ class Trainer:
         except (YamlConfigError, yaml.YAMLError) as error:
             raise CheckpointError(f"{saved_yaml} cannot be read ({error})") from None
         pairs = [(f"{section_of(k)}.{k}", getattr(saved.model, k), getattr(self.config, k))
-                 for k in MODEL_SHAPE_FIELDS]
+                 for k in SAME_MODEL_FIELDS]
         pairs.append(("vocab_size", saved.train.vocab_size, self.vocab_size))
         for name, then, now in pairs:
             if then != now:

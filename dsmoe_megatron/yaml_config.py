@@ -191,10 +191,11 @@ class TrainingArgs:
                 bad(key, "is an empty path; give a directory or null")
 
     def _validate_evaluation(self) -> None:
-        if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*", self.split):
+        shares = split_shares(self.split)
+        if shares is None:
             raise YamlConfigError(f"split: {self.split!r} must be up to three non-negative "
                                   "weights such as '969,30,1' (train,valid,test)")
-        train, valid, _ = (*(float(w) for w in self.split.split(",")), 0.0, 0.0)[:3]
+        train, valid, _ = shares
         if train <= 0:
             raise YamlConfigError(f"split: {self.split!r} gives training no share; the first "
                                   "weight (train) must be > 0, e.g. '969,30,1'")
@@ -274,6 +275,7 @@ NOT_CONFIGURABLE = {
     "pipeline_dtype": "not configurable: it follows params_dtype (model_parallel.bf16 / fp16)",
     "autocast_dtype": "not configurable: it follows params_dtype (model_parallel.bf16 / fp16)",
 }
+
 
 def _build_schema() -> dict[str, dict[str, Any]]:
     lm, mp, dsm = {}, {}, {}
@@ -578,12 +580,20 @@ def _check_train_value(key: str, value):
     return _check_value(key, value, _TRAIN_HINTS[key])
 
 
+def split_shares(text: str) -> tuple[float, float, float] | None:
+    """The (train, valid, test) weights of Megatron's ``--split`` text, up to three (the missing
+    ones 0); None if ``text`` is not such weights."""
+    if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*", text):
+        return None
+    return (*(float(w) for w in text.split(",")), 0.0, 0.0)[:3]
+
+
 def _check_paths(train: TrainingArgs) -> None:
     """The output directories can be created and written, the checkpoint to load exists.
     Nothing is created here: a run config is only read."""
     for key in ("save", "tensorboard_dir"):
         path = getattr(train, key)
-        problem = _output_dir_problem(path) if path is not None else None
+        problem = output_dir_problem(path) if path is not None else None
         if problem:
             raise YamlConfigError(f"{key}={path}: {problem}; choose another directory for {key}")
     if train.load is not None and not os.path.isdir(train.load):
@@ -593,7 +603,8 @@ def _check_paths(train: TrainingArgs) -> None:
             "run); correct the path or set load: null")
 
 
-def _output_dir_problem(path: str) -> str | None:
+def output_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be (or be created as) a writable directory; None if it can."""
     if os.path.exists(path) and not os.path.isdir(path):
         return "is a file, not a directory"
     existing = os.path.abspath(path)
