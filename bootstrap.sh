@@ -21,10 +21,26 @@ find_python312() {
   return 1
 }
 
+# A fresh venv holds 6 GB (torch with its CUDA libraries) and the install peaks at 7 GB with pip's
+# downloads in TMPDIR: a full disk would stop pip half-way with a bare "No space left on device".
+FRESH_INSTALL_GB=8
+
+need_free_space() {
+  local dir=$1 free_gb
+  while [ ! -d "$dir" ]; do dir=$(dirname "$dir"); done
+  free_gb=$(df -Pk "$dir" | awk 'NR == 2 { print int($4 / 1048576) }')
+  if [ "$free_gb" -lt "$FRESH_INSTALL_GB" ]; then
+    echo "bootstrap.sh: a fresh install needs about $FRESH_INSTALL_GB GB free for the virtualenv and pip's downloads, and $dir has only $free_gb GB free. Free some space, or point DSMOE_VENV (the virtualenv) and TMPDIR (pip's downloads) at a larger disk, then run this command again." >&2
+    exit 1
+  fi
+}
+
 # install VENV [pip install options]: the project with its dev extras into VENV (created if missing).
 install() {
   local venv=$1; shift
   if [ ! -x "$venv/bin/python" ]; then
+    need_free_space "$(dirname "$venv")"
+    need_free_space "${TMPDIR:-/tmp}"
     "$(find_python312)" -m venv "$venv"
   fi
   "$venv/bin/python" -m pip install --quiet --upgrade pip
