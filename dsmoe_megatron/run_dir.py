@@ -5,7 +5,8 @@ files (checkpoints, ``latest``, ``run.yaml``, ``metrics.jsonl``) is refused unle
 ``--overwrite`` asks to delete them first; ``--resume`` needs a checkpoint there;
 ``--resume auto`` resumes when there is one and starts otherwise (for cluster jobs that restart
 the same command). When a run continues from iteration k, metrics logged after k by the attempt
-that crashed are moved to ``metrics.discarded.jsonl``, so ``metrics.jsonl`` is one history.
+that crashed are moved to ``metrics.discarded.jsonl``, so ``metrics.jsonl`` is one history,
+and checkpoints past k (``latest`` set back by hand) are renamed ``iter_XXXXXXX.discarded``.
 
 One live run per save directory: rank 0 holds an ``flock`` on ``.dsmoe-train.lock`` there while
 it trains, and a second run is refused with the first one's host and pid. A killed torchrun can
@@ -140,6 +141,23 @@ def _read_holder(fd: int) -> str:
         return f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "its host and pid were not recorded"
+
+
+def set_aside_newer_checkpoints(save: str | Path, iteration: int) -> list[str]:
+    """Rename the iteration directories past ``iteration`` (the checkpoint a resume continues
+    from, older when ``latest`` was set back by hand) to ``iter_XXXXXXX.discarded``: the run
+    would otherwise delete each as it saves that iteration again. Returns the new names."""
+    moved = []
+    for path in sorted(Path(save).glob("iter_*")):
+        number = path.name[len("iter_"):]
+        if number.isdigit() and int(number) > iteration:
+            aside, n = path.with_name(f"{path.name}.discarded"), 1
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{path.name}.discarded.{n}")
+            path.rename(aside)
+            moved.append(aside.name)
+    return moved
 
 
 def rewind_metrics(save: str | Path, iteration: int) -> int:

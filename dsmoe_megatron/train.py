@@ -128,7 +128,8 @@ class Trainer:
         self.metrics_file = None
         if _rank0() and train.save:
             from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME
-            from dsmoe_megatron.run_dir import METRICS_NAME, rewind_metrics
+            from dsmoe_megatron.run_dir import (METRICS_NAME, rewind_metrics,
+                                                set_aside_newer_checkpoints)
             from dsmoe_megatron.yaml_config import dump_run_config
 
             Path(train.save).mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,11 @@ class Trainer:
             if moved:
                 _log(f"moved {moved} metrics records logged after iteration {self.iteration} "
                      f"(after the checkpoint resumed from) to metrics.discarded.jsonl")
+            aside = set_aside_newer_checkpoints(train.save, self.iteration)
+            if aside:
+                _log(f"kept the checkpoints past the one resumed from, which this run would "
+                     f"replace, as {', '.join(aside)} in {train.save}; delete them when not "
+                     "needed")
             self.metrics_file = open(Path(train.save) / METRICS_NAME, "a")
 
     def _claim_save_dir(self, resume: str, overwrite: bool) -> bool:

@@ -70,6 +70,9 @@ def cli(tmp_path_factory) -> Cli:
     for case, (file, how, _) in DAMAGE.items():
         c.add(("damage", case), "damage", str(root / "run"), str(root / case), file, how)
         c.add(("resume damaged", case), "train", c.argv(case, *two, "--resume"))
+    # `latest` set back by hand to 1: the resumed run saves iteration 2 again.
+    c.add("rewind", "damage", str(root / "run"), str(root / "rewound"), "latest", "1")
+    c.add("resume rewound", "train", c.argv("rewound", *two, "--resume"))
     c.add("overwrite bad data", "train", [*c.argv("run", "train_iters=1", "--overwrite"),
                                           f"data_path=[{root / 'absent'}]"])
     c.add("files before overwrite", "listing", str(root / "run"))
@@ -318,6 +321,33 @@ def test_run_lock_is_reentrant_and_a_failed_start_leaves_no_trace(tmp_path):
     unlock_save_dir(save, remove=True)  # never deletes a run's files
     assert sorted(p.name for p in save.iterdir()) == ["latest"]
     assert not (save / LOCK_NAME).exists()
+
+
+@pytest.mark.distributed
+def test_a_resume_from_a_set_back_latest_keeps_the_later_checkpoints(cli):
+    """With `latest` set back to 1 (a bad checkpoint 2, a loss spike), the run deleted the
+    saved iteration 2 when it reached it again."""
+    out = ok(cli.results["resume rewound"])["stdout"]
+    save = cli.root / "rewound"
+    assert "iter_0000002.discarded" in out
+    assert (save / "iter_0000002.discarded" / "metadata.json").exists()
+    assert (save / "iter_0000002" / "metadata.json").exists()
+    assert (save / "latest").read_text() == "2"
+
+
+def test_checkpoints_past_the_resumed_one_are_renamed_not_replaced(tmp_path):
+    from dsmoe_megatron.run_dir import set_aside_newer_checkpoints
+
+    for name in ("iter_0000002", "iter_0000004", "iter_0000006", "iter_0000004.discarded",
+                 "iter_0000006.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "what").write_text(name)
+    assert set_aside_newer_checkpoints(tmp_path, 2) == [
+        "iter_0000004.discarded.2", "iter_0000006.discarded"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000002", "iter_0000004.discarded", "iter_0000004.discarded.2",
+        "iter_0000006.discarded", "iter_0000006.partial"]
+    assert (tmp_path / "iter_0000004.discarded.2" / "what").read_text() == "iter_0000004"
 
 
 def test_a_metrics_line_cut_short_does_not_block_the_resume(tmp_path):
