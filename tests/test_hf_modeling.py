@@ -359,6 +359,18 @@ def test_forward_refuses_what_it_does_not_implement():
     assert {"cache", "past_key_values"} <= set(model._skip_keys_device_placement)
 
 
+
+def test_config_return_dict_false_gives_tuples():
+    """``return_dict=False`` in the config (or per call) gives tuples from both models, the logits first."""
+    model = tiny_model()
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.config.return_dict = False
+        out = model(ids, use_cache=False)
+        assert isinstance(out, tuple) and isinstance(model.model(ids, use_cache=False), tuple)
+    torch.testing.assert_close(out[0], expected, rtol=0, atol=0)
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning an exported model with transformers: the balance loss in training mode, gradient
 # checkpointing, and the Trainer with gradient accumulation against a plain PyTorch loop.

@@ -405,6 +405,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,  # read by name below, whatever config.return_dict says
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
