@@ -371,6 +371,18 @@ def test_config_return_dict_false_gives_tuples():
         assert isinstance(out, tuple) and isinstance(model.model(ids, use_cache=False), tuple)
     torch.testing.assert_close(out[0], expected, rtol=0, atol=0)
 
+
+def test_config_output_hidden_states_is_the_default():
+    """As in transformers' own models, ``config.output_hidden_states`` applies when a call does not say."""
+    model = tiny_model()
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert model(ids).hidden_states is None
+        model.config.output_hidden_states = True
+        hidden = model(ids).hidden_states
+        assert len(hidden) == model.config.num_hidden_layers + 1
+        assert model(ids, output_hidden_states=False).hidden_states is None
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning an exported model with transformers: the balance loss in training mode, gradient
 # checkpointing, and the Trainer with gradient accumulation against a plain PyTorch loop.

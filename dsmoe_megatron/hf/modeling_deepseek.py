@@ -310,6 +310,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:  # e.g. from_pretrained(..., output_hidden_states=True)
+            output_hidden_states = self.config.output_hidden_states
         if self.gradient_checkpointing and self.training:
             use_cache = False  # a recomputed layer would append its keys to the cache twice
         if not use_cache:
