@@ -20,7 +20,8 @@ from transformers.cache_utils import DynamicCache, StaticCache  # noqa: E402
 
 from dsmoe_megatron.hf import AUTO_MAP, write_hf_remote_code  # noqa: E402
 from dsmoe_megatron.hf.configuration_deepseek import DeepseekConfig  # noqa: E402
-from dsmoe_megatron.hf.modeling_deepseek import DeepseekForCausalLM, DeepseekMoE  # noqa: E402
+from dsmoe_megatron.hf.modeling_deepseek import (  # noqa: E402
+    DeepseekForCausalLM, DeepseekMoE, apply_rotary, rotary_cos_sin)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepseek_moe_16b_config.json"
 
@@ -354,8 +355,6 @@ def test_forward_refuses_what_it_does_not_implement():
         model.model(ids, head_mask=None)
     with pytest.raises(ValueError, match="either `cache` or `past_key_values`"):
         model(ids, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(ids, output_attentions=True)
     assert {"cache", "past_key_values"} <= set(model._skip_keys_device_placement)
 
 
@@ -382,6 +381,48 @@ def test_config_output_hidden_states_is_the_default():
         hidden = model(ids).hidden_states
         assert len(hidden) == model.config.num_hidden_layers + 1
         assert model(ids, output_hidden_states=False).hidden_states is None
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_output_attentions_gives_the_attention_weights(padded):
+    """Each layer's softmax(q k^T / sqrt(d) + mask), per query head (GQA), from the forward and from generate,
+    which also keeps its tokens and logits."""
+    model = tiny_model(num_key_value_heads=2)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :2] = 0
+    attentions, hooks = [], []
+    for layer in model.model.layers:
+        def record(module, args, attn=layer.self_attn):
+            x = args[0]
+            q = attn.q_proj(x).view(2, 6, 4, 8).transpose(1, 2)
+            k = attn.k_proj(x).view(2, 6, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+            cos, sin = rotary_cos_sin(model.config, torch.arange(6).expand(2, -1), x.dtype)
+            scores = apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-1, -2) / 8**0.5
+            allowed = torch.ones(6, 6, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
+            attentions.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1))
+        hooks.append(layer.self_attn.register_forward_pre_hook(record))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_attentions=True)
+        for hook in hooks:
+            hook.remove()
+        expected = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert len(out.attentions) == model.config.num_hidden_layers
+    rows = mask.bool()[:, None, :, None]  # the rows of padding queries are not compared
+    for actual, reference in zip(out.attentions, attentions, strict=True):
+        assert actual.shape == (2, 4, 6, 6)
+        torch.testing.assert_close(actual.masked_fill(~rows, 0), reference.masked_fill(~rows, 0),
+                                   rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():
+        run = model.generate(ids, attention_mask=mask, **GREEDY, pad_token_id=0, return_dict_in_generate=True,
+                             output_attentions=True)
+        plain = model.generate(ids, attention_mask=mask, **GREEDY, pad_token_id=0)
+    assert torch.equal(run.sequences, plain)
+    assert len(run.attentions) == GREEDY["max_new_tokens"]
+    assert run.attentions[-1][0].shape == (2, 4, 1, 6 + GREEDY["max_new_tokens"] - 1)
 
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning an exported model with transformers: the balance loss in training mode, gradient

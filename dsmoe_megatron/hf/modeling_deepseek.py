@@ -40,8 +40,6 @@ def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache |
 
 def check_extra_kwargs(owner: str, kwargs: dict) -> None:
     """Refuse keyword arguments this model does not implement instead of silently ignoring them."""
-    if kwargs.pop("output_attentions", None):
-        raise ValueError(f"{owner}: output_attentions=True is not supported (attention runs in SDPA)")
     unknown = sorted(k for k in kwargs if k not in IGNORED_GENERATE_KWARGS + LOSS_KWARGS)
     if unknown:
         raise TypeError(f"{owner}.forward() got unexpected keyword argument(s): {', '.join(unknown)}")
@@ -136,8 +134,11 @@ class DeepseekAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, attention_bias, cache: Cache | None, cache_position: torch.Tensor):
-        """``attention_bias(key_len)`` gives the additive mask for the keys this step attends to;
+    def forward(self, x, cos, sin, attention_bias, cache: Cache | None, cache_position: torch.Tensor,
+                output_attentions: bool = False):
+        """The output and, with ``output_attentions``, the attention weights [batch, heads, query, key] (else None).
+
+        ``attention_bias(key_len)`` gives the additive mask for the keys this step attends to;
         ``cache_position`` the cache slots the new keys go to (StaticCache before transformers 5.24 needs them)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -147,6 +148,9 @@ class DeepseekAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
         bias = attention_bias(k.shape[-2])
+        if output_attentions:
+            out, weights = self.eager_attention(q, k, v, bias)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), weights
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -156,7 +160,19 @@ class DeepseekAttention(nn.Module):
             is_causal=bias is None,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), None
+
+    def eager_attention(self, q, k, v, bias):
+        """Attention with its weights, which SDPA does not return (softmax in float32, as the released code)."""
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5
+        if bias is None:  # plain causal attention: query i sees keys 0..i
+            bias = torch.full(scores.shape[-2:], torch.finfo(scores.dtype).min, dtype=scores.dtype,
+                              device=q.device).triu(1)
+        weights = (scores + bias).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out = F.dropout(weights, p=self.dropout, training=self.training) @ v
+        return out, weights
 
 
 class DeepseekMLP(nn.Module):
@@ -241,13 +257,15 @@ class DeepseekDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, cos, sin, attention_bias, cache, cache_position):
-        """The layer's output and its balance loss (None in dense layers and outside training)."""
-        attention = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_bias, cache, cache_position)
+    def forward(self, hidden, cos, sin, attention_bias, cache, cache_position, output_attentions=False):
+        """The layer's output, its balance loss (None in dense layers and outside training) and its attention
+        weights (None without ``output_attentions``)."""
+        attention, weights = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_bias, cache,
+                                            cache_position, output_attentions)
         hidden = hidden + attention
         mlp_input = self.post_attention_layernorm(hidden)
         out, aux_loss = self.mlp(mlp_input) if self.is_moe else (self.mlp(mlp_input), None)
-        return hidden + out, aux_loss
+        return hidden + out, aux_loss, weights
 
 
 @dataclass
@@ -301,6 +319,7 @@ class DeepseekModel(DeepseekPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> DeepseekModelOutputWithPast:
         """``cache`` (or its pre-5.24 name ``past_key_values``) is updated in place and returned."""
@@ -312,6 +331,8 @@ class DeepseekModel(DeepseekPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if output_hidden_states is None:  # e.g. from_pretrained(..., output_hidden_states=True)
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         if self.gradient_checkpointing and self.training:
             use_cache = False  # a recomputed layer would append its keys to the cache twice
         if not use_cache:
@@ -331,19 +352,24 @@ class DeepseekModel(DeepseekPreTrainedModel):
         )
 
         all_hidden = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         aux_losses = []
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden, aux_loss = layer(hidden, cos, sin, attention_bias, cache, cache_position)
+            hidden, aux_loss, weights = layer(hidden, cos, sin, attention_bias, cache, cache_position,
+                                              output_attentions)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
+            if all_attentions is not None:
+                all_attentions.append(weights)
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
         return DeepseekModelOutputWithPast(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attentions) if all_attentions is not None else None,
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
             **{CACHE_FIELD: cache},
         )
@@ -389,6 +415,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """``cache`` (or its pre-5.24 name ``past_key_values``) is updated in place and returned.
@@ -407,6 +434,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,  # read by name below, whatever config.return_dict says
         )
         hidden = outputs.last_hidden_state
@@ -428,6 +456,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
