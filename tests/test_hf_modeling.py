@@ -424,6 +424,29 @@ def test_output_attentions_gives_the_attention_weights(padded):
     assert len(run.attentions) == GREEDY["max_new_tokens"]
     assert run.attentions[-1][0].shape == (2, 4, 1, 6 + GREEDY["max_new_tokens"] - 1)
 
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_stops_at_stop_strings(num_beams, tmp_path):
+    """``stop_strings`` needs ``tokenizer=``, which generate also hands on to the forward."""
+    from transformers import AutoTokenizer
+
+    from dsmoe_megatron.tokenizer import ByteTokenizer, write_hf_tokenizer
+
+    byte = ByteTokenizer()
+    model = tiny_model(vocab_size=byte.vocab_size, pad_token_id=byte.pad, bos_token_id=byte.bos,
+                       eos_token_id=byte.eod)
+    tokenizer = AutoTokenizer.from_pretrained(write_hf_tokenizer(tmp_path / "tokenizer"))
+    prompt = torch.tensor([byte.tokenize("Four score and")])
+    settings = dict(do_sample=False, num_beams=num_beams, max_new_tokens=12, pad_token_id=byte.pad)
+    with torch.no_grad():
+        full = model.generate(prompt, **settings)[0, prompt.shape[1]:]
+        # A printable byte the continuation reaches after its first token (bytes >= 128 decode to U+FFFD).
+        at = next(i for i, t in enumerate(full.tolist()) if i > 0 and 32 <= t < 127)
+        stop = chr(full[at])
+        stopped = model.generate(prompt, **settings, stop_strings=[stop], tokenizer=tokenizer)[0, prompt.shape[1]:]
+    assert tokenizer.decode(stopped).endswith(stop) and torch.equal(stopped, full[:len(stopped)])
+    assert len(stopped) <= at + 1 < len(full)
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning an exported model with transformers: the balance loss in training mode, gradient
 # checkpointing, and the Trainer with gradient accumulation against a plain PyTorch loop.

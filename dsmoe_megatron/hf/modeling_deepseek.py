@@ -25,8 +25,9 @@ from .configuration_deepseek import DeepseekConfig
 # and reads it back from the output under the new name. The forward methods take either name and return the
 # cache under the field the installed version's output classes declare.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(MoeCausalLMOutputWithPast)} else "past_key_values"
-# Passed by `generate` of transformers < 5.24 and ignored: the past length comes from the cache itself.
-IGNORED_GENERATE_KWARGS = ("cache_position",)
+# Passed by `generate` and ignored: `cache_position` (before 5.24; the past length comes from the cache itself) and
+# `tokenizer` (given for `stop_strings`, which greedy, sampling and beam search hand on to the forward).
+IGNORED_GENERATE_KWARGS = ("cache_position", "tokenizer")
 # Passed by transformers' Trainer to a forward that takes **kwargs (the label tokens of the whole
 # accumulated batch, for the loss of each micro-batch).
 LOSS_KWARGS = ("num_items_in_batch",)
