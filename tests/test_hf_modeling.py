@@ -447,6 +447,20 @@ def test_generate_stops_at_stop_strings(num_beams, tmp_path):
     assert tokenizer.decode(stopped).endswith(stop) and torch.equal(stopped, full[:len(stopped)])
     assert len(stopped) <= at + 1 < len(full)
 
+
+def test_offloaded_weights_give_the_same_logits():
+    """With accelerate's offloading (``device_map="auto"`` with too little memory) weights stay on the meta device
+    until their module is called; the router must be called too, not only read."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model()
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.model.layers[1].mlp.gate.weight.device.type == "meta"
+        actual = model(ids).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning an exported model with transformers: the balance loss in training mode, gradient
 # checkpointing, and the Trainer with gradient accumulation against a plain PyTorch loop.

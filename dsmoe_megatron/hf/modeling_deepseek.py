@@ -188,6 +188,18 @@ class DeepseekMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class DeepseekRouter(nn.Linear):
+    """The router's logits, in float32: the released code computed them in the model dtype, which in bf16 can
+    flip the choice between near-tied experts. Called as a module, so that hooks on it run (accelerate's
+    offloading loads its weight then; a LoRA adapter on it applies)."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__(config.hidden_size, config.n_routed_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 class DeepseekMoE(nn.Module):
     """Softmax top-k routed experts plus always-on shared experts, and in training mode the released code's
     expert-level balance loss."""
@@ -198,7 +210,7 @@ class DeepseekMoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.aux_loss_alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
-        self.gate = nn.Linear(config.hidden_size, config.n_routed_experts, bias=False)
+        self.gate = DeepseekRouter(config)
         self.experts = nn.ModuleList(
             DeepseekMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
         )
@@ -229,9 +241,7 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The MoE output and, in training mode with ``aux_loss_alpha > 0``, its balance loss (else None)."""
         tokens = x.reshape(-1, x.shape[-1])
-        # The released code ran this softmax in the model dtype; in bf16 that can flip the choice between
-        # near-tied experts, so we route in float32.
-        scores = F.linear(tokens.float(), self.gate.weight.float()).softmax(dim=-1)
+        scores = self.gate(tokens).softmax(dim=-1)
         weights, expert_ids = self.route(scores)
         routed = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         for expert_id, expert in enumerate(self.experts):
