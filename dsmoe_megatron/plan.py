@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import textwrap
+from dataclasses import replace
 
 from dsmoe_megatron.cli import quiet_warnings, quiet_when_run_as_main
 
@@ -85,11 +86,20 @@ def model_summary(run: RunConfig) -> dict:
     }
 
 
+def _run_options(run: RunConfig, options: MemoryOptions) -> MemoryOptions:
+    """``options`` with the run's use_distributed_optimizer unless the caller chose: with it
+    off every rank holds the whole Adam state."""
+    if options.distributed_optimizer is None:
+        return replace(options, distributed_optimizer=run.train.use_distributed_optimizer)
+    return options
+
+
 def make_plan(run: RunConfig, world_size: int | None = None, gpu: str = DEFAULT_GPU,
               gpus_per_node: int = 8, options: MemoryOptions = MemoryOptions(),
               rates: Rates = Rates()) -> dict:
     """The model summary plus memory, fit and step time of the run's own layout."""
     cfg, train = run.model, run.train
+    options = _run_options(run, options)
     defaulted = world_size is None
     if defaulted:
         world_size = minimal_world_size(run)
@@ -147,6 +157,7 @@ def search_plan(run: RunConfig, world_size: int, gpu: str = DEFAULT_GPU, gpus_pe
                 rates: Rates = Rates()) -> dict:
     """The model summary plus the ``top`` fastest layouts that fit ``world_size`` GPUs."""
     cluster = Cluster(get_gpu(gpu), world_size, gpus_per_node)
+    options = _run_options(run, options)
     result = search(run, cluster, top, min_headroom, options, rates)
     ranked = []
     for r in result.pop("ranked"):
@@ -158,8 +169,8 @@ def search_plan(run: RunConfig, world_size: int, gpu: str = DEFAULT_GPU, gpus_pe
                        "memory": memory, "step_time": est.time})
     plan = model_summary(run)
     plan["search"] = dict(result, ranked=ranked, min_headroom=min_headroom,
-                          memory_assumptions=memory_assumptions(run.model, world_size > 1,
-                                                                options),
+                          memory_assumptions=memory_assumptions(
+                              run.model, options.distributed_optimizer, options),
                           time_assumptions=rates.describe(bool(run.model.fp8)
                                                           and options.impl == "te"))
     return plan

@@ -247,6 +247,19 @@ def test_memory_model_of_the_paper_layouts():
     assert one["optimizer"] == 12 * one["params"]
 
 
+def test_optimizer_state_follows_use_distributed_optimizer(capsys):
+    # without the distributed optimizer every rank holds all of Adam's state
+    mem = make("deepseekmoe_16b.yaml", ["use_distributed_optimizer=false"], 128)["memory"]
+    [st] = mem["stages"]
+    assert not mem["distributed_optimizer"]
+    assert st["optimizer"] == 12 * st["params"]
+    assert any(note.startswith("Adam, not sharded") for note in mem["assumptions"])
+    args = ["yaml_configs/deepseekmoe_16b.yaml", "--gpus", "128"]
+    assert plan.main(args) == 0
+    assert plan.main([*args, "use_distributed_optimizer=false"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory model: schedules, recompute, FP8
 

@@ -4,7 +4,8 @@ Weights in the parameter dtype; FP8 (TE) adds a cached FP8 copy of every GEMM we
 transpose (2 bytes). Gradients in Megatron DDP's fp32 buffer (dsmoe-train sets
 ``grad_reduce_in_fp32``). Adam: fp32 main parameters (bf16/fp16 models) and two fp32 moments,
 sharded over data parallelism (routed experts: over expert data parallelism) by the distributed
-optimizer, which dsmoe-train uses whenever there is more than one GPU.
+optimizer (dsmoe-train's ``use_distributed_optimizer``, on by default); without it every rank
+holds all of it.
 
 Activations: ``activations.py`` per layer and micro-batch, with full recompute applied per model
 chunk as Megatron's TransformerBlock does (``uniform``: every unit of ``recompute_num_layers``
@@ -52,7 +53,8 @@ class MemoryOptions:
     impl: str = "te"
     """te (GPU: Transformer Engine) or local (Megatron-core's local modules, the CPU path)."""
     distributed_optimizer: bool | None = None
-    """None: as dsmoe-train (on whenever the world has more than one GPU)."""
+    """None: on whenever the world has more than one GPU; dsmoe-plan passes the run's
+    ``use_distributed_optimizer``."""
     allowance: Allowance = field(default_factory=Allowance)
 
 
