@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.search and args.gpus is None:
             raise ConfigError("--search needs --gpus N (the GPUs to lay the model out on)")
+        if args.top < 1:  # 0 or below printed every layout that fits (thousands)
+            raise ConfigError(f"--top {args.top} must be >= 1 (the layouts --search prints)")
         if not 0 <= args.min_headroom < 1:
             raise ConfigError(f"--min-headroom {args.min_headroom} must be in [0, 1)")
         run = load_run_config(args.config, args.overrides, instantiate_checks=False)

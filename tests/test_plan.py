@@ -193,6 +193,9 @@ def test_cli_overrides_world_size_and_table(capsys):
     assert "did you mean H100-80GB?" in capsys.readouterr().err
     assert plan.main(["yaml_configs/tiny.yaml", "--search"]) == 2
     assert "--search needs --gpus" in capsys.readouterr().err
+    for top in ("0", "-1"):
+        assert plan.main(["yaml_configs/tiny.yaml", "--gpus", "2", "--search", "--top", top]) == 2
+        assert f"--top {top} must be >= 1" in capsys.readouterr().err
 
 
 def test_module_entry_point_prints_only_json():
