@@ -180,6 +180,11 @@ def _run(tool: str, module: str) -> int:
         # Ctrl-C while the libraries import (seconds), or one a tool passed on after cleaning up.
         print(f"{tool}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (`dsmoe-plan ... | head`): stop as SIGPIPE would stop a C
+        # tool. stdout goes to /dev/null, or the interpreter's last flush raises again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 def train() -> int:

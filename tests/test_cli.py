@@ -80,6 +80,18 @@ def test_ctrl_c_while_the_libraries_import_is_one_line(tmp_path):
     assert err.strip().splitlines()[-1].startswith("dsmoe-train: interrupted"), err[-3000:]
 
 
+def test_a_reader_that_leaves_early_is_no_traceback():
+    """``dsmoe-plan ... | head``: the output's reader gone before the tool prints."""
+    code = "import sys; from dsmoe_megatron import cli; sys.argv[0] = 'dsmoe-plan'; sys.exit(cli.plan())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, TINY], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    proc.stdout.close()  # long before the imports are done
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and "Traceback" not in err and "Exception" not in err, err[-3000:]
+
+
 @pytest.mark.parametrize("module", ["train", "convert", "analyze", "plan", "data"])
 def test_python_m_hides_harmless_warnings(module):
     """``python -m dsmoe_megatron.X`` (as torchrun -m runs them) filters before its imports warn."""
