@@ -138,6 +138,20 @@ def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
             raise ConfigError(
                 f"{name}={value!r} is a Megatron-core MoE setting the DeepSeekMoE block does "
                 f"not implement ({instead}); remove it")
+    # The layers without Transformer Engine always build RMSNorm, and the routed experts are
+    # always bias-free SwiGLU: another value would describe another model than the one built.
+    if cfg.normalization != "RMSNorm":
+        raise ConfigError(
+            f"normalization={cfg.normalization!r}: DeepSeekMoE models use RMSNorm (only "
+            "Transformer Engine's layers would build another norm); set it to RMSNorm")
+    if cfg.is_moe and not cfg.gated_linear_unit:
+        raise ConfigError(
+            "gated_linear_unit=False: the routed experts are SwiGLU (gated) on every backend; "
+            "set it to true (Megatron-LM: --swiglu)")
+    if cfg.is_moe and cfg.add_bias_linear:
+        raise ConfigError(
+            "add_bias_linear=True: the routed experts have no biases (DeepSeekMoE has none); "
+            "set it to false (Megatron-LM: --disable-bias-linear)")
     if isinstance(cfg.moe_aux_loss_coeff, (list, tuple)):
         raise ConfigError(
             f"moe_aux_loss_coeff={cfg.moe_aux_loss_coeff!r}: one number, the expert-level "

@@ -106,6 +106,26 @@ def test_what_the_block_does_anyway_may_be_said():
     assert cfg.moe_router_dtype == "fp32"
 
 
+@pytest.mark.parametrize("moe, changes, message", [
+    (True, dict(normalization="LayerNorm"),
+     "normalization='LayerNorm': DeepSeekMoE models use RMSNorm"),
+    (False, dict(normalization="LayerNorm"),
+     "normalization='LayerNorm': DeepSeekMoE models use RMSNorm"),
+    (True, dict(gated_linear_unit=False), "gated_linear_unit=False: the routed experts are SwiGLU"),
+    (True, dict(add_bias_linear=True), "add_bias_linear=True: the routed experts have no biases"),
+])
+def test_settings_the_built_model_would_not_have_are_refused(moe, changes, message):
+    """Without Transformer Engine LayerNorm built RMSNorm, and the routed experts stayed
+    bias-free SwiGLU: the model was not the one its config (and dsmoe-plan's count) described."""
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(moe=moe, **changes)
+
+
+def test_a_dense_model_may_have_biases_and_an_ungated_mlp():
+    cfg = tiny_config(moe=False, add_bias_linear=True, gated_linear_unit=False)
+    assert cfg.add_bias_linear and not cfg.gated_linear_unit
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(moe_aux_loss_coeff=[0.01, 0.02]),
      "moe_aux_loss_coeff=[0.01, 0.02]: one number, the expert-level balance factor a1"),
