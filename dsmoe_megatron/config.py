@@ -163,6 +163,11 @@ def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
             f"context_parallel_size={cfg.context_parallel_size}: context parallelism is not "
             "supported with the DeepSeekMoE block (its per-sequence balance statistics would "
             "see only each rank's part of a sequence); use 1")
+    if cfg.mtp_num_layers:
+        # GPTModel gets no MTP block, and its forward then fails on the labels' shape
+        raise ConfigError(
+            f"mtp_num_layers={cfg.mtp_num_layers}: multi-token prediction is not supported with "
+            "the DeepSeekMoE model (it predicts the next token only); remove it")
     _check_attention_heads(cfg)
     freq = cfg.moe_layer_freq
     if isinstance(freq, int) and freq < 1 or isinstance(freq, list) and (

@@ -121,6 +121,13 @@ def test_settings_the_built_model_would_not_have_are_refused(moe, changes, messa
         tiny_config(moe=moe, **changes)
 
 
+def test_multi_token_prediction_is_refused():
+    """It was accepted, and the model's forward failed on the labels' shape."""
+    with pytest.raises(ConfigError, match="mtp_num_layers=1: multi-token prediction is not"):
+        tiny_config(mtp_num_layers=1)
+    assert not tiny_config(mtp_num_layers=0).mtp_num_layers
+
+
 def test_a_dense_model_may_have_biases_and_an_ungated_mlp():
     cfg = tiny_config(moe=False, add_bias_linear=True, gated_linear_unit=False)
     assert cfg.add_bias_linear and not cfg.gated_linear_unit
