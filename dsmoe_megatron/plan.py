@@ -94,12 +94,20 @@ def _run_options(run: RunConfig, options: MemoryOptions) -> MemoryOptions:
     return options
 
 
+def _run_rates(run: RunConfig, rates: Rates) -> Rates:
+    """``rates`` with the run's overlap_grad_reduce unless the caller chose (null: overlapped,
+    as dsmoe-train runs on GPUs)."""
+    if rates.overlap_grad_reduce is None and run.train.overlap_grad_reduce is not None:
+        return replace(rates, overlap_grad_reduce=run.train.overlap_grad_reduce)
+    return rates
+
+
 def make_plan(run: RunConfig, world_size: int | None = None, gpu: str = DEFAULT_GPU,
               gpus_per_node: int = 8, options: MemoryOptions = MemoryOptions(),
               rates: Rates = Rates()) -> dict:
     """The model summary plus memory, fit and step time of the run's own layout."""
     cfg, train = run.model, run.train
-    options = _run_options(run, options)
+    options, rates = _run_options(run, options), _run_rates(run, rates)
     defaulted = world_size is None
     if defaulted:
         world_size = minimal_world_size(run)
@@ -157,7 +165,7 @@ def search_plan(run: RunConfig, world_size: int, gpu: str = DEFAULT_GPU, gpus_pe
                 rates: Rates = Rates()) -> dict:
     """The model summary plus the ``top`` fastest layouts that fit ``world_size`` GPUs."""
     cluster = Cluster(get_gpu(gpu), world_size, gpus_per_node)
-    options = _run_options(run, options)
+    options, rates = _run_options(run, options), _run_rates(run, rates)
     result = search(run, cluster, top, min_headroom, options, rates)
     ranked = []
     for r in result.pop("ranked"):
@@ -367,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-headroom", type=float, default=0.0,
                         help="--search: keep layouts that leave this share of the GPU's memory "
                              "free after the allowance (e.g. 0.1)")
-    parser.add_argument("--overlap-grad-reduce", action="store_true",
-                        help="time the gradient reduction as overlapped with the backward "
-                             "(Megatron-LM's --overlap-grad-reduce; dsmoe-train does not)")
+    parser.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction,
+                        help="time the gradient reduction as overlapped with the backward, or "
+                             "not (default: the config's overlap_grad_reduce; null: "
+                             "overlapped, as dsmoe-train runs on GPUs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_intermixed_args(quiet_warnings(argv))
     rates = Rates(overlap_grad_reduce=args.overlap_grad_reduce)

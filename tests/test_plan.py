@@ -353,6 +353,22 @@ def test_step_time_accounts_for_every_second():
             t["breakdown"][key] * 989 / 2250)
 
 
+def test_gradient_reduction_is_timed_as_dsmoe_train_runs_it(capsys):
+    # dsmoe-train overlaps it with the backward on GPUs unless overlap_grad_reduce: false
+    on = make("deepseekmoe_2b.yaml", world_size=64)["step_time"]
+    off = make("deepseekmoe_2b.yaml", ["overlap_grad_reduce=false"], world_size=64)["step_time"]
+    key = "expert-DP gradient sync"
+    assert 0 <= on["breakdown"][key] < off["breakdown"][key]
+    assert any("overlapped with the last backward" in note for note in on["assumptions"])
+    assert any("after the last backward" in note for note in off["assumptions"])
+    # the command-line flag wins over the config
+    args = ["yaml_configs/deepseekmoe_2b.yaml", "--gpus", "64", "--json"]
+    assert plan.main([*args, "--no-overlap-grad-reduce"]) == 0
+    assert json.loads(capsys.readouterr().out)["step_time"]["step_time"] == off["step_time"]
+    assert plan.main([*args, "overlap_grad_reduce=false", "--overlap-grad-reduce"]) == 0
+    assert json.loads(capsys.readouterr().out)["step_time"]["step_time"] == on["step_time"]
+
+
 # a small MoE model whose layouts on 8 GPUs in 2 nodes of 4 the search can enumerate quickly;
 # 6 heads, so TP 4 is estimated but refused by the config validation
 TOY = ["num_layers=8", "hidden_size=768", "num_attention_heads=6", "ffn_hidden_size=2048",

@@ -8,7 +8,8 @@ all-to-alls (dispatch and combine, forward and backward) split into the bytes th
 node's NVLink and those that cross the network, pipeline sends. Recompute runs the recomputed
 forward (and its collectives) again. The step is the slowest rank's micro-batches plus the
 pipeline bubble, (PP - 1) / VPP of a micro-batch, then the gradient reduction over data
-parallelism (expert data parallelism for the routed experts) and the optimizer step.
+parallelism (expert data parallelism for the routed experts; what the last micro-batch's backward
+does not hide when it is overlapped, as dsmoe-train runs on GPUs) and the optimizer step.
 
 Every rate below is an assumption, printed with the estimate; none is tuned to a measurement.
 """
@@ -56,9 +57,9 @@ class Rates:
     """Per collective call (launch and synchronisation), seconds."""
     optimizer_bytes: float = 34.0
     """HBM bytes the Adam step and the gradient norm touch per local parameter shard."""
-    overlap_grad_reduce: bool = False
-    """Megatron DDP's overlap of the gradient reduction with the last backward (dsmoe-train:
-    off)."""
+    overlap_grad_reduce: bool | None = None
+    """Megatron DDP's overlap of the gradient reduction with the last backward; None: on, as
+    dsmoe-train runs on GPUs unless the run sets overlap_grad_reduce: false."""
 
     def describe(self, fp8: bool) -> list[str]:
         gemm = (f"FP8 GEMMs at {self.fp8_gemm:.0%} of the FP8 peak" if fp8
@@ -74,8 +75,9 @@ class Rates:
             "EP all-to-all: NVLink and network bytes in parallel, balanced routing",
             "not overlapped with compute: TP, EP and PP communication (as dsmoe_megatron runs "
             "them); gradient reduction "
-            + ("overlapped with the last backward" if self.overlap_grad_reduce
-               else "after the last backward (dsmoe-train's setting)"),
+            + ("overlapped with the last backward (dsmoe-train's default on GPUs)"
+               if self.overlap_grad_reduce is not False
+               else "after the last backward (overlap_grad_reduce: false)"),
             f"optimizer: {self.optimizer_bytes:g} HBM bytes per local parameter shard; pipeline "
             "bubble (PP - 1) / VPP micro-batches of the slowest rank",
         ]
@@ -290,7 +292,8 @@ def estimate_step_time(cfg: DeepSeekMoEConfig, params: ParamCount, cluster: Clus
                     ctx.group_link(size, stride, gather)
             else:
                 exposed = ctx.group_link(size, stride, 2 * grads)
-            return max(0.0, exposed - backward) if rates.overlap_grad_reduce else exposed
+            overlapped = rates.overlap_grad_reduce is not False
+            return max(0.0, exposed - backward) if overlapped else exposed
 
         shards = (dp, edp) if distributed else (1, 1)
         local = stage.dense_params / shards[0] + stage.expert_params / shards[1]
