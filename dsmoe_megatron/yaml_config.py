@@ -374,11 +374,11 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
         overrides = [overrides]
     out: dict = {}
     for item in overrides:
-        if not isinstance(item, str) or "=" not in item:
+        key, equals, text = item.partition("=") if isinstance(item, str) else ("", "", "")
+        key = key.strip()
+        if not equals or not key:
             raise YamlConfigError(f"override {item!r}: expected key=value (e.g. lr=1e-3 or "
                                   "language_model.num_layers=4)")
-        key, _, text = item.partition("=")
-        key = key.strip()
         if not text.strip():
             # An unset shell variable (save=$SAVE) must not become null and silently save nothing.
             raise YamlConfigError(f"override {item!r}: no value; write {key}=null to unset it")

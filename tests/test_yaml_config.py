@@ -245,6 +245,7 @@ def test_overrides_apply_before_validation():
 
 @pytest.mark.parametrize("override, message", [
     ("num_layers", "expected key=value"),
+    ("=3", "override '=3': expected key=value"),  # a key lost to an unset $KEY
     ("modelparallel.bf16=true", "modelparallel: unknown section"),
     ("model_paralel.bf16=true", "did you mean model_parallel?"),
     ("language_model.num_moe_expert=4", "language_model.num_moe_expert: unknown key; did you mean "
