@@ -44,6 +44,10 @@ HARMLESS_WARNINGS = (
     "Could not determine world size from torch.distributed",
     # About Megatron's router (moe_router_dtype); ours always routes in fp32 (router.py).
     r"Using a large number of experts \(e.g. >=32\) without fp32 routing",
+    # About Megatron's token dispatchers; our block splits the tokens over the TP ranks itself
+    # when sequence parallelism is off (moe.py, MoELayer._into_experts).
+    "When using expert parallelism and tensor parallelism for training, sequence parallelism "
+    "must be used",
 )
 # Logged messages (prefixes), by logger.
 HARMLESS_LOG_RECORDS = {

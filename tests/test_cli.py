@@ -140,6 +140,18 @@ def test_plan_hides_the_fp32_routing_advice_our_router_does_not_need():
     assert "Parameters" in proc.stdout and "fp32 routing" not in proc.stderr, proc.stderr
 
 
+def test_plan_hides_the_sequence_parallel_advice_our_block_does_not_need():
+    # Megatron's dispatchers need sequence parallelism under TP x EP; our block splits the tokens
+    # over the TP ranks itself, and the TP2 x EP2 run without it matches one rank (test_resume).
+    from resume_cases import LAYOUTS
+
+    assert "model_parallel.sequence_parallel=true" not in LAYOUTS["TP2xEP2"]
+    proc = run_tool("plan", [str(ROOT / "yaml_configs" / "deepseekmoe_16b.yaml"), "--gpus", "64",
+                             "model_parallel.tensor_model_parallel_size=2",
+                             "model_parallel.expert_model_parallel_size=4"])
+    assert "Parameters" in proc.stdout and "sequence parallelism" not in proc.stderr, proc.stderr
+
+
 # ---- python -m dsmoe_megatron.synthetic ------------------------------------------------------
 
 def synthetic(args: list[str], capsys) -> tuple[int, str, str]:
