@@ -23,7 +23,7 @@ import sys
 import textwrap
 from dataclasses import replace
 
-from dsmoe_megatron.cli import quiet_warnings, quiet_when_run_as_main
+from dsmoe_megatron.cli import positive_int, quiet_warnings, quiet_when_run_as_main
 
 quiet_when_run_as_main(__name__)
 
@@ -363,15 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="run config YAML (e.g. yaml_configs/deepseekmoe_16b.yaml)")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides (language_model.num_layers=4, lr=1e-3, ...)")
-    parser.add_argument("--gpus", "--world-size", dest="gpus", type=int, default=None,
+    parser.add_argument("--gpus", "--world-size", dest="gpus", type=positive_int, default=None,
                         help="number of GPUs (default: the smallest world the layout fits; "
                              "--search needs it)")
     parser.add_argument("--gpu", default=DEFAULT_GPU, help=f"GPU type: {', '.join(GPUS)} "
                                                            f"(default {DEFAULT_GPU})")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8, help="default 8")
     parser.add_argument("--search", action="store_true",
                         help="rank every layout of the model that fits --gpus GPUs")
-    parser.add_argument("--top", type=int, default=10, help="layouts --search prints")
+    parser.add_argument("--top", type=positive_int, default=10, help="layouts --search prints")
     parser.add_argument("--min-headroom", type=float, default=0.0,
                         help="--search: keep layouts that leave this share of the GPU's memory "
                              "free after the allowance (e.g. 0.1)")
@@ -385,8 +385,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.search and args.gpus is None:
             raise ConfigError("--search needs --gpus N (the GPUs to lay the model out on)")
-        if args.top < 1:  # 0 or below printed every layout that fits (thousands)
-            raise ConfigError(f"--top {args.top} must be >= 1 (the layouts --search prints)")
         if not 0 <= args.min_headroom < 1:
             raise ConfigError(f"--min-headroom {args.min_headroom} must be in [0, 1)")
         run = load_run_config(args.config, args.overrides, instantiate_checks=False)

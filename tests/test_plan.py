@@ -193,9 +193,12 @@ def test_cli_overrides_world_size_and_table(capsys):
     assert "did you mean H100-80GB?" in capsys.readouterr().err
     assert plan.main(["yaml_configs/tiny.yaml", "--search"]) == 2
     assert "--search needs --gpus" in capsys.readouterr().err
-    for top in ("0", "-1"):
-        assert plan.main(["yaml_configs/tiny.yaml", "--gpus", "2", "--search", "--top", top]) == 2
-        assert f"--top {top} must be >= 1" in capsys.readouterr().err
+    # --top 0 or -1 printed every layout that fits (thousands); --gpus 0 did not name the flag.
+    for flag, value in [("--top", "0"), ("--top", "-1"), ("--gpus", "0"), ("--gpus-per-node", "0")]:
+        with pytest.raises(SystemExit) as stop:
+            plan.main(["yaml_configs/tiny.yaml", "--gpus", "2", "--search", flag, value])
+        assert stop.value.code == 2
+        assert f"argument {flag}" in capsys.readouterr().err
 
 
 def test_module_entry_point_prints_only_json():
