@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -178,10 +179,22 @@ def _free_space(path) -> str | None:
 
 def _run(tool: str, module: str) -> int:
     sys.argv[1:] = quiet_warnings()
+
+    def stop_now(*_):
+        os.write(2, f"{tool}: interrupted\n".encode())
+        os._exit(130)
+
+    # Ctrl-C while the libraries import (seconds; nothing is written yet) stops at once: raised
+    # inside them, KeyboardInterrupt can be caught and dropped (training went on) or leave a
+    # half-imported module behind (numpy's RecursionError traceback).
+    default = signal.signal(signal.SIGINT, stop_now)
     try:
-        return importlib.import_module(f"dsmoe_megatron.{module}").main()
-    except KeyboardInterrupt:
-        # Ctrl-C while the libraries import (seconds), or one a tool passed on after cleaning up.
+        tool_module = importlib.import_module(f"dsmoe_megatron.{module}")
+    finally:
+        signal.signal(signal.SIGINT, default)
+    try:
+        return tool_module.main()
+    except KeyboardInterrupt:  # one a tool passed on after cleaning up
         print(f"{tool}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

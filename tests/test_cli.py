@@ -80,6 +80,27 @@ def test_ctrl_c_while_the_libraries_import_is_one_line(tmp_path):
     assert err.strip().splitlines()[-1].startswith("dsmoe-train: interrupted"), err[-3000:]
 
 
+def test_ctrl_c_is_not_lost_to_a_library_that_catches_it_while_importing(tmp_path):
+    """Some libraries catch exceptions around their optional imports (torch's numpy probe): a
+    Ctrl-C raised in there was dropped (training went on) or left numpy half-imported (a
+    RecursionError traceback). A stand-in tool module catches KeyboardInterrupt as they do."""
+    (tmp_path / "catching_tool.py").write_text(
+        "import sys, time\n"
+        "print('importing', flush=True)\n"
+        "try:\n    time.sleep(30)\nexcept BaseException:\n    pass\n"
+        "def main():\n    print('trained', flush=True)\n    return 0\n")
+    code = ("import sys, dsmoe_megatron; from dsmoe_megatron import cli; "
+            f"dsmoe_megatron.__path__.append({str(tmp_path)!r}); "
+            "sys.exit(cli._run('dsmoe-train', 'catching_tool'))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "importing\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "trained" not in out, (out, err)
+    assert err.strip() == "dsmoe-train: interrupted", err
+
+
 def test_a_reader_that_leaves_early_is_no_traceback():
     """``dsmoe-plan ... | head``: the output's reader gone before the tool prints."""
     code = "import sys; from dsmoe_megatron import cli; sys.argv[0] = 'dsmoe-plan'; sys.exit(cli.plan())"
