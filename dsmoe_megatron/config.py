@@ -143,7 +143,8 @@ def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
     if cfg.normalization != "RMSNorm":
         raise ConfigError(
             f"normalization={cfg.normalization!r}: DeepSeekMoE models use RMSNorm (only "
-            "Transformer Engine's layers would build another norm); set it to RMSNorm")
+            "Transformer Engine's layers would build another norm); set it to RMSNorm "
+            "(Megatron-LM: --normalization RMSNorm)")
     if cfg.is_moe and not cfg.gated_linear_unit:
         raise ConfigError(
             "gated_linear_unit=False: the routed experts are SwiGLU (gated) on every backend; "
