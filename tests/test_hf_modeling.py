@@ -102,6 +102,10 @@ def test_config_fills_derived_fields_and_refuses_other_scoring():
     assert DeepseekConfig(num_attention_heads=8, num_key_value_heads=2).num_key_value_heads == 2
     with pytest.raises(ValueError, match="scoring_func 'sigmoid'"):
         DeepseekConfig(scoring_func="sigmoid")
+    # The released code's dynamic scaling is refused on load, not at the first forward.
+    with pytest.raises(ValueError, match="unsupported rope_scaling .*'dynamic'"):
+        DeepseekConfig(rope_scaling={"type": "dynamic", "factor": 2.0})
+    assert DeepseekConfig(rope_scaling={"type": "linear", "factor": 2.0}).rope_scaling["factor"] == 2.0
 
 
 def test_state_dict_names_match_release():

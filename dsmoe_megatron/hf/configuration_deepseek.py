@@ -73,6 +73,10 @@ class DeepseekConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.scoring_func != "softmax":
             raise ValueError(f"unsupported scoring_func {self.scoring_func!r}: only 'softmax' is implemented")
+        scaling = self.rope_scaling
+        if scaling and scaling.get("type", scaling.get("rope_type")) != "linear":
+            # Refused on load: the released code's 'dynamic' would otherwise fail at the first forward.
+            raise ValueError(f"unsupported rope_scaling {scaling}: only 'linear' is implemented")
         base = {name: kwargs.pop(name, getattr(type(self), name)) for name in self._BASE_FIELDS}
         super().__init__(**base, **kwargs)
 

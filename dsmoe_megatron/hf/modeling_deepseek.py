@@ -65,9 +65,7 @@ def rotary_cos_sin(config: DeepseekConfig, position_ids: torch.Tensor, dtype: to
     inv_freq = 1.0 / (config.rope_theta**exponents)
     positions = position_ids.float()
     scaling = config.rope_scaling
-    if scaling:
-        if scaling.get("type", scaling.get("rope_type")) != "linear":
-            raise NotImplementedError(f"rope_scaling {scaling} is not supported (only 'linear')")
+    if scaling:  # linear (DeepseekConfig refuses the others)
         positions = positions / scaling["factor"]
     freqs = positions[..., None] * inv_freq
     angles = torch.cat([freqs, freqs], dim=-1)
