@@ -222,13 +222,16 @@ def remove_partial_checkpoints(save_dir: str | Path) -> list[Path]:
 
 # ---- finding and checking a checkpoint --------------------------------------------------------
 
+def iteration_of(path: Path) -> int | None:
+    """The iteration an ``iter_XXXXXXX`` directory is named for; None for other names
+    (``.partial``, ``.discarded``)."""
+    suffix = path.name[len("iter_"):]
+    return int(suffix) if path.name.startswith("iter_") and suffix.isdigit() else None
+
+
 def _iterations_in(save_dir: Path) -> list[int]:
-    found = []
-    for path in save_dir.glob("iter_*"):
-        suffix = path.name[len("iter_"):]
-        if suffix.isdigit() and (path / "metadata.json").exists():
-            found.append(int(suffix))
-    return sorted(found)
+    found = [(iteration_of(path), path) for path in save_dir.glob("iter_*")]
+    return sorted(i for i, path in found if i is not None and (path / "metadata.json").exists())
 
 
 def latest_iteration(save_dir: str | Path) -> int | None:

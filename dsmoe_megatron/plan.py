@@ -86,20 +86,16 @@ def model_summary(run: RunConfig) -> dict:
     }
 
 
-def _run_options(run: RunConfig, options: MemoryOptions) -> MemoryOptions:
-    """``options`` with the run's use_distributed_optimizer unless the caller chose: with it
-    off every rank holds the whole Adam state."""
+def _run_settings(run: RunConfig, options: MemoryOptions,
+                  rates: Rates) -> tuple[MemoryOptions, Rates]:
+    """``options`` and ``rates`` with the run's use_distributed_optimizer (off: every rank holds
+    the whole Adam state) and overlap_grad_reduce where the caller left them None (a null
+    overlap_grad_reduce stays None: overlapped, as dsmoe-train runs on GPUs)."""
     if options.distributed_optimizer is None:
-        return replace(options, distributed_optimizer=run.train.use_distributed_optimizer)
-    return options
-
-
-def _run_rates(run: RunConfig, rates: Rates) -> Rates:
-    """``rates`` with the run's overlap_grad_reduce unless the caller chose (null: overlapped,
-    as dsmoe-train runs on GPUs)."""
-    if rates.overlap_grad_reduce is None and run.train.overlap_grad_reduce is not None:
-        return replace(rates, overlap_grad_reduce=run.train.overlap_grad_reduce)
-    return rates
+        options = replace(options, distributed_optimizer=run.train.use_distributed_optimizer)
+    if rates.overlap_grad_reduce is None:
+        rates = replace(rates, overlap_grad_reduce=run.train.overlap_grad_reduce)
+    return options, rates
 
 
 def make_plan(run: RunConfig, world_size: int | None = None, gpu: str = DEFAULT_GPU,
@@ -107,7 +103,7 @@ def make_plan(run: RunConfig, world_size: int | None = None, gpu: str = DEFAULT_
               rates: Rates = Rates()) -> dict:
     """The model summary plus memory, fit and step time of the run's own layout."""
     cfg, train = run.model, run.train
-    options, rates = _run_options(run, options), _run_rates(run, rates)
+    options, rates = _run_settings(run, options, rates)
     defaulted = world_size is None
     if defaulted:
         world_size = minimal_world_size(run)
@@ -165,7 +161,7 @@ def search_plan(run: RunConfig, world_size: int, gpu: str = DEFAULT_GPU, gpus_pe
                 rates: Rates = Rates()) -> dict:
     """The model summary plus the ``top`` fastest layouts that fit ``world_size`` GPUs."""
     cluster = Cluster(get_gpu(gpu), world_size, gpus_per_node)
-    options, rates = _run_options(run, options), _run_rates(run, rates)
+    options, rates = _run_settings(run, options, rates)
     result = search(run, cluster, top, min_headroom, options, rates)
     ranked = []
     for r in result.pop("ranked"):

@@ -149,8 +149,7 @@ def set_aside_newer_checkpoints(save: str | Path, iteration: int) -> list[str]:
     would otherwise delete each as it saves that iteration again. Returns the new names."""
     moved = []
     for path in sorted(Path(save).glob("iter_*")):
-        number = path.name[len("iter_"):]
-        if number.isdigit() and int(number) > iteration:
+        if (checkpoint.iteration_of(path) or 0) > iteration:
             aside, n = path.with_name(f"{path.name}.discarded"), 1
             while aside.exists():
                 n += 1
