@@ -55,9 +55,9 @@ def _block(dtype, **fields):
 
 
 def reference() -> int:
-    """grouped_mm in fp32 and bf16 against test_block's per-token reference (fp32)."""
+    """grouped_mm in fp32 and bf16 against the tests' per-token reference (fp32)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_block import grads_of, reference_block
+    from common import grads_of, reference_block  # not from a test module: no pytest needed
 
     shape = dict(hidden_size=64, num_moe_experts=8, moe_router_topk=3, moe_ffn_hidden_size=32,
                  moe_num_shared_experts=1)

@@ -16,7 +16,7 @@
 # STEPS="train cpu" runs only those steps (each step needs only the steps before it in its own
 # group: train, cpu, back, hf in that order). Steps:
 #   env        GPU, torch, megatron-core, Transformer Engine versions, the fusions chosen
-#   reference  the block (grouped_mm) in fp32 and bf16 against test_block's per-token reference
+#   reference  the block (grouped_mm) in fp32 and bf16 against the tests' per-token reference
 #   syncs      16B-shape block forward+backward (bf16, grouped_mm, EP=1) under
 #              torch.cuda.set_sync_debug_mode("error") and the host-sync counter: no host sync
 #   te         tests/test_te.py, TE vs grouped_mm in bf16 (SKIP where TE does not import)

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from common import tiny_config
+from common import grads_of, reference_block, tiny_config
 from dsmoe_megatron import runtime
 from dsmoe_megatron.router import balance_losses
 
@@ -28,34 +27,6 @@ def make_block(**overrides):
     torch.manual_seed(0)
     sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     return DeepSeekMoE(config, sub)
-
-
-def reference_block(block, x):
-    """Plain PyTorch, one token at a time: shared(x) + sum over chosen experts of g * expert(x)."""
-    cfg = block.config
-    w_router = block.router.weight
-    experts = block.experts
-    out = []
-    for token in x.reshape(-1, x.shape[-1]):
-        probs = torch.softmax(token.float() @ w_router.float().t(), dim=-1)
-        top_p, top_i = torch.topk(probs, cfg.moe_router_topk)
-        if not cfg.moe_router_pre_softmax:
-            top_p = top_p / top_p.sum()
-        y = torch.zeros_like(token)
-        for p, e in zip(top_p, top_i):
-            gate_proj, up_proj = experts.gate_up_proj[e].chunk(2, dim=0)
-            h = F.silu(gate_proj @ token) * (up_proj @ token)
-            y = y + p * (experts.down_proj[e] @ h)
-        if block.shared_experts is not None:
-            fc1 = block.shared_experts.linear_fc1.weight
-            gate, up = fc1.chunk(2, dim=0)
-            y = y + block.shared_experts.linear_fc2.weight @ (F.silu(gate @ token) * (up @ token))
-        out.append(y)
-    return torch.stack(out).view_as(x)
-
-
-def grads_of(module, x):
-    return {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in module.named_parameters()}}
 
 
 def compare_with_reference(block, x):

@@ -1,0 +1,26 @@
+"""The benchmark scripts' GPU-machine steps, run on the CPU: what they import and build."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# gpu_check.py as gpu_check.sh runs it, on a machine where pytest does not import.
+WITHOUT_PYTEST = """
+import runpy, sys
+sys.modules["pytest"] = None
+sys.argv = ["gpu_check.py", *sys.argv[1:]]
+runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+"""
+
+
+def test_gpu_check_reference_runs_without_pytest():
+    # gpu_check.sh asks only for torch, megatron-core, transformers, safetensors and pyyaml.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_PYTEST, "reference"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "match the per-token reference" in proc.stdout
