@@ -61,12 +61,13 @@ def make_block(hidden, shared, routed, width, topk, backend, dtype, device):
     from dsmoe_megatron.config import DeepSeekMoEConfig, deepseek_defaults
     from dsmoe_megatron.moe import DeepSeekMoE
 
-    config = DeepSeekMoEConfig(
-        **deepseek_defaults(), num_layers=1, hidden_size=hidden, num_attention_heads=8,
-        num_moe_experts=routed, moe_router_topk=topk, moe_ffn_hidden_size=width,
-        moe_num_shared_experts=shared, moe_aux_loss_coeff=0.001, moe_expert_backend=backend,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16,
-    )
+    config = DeepSeekMoEConfig(**{
+        **deepseek_defaults(), **dict(
+            num_layers=1, hidden_size=hidden, num_attention_heads=8, num_moe_experts=routed,
+            moe_router_topk=topk, moe_ffn_hidden_size=width, moe_num_shared_experts=shared,
+            moe_aux_loss_coeff=0.001, moe_expert_backend=backend, params_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            gradient_accumulation_fusion=False)})  # no Megatron DDP here for main_grad
     sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     return DeepSeekMoE(config, sub).to(device)
 

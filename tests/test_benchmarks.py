@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # gpu_check.py as gpu_check.sh runs it, on a machine where pytest does not import.
 WITHOUT_PYTEST = """
@@ -24,3 +28,28 @@ def test_gpu_check_reference_runs_without_pytest():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "match the per-token reference" in proc.stdout
+
+
+@pytest.fixture
+def single_rank_runtime():
+    from dsmoe_megatron import runtime
+
+    runtime.initialize()
+    yield
+    runtime.shutdown()
+
+
+def test_bench_block_builds_without_gradient_accumulation_fusion(single_rank_runtime,
+                                                                 monkeypatch):
+    """bench_block runs its blocks without Megatron's DDP, whose main_grad buffers the fused
+    weight-gradient accumulation writes into: it stays off on a machine that has the fusion."""
+    import bench_block
+
+    from dsmoe_megatron import config
+
+    fusions = config.machine_fusions()
+    monkeypatch.setattr(config, "machine_fusions",
+                        lambda: {**fusions, "gradient_accumulation_fusion": True})
+    block = bench_block.make_block(*bench_block.SHAPES_CPU["small"], "grouped_mm",
+                                   torch.float32, torch.device("cpu"))
+    assert not block.config.gradient_accumulation_fusion
