@@ -72,6 +72,25 @@ def make_block(hidden, shared, routed, width, topk, backend, dtype, device):
     return DeepSeekMoE(config, sub).to(device)
 
 
+def copy_weights(source, block):
+    """``block`` <- ``source``'s weights (``source`` on a torch backend). Transformer Engine's
+    GroupedLinear keeps one weight per expert (``weight0``...) and its FP8 state where the torch
+    backends' state dict has one [E, ...] tensor per projection: its experts are copied one by
+    one."""
+    if isinstance(block.experts.gate_up_proj, torch.nn.Parameter):
+        block.load_state_dict(source.state_dict())
+        return
+    rest = {k: v for k, v in source.state_dict().items() if not k.startswith("experts.")}
+    missing, unexpected = block.load_state_dict(rest, strict=False)
+    if unexpected or any(not k.startswith("experts.") for k in missing):
+        raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            layer = getattr(block.experts, name)
+            for i, weight in enumerate(getattr(source.experts, name)):
+                getattr(layer, f"weight{i}").copy_(weight)
+
+
 def skew_router(block, hot_fraction=0.125, strength=4.0):
     """Make a few experts win most tokens: their router rows share a common direction."""
     with torch.no_grad():
@@ -162,7 +181,7 @@ def bench_shape(name, shape, tokens, routing, dtype, device, repeats):
             reference_block = block
             hot_direction = skew_router(block) if routing == "skewed" else None
         else:
-            block.load_state_dict(reference_block.state_dict())
+            copy_weights(reference_block, block)
         inputs = x + hot_direction if hot_direction is not None else x
 
         def step(block=block, inputs=inputs):

@@ -53,3 +53,44 @@ def test_bench_block_builds_without_gradient_accumulation_fusion(single_rank_run
     block = bench_block.make_block(*bench_block.SHAPES_CPU["small"], "grouped_mm",
                                    torch.float32, torch.device("cpu"))
     assert not block.config.gradient_accumulation_fusion
+
+
+class FakeGroupedLinear(torch.nn.Module):
+    """Transformer Engine's GroupedLinear as its state dict shows it: weight0... and
+    _extra_state."""
+
+    def __init__(self, num_gemms, out_features, in_features):
+        super().__init__()
+        for i in range(num_gemms):
+            self.register_parameter(f"weight{i}", torch.nn.Parameter(
+                torch.zeros(out_features, in_features)))
+
+    def get_extra_state(self):
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_extra_state(self, state):
+        pass
+
+
+class FakeTEExperts(torch.nn.Module):
+    def __init__(self, num_experts, hidden, width):
+        super().__init__()
+        self.gate_up_proj = FakeGroupedLinear(num_experts, 2 * width, hidden)
+        self.down_proj = FakeGroupedLinear(num_experts, hidden, width)
+
+
+def test_bench_block_copies_weights_into_te_experts(single_rank_runtime):
+    import bench_block
+
+    shape = bench_block.SHAPES_CPU["small"]
+    hidden, _, routed, width, _ = shape
+    source, block = (bench_block.make_block(*shape, "grouped_mm", torch.float32,
+                                            torch.device("cpu")) for _ in range(2))
+    block.experts = FakeTEExperts(routed, hidden, width)
+    bench_block.copy_weights(source, block)
+    for name in ("gate_up_proj", "down_proj"):
+        for i, weight in enumerate(getattr(source.experts, name)):
+            torch.testing.assert_close(getattr(getattr(block.experts, name), f"weight{i}"), weight)
+    torch.testing.assert_close(block.router.weight, source.router.weight)
+    torch.testing.assert_close(block.shared_experts.linear_fc1.weight,
+                               source.shared_experts.linear_fc1.weight)
