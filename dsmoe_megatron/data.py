@@ -343,6 +343,19 @@ def check_blend(data_path: Sequence[str] | str, split: str, seq_length: int
     return prefixes, weights, one_pass
 
 
+def _index_digest(prefixes: Sequence[str]) -> str:
+    """A digest of the datasets' .idx files, which fix every document's length.
+
+    Megatron names its cached sample indices after the dataset's path, not its content: a
+    dataset rebuilt at the same prefix (``dsmoe-preprocess --force``) would otherwise be read
+    through the old one's indices, giving wrong samples or an IndexError."""
+    digest = hashlib.sha256()
+    for prefix in prefixes:
+        with open(get_idx_path(prefix), "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return f"idx_{digest.hexdigest()[:16]}"
+
+
 def build_gpt_datasets(
     data_path: Sequence[str] | str,
     seq_length: int,
@@ -365,7 +378,8 @@ def build_gpt_datasets(
     together. Sized so, a dataset does not depend on the run's length, and ``iterate_batches``
     gives the same sample stream when ``train_iters`` changes. Sample indices are cached in
     ``cache_dir`` (default: a ``gpt_index_cache`` folder next to the first prefix, or under
-    ``~/.cache/dsmoe_megatron`` where that is read-only). A split with no share yields None.
+    ``~/.cache/dsmoe_megatron`` where that is read-only), in a folder named by the datasets'
+    .idx files. A split with no share yields None.
     """
     tokenizer = tokenizer or ByteTokenizer()
     prefixes, weights, one_pass = check_blend(data_path, split, seq_length)
@@ -378,6 +392,7 @@ def build_gpt_datasets(
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "gpt_index_cache")
         if not _can_create(cache_dir):
             cache_dir = os.path.join(Path.home(), ".cache", "dsmoe_megatron", "gpt_index_cache")
+    cache_dir = os.path.join(cache_dir, _index_digest(prefixes))
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

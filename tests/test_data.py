@@ -373,6 +373,27 @@ def test_a_test_share_too_small_is_not_checked(tmp_path):
     assert len(train) > 0 and len(valid) > 0
 
 
+def test_a_dataset_rebuilt_at_the_same_prefix_gets_fresh_sample_indices(tmp_path):
+    """Megatron's cached indices are named by path: a dataset rebuilt in place (here with fewer
+    documents) must not be read through the old dataset's sample and shuffle indices."""
+    cache = tmp_path / "cache"
+    prefix = make_prefix(tmp_path, "p", numbered_paragraphs("old", 40))
+    old, _ = data.build_gpt_datasets([prefix], 16, seed=0, split="100,0,0", cache_dir=cache)
+    source = write_paragraphs(tmp_path / "new.txt", numbered_paragraphs("new", 6))
+    data.preprocess([source], prefix, min_document_chars=1, force=True)
+
+    rebuilt, _ = data.build_gpt_datasets([prefix], 16, seed=0, split="100,0,0", cache_dir=cache)
+    fresh, _ = data.build_gpt_datasets([prefix], 16, seed=0, split="100,0,0",
+                                       cache_dir=tmp_path / "fresh")
+    assert len(old) > len(fresh) == len(rebuilt)
+    text = open(source, "rb").read()
+    for idx in range(len(fresh)):
+        assert torch.equal(rebuilt[idx]["tokens"], fresh[idx]["tokens"])
+        tokens = rebuilt[idx]["tokens"].tolist()
+        assert all(bytes(piece) in text for is_eod, piece in
+                   itertools.groupby(tokens, key=TOKENIZER.eod.__eq__) if not is_eod)
+
+
 def test_index_cache_avoids_a_read_only_dataset_directory(tmp_path, monkeypatch):
     prefix = make_prefix(tmp_path, "ro", numbered_paragraphs("r", 20))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
