@@ -93,6 +93,7 @@ def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
         yield "\n\n".join(chunk)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _JSONL_FORMAT = 'each line must be one JSON object with a "text" string, e.g. {"text": "..."}'
 
 
@@ -116,6 +117,12 @@ def _jsonl_text(path: str, number: int, line: str) -> str:
     if not isinstance(text, str):
         raise ValueError(f'{where}: "text" is {json.dumps(text)[:40]}, not a string; '
                          f"{_JSONL_FORMAT}")
+    # JSON can escape half of a UTF-16 pair ("\ud800"), which has no UTF-8 bytes to tokenize.
+    if surrogate := _LONE_SURROGATE.search(text):
+        raise ValueError(
+            f'{where}: "text" holds the unpaired UTF-16 surrogate '
+            f"{json.dumps(surrogate.group())} at character {surrogate.start()}, which is not "
+            "text (a string cut inside an emoji or other pair?); fix or drop that record")
     return text
 
 

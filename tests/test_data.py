@@ -152,6 +152,8 @@ def test_preprocess_missing_input_names_the_file(tmp_path):
     (['{"text": "fine"}', '{"text": "cut off'],
      "bad.jsonl, line 2: not valid JSON (Unterminated string starting at column 10); each "
      "line must be one JSON object"),
+    (['{"text": "fine"}', '{"text": "cut \\ud83d"}'],
+     'bad.jsonl, line 2: "text" holds the unpaired UTF-16 surrogate "\\ud83d" at character 4'),
     (['{"text": "fine"}', '{"text": "a\0b"}'],
      "bad.jsonl holds NUL bytes (first on line 2): it looks like a binary file, not text"),
 ])
