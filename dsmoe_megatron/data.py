@@ -306,6 +306,14 @@ def _split_samples(prefix: str, dataset: IndexedDataset, split: str, seq_length:
         begin, end = (int(round(b * len(lengths))) for b in bookends)
         num_tokens = int(lengths[begin:end].sum())
         samples[part] = (num_tokens - 1) // seq_length
+        if begin == end:  # the split cuts between documents: more text would not help
+            raise ValueError(
+                f"corpus {prefix} gives its {part.name} split no document: split={split!r} "
+                f"shares out whole documents and it holds {len(lengths)} "
+                f"({int(lengths.sum())} tokens); give that split a larger share, or preprocess "
+                "the text into more documents (one JSON-lines record each, or blank lines "
+                "between the paragraphs of a .txt file with a smaller --min-document-chars)"
+            )
         if num_tokens < seq_length + 1:
             raise ValueError(
                 f"corpus {prefix} is too small for seq_length={seq_length}: its {part.name} "

@@ -349,8 +349,23 @@ def test_corpus_too_small_for_seq_length(tmp_path):
     with pytest.raises(ValueError, match=r"too small for seq_length=512.*train split"):
         data.build_gpt_datasets([prefix], 512, seed=0)
     # 2% of 10 documents rounds to none for validation: Megatron would loop forever on it.
-    with pytest.raises(ValueError, match=r"valid split.*holds 0 tokens"):
+    with pytest.raises(ValueError, match=r"valid split no document: split='98,2,0' shares out "
+                                         r"whole documents and it holds 10 \(170 tokens\)"):
         data.build_gpt_datasets([prefix], 8, seed=0)
+
+
+def test_a_split_without_documents_is_not_called_too_little_text(tmp_path):
+    """Plenty of text in one document (a .txt without blank lines): the split, not the amount
+    of text, leaves validation nothing, and the error says so."""
+    source = tmp_path / "novel.txt"
+    source.write_text("".join(f"line {i} of a novel with no blank lines\n" for i in range(500)))
+    prefix = data.preprocess([source], tmp_path / "novel")
+    with pytest.raises(ValueError) as err:
+        data.build_gpt_datasets([prefix], 16, seed=0, split="95,5,0", cache_dir=tmp_path)
+    tokens = len(source.read_bytes().rstrip(b"\n")) + 1  # the paragraph and its EOD
+    assert (f"gives its valid split no document: split='95,5,0' shares out whole documents and "
+            f"it holds 1 ({tokens} tokens)") in str(err.value)
+    assert "too small" not in str(err.value)
 
 
 def test_datasets_are_one_pass_whatever_the_run_length(tmp_path):
