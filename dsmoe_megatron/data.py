@@ -11,10 +11,13 @@ then train with ``data_path=["data/my_corpus"]`` or a blend such as
 from __future__ import annotations
 
 import argparse
+import bz2
 import collections
 import glob
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import socket
@@ -61,14 +64,21 @@ _PREPROCESS_HINT = (
 
 
 JSON_LINES_SUFFIXES = (".jsonl", ".json")
+# Corpora are often shipped compressed (C4's .json.gz); these decompress on the fly.
+COMPRESSED_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
     """.jsonl / .json (Megatron-LM's name for JSON lines), any case: one document per line's
-    "text"; other files: blank-line paragraphs, merged. A UTF-8 byte-order mark is dropped."""
+    "text"; other files: blank-line paragraphs, merged. A UTF-8 byte-order mark is dropped.
+    A .gz / .bz2 / .xz suffix after these is decompressed."""
+    name, compression = os.path.splitext(path.lower())
+    opener = COMPRESSED_OPENERS.get(compression)
+    if opener is None:
+        name, opener = path.lower(), open
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            if path.lower().endswith(JSON_LINES_SUFFIXES):
+        with opener(path, "rt", encoding="utf-8-sig") as f:
+            if name.endswith(JSON_LINES_SUFFIXES):
                 for number, line in enumerate(f, 1):
                     text = _jsonl_text(path, number, line)
                     if text:
@@ -76,7 +86,14 @@ def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
                 return
             text = f.read()
     except UnicodeDecodeError as err:
-        raise ValueError(f"input file {path} is not UTF-8 text ({err})") from err
+        compressed = "" if opener is open else f" once decompressed as {compression}"
+        raise ValueError(f"input file {path} is not UTF-8 text{compressed} ({err})") from err
+    except (OSError, EOFError, lzma.LZMAError) as err:  # a damaged or mislabelled archive
+        if opener is open:
+            raise
+        raise ValueError(f"input file {path} cannot be decompressed as {compression} "
+                         f"({type(err).__name__}: {err}); is it complete and really "
+                         f"{compression}-compressed?") from err
     if "\0" in text:
         raise _nul_error(path, text.count("\n", 0, text.index("\0")) + 1)
 
@@ -486,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--input", nargs="+", required=True, metavar="FILE",
         help="UTF-8 .txt files (blank-line separated paragraphs) or .jsonl / .json files "
-        '(one {"text": ...} per line)',
+        '(one {"text": ...} per line), each optionally compressed (.gz, .bz2, .xz)',
     )
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX")
     parser.add_argument(

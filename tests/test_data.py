@@ -1,8 +1,11 @@
 """Tests for the byte tokenizer, preprocessing into Megatron indexed datasets, and GPT datasets."""
 
+import bz2
+import gzip
 import hashlib
 import itertools
 import json
+import lzma
 import os
 import runpy
 import shutil
@@ -122,6 +125,26 @@ def test_preprocess_reads_json_lines_by_any_of_its_names_and_drops_a_bom(tmp_pat
     dataset = data.open_indexed_dataset(prefix)
     expected = [TOKENIZER.tokenize(t) + [TOKENIZER.eod] for t in ("one", "one", "two")]
     assert [dataset[i].tolist() for i in range(len(dataset))] == expected
+
+
+@pytest.mark.parametrize("suffix, compress", [
+    (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
+])
+def test_preprocess_reads_compressed_inputs(tmp_path, suffix, compress):
+    documents = ["json doc 🙂", "two\r\nlines"]
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in documents).encode()
+    (tmp_path / f"a.jsonl{suffix}").write_bytes(compress(jsonl))
+    (tmp_path / f"b.TXT{suffix}").write_bytes(compress("plain paragraph ✓\n".encode()))
+    prefix = data.preprocess([tmp_path / f"a.jsonl{suffix}", tmp_path / f"b.TXT{suffix}"],
+                             tmp_path / "out", min_document_chars=1)
+    dataset = data.open_indexed_dataset(prefix)
+    expected = [list(t.encode()) + [TOKENIZER.eod] for t in documents + ["plain paragraph ✓"]]
+    assert [dataset[i].tolist() for i in range(len(dataset))] == expected
+
+    (tmp_path / f"cut.jsonl{suffix}").write_bytes(compress(jsonl * 50)[:-20])
+    with pytest.raises(ValueError, match=rf"cut\.jsonl\{suffix} cannot be decompressed"):
+        data.preprocess([tmp_path / f"cut.jsonl{suffix}"], tmp_path / "cut")
+    assert not list(tmp_path.glob("cut.bin*")) and not list(tmp_path.glob("cut.idx*"))
 
 
 def test_preprocess_merges_short_paragraphs(tmp_path):
