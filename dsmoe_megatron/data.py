@@ -68,9 +68,10 @@ JSON_LINES_SUFFIXES = (".jsonl", ".json")
 COMPRESSED_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
-def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
+def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
+                    ) -> Iterator[str]:
     """.jsonl / .json (Megatron-LM's name for JSON lines), any case: one document per line's
-    "text"; other files: blank-line paragraphs, merged. A UTF-8 byte-order mark is dropped.
+    ``json_key``; other files: blank-line paragraphs, merged. A UTF-8 byte-order mark is dropped.
     A .gz / .bz2 / .xz suffix after these is decompressed."""
     name, compression = os.path.splitext(path.lower())
     opener = COMPRESSED_OPENERS.get(compression)
@@ -80,7 +81,7 @@ def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
         with opener(path, "rt", encoding="utf-8-sig") as f:
             if name.endswith(JSON_LINES_SUFFIXES):
                 for number, line in enumerate(f, 1):
-                    text = _jsonl_text(path, number, line)
+                    text = _jsonl_text(path, number, line, json_key)
                     if text:
                         yield text
                 return
@@ -111,33 +112,40 @@ def _read_documents(path: str, min_document_chars: int) -> Iterator[str]:
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_JSONL_FORMAT = 'each line must be one JSON object with a "text" string, e.g. {"text": "..."}'
+_JSONL_FORMAT = 'each line must be one JSON object with a {key} string, e.g. {{{key}: "..."}}'
 
 
-def _jsonl_text(path: str, number: int, line: str) -> str:
-    """The "text" of one JSON-lines line ("" for a blank line); ValueError naming the line."""
+def _jsonl_text(path: str, number: int, line: str, json_key: str = "text") -> str:
+    """The ``json_key`` of one JSON-lines line ("" for a blank line); ValueError naming the
+    line."""
     if not line.strip():
         return ""
     if "\0" in line:
         raise _nul_error(path, number)
     where = f"{path}, line {number}"
+    field = json.dumps(json_key)
+    expected = _JSONL_FORMAT.format(key=field)
     try:
         record = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as err:
         problem = err.msg.removesuffix(" at")  # "Unterminated string starting at"
         raise ValueError(f"{where}: not valid JSON ({problem} at column {err.colno}); "
-                         f"{_JSONL_FORMAT}") from None
-    if not isinstance(record, dict) or "text" not in record:
+                         f"{expected}") from None
+    if not isinstance(record, dict) or json_key not in record:
         found = "an object without it" if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f'{where}: no "text" field (found {found}); {_JSONL_FORMAT}')
-    text = record["text"]
+        strings = [json.dumps(k) for k, v in record.items()
+                   if isinstance(v, str)] if isinstance(record, dict) else []
+        hint = (f", or name its text field with --json-key ({', '.join(strings[:8])})"
+                if strings else "")
+        raise ValueError(f"{where}: no {field} field (found {found}); {expected}{hint}")
+    text = record[json_key]
     if not isinstance(text, str):
-        raise ValueError(f'{where}: "text" is {json.dumps(text)[:40]}, not a string; '
-                         f"{_JSONL_FORMAT}")
+        raise ValueError(f"{where}: {field} is {json.dumps(text)[:40]}, not a string; "
+                         f"{expected}")
     # JSON can escape half of a UTF-16 pair ("\ud800"), which has no UTF-8 bytes to tokenize.
     if surrogate := _LONE_SURROGATE.search(text):
         raise ValueError(
-            f'{where}: "text" holds the unpaired UTF-16 surrogate '
+            f"{where}: {field} holds the unpaired UTF-16 surrogate "
             f"{json.dumps(surrogate.group())} at character {surrogate.start()}, which is not "
             "text (a string cut inside an emoji or other pair?); fix or drop that record")
     return text
@@ -155,6 +163,7 @@ def preprocess(
     append_eod: bool = True,
     min_document_chars: int = DEFAULT_MIN_DOCUMENT_CHARS,
     force: bool = False,
+    json_key: str = "text",
 ) -> str:
     """Tokenize text files into ``<output_prefix>.bin/.idx`` and return the prefix.
 
@@ -190,7 +199,7 @@ def preprocess(
     try:
         num_documents = 0
         for path in input_paths:
-            for document in _read_documents(path, min_document_chars):
+            for document in _read_documents(path, min_document_chars, json_key):
                 ids = tokenizer.tokenize(document) + ([tokenizer.eod] if append_eod else [])
                 builder.add_item(torch.tensor(ids, dtype=torch.int64))
                 builder.end_document()
@@ -507,6 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX")
     parser.add_argument(
+        "--json-key", default="text", metavar="KEY",
+        help='the field of each JSON-lines record that holds its text (default: "text")',
+    )
+    parser.add_argument(
         "--no-append-eod", dest="append_eod", action="store_false",
         help="do not end each document with the end-of-document token",
     )
@@ -522,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = preprocess(
             args.input, args.output_prefix, append_eod=args.append_eod,
             min_document_chars=args.min_document_chars, force=args.force,
+            json_key=args.json_key,
         )
     except (OSError, ValueError) as err:
         print(f"dsmoe-preprocess: error: {err}", file=sys.stderr)

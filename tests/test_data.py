@@ -248,6 +248,23 @@ def test_cli(tmp_path, capsys):
     assert data.main([*argv, "--force"]) == 0
 
 
+def test_cli_json_key_names_the_text_field(tmp_path, capsys):
+    """Many corpora keep their text under another name (The Stack: "content")."""
+    texts = ["first 🙂", "second\r\nline"]
+    source = tmp_path / "code.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "content": t}) + "\n"
+                              for i, t in enumerate(texts)))
+    argv = ["--input", str(source), "--output-prefix", str(tmp_path / "code")]
+    assert data.main(argv) == 1
+    assert ('code.jsonl, line 1: no "text" field (found an object without it); each line must '
+            'be one JSON object with a "text" string, e.g. {"text": "..."}, or name its text '
+            'field with --json-key ("content")') in capsys.readouterr().err
+    assert data.main([*argv, "--json-key", "content"]) == 0
+    dataset = data.open_indexed_dataset(str(tmp_path / "code"))
+    assert [dataset[i].tolist() for i in range(len(dataset))] == [
+        list(t.encode()) + [TOKENIZER.eod] for t in texts]
+
+
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_module_entry_point(tmp_path, monkeypatch):
     source = write_paragraphs(tmp_path / "in.txt", ["hello"])
@@ -503,7 +520,7 @@ STALLED_PREPROCESS = """
 import sys, time
 from dsmoe_megatron import data
 
-def stalled(path, min_document_chars):
+def stalled(path, *options):
     yield "one document, then a wait"
     time.sleep(600)
 
