@@ -184,6 +184,10 @@ def preprocess(
                 f"input file {path} does not exist or is not a file; pass existing UTF-8 text "
                 '(.txt) or JSON-lines (.jsonl, one {"text": ...} object per line) files to --input'
             )
+    if not os.path.basename(output_prefix):  # "data/" would write the hidden data/.bin
+        raise ValueError(
+            f"--output-prefix {output_prefix!r} names a directory; add the dataset's name, e.g. "
+            f"{os.path.join(output_prefix, 'my_corpus')} (writes my_corpus.bin and .idx there)")
     _remove_stale_temp_files(output_prefix)
     for path in (get_bin_path(output_prefix), get_idx_path(output_prefix)):
         if os.path.exists(path) and not force:

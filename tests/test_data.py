@@ -216,6 +216,18 @@ def test_preprocess_needs_force_to_replace_a_dataset(tmp_path):
     assert dataset[0].tolist() == TOKENIZER.tokenize("second version") + [TOKENIZER.eod]
 
 
+@pytest.mark.parametrize("prefix", ["out/", ""])
+def test_preprocess_output_prefix_must_name_a_dataset(tmp_path, monkeypatch, prefix):
+    """A directory as --output-prefix would write the hidden files out/.bin and out/.idx."""
+    monkeypatch.chdir(tmp_path)
+    source = write_paragraphs(tmp_path / "in.txt", ["one"])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="names a directory; add the dataset's name, e.g. "
+                                         + os.path.join(prefix, "my_corpus")):
+        data.preprocess([source], prefix)
+    assert sorted(os.listdir(tmp_path)) == ["in.txt", "out"] and not os.listdir("out")
+
+
 def test_preprocess_min_document_chars_must_be_positive(tmp_path):
     source = write_paragraphs(tmp_path / "in.txt", ["one"])
     with pytest.raises(ValueError, match=r"--min-document-chars must be >= 1 \(got 0\)"):
