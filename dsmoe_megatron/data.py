@@ -320,9 +320,10 @@ def open_indexed_dataset(prefix: str) -> IndexedDataset:
         raise ValueError(f"{corrupt} ({type(err).__name__}: {err}); re-{fix}") from err
 
 
-def _split_samples(prefix: str, dataset: IndexedDataset, split: str, seq_length: int
-                   ) -> dict[Split, int]:
-    """The samples one pass over each split in use (train, valid) holds.
+def _split_samples(prefix: str, dataset: IndexedDataset, split: str, seq_length: int,
+                   valid: bool = True) -> dict[Split, int]:
+    """The samples one pass over each split in use (train, and valid unless ``valid`` is
+    false) holds.
 
     Megatron repeats a split's documents until it has enough tokens, and loops forever when
     the split has none, so each must hold at least one full sample. The test split is never
@@ -331,7 +332,7 @@ def _split_samples(prefix: str, dataset: IndexedDataset, split: str, seq_length:
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     samples = {}
     for part, bookends in zip(Split, split_matrix):
-        if bookends is None or part == Split.test:
+        if bookends is None or part == Split.test or (part == Split.valid and not valid):
             continue
         begin, end = (int(round(b * len(lengths))) for b in bookends)
         num_tokens = int(lengths[begin:end].sum())
@@ -374,17 +375,19 @@ def _require_dataset_helpers() -> None:
         ) from err
 
 
-def check_blend(data_path: Sequence[str] | str, split: str, seq_length: int
+def check_blend(data_path: Sequence[str] | str, split: str, seq_length: int, valid: bool = True
                 ) -> tuple[list[str], list[float] | None, collections.Counter]:
-    """Open every dataset of a Megatron blend and check its splits (errors name the file):
-    (prefixes, weights or None, samples of one pass over each split of them together)."""
+    """Open every dataset of a Megatron blend and check its splits, the valid one only if
+    ``valid`` (errors name the file): (prefixes, weights or None, samples of one pass over
+    each split of them together)."""
     blend = data_path.split() if isinstance(data_path, str) else [os.fspath(p) for p in data_path]
     if not blend:
         raise ValueError("data_path is empty; give at least one indexed dataset prefix")
     prefixes, weights = get_blend_from_list(blend)
     one_pass = collections.Counter()
     for prefix in prefixes:
-        one_pass.update(_split_samples(prefix, open_indexed_dataset(prefix), split, seq_length))
+        one_pass.update(_split_samples(prefix, open_indexed_dataset(prefix), split, seq_length,
+                                       valid))
     return prefixes, weights, one_pass
 
 
@@ -411,6 +414,7 @@ def build_gpt_datasets(
     tokenizer: ByteTokenizer | None = None,
     cache_dir: str | os.PathLike | None = None,
     is_built_on_rank: Callable[[], bool] | None = None,
+    valid: bool = True,
 ) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset | None]:
     """Build Megatron-core (train, valid) datasets from a Megatron blend.
 
@@ -424,10 +428,11 @@ def build_gpt_datasets(
     gives the same sample stream when ``train_iters`` changes. Sample indices are cached in
     ``cache_dir`` (default: a ``gpt_index_cache`` folder next to the first prefix, or under
     ``~/.cache/dsmoe_megatron`` where that is read-only), in a folder named by the datasets'
-    .idx files. A split with no share yields None.
+    .idx files. A split with no share yields None, as does the valid split when ``valid`` is
+    false (training without evaluation: its share is left out of training, but not checked).
     """
     tokenizer = tokenizer or ByteTokenizer()
-    prefixes, weights, one_pass = check_blend(data_path, split, seq_length)
+    prefixes, weights, one_pass = check_blend(data_path, split, seq_length, valid)
     if weights is not None:  # Megatron blends only to a given size
         train_samples = train_samples or one_pass[Split.train]
         valid_samples = valid_samples or one_pass[Split.valid]
@@ -452,7 +457,8 @@ def build_gpt_datasets(
     )
     # The test split is never used: not building it keeps the train / valid boundaries and
     # spares Megatron a split it would loop on forever if its share holds no sample.
-    config.split_matrix = [*config.split_matrix[:2], None]
+    train_bookends, valid_bookends = config.split_matrix[:2]
+    config.split_matrix = [train_bookends, valid_bookends if valid else None, None]
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], is_built_on_rank or (lambda: True), config
     ).build()

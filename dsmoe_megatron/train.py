@@ -106,7 +106,8 @@ class Trainer:
         if train.data_path is not None:  # before --overwrite deletes anything
             from dsmoe_megatron.data import check_blend
 
-            check_blend(train.data_path, train.split, train.seq_length)
+            check_blend(train.data_path, train.split, train.seq_length,
+                        valid=bool(train.eval_interval))
         resume = self._claim_save_dir(resume, overwrite)
         self.config = run.model
         self.config.pipeline_dtype = self.config.params_dtype
@@ -230,8 +231,10 @@ class Trainer:
                 data_path = holder[0]
         # One pass over each split, whatever train_iters: a run extended on resume keeps its
         # sample stream (iterate_batches reshuffles per pass).
+        # Without evaluation the valid split is neither built nor required to hold a sample.
         return build_gpt_datasets(data_path, train.seq_length, train.seed, split=train.split,
-                                  tokenizer=self.tokenizer, cache_dir=cache / "index")
+                                  tokenizer=self.tokenizer, cache_dir=cache / "index",
+                                  valid=bool(train.eval_interval))
 
     def _tensorboard(self):
         if not (_rank0() and self.run.train.tensorboard_dir):

@@ -463,6 +463,27 @@ def test_a_dataset_rebuilt_at_the_same_prefix_gets_fresh_sample_indices(tmp_path
                    itertools.groupby(tokens, key=TOKENIZER.eod.__eq__) if not is_eod)
 
 
+def test_without_validation_the_valid_split_is_neither_checked_nor_built(tmp_path):
+    """The valid share still leaves training (the train split is the same), but need not hold
+    a sample: 10% of 3 documents rounds to none."""
+    prefix = make_prefix(tmp_path, "three", numbered_paragraphs("v", 3))
+    with pytest.raises(ValueError, match="valid split no document"):
+        data.build_gpt_datasets([prefix], 16, seed=0, split="90,10,0", cache_dir=tmp_path)
+    train, valid = data.build_gpt_datasets([prefix], 16, seed=0, split="90,10,0",
+                                           cache_dir=tmp_path, valid=False)
+    assert valid is None and train.indices.tolist() == [0, 1, 2]
+
+    prefix = make_prefix(tmp_path, "ten", numbered_paragraphs("v", 10))
+    with_valid, _ = data.build_gpt_datasets([prefix], 16, seed=0, split="80,20,0",
+                                            cache_dir=tmp_path)
+    train, valid = data.build_gpt_datasets([prefix], 16, seed=0, split="80,20,0",
+                                           cache_dir=tmp_path, valid=False)
+    assert valid is None and train.indices.tolist() == list(range(8))
+    assert len(train) == len(with_valid)
+    for idx in range(len(train)):
+        assert torch.equal(train[idx]["tokens"], with_valid[idx]["tokens"])
+
+
 def test_index_cache_avoids_a_read_only_dataset_directory(tmp_path, monkeypatch):
     prefix = make_prefix(tmp_path, "ro", numbered_paragraphs("r", 20))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

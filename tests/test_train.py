@@ -448,6 +448,23 @@ def test_bad_config_is_refused_before_training(override, message, tmp_path):
     assert message in out.stderr
 
 
+def test_without_evaluation_the_valid_share_need_not_hold_a_sample(tmp_path):
+    """eval_interval: null uses no validation data: a split whose valid share gets no document
+    of a small corpus must not stop training."""
+    from dsmoe_megatron.data import preprocess
+
+    source = tmp_path / "small.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n"
+                              for i in range(3)))
+    prefix = preprocess([source], tmp_path / "small")
+    out = subprocess.run(
+        [sys.executable, "-m", "dsmoe_megatron.train", TINY, *SMALL, "train_iters=2",
+         "split=90,10,0", f"data_path=[{prefix}]", f"save={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "run" / "iter_0000002").is_dir()
+
+
 def test_missing_data_path_is_a_clear_error(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "dsmoe_megatron.train", TINY, *SMALL,
