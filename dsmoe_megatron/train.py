@@ -320,12 +320,25 @@ class Trainer:
                                          self.run.train.seed, consumed_samples=consumed,
                                          data_parallel_rank=self.dp_rank,
                                          data_parallel_size=self.dp_size):
+                self._check_token_ids(batch)
                 yield {k: v.to(self.rt.device) if isinstance(v, torch.Tensor) else v
                        for k, v in batch.items()}
 
         if len(self.model) > 1:
             return [one() for _ in self.model]
         return one()
+
+    def _check_token_ids(self, batch) -> None:
+        """A dataset tokenized with a larger vocabulary (Megatron-LM's GPT-2 BPE, say) would
+        index past the embedding: an IndexError on a CPU, a device-side assert on a GPU."""
+        largest = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
+        if largest >= self.vocab_size:
+            raise ValueError(
+                f"data_path {self.run.train.data_path or '(the shipped corpus)'} holds token id "
+                f"{largest}, but vocab_size "
+                f"is {self.vocab_size}: the data was tokenized with a larger vocabulary; set "
+                "vocab_size to that tokenizer's size (GPT-2's: 50257), or preprocess the text "
+                "with dsmoe-preprocess for the byte-level vocabulary (259)")
 
     def _forward_backward(self, data_iterator, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed import run_on_ranks
 from resume_cases import run_job, train_argv
@@ -463,6 +464,25 @@ def test_without_evaluation_the_valid_share_need_not_hold_a_sample(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "run" / "iter_0000002").is_dir()
+
+
+def test_data_of_a_larger_vocabulary_is_a_clear_error(tmp_path):
+    """A Megatron-LM dataset (GPT-2 ids) trained with the byte vocabulary of tiny.yaml."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "gpt2.bin"), dtype=numpy.uint16)
+    for document in numpy.random.default_rng(0).integers(0, 50257, (20, 100)):
+        builder.add_item(torch.tensor(document))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "gpt2.idx"))
+    out = subprocess.run(
+        [sys.executable, "-m", "dsmoe_megatron.train", TINY, *SMALL, "train_iters=2",
+         f"data_path=[{tmp_path / 'gpt2'}]", f"save={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "gpt2'] holds token id" in out.stderr and "but vocab_size is 259" in out.stderr
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path):
