@@ -568,13 +568,16 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
 
 
 def _check_train_value(key: str, value):
+    # No shell reads a YAML file: "~/runs/x" would otherwise make a directory named "~".
+    if key in ("save", "load", "tensorboard_dir") and isinstance(value, str):
+        value = os.path.expanduser(value)
     if key == "data_path":
         # A single prefix is accepted for a one-element blend; weights may be numbers.
         if isinstance(value, str):
             value = [value]
         if isinstance(value, list):
-            value = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-                     for v in value]
+            value = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else os.path.expanduser(v) if isinstance(v, str) else v for v in value]
     if key == "split" and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     return _check_value(key, value, _TRAIN_HINTS[key])

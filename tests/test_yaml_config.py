@@ -664,3 +664,21 @@ def test_schema_sections_are_disjoint_and_cover_the_brief():
             "eval_iters", "log_interval", "data_path", "split", "tensorboard_dir",
             "use_distributed_optimizer", "overlap_grad_reduce", "ddp_bucket_size", "loss_scale",
             "initial_loss_scale"} == set(TRAINING_KEYS)
+
+
+def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    """No shell reads the YAML file: "~" must mean the home directory, not a folder named "~"
+    in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home" / "ckpt").mkdir(parents=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(TINY.read_text().replace("tensorboard_dir: runs/tiny/tensorboard",
+                                               "tensorboard_dir: ~/tb"))
+    train = load_run_config(config, ["save=~/runs/x", "load=~/ckpt",
+                                     "data_path=[0.3, ~/d/A, 0.7, /data/B]"]).train
+    home = str(tmp_path / "home")
+    assert (train.save, train.load, train.tensorboard_dir) == (
+        f"{home}/runs/x", f"{home}/ckpt", f"{home}/tb")
+    assert train.data_path == ["0.3", f"{home}/d/A", "0.7", "/data/B"]
+    assert not (tmp_path / "~").exists()
