@@ -18,6 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_submodules,
     get_gpt_layer_with_transformer_engine_submodules,
 )
+from megatron.core.transformer import transformer_block
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -139,6 +140,24 @@ class DeepSeekMoELayer(TransformerLayer):
 megatron_lm_layer = ModuleSpec(module=DeepSeekMoELayer)
 """``--spec dsmoe_megatron.specs megatron_lm_layer``: works with both of Megatron-LM's model
 builders (pretrain_gpt.py's gpt_builder and megatron.training's GPTModelBuilder)."""
+
+
+def _block_submodules_with_our_final_norm(config, spec, *args, **kwargs):
+    """Megatron's ``_get_block_submodules``, whose block of a layer spec ends in the norm picked
+    when it was imported (TE's, else apex's LayerNorm-only one, else torch's, which refuses
+    sequence parallelism). A block of ``megatron_lm_layer`` ends in the norm the layers use, as
+    ``get_dsmoe_block_spec``'s does."""
+    submodules = _megatron_block_submodules(config, spec, *args, **kwargs)
+    if isinstance(spec, ModuleSpec) and spec.module is DeepSeekMoELayer:
+        use_te = config.transformer_impl == "transformer_engine"
+        submodules = dataclasses.replace(submodules, layer_norm=_norm(use_te))
+    return submodules
+
+
+_megatron_block_submodules = getattr(transformer_block._get_block_submodules, "megatron_original",
+                                     transformer_block._get_block_submodules)
+_block_submodules_with_our_final_norm.megatron_original = _megatron_block_submodules
+transformer_block._get_block_submodules = _block_submodules_with_our_final_norm
 
 
 def megatron_lm_spec(config, vp_stage: int | None = None, pp_rank: int | None = None

@@ -121,14 +121,8 @@ def test_example_expert_parallel_two_ranks(cache):
     assert len(re.findall(r"device_balance_loss: [\d.]+E[-+]\d+", log)) == ITERS
 
 
-@pytest.mark.parametrize("spec", ["megatron_lm_layer", "megatron_lm_spec"])
-def test_stock_spec_path_keeps_dense_first_layer(spec, cache, tmp_path):
-    script = tmp_path / "pretrain_stand_in.py"
-    script.write_text(STAND_IN)
-    log = run(["-m", "dsmoe_megatron.megatron_lm", str(script),
-               "--spec", "dsmoe_megatron.specs", spec,
-               # Megatron-LM's own flags; the shared-expert count comes from the widths (2).
-               "--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4",
+# Megatron-LM's own flags for pretrain_gpt.py; the shared-expert count comes from the widths (2).
+STOCK_FLAGS = ["--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4",
                "--ffn-hidden-size", "128", "--num-experts", "8", "--moe-router-topk", "2",
                "--moe-ffn-hidden-size", "32", "--moe-shared-expert-intermediate-size", "64",
                "--moe-layer-freq", "[0]+[1]*2", "--moe-aux-loss-coeff", "0.01",
@@ -138,8 +132,19 @@ def test_stock_spec_path_keeps_dense_first_layer(spec, cache, tmp_path):
                "--max-position-embeddings", "64", "--micro-batch-size", "2",
                "--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "1e-3",
                "--eval-interval", str(ITERS), "--eval-iters", "1", "--log-interval", "1",
-               "--tokenizer-type", "NullTokenizer", "--vocab-size", "259",
-               "--data-cache-path", cache])
+               "--tokenizer-type", "NullTokenizer", "--vocab-size", "259"]
+
+
+def run_stock(spec: str, cache: str, tmp_path: Path, *flags: str, world_size: int = 1) -> str:
+    script = tmp_path / "pretrain_stand_in.py"
+    script.write_text(STAND_IN)
+    return run(["-m", "dsmoe_megatron.megatron_lm", str(script), "--spec", "dsmoe_megatron.specs",
+                spec, *STOCK_FLAGS, "--data-cache-path", cache, *flags], world_size=world_size)
+
+
+@pytest.mark.parametrize("spec", ["megatron_lm_layer", "megatron_lm_spec"])
+def test_stock_spec_path_keeps_dense_first_layer(spec, cache, tmp_path):
+    log = run_stock(spec, cache, tmp_path)
     assert "MLP_TYPES ['MLP', 'DeepSeekMoE', 'DeepSeekMoE']" in log
     # The launcher hides the known-harmless warnings of a CPU install.
     harmless = ("Apex is not installed", "Transformer Engine and Apex are not installed",
@@ -148,6 +153,18 @@ def test_stock_spec_path_keeps_dense_first_layer(spec, cache, tmp_path):
     assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in log
     losses = check_iterations(log)
     assert all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.distributed
+def test_stock_layer_spec_trains_sequence_parallel(cache, tmp_path):
+    """TP2 with --sequence-parallel through megatron_lm_layer. Megatron ends the block of a layer
+    spec in the norm it picked at import (torch's, which refuses sequence parallelism; apex's,
+    which refuses RMSNorm): the run stopped while building the model. Now the block ends in the
+    layers' norm: the same losses as megatron_lm_spec, whose block spec names it."""
+    sequence_parallel = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    logs = [run_stock(spec, cache, tmp_path, *sequence_parallel, world_size=2)
+            for spec in ("megatron_lm_layer", "megatron_lm_spec")]
+    assert ITERATION.findall(logs[0]) == ITERATION.findall(logs[1]) != []
 
 
 # ---------------------------------------------------------------------------------------------
