@@ -631,7 +631,9 @@ def main(argv: list[str] | None = None) -> None:
         log_dsmoe_balance_losses()
     sys.argv = [script, *rest]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python SCRIPT.py` does
-    runpy.run_path(script, run_name="__main__")
+    # The script builds the model itself (--spec): a setting our layers refuse is one line too.
+    with _one_line_errors(megatron_errors=()):
+        runpy.run_path(script, run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data_cache"))
 
 
-def run(command: list[str], world_size: int = 1, timeout: float = 240) -> str:
+def run(command: list[str], world_size: int = 1, timeout: float = 240, returncode: int = 0) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1" if world_size > 1 else "2",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if world_size == 1:  # a plain process, without torchrun's variables
@@ -84,7 +84,7 @@ def run(command: list[str], world_size: int = 1, timeout: float = 240) -> str:
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    assert proc.returncode == returncode, log[-6000:]
     return log
 
 
@@ -135,11 +135,13 @@ STOCK_FLAGS = ["--num-layers", "3", "--hidden-size", "64", "--num-attention-head
                "--tokenizer-type", "NullTokenizer", "--vocab-size", "259"]
 
 
-def run_stock(spec: str, cache: str, tmp_path: Path, *flags: str, world_size: int = 1) -> str:
+def run_stock(spec: str, cache: str, tmp_path: Path, *flags: str, world_size: int = 1,
+              returncode: int = 0) -> str:
     script = tmp_path / "pretrain_stand_in.py"
     script.write_text(STAND_IN)
     return run(["-m", "dsmoe_megatron.megatron_lm", str(script), "--spec", "dsmoe_megatron.specs",
-                spec, *STOCK_FLAGS, "--data-cache-path", cache, *flags], world_size=world_size)
+                spec, *STOCK_FLAGS, "--data-cache-path", cache, *flags], world_size=world_size,
+               returncode=returncode)
 
 
 @pytest.mark.parametrize("spec", ["megatron_lm_layer", "megatron_lm_spec"])
@@ -153,6 +155,22 @@ def test_stock_spec_path_keeps_dense_first_layer(spec, cache, tmp_path):
     assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in log
     losses = check_iterations(log)
     assert all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--moe-z-loss-coeff", "0.1"], "moe_z_loss_coeff=0.1 is a Megatron-core MoE setting the "
+     "DeepSeekMoE block does not implement"),
+    (["--moe-num-shared-experts", "1"], "moe_shared_expert_intermediate_size=64 disagrees with "
+     "moe_num_shared_experts=1"),
+])
+def test_stock_path_refusals_are_one_line(flags, says, cache, tmp_path):
+    """pretrain_gpt.py builds the model itself (--spec), outside our model_provider's check: a
+    setting the DeepSeekMoE layers refuse was a traceback. Now one line, as from our example."""
+    log = run_stock("megatron_lm_layer", cache, tmp_path, *flags, returncode=2)
+    assert "Traceback" not in log, log[-4000:]
+    refusals = [line for line in log.splitlines()
+                if line.startswith("dsmoe_megatron.megatron_lm: ")]
+    assert len(refusals) == 1 and says in refusals[0], log[-4000:]
 
 
 @pytest.mark.distributed
