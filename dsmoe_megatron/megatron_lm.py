@@ -318,10 +318,8 @@ def _layout_independent_flags(argv: list[str]) -> list[str]:
 
     if _dsmoe_yaml_path(argv) is None:
         return []
-    tp = 1
-    for flag, value in zip(argv, argv[1:]):
-        if flag == "--tensor-model-parallel-size" and value.isdigit():
-            tp = int(value)
+    tp = _last_flag_value(argv, "--tensor-model-parallel-size") or "1"
+    tp = int(tp) if tp.isdigit() else 0  # Megatron-LM refuses what is not a number
     flags = ["--dist-ckpt-optim-fully-reshardable"]
     if tp and VOCAB_PAD_MULTIPLE % tp == 0:
         flags += ["--make-vocab-size-divisible-by", str(VOCAB_PAD_MULTIPLE // tp)]
@@ -362,14 +360,20 @@ def _check_checkpoint_dirs(args) -> None:
             f"{start}, or add --finetune")
 
 
-def _dsmoe_yaml_path(argv: list[str]) -> str | None:
-    path = None
+def _last_flag_value(argv: list[str], flag: str) -> str | None:
+    """The value argparse gives ``flag`` in ``argv`` (``--flag value`` or ``--flag=value``; the
+    last one wins)."""
+    value = None
     for i, token in enumerate(argv):
-        if token == "--dsmoe-yaml" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif token.startswith("--dsmoe-yaml="):
-            path = token.partition("=")[2]
-    return path
+        if token == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(f"{flag}="):
+            value = token.partition("=")[2]
+    return value
+
+
+def _dsmoe_yaml_path(argv: list[str]) -> str | None:
+    return _last_flag_value(argv, "--dsmoe-yaml")
 
 
 def expand_dsmoe_yaml(argv: list[str], extra_args_provider=None) -> list[str]:

@@ -309,13 +309,16 @@ def test_the_expert_activation_is_recomputed_as_in_dsmoe_train(parse_args):
     assert config.recompute_modules == ["moe_act", "shared_experts"]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_yaml_runs_pad_the_vocabulary_like_dsmoe_train(tp, parse_args):
+@pytest.mark.parametrize("tp_flag", [["--tensor-model-parallel-size", "1"],
+                                     ["--tensor-model-parallel-size", "2"],
+                                     ["--tensor-model-parallel-size=2"]])
+def test_yaml_runs_pad_the_vocabulary_like_dsmoe_train(tp_flag, parse_args):
     """A multiple of 1024 on every TP size (Megatron-LM: 128 x TP), so a checkpoint resumes on
-    another TP size with the same rows."""
+    another TP size with the same rows; the TP size as argparse reads it (``--flag=value`` too:
+    it was missed, and TP2 padded to 2048)."""
     from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
 
-    args = parse_args(["--dsmoe-yaml", TINY, "--tensor-model-parallel-size", str(tp)])
+    args = parse_args(["--dsmoe-yaml", TINY, *tp_flag])
     assert vocab_size_with_padding(259, args, logging_enabled=False) == 1024
 
 
