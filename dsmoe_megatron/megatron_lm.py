@@ -75,7 +75,9 @@ def enable_cpu_training() -> bool:
     3. ``torch.cuda.get_device_properties()`` describes a compute capability 9.0 device
        (read when setting up TP/CP communication), and ``CUDA_DEVICE_MAX_CONNECTIONS=1``
        (which argument validation asks for with TP/CP > 1);
-    4. ``CPU_FLAGS`` are prepended to the command line by ``parse_and_validate_args``.
+    4. ``CPU_FLAGS`` are prepended to the command line by ``parse_and_validate_args``;
+    5. Megatron-LM's data loaders draw their workers' seed from a generator of their own
+       (``_data_loader_with_own_seed``), not from the one dropout draws from on CPU.
 
     ``use_prebuilt_dataset_helpers()``, which GPU runs need too, is applied either way.
     """
@@ -86,12 +88,30 @@ def enable_cpu_training() -> bool:
         from megatron.training import initialize, training
 
         training.initialize_megatron = partial(initialize.initialize_megatron, allow_no_cuda=True)
+        training.build_pretraining_data_loader = _data_loader_with_own_seed(
+            training.build_pretraining_data_loader)
         torch.cuda.device_count = lambda: 1
         torch.cuda.get_device_properties = lambda *args, **kwargs: types.SimpleNamespace(
             name="cpu", major=9, minor=0, total_memory=0, multi_processor_count=1)
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         _state.cpu = True
     return True
+
+
+def _data_loader_with_own_seed(build_loader):
+    """A DataLoader draws its workers' base seed from torch's default generator each time it
+    starts iterating, and Megatron-LM starts its loaders after ``--load`` has restored the RNG
+    state. On a GPU dropout draws from the CUDA generator; on CPU from that default one, so a
+    resumed run's dropout masks were not the uninterrupted run's."""
+    from megatron.training import get_args
+
+    def build(*args, **kwargs):
+        loader = build_loader(*args, **kwargs)
+        if isinstance(loader, torch.utils.data.DataLoader):
+            loader.generator = torch.Generator().manual_seed(get_args().seed)
+        return loader
+
+    return build
 
 
 def hook_checkpoint_loading() -> None:

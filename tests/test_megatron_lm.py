@@ -362,6 +362,20 @@ def test_resume_continues_the_run_in_the_torch_checkpoint_format(cache, tmp_path
     assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
 
 
+def test_resume_continues_the_run_with_dropout(cache, tmp_path):
+    """Megatron-LM's default dropout (0.1) on CPU, where dropout draws from torch's default
+    generator: the data loaders, started after --load restored it, drew their seed from it
+    too, so the resumed run's masks (and losses) were not the uninterrupted run's."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    dropout = [*RESUMABLE, "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+               "--data-cache-path", cache]
+    whole = run([*dropout, "--save", str(first)])
+    (first / "latest_checkpointed_iteration.txt").write_text("2")
+    again = run([*dropout, "--load", str(first), "--save", str(second)])
+    assert ITERATION.findall(again)[0] == ITERATION.findall(whole)[2]
+    assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
+
+
 @pytest.mark.distributed
 def test_resume_on_another_layout(first_run, cache, tmp_path):
     """The same checkpoint resumed under TP2 on two ranks (the optimizer state is saved fully
