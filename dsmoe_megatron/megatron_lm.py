@@ -189,12 +189,14 @@ def _our_checkpoint_to_start_from(args) -> str | None:
 def _start_from_our_checkpoint(source: str, model, optimizer) -> tuple[int, int]:
     """Load the weights of a dsmoe checkpoint (any layout); Megatron-LM's (iteration,
     floating-point operations so far) of a fine-tuning start: (0, 0)."""
+    from megatron.core.utils import get_attr_wrapped_model
     from megatron.training import get_args, print_rank_0
 
     from dsmoe_megatron import checkpoint
 
     with _one_line_errors(), torch.no_grad():
         ckpt = checkpoint.resolve(source)
+        _check_same_model(ckpt, get_attr_wrapped_model(model[0], "config"))
         extra = checkpoint.load(ckpt, model)
     args = get_args()
     if optimizer is not None and (args.fp16 or args.bf16):
@@ -203,6 +205,40 @@ def _start_from_our_checkpoint(source: str, model, optimizer) -> tuple[int, int]
                  f"at its iteration {extra['iteration']}): iteration 0, a new optimizer and "
                  "learning-rate schedule")
     return 0, 0
+
+
+# Model fields whose Megatron-LM flag is not their name with dashes.
+_MODEL_FIELD_FLAGS = {"num_moe_experts": "--num-experts", "gated_linear_unit": "--swiglu",
+                      "add_bias_linear": "--disable-bias-linear",
+                      "layernorm_epsilon": "--norm-epsilon"}
+
+
+def _check_same_model(ckpt, config) -> None:
+    """Name the first model field of the checkpoint's run.yaml that the flags set otherwise, as
+    dsmoe-train does on resume: the load itself compares tensors, and a checkpoint of another
+    depth or expert count was reported as damaged."""
+    import yaml
+    from megatron.training import get_tokenizer
+
+    from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME, CheckpointError
+    from dsmoe_megatron.train import SAME_MODEL_FIELDS
+    from dsmoe_megatron.yaml_config import run_config_from_dict
+
+    saved_yaml = ckpt / RUN_CONFIG_NAME
+    if not saved_yaml.exists():
+        return  # the tensor shapes are still checked on load
+    saved = run_config_from_dict(yaml.safe_load(saved_yaml.read_text()),
+                                 instantiate_checks=False, origin=str(saved_yaml))
+    pairs = [(name, getattr(saved.model, name), getattr(config, name))
+             for name in SAME_MODEL_FIELDS]
+    pairs.append(("vocab_size", saved.train.vocab_size, get_tokenizer().vocab_size))
+    for name, then, now in pairs:
+        if then != now:
+            flag = _MODEL_FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
+            raise CheckpointError(
+                f"{ckpt} was saved from a different model: {name} is {then} there and {now} "
+                f"here; give the flags of the model it was trained as ({flag}), or its run's "
+                "--dsmoe-yaml file")
 
 
 def use_prebuilt_dataset_helpers() -> None:

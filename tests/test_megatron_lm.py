@@ -439,7 +439,29 @@ def test_checkpoints_of_dsmoe_train_are_not_resumed_or_written_over(parse_args, 
     assert args.finetune
 
 
-def test_training_starts_from_a_dsmoe_train_checkpoint(cache, tmp_path):
+@pytest.fixture(scope="module")
+def dsmoe_train_run(tmp_path_factory) -> Path:
+    """The save directory of 2 iterations of dsmoe-train on SMALL's model."""
+    ours = tmp_path_factory.mktemp("dsmoe_train") / "dsmoe"
+    run(["-m", "dsmoe_megatron.train", TINY, *DSMOE_TRAIN_SMALL, "train_iters=2", "save_interval=2",
+         "eval_interval=null", "tensorboard_dir=null", f"save={ours}"])
+    return ours
+
+
+def test_a_dsmoe_train_checkpoint_of_another_model_is_named(dsmoe_train_run, cache, tmp_path):
+    """--pretrained-checkpoint of a 2-layer dsmoe-train run into 3 layers: the load compared
+    tensors only and called the checkpoint damaged (advising an earlier one). Now one line
+    names the field its run.yaml sets otherwise and the flag, as dsmoe-train's resume does."""
+    log = run([EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--num-layers", "3", "--data-cache-path",
+               cache, "--pretrained-checkpoint", str(dsmoe_train_run), "--load", str(tmp_path),
+               "--save", str(tmp_path), "--save-interval", "1"], returncode=2)
+    refusals = [line for line in log.splitlines()
+                if line.startswith("dsmoe_megatron.megatron_lm: ")]
+    assert len(refusals) == 1 and "damaged" not in refusals[0], log[-4000:]
+    assert "num_layers is 2 there and 3 here" in refusals[0] and "--num-layers" in refusals[0]
+
+
+def test_training_starts_from_a_dsmoe_train_checkpoint(dsmoe_train_run, cache, tmp_path):
     """--pretrained-checkpoint of a dsmoe-train save directory: Megatron-LM's loop starts from
     its weights at iteration 0. With lr 0 the checkpoint Megatron-LM saves after one step holds
     exactly the weights dsmoe-train saved (both read back by torch.distributed.checkpoint); a
@@ -447,9 +469,7 @@ def test_training_starts_from_a_dsmoe_train_checkpoint(cache, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    ours, new = tmp_path / "dsmoe", tmp_path / "megatron_lm"
-    run(["-m", "dsmoe_megatron.train", TINY, *DSMOE_TRAIN_SMALL, "train_iters=2", "save_interval=2",
-         "eval_interval=null", "tensorboard_dir=null", f"save={ours}"])
+    ours, new = dsmoe_train_run, tmp_path / "megatron_lm"
     start = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--data-cache-path", cache, "--lr", "0",
              "--min-lr", "0", "--lr-warmup-iters", "0", "--pretrained-checkpoint", str(ours),
              "--load", str(new), "--save", str(new), "--save-interval", "1"]
@@ -472,15 +492,13 @@ def test_training_starts_from_a_dsmoe_train_checkpoint(cache, tmp_path):
     assert "started from the weights" not in again
 
 
-def test_a_hugging_face_import_starts_where_its_source_was(cache, tmp_path):
+def test_a_hugging_face_import_starts_where_its_source_was(dsmoe_train_run, cache, tmp_path):
     """dsmoe-train -> to-hf -> from-hf -> Megatron-LM's loop: the first loss equals the one of
     the same loop started from the dsmoe-train checkpoint. The import's vocabulary padding rows
     are zeros, the trained ones not: equal only with the padding masked, as dsmoe-train does."""
     from dsmoe_megatron import convert
 
-    ours = tmp_path / "dsmoe"
-    run(["-m", "dsmoe_megatron.train", TINY, *DSMOE_TRAIN_SMALL, "train_iters=2",
-         "save_interval=2", "eval_interval=null", "tensorboard_dir=null", f"save={ours}"])
+    ours = dsmoe_train_run
     assert convert.main(["to-hf", "--checkpoint", str(ours), "--out", str(tmp_path / "hf")]) == 0
     assert convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--out",
                          str(tmp_path / "imported")]) == 0
