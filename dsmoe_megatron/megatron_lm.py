@@ -533,6 +533,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         if args.position_embedding_type != "rope" or not args.untie_embeddings_and_output_weights:
             raise ConfigError("DeepSeekMoE models use RoPE and untied embeddings: pass "
                               + " ".join(MODEL_FLAGS))
+        _check_plain_rope(args)
         config = config_from_megatron(config or core_transformer_config_from_args(args))
     try:
         real_vocab_size = get_tokenizer().vocab_size
@@ -541,6 +542,21 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     return build_model(config, args.padded_vocab_size, args.max_position_embeddings,
                        pre_process, post_process, vp_stage, pg_collection,
                        real_vocab_size=real_vocab_size)
+
+
+def _check_plain_rope(args) -> None:
+    """build_model's RoPE has base 10000 over the whole head, unscaled (the rope_theta of the
+    Hugging Face export): Megatron-LM's flags for another were ignored without a word."""
+    from dsmoe_megatron.config import ConfigError
+
+    other = {"--rotary-base": args.rotary_base != 10000,
+             "--rotary-percent": args.rotary_percent != 1.0,
+             "--use-rope-scaling": args.use_rope_scaling,
+             "--rotary-seq-len-interpolation-factor": args.rotary_seq_len_interpolation_factor}
+    given = [flag for flag, differs in other.items() if differs]
+    if given:
+        raise ConfigError(f"{given[0]}: DeepSeekMoE models here use RoPE with base 10000 on the "
+                          f"whole head, unscaled (the Hugging Face export's); remove {given[0]}")
 
 
 _BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,

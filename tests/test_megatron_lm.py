@@ -278,6 +278,10 @@ def test_bad_arguments_are_one_line(argv, says, parse_args, capsys):
      "DeepSeekMoE block does not implement"),
     (["--moe-expert-capacity-factor", "1.0"], "routing is dropless"),
     (["--position-embedding-type", "learned_absolute"], "DeepSeekMoE models use RoPE"),
+    # build_model's RoPE is fixed (base 10000, unscaled): these were ignored without a word.
+    (["--rotary-base", "500000"], "--rotary-base: DeepSeekMoE models here use RoPE with base"),
+    (["--rotary-percent", "0.5"], "remove --rotary-percent"),
+    (["--use-rope-scaling"], "remove --use-rope-scaling"),
     # TransformerConfig's own check (a ValueError).
     (["--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj"],
      "Megatron-LM refused the arguments: mla_up_proj in recompute_modules is only supported"),
