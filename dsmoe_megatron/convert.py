@@ -347,7 +347,33 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
         given = " ".join([*(["--config", str(config)] if config is not None else []),
                           *(f"--set {o}" for o in overrides)])
         _check_same_model(run, _load_run_config(run_yaml), given, run_yaml)
+    elif not run_yaml.exists():
+        _check_megatron_lm_arguments(run, ckpt)
     return run
+
+
+def _check_megatron_lm_arguments(run, ckpt: Path) -> None:
+    """A checkpoint of Megatron-LM's loop keeps the arguments it was trained with: --config and
+    --set must give its model. A flag given beside --dsmoe-yaml and left out of --set (another
+    top-k, say) was exported as the YAML's value, a different model, without a word."""
+    from megatron.core import dist_checkpointing
+
+    from dsmoe_megatron.megatron_lm import _ARG_NAMES
+    from dsmoe_megatron.train import SAME_MODEL_FIELDS
+
+    try:
+        saved = dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
+    except Exception:  # noqa: BLE001 - reading the tensors next reports a damaged checkpoint
+        return
+    trained_with = vars(saved) if saved is not None else {}
+    pairs = [(key, trained_with.get(_ARG_NAMES.get(key, key)), getattr(run.model, key))
+             for key in SAME_MODEL_FIELDS]
+    pairs.append(("vocab_size", trained_with.get("vocab_size"), run.train.vocab_size))
+    for key, trained, given in pairs:
+        if trained is not None and given is not None and trained != given:
+            raise ConversionError(
+                f"{ckpt} was trained with {key}={trained!r} (the Megatron-LM arguments it "
+                f"keeps), but --config and --set give {given!r}: use --set {key}={trained}")
 
 
 def _load_run_config(path: str | Path, overrides: Sequence[str] = ()):

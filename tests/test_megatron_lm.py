@@ -423,6 +423,25 @@ def test_a_megatron_lm_checkpoint_exports_to_hugging_face(first_run, tmp_path, c
                        saved["embedding.word_embeddings.weight"][:259])
 
 
+def test_an_export_of_another_model_than_megatron_lm_trained_is_refused(first_run, tmp_path,
+                                                                        capsys):
+    """The checkpoint keeps the arguments Megatron-LM trained it with (3 experts per token, from
+    tiny.yaml): --set moe_router_topk=2 exported a config.json of another model without a word.
+    Now refused, naming the trained value; a bare --set key works as the hint says."""
+    from dsmoe_megatron import convert
+
+    save, _ = first_run
+    model = ["language_model.hidden_size=64", "seq_length=64", "max_position_embeddings=64"]
+    export = ["to-hf", "--checkpoint", str(save), "--out", str(tmp_path / "hf"), "--config", TINY,
+              *[a for m in model for a in ("--set", m)]]
+    assert convert.main([*export, "--set", "num_layers=2", "--set", "moe_router_topk=2"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with moe_router_topk=3" in err and "--set moe_router_topk=3" in err, err
+    assert convert.main(export) == 2
+    assert "use --set num_layers=2" in capsys.readouterr().err
+    assert convert.main([*export, "--set", "num_layers=2"]) == 0
+
+
 def test_checkpoints_of_dsmoe_train_are_not_resumed_or_written_over(parse_args, tmp_path, capsys):
     """Megatron-LM finds no checkpoint in a save directory of dsmoe-train (no tracker file):
     --load of one started from random weights, and --save into one would write iter_ directories
