@@ -412,12 +412,20 @@ class Trainer:
         from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 
         out = {}
-        for name, entry in sorted(get_moe_metrics_tracker().metrics.items()):
-            values = entry.values.clone()
+        metrics = get_moe_metrics_tracker().metrics
+        for name in ("device_balance_loss", "load_balancing_loss"):
+            # Every rank reduces both names, recorded or not: a stage without MoE layers (all
+            # dense under moe_first_k_dense) records none, and skipping the collective there
+            # would hang the stages that have them. The last element counts who recorded it.
+            values = torch.zeros(self.config.num_layers + 1, device=self.rt.device)
+            if name in metrics:
+                values[:-1] = metrics[name].values
+                values[-1] = 1
             # Layers live on different stages; each value is summed over micro-batches.
             dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
             dist.all_reduce(values, group=ps.get_data_parallel_group())
-            out[name] = float(values.sum()) / (self.num_microbatches * self.dp_size)
+            if values[-1] > 0:
+                out[name] = float(values[:-1].sum()) / (self.num_microbatches * self.dp_size)
         return out
 
     def expert_load(self) -> list[dict]:

@@ -43,12 +43,15 @@ LAYOUTS = {
     "PP2": ["model_parallel.pipeline_model_parallel_size=2"],
     "PP2-interleaved": ["model_parallel.pipeline_model_parallel_size=2",
                         "model_parallel.virtual_pipeline_model_parallel_size=2"],
+    # The first stage holds layer 1 alone, the dense one: no MoE layer, no routed expert.
+    "PP2-dense-stage": ["model_parallel.pipeline_model_parallel_size=2",
+                        "model_parallel.num_layers_in_first_pipeline_stage=1"],
     "DP2xEP2": ["model_parallel.expert_model_parallel_size=2"],
     "TP2xEP2": ["model_parallel.tensor_model_parallel_size=2",
                 "model_parallel.expert_model_parallel_size=2"],
 }
 WORLD = {"1": 1, "DP2": 2, "EP2": 2, "EP4": 4, "TP2+SP": 2, "PP2": 2, "PP2-interleaved": 2,
-         "DP2xEP2": 4, "TP2xEP2": 4}
+         "PP2-dense-stage": 2, "DP2xEP2": 4, "TP2xEP2": 4}
 
 
 def train_argv(data_path: str, layout: str, save: Path, *extra: str) -> list[str]:

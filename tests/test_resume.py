@@ -130,6 +130,9 @@ def runs(tmp_path_factory) -> Runs:
     full = root / "disk full"  # EP2: the disk fills at the second save (iteration 4)
     by_world[2] += [(("disk full",), ("train_disk_full", runs.argv("EP2", full), 2)),
                     (("resume after disk full",), ("train", runs.argv("EP2", full, "--resume")))]
+    by_world[2].append((("PP2-dense-stage", "standard", "straight"), ("train", runs.argv(
+        "PP2-dense-stage", runs.save_dir("PP2-dense-stage", "standard", "a"),
+        "use_distributed_optimizer=false"))))
     for optimizer in OPTIMIZERS:
         by_world[2].append((runs.precision_run(optimizer, "bf16"), ("train", runs.argv(
             "DP2", runs.precision_source(optimizer, "bf16"), "model_parallel.bf16=true",
@@ -187,6 +190,17 @@ def test_grad_norm_matches_single_rank(runs, layout):
     """The first step's norm (used for clipping) on every layout, expert TP 2 included."""
     first = by_iteration(runs.results[(layout, "distributed", "straight")])[1]
     assert first["grad_norm"] == pytest.approx(reference(runs)[1]["grad_norm"], rel=1e-6)
+
+
+def test_a_stage_without_moe_layers_trains_like_the_single_rank_run(runs):
+    """PP2 whose first stage holds only the dense layer: that stage records no balance loss,
+    yet takes part in every reduction of the logged metrics (else the other stage waits)."""
+    ref = reference(runs)
+    run = by_iteration(runs.results[("PP2-dense-stage", "standard", "straight")])
+    assert sorted(run) == list(range(1, ITERS + 1))
+    for it in run:
+        for key in METRICS:
+            assert run[it][key] == pytest.approx(ref[it][key], rel=1e-5), (it, key)
 
 
 def test_expert_gradients_weigh_enough_for_the_norm_check(runs):
