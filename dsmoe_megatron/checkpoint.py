@@ -146,7 +146,8 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
+        with empty_adams_report_a_step(optimizer):
+            state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state["extra"] = extra_state or {}
     state["iteration"] = iteration
     state["has_optimizer"] = optimizer is not None
@@ -356,7 +357,7 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
         _check_optimizer_format(ckpt, common, optimizer)
         create_adam_state(optimizer)
         bridges = precision.bridges(_saved_sub_states(common), _sub_optimizers(optimizer))
-        with precision.saved_structure(bridges):
+        with precision.saved_structure(bridges), empty_adams_report_a_step(optimizer):
             state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                               metadata=OPTIMIZER_METADATA)
     state["extra"] = {}
@@ -503,6 +504,30 @@ def create_adam_state(optimizer) -> None:
                         exp_avg_sq=torch.zeros_like(param))
 
 
+@contextlib.contextmanager
+def empty_adams_report_a_step(optimizer):
+    """Without Transformer Engine or apex, Megatron's optimizers read torch Adam's step from
+    the per-parameter state, which a sub-optimizer holding no parameter on this rank lacks: the
+    expert one on a pipeline stage of dense layers only (moe_first_k_dense). The distributed
+    optimizer then fails to save; the standard one saves no step, and when that stage is rank
+    0, whose copy of the common state every rank loads, the expert parameters resume without
+    one. Such an Adam reports the step of the others here (it has no state of its own)."""
+    adams = _torch_adams(optimizer)
+    steps = [state["step"] for inner in adams for state in inner.state.values()
+             if "step" in state]
+    step = steps[0].clone() if steps else torch.tensor(0.0)
+    empty = [inner for inner in adams
+             if not any(group["params"] for group in inner.param_groups)]
+    for inner in empty:
+        inner.state_dict = lambda inner=inner: {
+            **type(inner).state_dict(inner), "state": {0: {"step": step}}}
+    try:
+        yield
+    finally:
+        for inner in empty:
+            del inner.state_dict
+
+
 def _adopt_current_hyperparameters(ckpt: Path, optimizer, optimizer_state) -> None:
     """Give each saved parameter group the current group's hyper-parameters.
 
@@ -541,6 +566,9 @@ def _load_optimizer_state(optimizer, optimizer_state) -> None:
     param_states = [sub_state.pop("param_state", None)
                     for sub_state in _sub_states(optimizer, optimizer_state)]
     optimizer.load_state_dict(optimizer_state)
+    for inner in _torch_adams(optimizer):  # what an Adam without parameters reported on save
+        for key in [k for k in inner.state if not torch.is_tensor(k)]:
+            del inner.state[key]
     for sub, param_state in zip(_sub_optimizers(optimizer), param_states):
         if param_state is None:
             continue

@@ -23,9 +23,10 @@ from resume_cases import WORLD, run_job, train_argv
 pytestmark = pytest.mark.distributed
 
 ITERS, RESUME_AT = 4, 2
-SAME_LAYOUT = ["1", "DP2", "EP2", "TP2+SP", "PP2", "PP2-interleaved", "DP2xEP2", "TP2xEP2"]
+SAME_LAYOUT = ["1", "DP2", "EP2", "TP2+SP", "PP2", "PP2-interleaved", "PP2-dense-stage",
+               "DP2xEP2", "TP2xEP2"]
 CROSS_LAYOUT = [("TP2xEP2", "1"), ("PP2", "1"), ("EP2", "EP4"), ("1", "TP2xEP2"),
-                ("DP2xEP2", "PP2")]
+                ("DP2xEP2", "PP2"), ("PP2-dense-stage", "1")]
 INIT_LAYOUTS = ["1", "TP2+SP", "PP2-interleaved", "TP2xEP2"]
 OPTIMIZERS = ("distributed", "standard")
 PRECISIONS = ("bf16", "fp32")  # a GPU run resumed on a CPU in fp32, and the other way round
@@ -130,9 +131,6 @@ def runs(tmp_path_factory) -> Runs:
     full = root / "disk full"  # EP2: the disk fills at the second save (iteration 4)
     by_world[2] += [(("disk full",), ("train_disk_full", runs.argv("EP2", full), 2)),
                     (("resume after disk full",), ("train", runs.argv("EP2", full, "--resume")))]
-    by_world[2].append((("PP2-dense-stage", "standard", "straight"), ("train", runs.argv(
-        "PP2-dense-stage", runs.save_dir("PP2-dense-stage", "standard", "a"),
-        "use_distributed_optimizer=false"))))
     for optimizer in OPTIMIZERS:
         by_world[2].append((runs.precision_run(optimizer, "bf16"), ("train", runs.argv(
             "DP2", runs.precision_source(optimizer, "bf16"), "model_parallel.bf16=true",
@@ -192,11 +190,13 @@ def test_grad_norm_matches_single_rank(runs, layout):
     assert first["grad_norm"] == pytest.approx(reference(runs)[1]["grad_norm"], rel=1e-6)
 
 
-def test_a_stage_without_moe_layers_trains_like_the_single_rank_run(runs):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_stage_without_moe_layers_trains_like_the_single_rank_run(runs, optimizer):
     """PP2 whose first stage holds only the dense layer: that stage records no balance loss,
-    yet takes part in every reduction of the logged metrics (else the other stage waits)."""
+    yet takes part in every reduction of the logged metrics (else the other stage waits), and
+    its expert optimizer, which holds no parameter, saves and loads (the distributed one)."""
     ref = reference(runs)
-    run = by_iteration(runs.results[("PP2-dense-stage", "standard", "straight")])
+    run = by_iteration(runs.results[("PP2-dense-stage", optimizer, "straight")])
     assert sorted(run) == list(range(1, ITERS + 1))
     for it in run:
         for key in METRICS:
