@@ -127,7 +127,8 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
     why = ((cause.strerror if isinstance(cause, OSError) else None)
            or next(iter(str(cause).splitlines()), type(cause).__name__))  # EOFError() says nothing
     filename, code = getattr(cause, "filename", None), getattr(cause, "errno", None)
-    if code == errno.ENOTDIR:
+    # EEXIST: os.makedirs met a file where a directory of the path should be.
+    if code == errno.ENOTDIR or (code == errno.EEXIST and not os.path.isdir(filename or "")):
         why += " (a part of the path is a file)"
     text = f"{what}: {why}" + (f" ({filename})" if filename else "")
     # A named cause other than a full disk or quota (read-only, a file in the path, ...) is the

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from dsmoe_megatron.cli import quiet_warnings, quiet_when_run_as_main
+from dsmoe_megatron.cli import describe_os_error, quiet_warnings, quiet_when_run_as_main
 
 quiet_when_run_as_main(__name__)
 
@@ -196,7 +196,13 @@ def preprocess(
                 "--output-prefix"
             )
 
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise ValueError(describe_os_error(
+            f"--output-prefix {output_prefix}: cannot create the directory {out_dir}", err)
+        ) from None
     suffix = f".tmp{os.getpid()}@{socket.gethostname()}"  # see _remove_stale_temp_files
     bin_tmp, idx_tmp = get_bin_path(output_prefix) + suffix, get_idx_path(output_prefix) + suffix
     builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))

@@ -228,6 +228,16 @@ def test_preprocess_output_prefix_must_name_a_dataset(tmp_path, monkeypatch, pre
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "out"] and not os.listdir("out")
 
 
+def test_preprocess_output_prefix_under_a_file_names_it(tmp_path):
+    """--output-prefix in.txt/x: os.makedirs says only "File exists" of the file in the way."""
+    source = write_paragraphs(tmp_path / "in.txt", ["one"])
+    with pytest.raises(ValueError) as err:
+        data.preprocess([source], tmp_path / "in.txt" / "x")
+    assert str(err.value) == (
+        f"--output-prefix {tmp_path}/in.txt/x: cannot create the directory {tmp_path}/in.txt: "
+        f"File exists (a part of the path is a file) ({tmp_path}/in.txt)")
+
+
 def test_preprocess_min_document_chars_must_be_positive(tmp_path):
     source = write_paragraphs(tmp_path / "in.txt", ["one"])
     with pytest.raises(ValueError, match=r"--min-document-chars must be >= 1 \(got 0\)"):
