@@ -21,7 +21,8 @@ FP8                                            ``fp8`` (``"e4m3"`` / ``"hybrid"`
 =============================================  ==============================================
 
 Added here: the shared-expert count, the first dense layers, the device-level balance loss and
-the expert GEMM backend.
+the expert GEMM backend; and ``rotary_base``, the RoPE base, which Megatron-core takes as a
+GPTModel argument (Megatron-LM's ``--rotary-base``) rather than a TransformerConfig field.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class DeepSeekMoEConfig(TransformerConfig):
 
     moe_expert_backend: str = "auto"
     """Routed-expert GEMMs: auto | te | grouped_mm | sequential (the plain-loop reference)."""
+
+    rotary_base: float = 10000.0
+    """The RoPE base (Megatron-LM's --rotary-base, Hugging Face's rope_theta)."""
 
     def __post_init__(self):
         _fill_deepseek_defaults(self)

@@ -522,6 +522,7 @@ _ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_num_shared_experts",
     "moe_first_k_dense", "moe_layer_freq", "moe_router_pre_softmax", "layernorm_epsilon",
+    "rotary_base",
 )
 
 

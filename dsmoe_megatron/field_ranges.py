@@ -93,7 +93,8 @@ _BY_RANGE = {
         "activation_func_clamp_value", "qk_clip_threshold", "dsa_indexer_k_norm_epsilon",
         "mup_width_mult", "mup_embedding_mult", "mup_output_mult", "mup_base_head_dim",
         "moe_router_topk_scaling_factor", "moe_expert_capacity_factor",
-        "moe_expert_rank_capacity_factor", "lr", "adam_eps", "loss_scale", "initial_loss_scale",
+        "moe_expert_rank_capacity_factor", "rotary_base", "lr", "adam_eps", "loss_scale",
+        "initial_loss_scale",
     ),
     # Probabilities and moment decays: 1 would drop everything / never forget.
     "[0, 1)": ("hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"),

@@ -497,6 +497,11 @@ def _flag_for(parser, dest: str, value) -> list[str]:
         return []
     for action in actions:
         option = action.option_strings[0]
+        # A float field whose flag takes an integer: rotary_base 500000.0 -> --rotary-base 500000
+        if action.type is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"has no Megatron-LM equivalent ({option} takes an integer)")
+            value = int(value)
         if action.nargs == 0:  # store_true / store_false
             if action.const == value:
                 return [option]
@@ -545,18 +550,17 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 
 
 def _check_plain_rope(args) -> None:
-    """build_model's RoPE has base 10000 over the whole head, unscaled (the rope_theta of the
-    Hugging Face export): Megatron-LM's flags for another were ignored without a word."""
+    """build_model's RoPE covers the whole head, unscaled (as the Hugging Face export does; its
+    base is --rotary-base): Megatron-LM's flags for another were ignored without a word."""
     from dsmoe_megatron.config import ConfigError
 
-    other = {"--rotary-base": args.rotary_base != 10000,
-             "--rotary-percent": args.rotary_percent != 1.0,
+    other = {"--rotary-percent": args.rotary_percent != 1.0,
              "--use-rope-scaling": args.use_rope_scaling,
              "--rotary-seq-len-interpolation-factor": args.rotary_seq_len_interpolation_factor}
     given = [flag for flag, differs in other.items() if differs]
     if given:
-        raise ConfigError(f"{given[0]}: DeepSeekMoE models here use RoPE with base 10000 on the "
-                          f"whole head, unscaled (the Hugging Face export's); remove {given[0]}")
+        raise ConfigError(f"{given[0]}: DeepSeekMoE models here use RoPE on the whole head, "
+                          f"unscaled (the Hugging Face export's); remove {given[0]}")
 
 
 _BATCH_DTYPES = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,

@@ -29,7 +29,8 @@ def build_model(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length:
                 pre_process: bool | None = None, post_process: bool | None = None,
                 vp_stage: int | None = None, pg_collection=None,
                 use_te: bool | None = None, real_vocab_size: int | None = None) -> GPTModel:
-    """GPTModel (RoPE, untied embeddings) for this rank's pipeline stage / virtual stage.
+    """GPTModel (RoPE of base ``config.rotary_base``, untied embeddings) for this rank's
+    pipeline stage / virtual stage.
     ``vocab_size`` is the padded vocabulary; with ``real_vocab_size`` the padding rows' logits
     are masked (``mask_vocabulary_padding``). ``use_te``: Transformer Engine modules (default:
     where TE imports)."""
@@ -47,7 +48,7 @@ def build_model(config: DeepSeekMoEConfig, vocab_size: int, max_sequence_length:
         post_process=post_process,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
-        rotary_base=10000,
+        rotary_base=config.rotary_base,
         vp_stage=vp_stage,
         **kwargs,
     )

@@ -233,6 +233,9 @@ def config_from_megatron(config) -> DeepSeekMoEConfig:
     fields = DeepSeekMoEConfig.__dataclass_fields__
     for name in DSMOE_SETTINGS:
         setattr(config, name, settings.get(name, fields[name].default))
+    # Megatron-LM gives --rotary-base to GPTModel, not to the config; our model_provider's
+    # build_model and the checkpoint checks read it from the config.
+    config.rotary_base = getattr(_megatron_args(), "rotary_base", fields["rotary_base"].default)
     _fill_deepseek_defaults(config)
     validate(config)
     return config

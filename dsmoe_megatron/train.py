@@ -42,6 +42,7 @@ SAME_MODEL_FIELDS = (
     "kv_channels", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
     "moe_num_shared_experts", "moe_first_k_dense", "normalization", "gated_linear_unit",
     "add_bias_linear", "qk_layernorm", "layernorm_epsilon", "moe_router_pre_softmax",
+    "rotary_base",
 )
 
 

@@ -101,12 +101,14 @@ def checkpoint_tensor(ckpt: Path, key: str):
 
 
 def load_single_rank(save_dir: Path):
-    """The model of a dist checkpoint, built on one rank from its own run.yaml."""
+    """The model of a dist checkpoint, built on one rank from its own run.yaml, as dsmoe-train
+    builds it (the padding rows of the vocabulary masked)."""
     ckpt = checkpoint.resolve(save_dir)
     run = convert._yaml_config().load_run_config(ckpt / checkpoint.RUN_CONFIG_NAME)
     shape, dtype = checkpoint_tensor(ckpt, "embedding.word_embeddings.weight")
     model = build_model(single_rank_config(run.model, dtype), shape[0],
-                        run.train.seq_length, pre_process=True, post_process=True)
+                        run.train.seq_length, pre_process=True, post_process=True,
+                        real_vocab_size=run.train.vocab_size)
     checkpoint.load(ckpt, [model])
     return run, model
 
@@ -141,6 +143,22 @@ def trained(rt, tmp_path_factory):
                     run_config_yaml=(root / "run.yaml").read_text())
     model.eval()
     return SimpleNamespace(save=root / "save", model=model, run=run, root=root)
+
+
+@pytest.fixture(scope="module")
+def trained_long_context(rt, tmp_path_factory):
+    """Two iterations of dsmoe-train (fp32 on CPU) with RoPE base 500000, as a model trained for
+    longer context would have."""
+    save = tmp_path_factory.mktemp("long_context") / "save"
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "dsmoe_megatron.train",
+                    str(REPO / "yaml_configs" / "tiny.yaml"),
+                    "language_model.num_layers=2", "language_model.rotary_base=500000",
+                    f"seq_length={SEQ}", "micro_batch_size=2", "global_batch_size=2",
+                    "train_iters=2", "lr_warmup_iters=1", "eval_interval=null",
+                    "tensorboard_dir=null", f"save={save}"], env=env, check=True, timeout=240)
+    return SimpleNamespace(save=save)
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +246,15 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(trained, exported, tmp_path):
         json.loads((exported / "config.json").read_text())
 
 
-def test_cli_export_in_a_fresh_process_loads_as_remote_code(trained, exported, tmp_path):
-    """`dsmoe-convert to-hf` as its own process, then AutoModelForCausalLM with remote code."""
+@pytest.mark.parametrize("source, rope_theta", [
+    ("trained", 10000.0),
+    pytest.param("trained_long_context", 500000.0, marks=pytest.mark.slow),
+])
+def test_cli_export_in_a_fresh_process_loads_as_remote_code(source, rope_theta, request,
+                                                            tmp_path):
+    """`dsmoe-convert to-hf` as its own process, then AutoModelForCausalLM with remote code: its
+    loss is Megatron's, with the RoPE base of the run (config.json's rope_theta)."""
+    save = request.getfixturevalue(source).save
     out = tmp_path / "hf"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -237,21 +262,36 @@ def test_cli_export_in_a_fresh_process_loads_as_remote_code(trained, exported, t
     script = f"""
 import sys, torch
 from dsmoe_megatron.convert import main
-assert main(["to-hf", "--checkpoint", {str(trained.save)!r}, "--out", {str(out)!r},
+assert main(["to-hf", "--checkpoint", {str(save)!r}, "--out", {str(out)!r},
              "--dtype", "fp32"]) == 0
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True,
                                              dtype=torch.float32).eval()
 assert type(model).__name__ == "DeepseekForCausalLM"
+tokens = torch.tensor({tokens.tolist()})
 with torch.no_grad():
-    torch.save(model(torch.tensor({tokens.tolist()})).logits, {str(tmp_path / "logits.pt")!r})
+    result = model(tokens, labels=tokens)
+torch.save((result.logits, result.loss), {str(tmp_path / "outputs.pt")!r})
 """
     subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True,
                    timeout=240)
-    assert_bit_exact(read_tensors(exported), read_tensors(out))
-    reference = megatron_logits(trained.model, tokens)[..., :VOCAB]
-    logits = torch.load(tmp_path / "logits.pt")
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == rope_theta
+    run, model = load_single_rank(save)
+    assert run.model.rotary_base == rope_theta
+    head_dim = run.model.kv_channels
+    inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    torch.testing.assert_close(model.rotary_pos_emb.inv_freq.double(), inv_freq, rtol=1e-6,
+                               atol=0)
+    logits, loss = torch.load(tmp_path / "outputs.pt")
+    reference = megatron_logits(model, tokens)[..., :VOCAB]
     assert (logits - reference).abs().max().item() <= 1e-4
+    # Megatron's own loss of the same predictions (HF shifts the labels itself).
+    with torch.no_grad():
+        megatron_loss = model(tokens[:, :-1], positions(2, SEQ - 1), None,
+                              labels=tokens[:, 1:]).mean()
+    assert abs(loss.item() - megatron_loss.item()) <= 1e-5, (loss, megatron_loss)
+    if source == "trained":
+        assert_bit_exact(read_tensors(request.getfixturevalue("exported")), read_tensors(out))
 
 
 def test_export_refuses_a_non_empty_output_unless_forced(trained, tmp_path):
@@ -540,17 +580,25 @@ def test_a_source_without_tokenizer_files_exports_the_byte_tokenizer_its_vocabul
          moe_intermediate_size=None, first_k_dense_replace=0),
     dict(norm_topk_prob=True, seq_aux=False, aux_loss_alpha=0.0, n_shared_experts=0,
          first_k_dense_replace=0),
-], ids=["moe-every-2nd-layer", "dense", "renormalised-no-shared"])
+    dict(rope_theta=500000.0),
+], ids=["moe-every-2nd-layer", "dense", "renormalised-no-shared", "rope-theta-500000"])
 def test_other_layer_layouts_round_trip(rt, tmp_path, changes):
+    """HF -> Megatron -> HF is bit-exact, the imported model's forward is HF's, and the run.yaml
+    of the import keeps the RoPE base (rope_theta)."""
     config = scaled_16b_config(**{"n_routed_experts": 8, "num_experts_per_tok": 2,
                                   "torch_dtype": "float32", **changes})
     source = write_hf_model(tmp_path / "hf", config, dtype=torch.float32, shards=1)
     save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    run, model = load_single_rank(save)
+    assert run.model.rotary_base == config["rope_theta"]
+    tokens = torch.randint(0, 300, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    diff = (megatron_logits(model, tokens)[..., :300] - hf_logits(tmp_path / "hf", tokens))
+    assert diff.abs().max().item() <= 1e-4
     back = convert.export_to_hf(save, tmp_path / "back", tokenizer=False)
     assert_bit_exact(source, read_tensors(back))
     exported = json.loads((back / "config.json").read_text())
     for key in ("n_routed_experts", "moe_layer_freq", "norm_topk_prob", "seq_aux",
-                "aux_loss_alpha", "n_shared_experts", "first_k_dense_replace"):
+                "aux_loss_alpha", "n_shared_experts", "first_k_dense_replace", "rope_theta"):
         if config.get(key) is not None or key in ("n_routed_experts",):
             assert exported[key] == config[key], key
 
@@ -601,7 +649,6 @@ def test_import_ignores_rotary_buffers(rt, tmp_path):
     (dict(scoring_func="sigmoid"), "scoring_func"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
-    (dict(rope_theta=500000), "rope_theta"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(num_key_value_heads=3), "num_key_value_heads"),

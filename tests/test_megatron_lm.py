@@ -278,8 +278,7 @@ def test_bad_arguments_are_one_line(argv, says, parse_args, capsys):
      "DeepSeekMoE block does not implement"),
     (["--moe-expert-capacity-factor", "1.0"], "routing is dropless"),
     (["--position-embedding-type", "learned_absolute"], "DeepSeekMoE models use RoPE"),
-    # build_model's RoPE is fixed (base 10000, unscaled): these were ignored without a word.
-    (["--rotary-base", "500000"], "--rotary-base: DeepSeekMoE models here use RoPE with base"),
+    # build_model's RoPE covers the whole head, unscaled: these were ignored without a word.
     (["--rotary-percent", "0.5"], "remove --rotary-percent"),
     (["--use-rope-scaling"], "remove --use-rope-scaling"),
     # TransformerConfig's own check (a ValueError).
@@ -311,6 +310,34 @@ def test_the_expert_activation_is_recomputed_as_in_dsmoe_train(parse_args):
                        "--recompute-modules", "moe_act", "shared_experts"])
     config = config_from_megatron(core_transformer_config_from_args(args))
     assert config.recompute_modules == ["moe_act", "shared_experts"]
+
+
+@pytest.mark.parametrize("given", ["flag", "yaml"])
+def test_the_example_builds_rope_of_the_rotary_base(given, parse_args, monkeypatch, tmp_path):
+    """--rotary-base was refused (build_model's base was fixed at 10000); our model_provider
+    now builds RoPE of that base, given as the flag or as the YAML's rotary_base: the
+    frequencies 1 / base^(2i/d) of a head of d channels."""
+    from dsmoe_megatron import runtime
+    from dsmoe_megatron.megatron_lm import CPU_FLAGS, model_provider
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(Path(TINY).read_text().replace(
+        "language_model:\n", "language_model:\n  rotary_base: 500000\n", 1))
+    argv = (["--dsmoe-yaml", TINY, "--rotary-base", "500000"] if given == "flag"
+            else ["--dsmoe-yaml", str(yaml_file)])
+    parse_args([*CPU_FLAGS, *argv, *SMALL])
+    monkeypatch.setenv("WORLD_SIZE", "1")  # parse_args parses as rank 0 of 2; build on one
+    monkeypatch.delenv("MASTER_PORT")
+    runtime.initialize()
+    try:
+        model = model_provider()
+    finally:
+        runtime.shutdown()
+    head_dim = 64 // 4  # SMALL's hidden size over tiny.yaml's heads
+    expected = 1.0 / 500000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    assert model.config.rotary_base == 500000
+    torch.testing.assert_close(model.rotary_pos_emb.inv_freq.double(), expected, rtol=1e-6,
+                               atol=0)
 
 
 @pytest.mark.parametrize("tp_flag", [["--tensor-model-parallel-size", "1"],
@@ -427,7 +454,8 @@ def test_an_export_of_another_model_than_megatron_lm_trained_is_refused(first_ru
                                                                         capsys):
     """The checkpoint keeps the arguments Megatron-LM trained it with (3 experts per token, from
     tiny.yaml): --set moe_router_topk=2 exported a config.json of another model without a word.
-    Now refused, naming the trained value; a bare --set key works as the hint says."""
+    Now refused, naming the trained value (the RoPE base too); a bare --set key works as the
+    hint says."""
     from dsmoe_megatron import convert
 
     save, _ = first_run
@@ -437,6 +465,8 @@ def test_an_export_of_another_model_than_megatron_lm_trained_is_refused(first_ru
     assert convert.main([*export, "--set", "num_layers=2", "--set", "moe_router_topk=2"]) == 2
     err = capsys.readouterr().err
     assert "trained with moe_router_topk=3" in err and "--set moe_router_topk=3" in err, err
+    assert convert.main([*export, "--set", "num_layers=2", "--set", "rotary_base=500000"]) == 2
+    assert "trained with rotary_base=10000 " in capsys.readouterr().err
     assert convert.main(export) == 2
     assert "use --set num_layers=2" in capsys.readouterr().err
     assert convert.main([*export, "--set", "num_layers=2"]) == 0

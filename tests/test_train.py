@@ -67,6 +67,8 @@ def cli(tmp_path_factory) -> Cli:
                                     "--resume"))
     c.add("other norm epsilon", "train", c.argv("auto", "train_iters=5",
                                                "language_model.layernorm_epsilon=0.1", "--resume"))
+    c.add("other rotary base", "train", c.argv("auto", "train_iters=5",
+                                              "language_model.rotary_base=500000", "--resume"))
     c.add("new seq_length", "train", c.argv("auto", "train_iters=5", "seq_length=16", "--resume"))
     for case, (file, how, _) in DAMAGE.items():
         c.add(("damage", case), "damage", str(root / "run"), str(root / case), file, how)
@@ -174,6 +176,8 @@ def test_resume_into_another_model_names_the_field(cli):
     # Not a shape, but the function the weights were trained for (and the export's rms_norm_eps).
     refused(cli.results["other norm epsilon"],
             "language_model.layernorm_epsilon is 1e-05 there and 0.1 here")
+    refused(cli.results["other rotary base"],
+            "language_model.rotary_base is 10000.0 there and 500000.0 here")
 
 
 @pytest.mark.distributed

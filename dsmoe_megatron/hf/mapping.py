@@ -44,7 +44,6 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-ROPE_THETA = 10000.0  # model.build_model's rotary_base
 
 
 class ConversionError(RuntimeError):
@@ -391,7 +390,7 @@ def hf_config_dict(cfg, vocab_size: int, max_position_embeddings: int, dtype: to
         "eos_token_id": eos_token_id,
         "pretraining_tp": 1,
         "tie_word_embeddings": False,
-        "rope_theta": ROPE_THETA,
+        "rope_theta": float(cfg.rotary_base),
         "rope_scaling": None,
         "attention_bias": False,
         "attention_dropout": cfg.attention_dropout,
@@ -521,9 +520,6 @@ def model_fields_from_hf(hf: Mapping) -> dict:
     if c.get("rope_parameters") and c["rope_parameters"].get("rope_type", "default") != "default":
         raise _unsupported("rope_parameters", c["rope_parameters"],
                            "RoPE scaling is not supported")
-    if not math.isclose(float(c["rope_theta"]), ROPE_THETA):
-        raise _unsupported("rope_theta", c["rope_theta"],
-                           f"the Megatron model uses rotary base {ROPE_THETA:g}")
     if c["tie_word_embeddings"]:
         raise _unsupported("tie_word_embeddings", True, "the Megatron model has untied embeddings")
     hidden, heads = c["hidden_size"], c["num_attention_heads"]
@@ -546,6 +542,7 @@ def model_fields_from_hf(hf: Mapping) -> dict:
         layernorm_epsilon=float(c["rms_norm_eps"]),
         init_method_std=float(c["initializer_range"]),
         attention_dropout=float(c["attention_dropout"] or 0.0),
+        rotary_base=float(c["rope_theta"]),
     )
     if c.get("n_routed_experts"):
         freq = c["moe_layer_freq"]
