@@ -133,6 +133,10 @@ def train_interrupted(argv: list[str], when: str, signal_name: str = "SIGINT") -
         return saved
 
     real_checkpoint_save = checkpoint.save
+    # A Ctrl-C at a terminal. A job started in the background by a shell without job control
+    # (`pytest ... &`) inherits SIGINT ignored, and Python keeps it so: nothing would arrive.
+    if signal_name == "SIGINT":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if when == "during save":
         patch = mock.patch.object(checkpoint.dist_checkpointing, "save", write_then_interrupt)
     else:
