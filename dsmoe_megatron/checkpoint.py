@@ -223,6 +223,46 @@ def remove_partial_checkpoints(save_dir: str | Path) -> list[Path]:
 
 # ---- finding and checking a checkpoint --------------------------------------------------------
 
+# Fields of a checkpoint's model that must match the model it is loaded into: its shapes and
+# the function its weights were trained for (the layout, precision and training settings may
+# change on resume).
+SAME_MODEL_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_num_shared_experts", "moe_first_k_dense", "normalization", "gated_linear_unit",
+    "add_bias_linear", "qk_layernorm", "layernorm_epsilon", "moe_router_pre_softmax",
+    "rotary_base",
+)
+
+
+def saved_run_config(ckpt: Path):
+    """The run config a checkpoint of dsmoe-train keeps (its run.yaml); None without one (a
+    checkpoint of Megatron-LM's loop)."""
+    import yaml
+
+    from dsmoe_megatron.yaml_config import YamlConfigError, run_config_from_dict
+
+    path = Path(ckpt) / RUN_CONFIG_NAME
+    if not path.exists():
+        return None
+    try:
+        return run_config_from_dict(yaml.safe_load(path.read_text()), instantiate_checks=False,
+                                    origin=str(path))
+    except (YamlConfigError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{path} cannot be read ({error})") from None
+
+
+def model_difference(saved, config, vocab_size: int) -> tuple[str, object, object] | None:
+    """The first field (SAME_MODEL_FIELDS, then vocab_size) in which the model of ``saved`` (a
+    run config) differs from ``config`` with ``vocab_size``: (field, saved, current); None if
+    it is the same model."""
+    pairs = [(name, getattr(saved.model, name), getattr(config, name))
+             for name in SAME_MODEL_FIELDS]
+    pairs.append(("vocab_size", saved.train.vocab_size, vocab_size))
+    return next(((name, then, now) for name, then, now in pairs if then != now), None)
+
+
+
 def iteration_of(path: Path) -> int | None:
     """The iteration an ``iter_XXXXXXX`` directory is named for; None for other names
     (``.partial``, ``.discarded``)."""

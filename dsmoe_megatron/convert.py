@@ -359,7 +359,7 @@ def _check_megatron_lm_arguments(run, ckpt: Path) -> None:
     from megatron.core import dist_checkpointing
 
     from dsmoe_megatron.megatron_lm import _ARG_NAMES
-    from dsmoe_megatron.train import SAME_MODEL_FIELDS
+    from dsmoe_megatron.checkpoint import SAME_MODEL_FIELDS
 
     try:
         saved = dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")

@@ -217,28 +217,21 @@ def _check_same_model(ckpt, config) -> None:
     """Name the first model field of the checkpoint's run.yaml that the flags set otherwise, as
     dsmoe-train does on resume: the load itself compares tensors, and a checkpoint of another
     depth or expert count was reported as damaged."""
-    import yaml
     from megatron.training import get_tokenizer
 
-    from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME, CheckpointError
-    from dsmoe_megatron.train import SAME_MODEL_FIELDS
-    from dsmoe_megatron.yaml_config import run_config_from_dict
+    from dsmoe_megatron.checkpoint import CheckpointError, model_difference, saved_run_config
 
-    saved_yaml = ckpt / RUN_CONFIG_NAME
-    if not saved_yaml.exists():
+    saved = saved_run_config(ckpt)
+    if saved is None:
         return  # the tensor shapes are still checked on load
-    saved = run_config_from_dict(yaml.safe_load(saved_yaml.read_text()),
-                                 instantiate_checks=False, origin=str(saved_yaml))
-    pairs = [(name, getattr(saved.model, name), getattr(config, name))
-             for name in SAME_MODEL_FIELDS]
-    pairs.append(("vocab_size", saved.train.vocab_size, get_tokenizer().vocab_size))
-    for name, then, now in pairs:
-        if then != now:
-            flag = _MODEL_FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
-            raise CheckpointError(
-                f"{ckpt} was saved from a different model: {name} is {then} there and {now} "
-                f"here; give the flags of the model it was trained as ({flag}), or its run's "
-                "--dsmoe-yaml file")
+    difference = model_difference(saved, config, get_tokenizer().vocab_size)
+    if difference is not None:
+        name, then, now = difference
+        flag = _MODEL_FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
+        raise CheckpointError(
+            f"{ckpt} was saved from a different model: {name} is {then} there and {now} "
+            f"here; give the flags of the model it was trained as ({flag}), or its run's "
+            "--dsmoe-yaml file")
 
 
 def use_prebuilt_dataset_helpers() -> None:

@@ -34,17 +34,6 @@ quiet_when_run_as_main(__name__)
 
 from dsmoe_megatron.checkpoint import CheckpointError  # noqa: E402
 
-# Fields of a checkpoint's model that must match the model it is loaded into: its shapes and
-# the function its weights were trained for (the layout, precision and training settings may
-# change on resume).
-SAME_MODEL_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
-    "moe_num_shared_experts", "moe_first_k_dense", "normalization", "gated_linear_unit",
-    "add_bias_linear", "qk_layernorm", "layernorm_epsilon", "moe_router_pre_softmax",
-    "rotary_base",
-)
-
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -281,29 +270,21 @@ class Trainer:
     def _check_same_model(self, ckpt: Path) -> None:
         """A checkpoint resumes under any layout and hyper-parameters, but only into the model
         it was saved from: name the first field of its run.yaml that differs."""
-        import yaml
+        from dsmoe_megatron.checkpoint import model_difference, saved_run_config
+        from dsmoe_megatron.yaml_config import section_of
 
-        from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME
-        from dsmoe_megatron.yaml_config import YamlConfigError, run_config_from_dict, section_of
-
-        saved_yaml = ckpt / RUN_CONFIG_NAME
-        if not saved_yaml.exists():
+        saved = saved_run_config(ckpt)
+        if saved is None:
             return  # not written by the trainer: the tensor shapes are still checked on load
-        try:
-            saved = run_config_from_dict(yaml.safe_load(saved_yaml.read_text()),
-                                         instantiate_checks=False, origin=str(saved_yaml))
-        except (YamlConfigError, yaml.YAMLError) as error:
-            raise CheckpointError(f"{saved_yaml} cannot be read ({error})") from None
-        pairs = [(f"{section_of(k)}.{k}", getattr(saved.model, k), getattr(self.config, k))
-                 for k in SAME_MODEL_FIELDS]
-        pairs.append(("vocab_size", saved.train.vocab_size, self.vocab_size))
-        for name, then, now in pairs:
-            if then != now:
-                raise CheckpointError(
-                    f"{ckpt} was saved from a different model: {name} is {then} there and {now} "
-                    f"here; resume with {name}={then}, or start a new run in another save "
-                    "directory (load: DIR initialises a new run from a checkpoint of the same "
-                    "model)")
+        difference = model_difference(saved, self.config, self.vocab_size)
+        if difference is not None:
+            field, then, now = difference
+            name = field if field == "vocab_size" else f"{section_of(field)}.{field}"
+            raise CheckpointError(
+                f"{ckpt} was saved from a different model: {name} is {then} there and {now} "
+                f"here; resume with {name}={then}, or start a new run in another save "
+                "directory (load: DIR initialises a new run from a checkpoint of the same "
+                "model)")
         if saved.layout != self.run.layout:
             _log(f"resharding {ckpt} from {_describe_layout(saved.layout)} to "
                  f"{_describe_layout(self.run.layout)}")
