@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -85,7 +85,7 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
                     if text:
                         yield text
                 return
-            text = f.read()
+            yield from _merge_paragraphs(_paragraphs(f, path), min_document_chars)
     except UnicodeDecodeError as err:
         compressed = "" if opener is open else f" once decompressed as {compression}"
         raise ValueError(f"input file {path} is not UTF-8 text{compressed} ({err})") from err
@@ -95,12 +95,34 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
         raise ValueError(f"input file {path} cannot be decompressed as {compression} "
                          f"({type(err).__name__}: {err}); is it complete and really "
                          f"{compression}-compressed?") from err
-    if "\0" in text:
-        raise _nul_error(path, text.count("\n", 0, text.index("\0")) + 1)
 
+
+def _paragraphs(lines: Iterable[str], path: str) -> Iterator[str]:
+    """The pieces of a text between blank lines, as ``re.split(r"\\n[ \\t]*\\n", text)`` gives
+    them, read line by line: a file of any size in the memory of its longest paragraph. A
+    break is a line's newline and the blank line after it (spaces and tabs only); a blank line
+    whose preceding newline ended the last break starts the next piece."""
+    piece: list[str] = []
+    newline_free = False  # the previous line ended in a newline no break has taken
+    for number, line in enumerate(lines, 1):
+        if "\0" in line:
+            raise _nul_error(path, number)
+        if newline_free and not line.strip(" \t\n") and line.endswith("\n"):
+            piece[-1] = piece[-1][:-1]
+            yield "".join(piece)
+            piece, newline_free = [], False
+        else:
+            piece.append(line)
+            newline_free = line.endswith("\n")
+    yield "".join(piece)
+
+
+def _merge_paragraphs(paragraphs: Iterable[str], min_document_chars: int) -> Iterator[str]:
+    """Consecutive non-blank paragraphs joined into documents of at least
+    ``min_document_chars`` (the last one may be shorter)."""
     chunk: list[str] = []
     chunk_chars = 0
-    for paragraph in re.split(r"\n[ \t]*\n", text):
+    for paragraph in paragraphs:
         if paragraph.strip():
             chunk.append(paragraph.strip("\n"))
             chunk_chars += len(chunk[-1])

@@ -7,11 +7,14 @@ import itertools
 import json
 import lzma
 import os
+import random
+import re
 import runpy
 import shutil
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -155,6 +158,48 @@ def test_preprocess_merges_short_paragraphs(tmp_path):
     )
     assert len(dataset) == 3  # 4 + 4 + 2 paragraphs
     assert dataset[0].tolist() == TOKENIZER.tokenize("\n\n".join(paragraphs[:4])) + [TOKENIZER.eod]
+
+
+def test_txt_paragraphs_are_the_pieces_between_blank_lines(tmp_path):
+    """Read line by line, a .txt file splits as the rule reads on the whole text: at a newline
+    and the blank line (spaces and tabs only) after it; CR / CRLF read as newlines."""
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "\t", "\n", "\n", "\n", "\r", "\r\n", "é", "\x0c"]
+    source = tmp_path / "t.txt"
+    for _ in range(2000):
+        source.write_bytes("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+                          .encode())
+        with open(source, encoding="utf-8") as f:
+            expected = re.split(r"\n[ \t]*\n", f.read())
+        with open(source, encoding="utf-8") as f:
+            assert list(data._paragraphs(f, str(source))) == expected, source.read_bytes()
+
+
+def test_preprocess_reads_a_large_txt_file_in_bounded_memory(tmp_path):
+    """A .txt file is not read whole: preprocessing 8 MB holds a small part of it at a time
+    (Python allocations traced; torch's tensors are not, and are per document)."""
+    paragraph = ("word " * 60 + "\n") * 3
+    count = 8_000_000 // (len(paragraph) + 1)
+    source = tmp_path / "big.txt"
+    source.write_text("\n".join([paragraph] * count))
+    tracemalloc.start()
+    try:
+        dataset = data.open_indexed_dataset(data.preprocess([source], tmp_path / "big"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < source.stat().st_size / 8, peak
+    merged = "\n\n".join([paragraph.strip("\n")] * 3)  # 3 x 903 chars >= 2000
+    assert len(dataset) == -(-count // 3)
+    assert dataset[0].tolist() == TOKENIZER.tokenize(merged) + [TOKENIZER.eod]
+
+
+def test_preprocess_names_a_nul_byte_deep_in_a_txt_file_and_writes_nothing(tmp_path):
+    source = tmp_path / "late.txt"
+    source.write_bytes(b"a paragraph\n\n" * 100_000 + b"then\0binary\n")
+    with pytest.raises(ValueError, match=r"late\.txt holds NUL bytes \(first on line 200001\)"):
+        data.preprocess([source], tmp_path / "out", min_document_chars=1)
+    assert sorted(os.listdir(tmp_path)) == ["late.txt"]
 
 
 def test_preprocess_missing_input_names_the_file(tmp_path):
