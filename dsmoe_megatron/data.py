@@ -200,12 +200,21 @@ def preprocess(
         raise ValueError("preprocess needs at least one input file")
     if min_document_chars < 1:
         raise ValueError(f"--min-document-chars must be >= 1 (got {min_document_chars})")
+    seen: dict[str, str] = {}  # real path -> as given
     for path in input_paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"input file {path} does not exist or is not a file; pass existing UTF-8 text "
                 '(.txt) or JSON-lines (.jsonl, one {"text": ...} object per line) files to --input'
             )
+        real = os.path.realpath(path)
+        if real in seen:  # a glob and a name, say
+            also = f" (also as {seen[real]})" if seen[real] != path else ""
+            raise ValueError(
+                f"input file {path} is given twice{also}, which would put its documents in the "
+                "dataset twice; pass each file once (to weight a dataset, give data_path blend "
+                "weights)")
+        seen[real] = path
     if not os.path.basename(output_prefix):  # "data/" would write the hidden data/.bin
         raise ValueError(
             f"--output-prefix {output_prefix!r} names a directory; add the dataset's name, e.g. "

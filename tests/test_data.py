@@ -209,6 +209,25 @@ def test_preprocess_missing_input_names_the_file(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_preprocess_refuses_a_file_given_twice(tmp_path, monkeypatch):
+    """Twice the same name, or a name and another path to the same file (a glob beside it, a
+    link): its documents would be in the dataset twice."""
+    monkeypatch.chdir(tmp_path)
+    source = write_paragraphs(tmp_path / "a.txt", ["only once"])
+    (tmp_path / "link.txt").symlink_to(source)
+    other = write_paragraphs(tmp_path / "b.txt", ["another file"])
+    for inputs, message in [([source, other, source], f"input file {source} is given twice, "),
+                            ([source, "./link.txt"], f"./link.txt is given twice (also as {source})")]:
+        with pytest.raises(ValueError, match=re.escape(message) + ".*pass each file once"):
+            data.preprocess(inputs, tmp_path / "out", min_document_chars=1)
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt", "link.txt"]  # nothing written
+    copy = tmp_path / "copy" / "a.txt"  # the same text in another file is another file
+    copy.parent.mkdir()
+    shutil.copy(source, copy)
+    assert len(data.open_indexed_dataset(data.preprocess(
+        [source, str(copy)], tmp_path / "out", min_document_chars=1))) == 2
+
+
 @pytest.mark.parametrize("lines, message", [
     (['{"text": "fine"}', '{"body": "no text here"}'],
      'bad.jsonl, line 2: no "text" field (found an object without it); each line must be one '
