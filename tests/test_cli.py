@@ -253,3 +253,49 @@ def test_a_failure_without_a_message_is_described_by_its_kind():
     failure.__cause__ = EOFError()
     assert describe_os_error("saving iteration 2 failed", failure) == (
         "saving iteration 2 failed: EOFError")
+
+
+def _torchrun_train(args: list[str]) -> subprocess.CompletedProcess:
+    from dsmoe_megatron.runtime import free_port
+
+    environ = {k: v for k, v in os.environ.items() if k != "DSMOE_SHOW_WARNINGS"}
+    environ.update(OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+         f"--master-port={free_port()}", "-m", "dsmoe_megatron.train", TINY, *args],
+        cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.distributed
+def test_an_error_every_rank_meets_is_printed_once_under_torchrun(tmp_path):
+    """A bad config (found before the ranks connect) and rank 0's refusal of --resume (shared
+    with the other ranks): one line each, not one per rank run together on one line."""
+    bad_config = _torchrun_train(["lr=-1", f"save={tmp_path / 'a'}"])
+    assert bad_config.returncode != 0
+    assert re.findall(r"dsmoe-train: .*", bad_config.stderr) == [
+        f"dsmoe-train: {TINY}: lr=-1.0: must be > 0"], bad_config.stderr[-3000:]
+
+    (tmp_path / "empty").mkdir()
+    nothing_to_resume = _torchrun_train([f"save={tmp_path / 'empty'}", "--resume"])
+    assert nothing_to_resume.returncode != 0
+    lines = re.findall(r"dsmoe-train: .*", nothing_to_resume.stderr)
+    assert len(lines) == 1 and "there is no checkpoint in" in lines[0], \
+        nothing_to_resume.stderr[-3000:]
+
+
+@pytest.mark.parametrize("local_rank, printed", [(None, True), ("0", True), ("1", False),
+                                                 ("x", True)])
+def test_an_error_of_the_nodes_config_is_printed_by_its_first_process(
+        monkeypatch, capsys, local_rank, printed):
+    from dsmoe_megatron.cli import print_error
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    if local_rank is not None:  # "x": launcher variables that cannot work, which every process names
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    print_error("dsmoe-train", "cfg.yaml: lr=-1.0: must be > 0", same_on_node=True)
+    assert capsys.readouterr().err == ("dsmoe-train: cfg.yaml: lr=-1.0: must be > 0\n"
+                                       if printed else "")
