@@ -286,6 +286,29 @@ def _token_ids_from(directory: Path) -> dict:
     return ids
 
 
+def kept_source(ckpt: Path, vocab_size: int) -> Path | None:
+    """The directory where from-hf kept the source's files for this checkpoint, if its
+    vocabulary is the run's."""
+    for directory in (ckpt.parent / HF_SOURCE_DIR, ckpt / HF_SOURCE_DIR):
+        config = directory / "config.json"
+        if config.is_file() and read_json(config, "replace it with a complete copy").get(
+                "vocab_size") == vocab_size:
+            return directory
+    return None
+
+
+def generation_defaults(ckpt: Path, vocab_size: int) -> dict:
+    """generation_config.json without its special-token ids (the tokenizer's go in): the kept
+    source's, so that a chat model's sampling settings (do_sample, temperature...) survive the
+    round trip, else transformers' marker of a config derived from the model's."""
+    kept = kept_source(ckpt, vocab_size)
+    path = kept / "generation_config.json" if kept is not None else None
+    if path is None or not path.is_file():
+        return {"_from_model_config": True}
+    data = read_json(path, "replace it with a complete copy")
+    return {k: v for k, v in data.items() if k not in _TOKEN_ID_KEYS}
+
+
 def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | None = None
                      ) -> TokenizerExport:
     """The run's tokenizer: an explicit directory of HF tokenizer files, else the files from-hf
@@ -302,14 +325,12 @@ def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | No
                 "(--tokenizer); pass the directory that has them, or --no-tokenizer")
         return TokenizerExport(str(directory), _token_ids_from(directory), directory)
     source = None
-    for directory in (ckpt.parent / HF_SOURCE_DIR, ckpt / HF_SOURCE_DIR):
-        config = directory / "config.json"
-        if config.is_file() and read_json(config, "replace it with a complete copy").get(
-                "vocab_size") == vocab_size:
-            source = TokenizerExport(str(directory), _token_ids_from(directory), directory)
-            if tokenizer_files(directory):
-                return source
-            break  # a source without tokenizer files: its special-token ids, unless byte's fit
+    kept = kept_source(ckpt, vocab_size)
+    if kept is not None:
+        source = TokenizerExport(str(kept), _token_ids_from(kept), kept)
+        if tokenizer_files(kept):
+            return source
+        # a source without tokenizer files: its special-token ids, unless byte's fit
     try:
         from dsmoe_megatron.tokenizer import ByteTokenizer
     except ImportError:
@@ -438,14 +459,14 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
         tok = TokenizerExport("none", {})
     else:
         tok = choose_tokenizer(ckpt, vocab, None if tokenizer is True else tokenizer)
+    generation = {**generation_defaults(ckpt, vocab),
+                  **{k: v for k, v in tok.token_ids.items() if v is not None}}
     out_dtype = DTYPES[dtype] if dtype != "auto" else cfg.params_dtype
     with _atomic_output(out_dir, force, source=ckpt) as (out, partial):
         max_pos = max(int(run.train.seq_length), int(run.train.max_position_embeddings or 0))
         config = hf_config_dict(cfg, vocab, max_pos, out_dtype,
                                 **{k: tok.token_ids.get(k) for k in _TOKEN_ID_KEYS})
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {"_from_model_config": True,
-                      **{k: v for k, v in tok.token_ids.items() if v is not None}}
         (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         files = write_safetensors_shards(megatron_to_hf(reader.get, dims),
                                          hf_expected_shapes(dims), partial, max_shard_size,

@@ -504,6 +504,26 @@ def test_16b_shaped_model_converts_both_ways(rt, tmp_path):
     assert json.loads((back / "tokenizer_config.json").read_text()) == tokenizer_config
 
 
+def test_the_source_generation_config_survives_the_round_trip(rt, tmp_path):
+    """A chat model's sampling defaults: to-hf wrote only the special-token ids, so `generate`
+    of the export decoded greedily where the source sampled."""
+    from transformers import GenerationConfig
+
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.7,
+                  "top_p": 0.95, "max_new_tokens": 64, "transformers_version": "4.36.2"}
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(generation))
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "m")
+    back = convert.export_to_hf(save, tmp_path / "back")
+    assert json.loads((back / "generation_config.json").read_text()) == generation
+    loaded = GenerationConfig.from_pretrained(back)
+    assert (loaded.do_sample, loaded.temperature, loaded.top_p) == (True, 0.7, 0.95)
+    # The ids come with the tokenizer chosen; without one, none (as in config.json).
+    bare = json.loads((convert.export_to_hf(save, tmp_path / "bare", tokenizer=False)
+                       / "generation_config.json").read_text())
+    assert bare == {k: v for k, v in generation.items() if not k.endswith("_token_id")}
+
+
 def test_a_broken_tokenizer_file_is_refused_not_carried_into_the_export(rt, tmp_path, capsys):
     write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
     broken = tmp_path / "hf" / "tokenizer.json"
