@@ -623,6 +623,23 @@ def test_other_layer_layouts_round_trip(rt, tmp_path, changes):
             assert exported[key] == config[key], key
 
 
+def test_top_1_routing_with_norm_topk_prob_imports_unrenormalised(rt, tmp_path):
+    """norm_topk_prob does nothing at top_k 1 (HF renormalises for top_k > 1 only): the import
+    was refused with Megatron's 'Please use --moe-router-pre-softmax when topk is 1'."""
+    config = scaled_16b_config(n_routed_experts=8, num_experts_per_tok=1, norm_topk_prob=True,
+                               torch_dtype="float32")
+    source = write_hf_model(tmp_path / "hf", config, dtype=torch.float32, shards=1)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    run, model = load_single_rank(save)
+    assert run.model.moe_router_topk == 1 and run.model.moe_router_pre_softmax
+    tokens = torch.randint(0, 300, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    diff = (megatron_logits(model, tokens)[..., :300] - hf_logits(tmp_path / "hf", tokens))
+    assert diff.abs().max().item() <= 1e-4
+    back = convert.export_to_hf(save, tmp_path / "back", tokenizer=False)
+    assert_bit_exact(source, read_tensors(back))
+    assert json.loads((back / "config.json").read_text())["norm_topk_prob"] is False
+
+
 def small_hf_config(**changes) -> dict:
     return scaled_16b_config(num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2,
                              torch_dtype="float32", **changes)

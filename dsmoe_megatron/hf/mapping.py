@@ -558,7 +558,8 @@ def model_fields_from_hf(hf: Mapping) -> dict:
             moe_num_shared_experts=c.get("n_shared_experts") or 0,
             moe_first_k_dense=c["first_k_dense_replace"],
             moe_layer_freq=freq,
-            moe_router_pre_softmax=not c["norm_topk_prob"],
+            # The released code renormalises the top-k weights only for top_k > 1.
+            moe_router_pre_softmax=not c["norm_topk_prob"] or c["num_experts_per_tok"] == 1,
             moe_aux_loss_coeff=float(c["aux_loss_alpha"]),
             moe_router_load_balancing_type="seq_aux_loss" if c["seq_aux"] else "aux_loss",
         )
