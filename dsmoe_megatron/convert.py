@@ -69,8 +69,11 @@ from dsmoe_megatron.hf.streaming import (  # noqa: E402
 )
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+# chat_template.jinja: where transformers >= 4.50 saves a chat template (not in
+# tokenizer_config.json); added_tokens.json: a slow tokenizer's added tokens.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt")
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 # ------------------------------------------------------------------------------------------

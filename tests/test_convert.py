@@ -524,6 +524,26 @@ def test_the_source_generation_config_survives_the_round_trip(rt, tmp_path):
     assert bare == {k: v for k, v in generation.items() if not k.endswith("_token_id")}
 
 
+def test_a_chat_template_saved_by_transformers_survives_the_round_trip(rt, tmp_path):
+    """transformers saves a chat template as chat_template.jinja, which the converter left
+    behind: apply_chat_template of the export failed."""
+    from transformers import AutoTokenizer
+
+    from dsmoe_megatron.tokenizer import write_hf_tokenizer
+
+    write_hf_model(tmp_path / "hf", small_hf_config(vocab_size=VOCAB), dtype=torch.float32,
+                   shards=1)
+    tok = AutoTokenizer.from_pretrained(write_hf_tokenizer(tmp_path / "tok"))
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "chat_template.jinja").is_file()
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "m")
+    back = convert.export_to_hf(save, tmp_path / "back")
+    chat = [{"role": "user", "content": "hi"}]
+    assert AutoTokenizer.from_pretrained(back, trust_remote_code=True).apply_chat_template(
+        chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False) == "user: hi\n"
+
+
 def test_a_broken_tokenizer_file_is_refused_not_carried_into_the_export(rt, tmp_path, capsys):
     write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
     broken = tmp_path / "hf" / "tokenizer.json"
