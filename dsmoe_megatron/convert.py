@@ -291,12 +291,25 @@ def _token_ids_from(directory: Path) -> dict:
 
 def kept_source(ckpt: Path, vocab_size: int) -> Path | None:
     """The directory where from-hf kept the source's files for this checkpoint, if its
-    vocabulary is the run's."""
-    for directory in (ckpt.parent / HF_SOURCE_DIR, ckpt / HF_SOURCE_DIR):
-        config = directory / "config.json"
-        if config.is_file() and read_json(config, "replace it with a complete copy").get(
-                "vocab_size") == vocab_size:
-            return directory
+    vocabulary is the run's; for a run started from another checkpoint (``load:``: a from-hf
+    import fine-tuned into a new save directory), the one of the checkpoint it started from."""
+    from dsmoe_megatron import checkpoint
+
+    seen = set()
+    while ckpt.resolve() not in seen:
+        seen.add(ckpt.resolve())
+        for directory in (ckpt.parent / HF_SOURCE_DIR, ckpt / HF_SOURCE_DIR):
+            config = directory / "config.json"
+            if config.is_file() and read_json(config, "replace it with a complete copy").get(
+                    "vocab_size") == vocab_size:
+                return directory
+        try:
+            run = checkpoint.saved_run_config(ckpt)
+            if run is None or not run.train.load:
+                return None
+            ckpt = checkpoint.resolve(run.train.load)
+        except checkpoint.CheckpointError:  # gone or moved since: no source to follow
+            return None
     return None
 
 
@@ -315,7 +328,7 @@ def generation_defaults(ckpt: Path, vocab_size: int) -> dict:
 def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | None = None
                      ) -> TokenizerExport:
     """The run's tokenizer: an explicit directory of HF tokenizer files, else the files from-hf
-    kept next to the checkpoint (same vocabulary size), else the byte tokenizer when the
+    kept (``kept_source``), else the byte tokenizer when the
     vocabulary is its size; otherwise none (config.json then has the special-token ids of the
     kept source's config, if any)."""
     if tokenizer_dir is not None:

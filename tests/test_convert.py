@@ -544,6 +544,32 @@ def test_a_chat_template_saved_by_transformers_survives_the_round_trip(rt, tmp_p
         chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False) == "user: hi\n"
 
 
+def test_a_fine_tuned_import_exports_with_the_source_tokenizer_and_token_ids(rt, tmp_path):
+    """from-hf, then dsmoe-train with load: the import and a new save directory: to-hf of that
+    found no kept source, and wrote no tokenizer and null bos/eos ids (generate never stops)."""
+    import shutil
+
+    import yaml
+
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"tokenizer_class": "X"}')
+    (tmp_path / "hf" / "generation_config.json").write_text('{"eos_token_id": 2, "top_p": 0.9}')
+    imported = convert.import_from_hf(tmp_path / "hf", tmp_path / "import")
+    # What dsmoe-train saves after training from it: the run.yaml names it as load:.
+    for save, load in ((tmp_path / "tuned", imported), (tmp_path / "tuned2", tmp_path / "tuned")):
+        ckpt = save / "iter_0000005"
+        shutil.copytree(checkpoint.resolve(load), ckpt)
+        run = yaml.safe_load((ckpt / checkpoint.RUN_CONFIG_NAME).read_text())
+        (ckpt / checkpoint.RUN_CONFIG_NAME).write_text(yaml.safe_dump({**run, "load": str(load)}))
+        (save / "latest").write_text("5")
+        out = convert.export_to_hf(save, tmp_path / f"{save.name}_hf")
+        config = json.loads((out / "config.json").read_text())
+        assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+        assert json.loads((out / "generation_config.json").read_text()) == \
+            {"bos_token_id": 1, "eos_token_id": 2, "top_p": 0.9}
+        assert json.loads((out / "tokenizer_config.json").read_text()) == {"tokenizer_class": "X"}
+
+
 def test_a_broken_tokenizer_file_is_refused_not_carried_into_the_export(rt, tmp_path, capsys):
     write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
     broken = tmp_path / "hf" / "tokenizer.json"
