@@ -52,6 +52,7 @@ from dsmoe_megatron.hf.mapping import (  # noqa: E402
     check_shapes,
     hf_config_dict,
     hf_defaults,
+    json_type,
     hf_dims,
     hf_expected_shapes,
     hf_to_megatron,
@@ -270,11 +271,17 @@ def tokenizer_files(directory: Path) -> list[str]:
     return names
 
 
-def read_json(path: Path, fix: str, what: str = "") -> dict:
+def read_json(path: Path, fix: str, what: str = "", holding: str = "") -> dict:
+    """The JSON object in ``path`` (every Hugging Face JSON file holds one; ``holding`` says of
+    what)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{what}{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{what}{path} must hold a JSON object{holding}, not "
+                              f"{json_type(data)}; {fix}")
+    return data
 
 
 def _token_ids_from(directory: Path) -> dict:
@@ -511,7 +518,8 @@ def read_hf_config(hf_dir: str | Path) -> dict:
                 or (hf_dir / checkpoint.MEGATRON_LM_TRACKER).exists() else "")
         raise ConversionError(f"{path} is missing, so {hf_dir} is not a Hugging Face model "
                               f"directory (--hf){ours}")
-    hf = read_json(path, "replace it with a complete copy")
+    hf = read_json(path, "replace it with a complete copy",
+                   holding=' of model settings ("hidden_size": 2048, ...)')
     check_hf_config(hf, where=str(path))
     return hf
 

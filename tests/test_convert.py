@@ -606,6 +606,13 @@ def test_a_broken_generation_config_is_refused_on_import(rt, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"dsmoe-convert: error: {broken} is not valid JSON ("), err
     assert "delete it (it holds generation defaults)" in err and not out.exists()
+    # Valid JSON but no object: an AttributeError traceback from to-hf, which reads its keys.
+    broken.write_text('["bos_token_id", 1]')
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"dsmoe-convert: error: {broken} must hold a JSON object, not a "
+                          "list"), err
+    assert "delete it (it holds generation defaults)" in err and not out.exists()
 
 
 def test_to_hf_refuses_a_tokenizer_directory_without_tokenizer_files(trained, tmp_path, capsys):

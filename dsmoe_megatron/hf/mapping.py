@@ -467,7 +467,7 @@ _HF_FIELDS = {
 }
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
     if value is None:
         return "null"
     for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "an integer"),
@@ -483,7 +483,7 @@ def check_hf_config(hf, where: str = "config.json") -> None:
     field that does not."""
     if not isinstance(hf, dict):
         raise ConversionError(f"{where} must hold a JSON object of model settings "
-                              f"(\"hidden_size\": 2048, ...), not {_json_type(hf)}; fix the file")
+                              f"(\"hidden_size\": 2048, ...), not {json_type(hf)}; fix the file")
     for field, (kind, nullable) in _HF_FIELDS.items():
         if field not in hf or (nullable and hf[field] is None):
             continue
@@ -491,7 +491,7 @@ def check_hf_config(hf, where: str = "config.json") -> None:
         if not ok(hf[field]):
             raise ConversionError(
                 f"{where}: {field} must be {description}{' or null' if nullable else ''}, got "
-                f"{hf[field]!r} ({_json_type(hf[field])}); fix the file")
+                f"{hf[field]!r} ({json_type(hf[field])}); fix the file")
 
 
 def model_fields_from_hf(hf: Mapping) -> dict:
