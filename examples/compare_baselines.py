@@ -21,7 +21,8 @@ analysed with dsmoe-analyze (expert load, top-p experts disabled, shared experts
 
 Results go to benchmarks/results/paper_ablation{.md,.json,.png,_redundancy.png,
 _expert_load.png}; runs (checkpoints, metrics.jsonl, analyses) to runs/compare/. Runs that
-already finished are reused, interrupted ones resume from their last checkpoint.
+already finished are reused, interrupted ones resume from their last checkpoint; a run there
+with other settings (overrides, data) is refused, not reused.
 """
 
 from __future__ import annotations
@@ -162,11 +163,46 @@ def _finished(save: Path, train_iters: int) -> bool:
     return any(r["iteration"] == train_iters and "valid_loss" in r for r in _metrics(save))
 
 
+def _train_overrides(model: Model, seed: int, data_path: str, overrides: list[str]) -> list[str]:
+    return [*model.overrides, f"seed={seed}", f"save={run_dir(model, seed)}",
+            f"data_path=[{data_path}]", "tensorboard_dir=null", *overrides]
+
+
 def _command(model: Model, seed: int, data_path: str, overrides: list[str]) -> list[str]:
-    save = run_dir(model, seed)
-    return [sys.executable, "-m", "dsmoe_megatron.train", str(BASE_CONFIG), *model.overrides,
-            f"seed={seed}", f"save={save}", f"data_path=[{data_path}]", "tensorboard_dir=null",
-            *overrides, "--resume", "auto"]
+    return [sys.executable, "-m", "dsmoe_megatron.train", str(BASE_CONFIG),
+            *_train_overrides(model, seed, data_path, overrides), "--resume", "auto"]
+
+
+def _flat(doc: dict) -> dict:
+    flat = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def settings_changed(model: Model, seed: int, data_path: str, overrides: list[str]) -> str | None:
+    """How the run in run_dir(model, seed) (its run.yaml) differs from the one this command
+    trains; None when it does not, or there is none yet. A finished run would otherwise be
+    reported under settings it was not trained with, and an interrupted one would be resumed
+    under them."""
+    import yaml
+
+    from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME
+    from dsmoe_megatron.yaml_config import load_run_config, run_config_to_dict
+
+    saved = run_dir(model, seed) / RUN_CONFIG_NAME
+    if not saved.exists():
+        return None
+    then = _flat(yaml.safe_load(saved.read_text()) or {})
+    now = _flat(run_config_to_dict(load_run_config(
+        BASE_CONFIG, _train_overrides(model, seed, data_path, overrides),
+        instantiate_checks=False)))
+    changed = [f"{key}: {then.get(key)} there, {now.get(key)} now"
+               for key in sorted(then.keys() | now.keys()) if then.get(key) != now.get(key)]
+    return "; ".join(changed) or None
 
 
 def _environment() -> dict:
@@ -199,6 +235,13 @@ def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> dict[str
 
 
 def train_all(run, model_list, seeds, data_path, overrides, parallel) -> dict[str, float]:
+    for m in model_list:
+        for s in seeds:
+            changed = settings_changed(m, s, data_path, overrides)
+            if changed:
+                raise SystemExit(
+                    f"compare_baselines: {run_dir(m, s)} holds a run with other settings "
+                    f"({changed}); give these settings another --runs directory, or delete it")
     jobs = [(f"{m.key}_s{s}", _command(m, s, data_path, overrides), run_dir(m, s) / "train.log")
             for m in model_list for s in seeds
             if not _finished(run_dir(m, s), run.train.train_iters)]

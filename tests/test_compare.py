@@ -138,3 +138,28 @@ def test_a_run_command_starts_in_an_empty_directory_and_continues_a_stopped_run(
     assert decide_resume(str(save), args.resume or "never", args.overwrite) == (False, [])
     (save / checkpoint.LATEST_NAME).write_text("2")
     assert decide_resume(str(save), args.resume or "never", args.overwrite) == (True, [])
+
+
+def test_a_run_trained_with_other_settings_is_neither_reused_nor_resumed(tmp_path, monkeypatch):
+    """A finished run would be reported under the settings of the current command, and an
+    interrupted one resumed under them: both are refused, naming what changed."""
+    from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME
+    from dsmoe_megatron.yaml_config import dump_run_config, load_run_config
+
+    compare = load_compare()
+    monkeypatch.setattr(compare, "RUNS", tmp_path)
+    model = compare.Model("gshard", "GShard", ["language_model.moe_router_topk=2"])
+    before = ["train_iters=4", "lr_warmup_iters=1"]
+    assert compare.settings_changed(model, 11, "data/a", before) is None  # no run yet
+    dump_run_config(load_run_config(compare.BASE_CONFIG, compare._train_overrides(
+        model, 11, "data/a", before), instantiate_checks=False),
+        compare.run_dir(model, 11) / RUN_CONFIG_NAME)
+    assert compare.settings_changed(model, 11, "data/a", before) is None
+    assert compare.settings_changed(model, 11, "data/a", [*before, "lr=0.03"]) == (
+        "lr: 0.004 there, 0.03 now")
+    assert "data_path" in compare.settings_changed(model, 11, "data/b", before)
+
+    monkeypatch.setattr(compare, "run_jobs", lambda *a: pytest.fail("a run was started"))
+    run = load_run_config(compare.BASE_CONFIG, before, instantiate_checks=False)
+    with pytest.raises(SystemExit, match=r"gshard_s11 holds a run with other settings \(lr: "):
+        compare.train_all(run, [model], [11], "data/a", [*before, "lr=0.03"], 1)
