@@ -19,8 +19,9 @@ initialisation, the order of the training data and the validation batches, so th
 one seed see the same data and their differences pair up across seeds. Then every MoE model is
 analysed with dsmoe-analyze (expert load, top-p experts disabled, shared experts removed).
 
-Results go to benchmarks/results/paper_ablation{.md,.json,.png,_redundancy.png,
-_expert_load.png}; runs (checkpoints, metrics.jsonl, analyses) to runs/compare/. Runs that
+Results go to benchmarks/results/paper_ablation{_table.md,.json,.png,_redundancy.png,
+_expert_load.png} (``--results``), replacing earlier ones (there: the recorded results) only
+with ``--force``; runs (checkpoints, metrics.jsonl, analyses) to runs/compare/. Runs that
 already finished are reused, interrupted ones resume from their last checkpoint; a run there
 with other settings (overrides, data) is refused, not reused.
 """
@@ -63,6 +64,10 @@ CORPUS_TOKENS = 6_000_000
 # reach their plateau within the hour (with 64 the curves still fall steeply at the end).
 LANGUAGE = LanguageConfig(words_per_class=16)
 DEEPSEEKMOE = "fine4"
+# What one run writes to --results (--measure: the cost estimate only).
+RESULT_FILES = ("paper_ablation.json", "paper_ablation_table.md", "paper_ablation.png",
+                "paper_ablation_redundancy.png", "paper_ablation_expert_load.png")
+COST_FILE = "paper_ablation_cost.json"
 
 
 @dataclass
@@ -498,6 +503,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--analysis-eval-iters", type=int, default=16)
     parser.add_argument("--runs", type=Path, default=RUNS, help="where runs and data go")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the results of an earlier comparison in --results")
     parser.add_argument("--measure", action="store_true",
                         help="only measure CPU s/step per model and extrapolate the total")
     add_language_arguments(parser.add_argument_group(
@@ -515,6 +522,14 @@ def main(argv=None) -> None:
     global RUNS, RESULTS
     args = parse_args(argv)
     RUNS, RESULTS = args.runs.resolve(), args.results.resolve()
+    # Checked before the hour of training: the results of an earlier comparison (the recorded
+    # ones, by default) are not replaced unasked.
+    earlier = [name for name in ((COST_FILE,) if args.measure else RESULT_FILES)
+               if (RESULTS / name).exists()]
+    if earlier and not args.force:
+        raise SystemExit(f"compare_baselines: {RESULTS} holds the results of an earlier "
+                         f"comparison ({', '.join(earlier)}); pass --force to replace them or "
+                         "choose another --results")
 
     from dsmoe_megatron.yaml_config import load_run_config
 
@@ -531,7 +546,7 @@ def main(argv=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.measure:
         result = measure(run, model_list, data_path, args.overrides, args.seeds, 10, 40)
-        (RESULTS / "paper_ablation_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / COST_FILE).write_text(json.dumps(result, indent=1) + "\n")
         return
     cpu = train_all(run, model_list, args.seeds, data_path, args.overrides, args.jobs)
     analyses = analyse_all(model_list, args.seeds, args.jobs, args.analysis_eval_iters)

@@ -163,3 +163,20 @@ def test_a_run_trained_with_other_settings_is_neither_reused_nor_resumed(tmp_pat
     run = load_run_config(compare.BASE_CONFIG, before, instantiate_checks=False)
     with pytest.raises(SystemExit, match=r"gshard_s11 holds a run with other settings \(lr: "):
         compare.train_all(run, [model], [11], "data/a", [*before, "lr=0.03"], 1)
+
+
+def test_earlier_results_are_not_replaced_without_force(tmp_path, monkeypatch):
+    """Checked before any data or training: a comparison (even a typo'd quick one) would
+    otherwise write over the results of an earlier one, the recorded ones by default."""
+    compare = load_compare()
+    monkeypatch.setattr(compare, "corpus_prefix", lambda *a: pytest.fail("data was generated"))
+    (tmp_path / "paper_ablation.json").write_text("{}\n")
+    for extra in ([], ["--measure"]):
+        (tmp_path / compare.COST_FILE).write_text("{}\n")
+        with pytest.raises(SystemExit, match="holds the results of an earlier comparison "
+                           r"\(paper_ablation(_cost)?.json\); pass --force"):
+            compare.main(["--runs", str(tmp_path / "runs"), "--results", str(tmp_path), *extra])
+    assert (tmp_path / "paper_ablation.json").read_text() == "{}\n"
+    # --force goes on (here to the data, which this test stops at).
+    with pytest.raises(pytest.fail.Exception, match="data was generated"):
+        compare.main(["--runs", str(tmp_path / "runs"), "--results", str(tmp_path), "--force"])
