@@ -510,6 +510,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_language_arguments(parser.add_argument_group(
         "the synthetic language (dsmoe_megatron.synthetic.LanguageConfig)"), "language-", LANGUAGE)
     args = parser.parse_args(argv)
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:
+        # The same run twice would count as two seeds: a narrower interval from no new data.
+        parser.error(f"--seeds: {', '.join(map(str, repeated))} given more than once; "
+                     "each seed is one independent run")
     args.language = language_from_args(args, "language-")
     try:
         args.language.check()

@@ -107,6 +107,14 @@ def test_language_settings_are_checked(capsys):
         assert named in capsys.readouterr().err
 
 
+def test_a_seed_given_twice_is_refused(capsys):
+    """It would be the same run counted as two seeds in the paired t-intervals."""
+    compare = load_compare()
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--seeds", "11", "22", "11"])
+    assert "--seeds: 11 given more than once" in capsys.readouterr().err
+
+
 def test_synthetic_command_writes_the_language_its_options_name(tmp_path, capsys):
     assert synthetic_main(["--output-prefix", str(tmp_path / "cli"), "--tokens", "2e4",
                            "--words-per-class", "8"]) == 0
