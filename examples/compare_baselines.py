@@ -64,6 +64,7 @@ CORPUS_TOKENS = 6_000_000
 # reach their plateau within the hour (with 64 the curves still fall steeply at the end).
 LANGUAGE = LanguageConfig(words_per_class=16)
 DEEPSEEKMOE = "fine4"
+MODEL_KEYS = ("dense", "switch", "gshard", "shared", "fine2", DEEPSEEKMOE)  # models()'s order
 # What one run writes to --results (--measure: the cost estimate only).
 RESULT_FILES = ("paper_ablation.json", "paper_ablation_table.md", "paper_ablation.png",
                 "paper_ablation_redundancy.png", "paper_ablation_expert_load.png")
@@ -491,16 +492,28 @@ def measure(run, model_list, data_path: str, overrides: list[str], seeds: list[i
     return result
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="dsmoe-train key=value for every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 22, 33])
-    parser.add_argument("--models", nargs="+", default=None, help="a subset of the model keys")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--models", nargs="+", default=None, choices=MODEL_KEYS,
+                        help="a subset of the models")
+    parser.add_argument("--jobs", type=_positive, default=2,
+                        help="runs at a time (one thread each)")
     parser.add_argument("--data-path", default=None, help="your indexed dataset prefix "
                         "(dsmoe-preprocess); default: the synthetic corpus")
-    parser.add_argument("--corpus-tokens", type=int, default=CORPUS_TOKENS)
-    parser.add_argument("--analysis-eval-iters", type=int, default=16)
+    parser.add_argument("--corpus-tokens", type=_positive, default=CORPUS_TOKENS)
+    parser.add_argument("--analysis-eval-iters", type=_positive, default=16)
     parser.add_argument("--runs", type=Path, default=RUNS, help="where runs and data go")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     parser.add_argument("--force", action="store_true",
@@ -536,14 +549,24 @@ def main(argv=None) -> None:
                          f"comparison ({', '.join(earlier)}); pass --force to replace them or "
                          "choose another --results")
 
-    from dsmoe_megatron.yaml_config import load_run_config
+    from dsmoe_megatron.yaml_config import YamlConfigError, load_run_config, output_dir_problem
 
-    run = load_run_config(BASE_CONFIG, args.overrides)
+    for option, path in (("--runs", RUNS), ("--results", RESULTS)):
+        problem = output_dir_problem(str(path))
+        if problem:
+            raise SystemExit(f"compare_baselines: {option} {path}: {problem}")
+    try:
+        run = load_run_config(BASE_CONFIG, args.overrides)
+    except YamlConfigError as error:
+        raise SystemExit(f"compare_baselines: {error}") from None
     model_list = models(run)
     if args.models:
         model_list = [m for m in model_list if m.key in args.models]
     data_path = args.data_path or corpus_prefix(args.corpus_tokens, args.language)
-    data = {"data_path": data_path, **check_single_epoch(run, data_path)}
+    try:
+        data = {"data_path": data_path, **check_single_epoch(run, data_path)}
+    except FileNotFoundError as error:  # a --data-path without its .bin / .idx
+        raise SystemExit(f"compare_baselines: --data-path: {error}") from None
     if args.data_path is None:
 
         meta = json.loads(Path(f"{data_path}.synthetic.json").read_text())

@@ -188,3 +188,32 @@ def test_earlier_results_are_not_replaced_without_force(tmp_path, monkeypatch):
     # --force goes on (here to the data, which this test stops at).
     with pytest.raises(pytest.fail.Exception, match="data was generated"):
         compare.main(["--runs", str(tmp_path / "runs"), "--results", str(tmp_path), "--force"])
+
+
+def test_bad_options_and_paths_stop_with_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    compare = load_compare()
+    from dsmoe_megatron.yaml_config import load_run_config
+
+    run = load_run_config(compare.BASE_CONFIG, [], instantiate_checks=False)
+    assert [m.key for m in compare.models(run)] == list(compare.MODEL_KEYS)
+    for bad, named in ((["--models", "gshrd"], "--models: invalid choice: 'gshrd'"),
+                       (["--jobs", "0"], "--jobs: must be a whole number >= 1"),
+                       (["--analysis-eval-iters", "0"], "--analysis-eval-iters: must be")):
+        with pytest.raises(SystemExit):
+            compare.parse_args(bad)
+        assert named in capsys.readouterr().err
+
+    monkeypatch.setattr(compare, "corpus_prefix", lambda *a: pytest.fail("data was generated"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    runs, results = ["--runs", str(tmp_path / "runs")], ["--results", str(tmp_path / "results")]
+    for argv, message in (
+            ([*runs, "--results", str(a_file)], f"--results {a_file}: is a file, not a directory"),
+            (["--runs", str(a_file / "x"), *results], f"{a_file} is a file, so no directory"),
+            (["train_iters=4", *runs, *results], "lr_warmup_iters: must be between 0 and "
+                                                 "train_iters=4 (got 50)"),
+            ([*runs, *results, "--data-path", str(tmp_path / "none")],
+             f"--data-path: indexed dataset file {tmp_path / 'none'}.idx not found")):
+        with pytest.raises(SystemExit) as stop:
+            compare.main(argv)
+        assert str(stop.value).startswith("compare_baselines: ") and message in str(stop.value)
