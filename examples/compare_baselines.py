@@ -466,13 +466,19 @@ def measure(run, model_list, data_path: str, overrides: list[str], seeds: list[i
         cpu = []
         for iters in (short, long):
             save = RUNS / "measure" / f"{m.key}_{iters}"
+            # --overwrite: the timing runs of an earlier --measure are only in the way.
             cmd = [sys.executable, "-m", "dsmoe_megatron.train", str(BASE_CONFIG), *m.overrides,
                    f"save={save}", f"data_path=[{data_path}]", "tensorboard_dir=null",
                    *overrides, f"train_iters={iters}", "lr_warmup_iters=1", "eval_interval=null",
-                   "save_interval=null"]
+                   "save_interval=null", "--overwrite"]
+            log = save.with_name(f"{save.name}.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            subprocess.run(cmd, cwd=ROOT, env=_environment(), check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with open(log, "w") as f:
+                code = subprocess.run(cmd, cwd=ROOT, env=_environment(), stdout=f,
+                                      stderr=subprocess.STDOUT).returncode
+            if code:
+                raise SystemExit(f"compare_baselines: measuring {m.key} failed; see {log}")
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         per_step = (cpu[1] - cpu[0]) / (long - short)

@@ -217,3 +217,35 @@ def test_bad_options_and_paths_stop_with_one_line_before_any_work(tmp_path, monk
         with pytest.raises(SystemExit) as stop:
             compare.main(argv)
         assert str(stop.value).startswith("compare_baselines: ") and message in str(stop.value)
+
+
+def test_measure_runs_again_over_its_own_timing_runs(tmp_path, monkeypatch):
+    """A second --measure found the first one's timing runs in its save directories, which
+    dsmoe-train refuses to start in (a CalledProcessError with the output discarded)."""
+    import subprocess
+
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.run_dir import decide_resume
+    from dsmoe_megatron.train import parse_args
+    from dsmoe_megatron.yaml_config import load_run_config
+
+    compare = load_compare()
+    monkeypatch.setattr(compare, "RUNS", tmp_path)
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0 if len(commands) == 1 else 1)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    run = load_run_config(compare.BASE_CONFIG, [], instantiate_checks=False)
+    model = compare.Model("gshard", "GShard")
+    with pytest.raises(SystemExit, match=r"measuring gshard failed; see .*gshard_40\.log"):
+        compare.measure(run, [model], "data/prefix", [], [11], 10, 40)
+    args = parse_args(commands[0][3:])
+    save = tmp_path / "measure" / "gshard_10"
+    assert f"save={save}" in args.overrides
+    save.mkdir(parents=True)
+    (save / checkpoint.LATEST_NAME).write_text("10")
+    assert decide_resume(str(save), args.resume or "never", args.overwrite) == (
+        False, [save / checkpoint.LATEST_NAME])
