@@ -259,15 +259,22 @@ def train_all(run, model_list, seeds, data_path, overrides, parallel) -> dict[st
     return recorded
 
 
+def _analysed_with(path: Path) -> int | None:
+    """The eval_iters of the analysis at ``path``; None without one."""
+    return json.loads(path.read_text())["settings"]["eval_iters"] if path.exists() else None
+
+
 def analyse_all(model_list, seeds, parallel, eval_iters: int) -> dict:
     jobs = []
     for m in model_list:
         for s in seeds:
             out = run_dir(m, s) / "analysis"
-            if m.moe and not (out / "analysis.json").exists():
+            # An analysis over another number of batches is redone, not reported as this one.
+            if m.moe and _analysed_with(out / "analysis.json") != eval_iters:
                 jobs.append((f"analyse {m.key}_s{s}", [
                     sys.executable, "-m", "dsmoe_megatron.analyze", str(run_dir(m, s)),
-                    "--out", str(out), "--eval-iters", str(eval_iters)], out / "analyze.log"))
+                    "--out", str(out), "--eval-iters", str(eval_iters), "--force"],
+                    out / "analyze.log"))
     run_jobs(jobs, parallel)
     return {(m.key, s): json.loads((run_dir(m, s) / "analysis" / "analysis.json").read_text())
             for m in model_list if m.moe for s in seeds}

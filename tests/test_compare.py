@@ -249,3 +249,27 @@ def test_measure_runs_again_over_its_own_timing_runs(tmp_path, monkeypatch):
     (save / checkpoint.LATEST_NAME).write_text("10")
     assert decide_resume(str(save), args.resume or "never", args.overwrite) == (
         False, [save / checkpoint.LATEST_NAME])
+
+
+def test_an_analysis_over_other_batches_is_redone(tmp_path, monkeypatch):
+    """--analysis-eval-iters changed: the earlier analysis.json was reported as the new one."""
+    compare = load_compare()
+    monkeypatch.setattr(compare, "RUNS", tmp_path)
+    model = compare.Model("gshard", "GShard")
+    out = compare.run_dir(model, 11) / "analysis"
+    out.mkdir(parents=True)
+    (out / "analysis.json").write_text(json.dumps({"settings": {"eval_iters": 16}}))
+    started = []
+
+    def fake_jobs(jobs, parallel):
+        started.extend(jobs)
+        for _, command, _ in jobs:
+            (out / "analysis.json").write_text(json.dumps({"settings": {
+                "eval_iters": int(command[command.index("--eval-iters") + 1])}}))
+        return {}
+
+    monkeypatch.setattr(compare, "run_jobs", fake_jobs)
+    assert compare.analyse_all([model], [11], 1, 16)[model.key, 11]["settings"]["eval_iters"] == 16
+    assert not started  # the same settings: reused
+    assert compare.analyse_all([model], [11], 1, 4)[model.key, 11]["settings"]["eval_iters"] == 4
+    assert len(started) == 1 and "--force" in started[0][1]
