@@ -273,3 +273,23 @@ def test_an_analysis_over_other_batches_is_redone(tmp_path, monkeypatch):
     assert not started  # the same settings: reused
     assert compare.analyse_all([model], [11], 1, 4)[model.key, 11]["settings"]["eval_iters"] == 4
     assert len(started) == 1 and "--force" in started[0][1]
+
+
+def test_the_table_gives_the_loss_rise_with_the_shared_experts_removed(tmp_path, monkeypatch):
+    """Beside the rises of the top-p column it printed the loss itself, which the recorded
+    paper_ablation.md then read as a rise."""
+    from dsmoe_megatron.yaml_config import load_run_config
+
+    compare = load_compare()
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    curve = [(1, 2.0), (2, 1.0)]
+    summary = {"models": {"fine4": {"label": "DeepSeekMoE", "mean": 1.0, "std": 0.0,
+                                    "final_valid": [1.0, 1.0], "valid_curves": [curve, curve]}},
+               "pairs": {}}
+    redundancy = {"fine4": {"disabled_top": [0, 1], "rise_mean": [0.0, 0.3],
+                            "loss_mean": [0.4, 0.7],  # the analyses' own losses, mean of 2 seeds
+                            "shared_removed": [{"loss": 0.5}, {"loss": 0.7}]}}
+    run = load_run_config(compare.BASE_CONFIG, [], instantiate_checks=False)
+    compare.write_results(run, summary, redundancy, {}, {}, [1, 2], [], [])
+    row = (tmp_path / "paper_ablation_table.md").read_text().splitlines()[-1]
+    assert row == "| DeepSeekMoE | 0: +0.000, 1: +0.300 | +0.200 |"
