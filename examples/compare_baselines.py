@@ -574,6 +574,13 @@ def main(argv=None) -> None:
         run = load_run_config(BASE_CONFIG, args.overrides)
     except YamlConfigError as error:
         raise SystemExit(f"compare_baselines: {error}") from None
+    train = run.train
+    if not train.eval_interval or train.train_iters % train.eval_interval:
+        # Else the last evaluation is before the end: reported as the final loss of a model
+        # that trained on (or none at all), and the run never counts as finished.
+        raise SystemExit(f"compare_baselines: eval_interval={train.eval_interval} must divide "
+                         f"train_iters={train.train_iters}: the models are compared by their "
+                         "validation loss at the last step")
     model_list = models(run)
     if args.models:
         model_list = [m for m in model_list if m.key in args.models]

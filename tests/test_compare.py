@@ -212,6 +212,9 @@ def test_bad_options_and_paths_stop_with_one_line_before_any_work(tmp_path, monk
             (["--runs", str(a_file / "x"), *results], f"{a_file} is a file, so no directory"),
             (["train_iters=4", *runs, *results], "lr_warmup_iters: must be between 0 and "
                                                  "train_iters=4 (got 50)"),
+            (["train_iters=1650", *runs, *results], "eval_interval=100 must divide "
+                                                    "train_iters=1650"),
+            (["eval_interval=null", *runs, *results], "eval_interval=None must divide"),
             ([*runs, *results, "--data-path", str(tmp_path / "none")],
              f"--data-path: indexed dataset file {tmp_path / 'none'}.idx not found")):
         with pytest.raises(SystemExit) as stop:
