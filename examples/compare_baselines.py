@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsmoe_megatron.analyze import draw_expert_load, pyplot  # noqa: E402
+from dsmoe_megatron.cli import positive_int  # noqa: E402
 from dsmoe_megatron.config import derive_from_baseline  # noqa: E402
 from dsmoe_megatron.synthetic import (  # noqa: E402
     LanguageConfig,
@@ -507,28 +508,18 @@ def measure(run, model_list, data_path: str, overrides: list[str], seeds: list[i
     return result
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="dsmoe-train key=value for every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 22, 33])
     parser.add_argument("--models", nargs="+", default=None, choices=MODEL_KEYS,
                         help="a subset of the models")
-    parser.add_argument("--jobs", type=_positive, default=2,
+    parser.add_argument("--jobs", type=positive_int, default=2,
                         help="runs at a time (one thread each)")
     parser.add_argument("--data-path", default=None, help="your indexed dataset prefix "
                         "(dsmoe-preprocess); default: the synthetic corpus")
-    parser.add_argument("--corpus-tokens", type=_positive, default=CORPUS_TOKENS)
-    parser.add_argument("--analysis-eval-iters", type=_positive, default=16)
+    parser.add_argument("--corpus-tokens", type=positive_int, default=CORPUS_TOKENS)
+    parser.add_argument("--analysis-eval-iters", type=positive_int, default=16)
     parser.add_argument("--runs", type=Path, default=RUNS, help="where runs and data go")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     parser.add_argument("--force", action="store_true",

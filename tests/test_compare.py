@@ -197,7 +197,7 @@ def test_bad_options_and_paths_stop_with_one_line_before_any_work(tmp_path, monk
     run = load_run_config(compare.BASE_CONFIG, [], instantiate_checks=False)
     assert [m.key for m in compare.models(run)] == list(compare.MODEL_KEYS)
     for bad, named in ((["--models", "gshrd"], "--models: invalid choice: 'gshrd'"),
-                       (["--jobs", "0"], "--jobs: must be a whole number >= 1"),
+                       (["--jobs", "0"], "--jobs: must be a positive integer (1, 2, ...)"),
                        (["--analysis-eval-iters", "0"], "--analysis-eval-iters: must be")):
         with pytest.raises(SystemExit):
             compare.parse_args(bad)
