@@ -104,23 +104,29 @@ def load_model(checkpoint_dir: str | Path):
 
 
 def eval_batches(run, settings: EvalSettings) -> list[dict]:
-    """The first ``eval_iters`` micro-batches of the validation split (fixed by the run's seed)."""
+    """The first ``eval_iters`` micro-batches of the validation split (fixed by the run's seed),
+    each sample once: a split holding fewer samples is evaluated whole, the last batch short."""
     from dsmoe_megatron.data import build_gpt_datasets, default_corpus_prefix, iterate_batches
     from dsmoe_megatron.tokenizer import ByteTokenizer
 
     data_path = settings.data_path or run.train.data_path
     if data_path is None:
         data_path = [default_corpus_prefix(tokenizer=ByteTokenizer())]
-    num_samples = settings.eval_iters * settings.micro_batch_size
-    _, valid = build_gpt_datasets(
+    _, valid = build_gpt_datasets(  # one pass over the split
         data_path, settings.seq_length or run.train.seq_length, run.train.seed,
-        split=settings.split or run.train.split, train_samples=1, valid_samples=num_samples,
+        split=settings.split or run.train.split, train_samples=1,
     )
     if valid is None:
         raise AnalysisError(f"split {settings.split or run.train.split!r} has no validation "
                             "part; pass --split with a non-zero second weight (e.g. 95,5,0)")
-    batches = iterate_batches(valid, settings.micro_batch_size, run.train.seed)
-    return [next(batches) for _ in range(settings.eval_iters)]
+    size = settings.micro_batch_size
+    num_samples = min(settings.eval_iters * size, len(valid))
+    stream = iterate_batches(valid, size, run.train.seed)
+    batches = [next(stream) for _ in range(-(-num_samples // size))]
+    if num_samples % size:  # past the split's end the stream starts it over
+        batches[-1] = {key: None if value is None else value[:num_samples % size]
+                       for key, value in batches[-1].items()}
+    return batches
 
 
 def moe_layers(model) -> list:
@@ -226,6 +232,7 @@ def analyze(model, batches, vocab_size: int, max_disabled_fraction: float = 0.25
     result = {
         "model": dict(routed_experts=n, topk=k, shared_experts=ks,
                       expert_width=cfg.moe_ffn_hidden_size, moe_layers=len(layers)),
+        "eval_samples": sum(len(b["tokens"]) for b in batches),
         "eval_tokens": int(sum(float(b["loss_mask"].sum()) for b in batches)),
         "loss": normal,
         "expert_load": _load_rows(loads, [layer.layer_number for layer in layers], k),
@@ -362,7 +369,12 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
 
 
 def _summary(result: dict) -> str:
-    lines = [f"validation loss {result['loss']:.4f} over {result['eval_tokens']} tokens"]
+    settings = result["settings"]
+    asked = settings["eval_iters"] * settings["micro_batch_size"]
+    whole = (f" (the whole validation split: {result['eval_samples']} samples, not the "
+             f"{asked} of --eval-iters x --micro-batch-size)"
+             if result["eval_samples"] < asked else "")
+    lines = [f"validation loss {result['loss']:.4f} over {result['eval_tokens']} tokens{whole}"]
     for row in result["expert_load"]:
         lines.append(f"layer {row['layer']}: max/mean load {row['max_over_mean']:.2f}, "
                      f"{row['unused_experts']} unused experts")

@@ -172,6 +172,35 @@ def test_cli_writes_json_and_plots_and_keeps_earlier_results(tiny, tmp_path, cap
     assert (out / "analysis.json").read_text() == before
 
 
+def test_a_validation_split_smaller_than_asked_is_evaluated_whole_each_sample_once(
+        tiny, tmp_path, capsys):
+    """--eval-iters x --micro-batch-size past the split's samples evaluated some of them twice
+    or more (Megatron builds more epochs) and reported the repeats as more tokens."""
+    from dsmoe_megatron.data import build_gpt_datasets, open_indexed_dataset
+    from dsmoe_megatron.synthetic import split_documents
+
+    # The samples of one pass, by hand: (tokens of the validation documents - 1) // SEQ.
+    dataset = open_indexed_dataset(tiny.run.train.data_path[0])
+    valid = split_documents(len(dataset.sequence_lengths), "90,10,0")["valid"]
+    samples = (int(dataset.sequence_lengths[valid.start:valid.stop].sum()) - 1) // SEQ
+    settings = analyze.EvalSettings(eval_iters=samples, micro_batch_size=3)  # asks for 3x
+    batches = analyze.eval_batches(tiny.run, settings)
+    rows = sorted(tuple(r.tolist()) for b in batches for r in b["tokens"])
+    _, one_pass = build_gpt_datasets(tiny.run.train.data_path, SEQ, tiny.run.train.seed,
+                                     split="90,10,0", train_samples=1)
+    assert len(one_pass) == samples  # the count by hand: no second epoch
+    assert rows == sorted(tuple(one_pass[i]["tokens"].tolist()) for i in range(samples))
+    assert [len(b["tokens"]) for b in batches] == [3] * (samples // 3) + (
+        [samples % 3] if samples % 3 else [])
+    out = tmp_path / "out"
+    assert analyze.main([str(tiny.save), "--out", str(out), "--eval-iters", str(samples),
+                         "--micro-batch-size", "3"]) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    assert (result["eval_samples"], result["eval_tokens"]) == (samples, samples * SEQ)
+    assert (f"over {samples * SEQ} tokens (the whole validation split: {samples} samples, not "
+            f"the {3 * samples} of --eval-iters x --micro-batch-size)") in capsys.readouterr().out
+
+
 def hf_loss(hf_dir: Path, batches) -> float:
     """The exported model's loss in the Hugging Face modeling code (no Megatron involved)."""
     from dsmoe_megatron.hf.modeling_deepseek import DeepseekForCausalLM
