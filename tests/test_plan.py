@@ -372,6 +372,25 @@ def test_gradient_reduction_is_timed_as_dsmoe_train_runs_it(capsys):
     assert json.loads(capsys.readouterr().out)["step_time"]["step_time"] == on["step_time"]
 
 
+def test_one_backward_hides_the_dense_and_the_expert_gradient_reduction_once():
+    # one micro-batch per step, both reductions longer than the backward: recompute lengthens
+    # the backward, which must not hide more than it costs (it did when each reduction was
+    # credited with the whole backward)
+    one_micro = ["micro_batch_size=1", "global_batch_size=8"]
+    full = ["language_model.recompute_granularity=full", "language_model.recompute_method=uniform",
+            "language_model.recompute_num_layers=1"]
+    none = make("tiny.yaml", one_micro, world_size=8)["step_time"]
+    recompute = make("tiny.yaml", one_micro + full, world_size=8)["step_time"]
+    assert recompute["breakdown"]["recompute"] > 0
+    assert recompute["step_time"] > none["step_time"]
+    keys = ("DP gradient sync", "expert-DP gradient sync")
+    off = make("tiny.yaml", one_micro + ["overlap_grad_reduce=false"], world_size=8)["step_time"]
+    hidden = sum(off["breakdown"][k] - none["breakdown"][k] for k in keys)
+    backward = sum(v for k, v in none["breakdown"].items()
+                   if k not in keys + ("optimizer step",)) * 2 / 3
+    assert hidden == pytest.approx(backward)
+
+
 # a small MoE model whose layouts on 8 GPUs in 2 nodes of 4 the search can enumerate quickly;
 # 6 heads, so TP 4 is estimated but refused by the config validation
 TOY = ["num_layers=8", "hidden_size=768", "num_attention_heads=6", "ffn_hidden_size=2048",

@@ -281,6 +281,8 @@ def estimate_step_time(cfg: DeepSeekMoEConfig, params: ParamCount, cluster: Clus
     for s, stage in enumerate(memory["stages"]):
         # what an overlapped gradient reduction hides behind: the last micro-batch's backward
         backward = sum(v for k, v in stages[s][0].items() if k != "PP send/recv") * 2 / 3
+        # one window for both reductions, timed one after the other as without the overlap
+        window = [backward]
 
         def sync(n_params: int, size: int, stride: int) -> float:
             if size == 1:
@@ -292,8 +294,11 @@ def estimate_step_time(cfg: DeepSeekMoEConfig, params: ParamCount, cluster: Clus
                     ctx.group_link(size, stride, gather)
             else:
                 exposed = ctx.group_link(size, stride, 2 * grads)
-            overlapped = rates.overlap_grad_reduce is not False
-            return max(0.0, exposed - backward) if overlapped else exposed
+            if rates.overlap_grad_reduce is False:
+                return exposed
+            hidden = min(exposed, window[0])
+            window[0] -= hidden
+            return exposed - hidden
 
         shards = (dp, edp) if distributed else (1, 1)
         local = stage.dense_params / shards[0] + stage.expert_params / shards[1]
