@@ -372,6 +372,20 @@ def test_gradient_reduction_is_timed_as_dsmoe_train_runs_it(capsys):
     assert json.loads(capsys.readouterr().out)["step_time"]["step_time"] == on["step_time"]
 
 
+def test_block_recompute_times_only_the_layers_it_recomputes():
+    # 16B: a dense first layer and 27 MoE layers; the block method recomputes the first n
+    def recompute(method, n):
+        return make("deepseekmoe_16b.yaml", ["language_model.recompute_granularity=full",
+                                             f"language_model.recompute_method={method}",
+                                             f"language_model.recompute_num_layers={n}"],
+                    world_size=128)["step_time"]["breakdown"]["recompute"]
+
+    full = recompute("uniform", 1)
+    dense = recompute("block", 1)
+    assert 0 < dense < recompute("block", 14) < full == pytest.approx(recompute("block", 28))
+    assert recompute("block", 14) - dense == pytest.approx((full - dense) * 13 / 27)
+
+
 def test_one_backward_hides_the_dense_and_the_expert_gradient_reduction_once():
     # one micro-batch per step, both reductions longer than the backward: recompute lengthens
     # the backward, which must not hide more than it costs (it did when each reduction was

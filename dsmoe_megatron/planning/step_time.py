@@ -225,18 +225,21 @@ def _head_time(ctx: _Context, hidden: int, vocab_rows: int) -> dict[str, float]:
 
 
 def _stage_time(ctx: _Context, flops: dict, pattern: list[bool], chunks: list[list[int]],
-                first: bool, last: bool, vocab_rows: int) -> tuple[dict, dict]:
+                first: bool, last: bool, vocab_rows: int, block: int | None = None
+                ) -> tuple[dict, dict]:
     """Seconds of one micro-batch through all model chunks of one pipeline rank, and its EP
     all-to-all bytes."""
     m = ctx.m
     times: dict[str, float] = {}
     traffic: dict[str, float] = {}
-    layers = sum(map(len, chunks))
-    moe_layers = sum(pattern[i] for chunk in chunks for i in chunk)
-    for moe, count in ((False, layers - moe_layers), (True, moe_layers)):
-        if not count:
-            continue
-        layer, sent = layer_time(ctx, moe, flops[moe])
+    # full recompute with the block method redoes only the first ``block`` layers of a chunk
+    counts: dict[tuple[bool, bool], int] = {}
+    for chunk in chunks:
+        for j, i in enumerate(chunk):
+            key = (pattern[i], ctx.full_recompute and (block is None or j < block))
+            counts[key] = counts.get(key, 0) + 1
+    for (moe, recomputed), count in sorted(counts.items()):
+        layer, sent = layer_time(replace(ctx, full_recompute=recomputed), moe, flops[moe])
         for key, value in layer.items():
             _add(times, key, count * value)
         for key, value in sent.items():
@@ -259,13 +262,14 @@ def estimate_step_time(cfg: DeepSeekMoEConfig, params: ParamCount, cluster: Clus
     vpp = cfg.virtual_pipeline_model_parallel_size or 1
     m = Micro.of(cfg, seq, batch, impl, recompute_modules(cfg))
     ctx = _Context(m, cluster, rates, cfg.recompute_granularity == "full")
+    block = cfg.recompute_num_layers if cfg.recompute_method == "block" else None
     dp, edp = world // (m.tp * p), world // (m.etp * m.ep * p)
     pattern = cfg.moe_layer_pattern()
     flops = {moe: layer_flops(cfg, moe, seq) for moe in set(pattern)}
     stages = []
     for s, chunks in enumerate(stage_chunks(cfg)):
         times, traffic = _stage_time(ctx, flops, pattern, chunks, s == 0, s == p - 1,
-                                     params.padded_vocab_size)
+                                     params.padded_vocab_size, block)
         if p > 1:
             times["PP send/recv"] = _pipeline_sends(ctx, p, len(chunks), s == 0, s == p - 1)
         stages.append((times, traffic))
