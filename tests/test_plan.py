@@ -434,6 +434,18 @@ def test_search_returns_only_layouts_the_config_validation_accepts(toy_search):
     assert all(r.estimate.fits for r in ranked)
 
 
+def test_search_ranks_each_split_of_the_layers_once(toy_search):
+    # PP 2 counting the embedding and the loss as layers splits 8 layers 4 + 4, as PP 2 does
+    _, result = toy_search
+    seen = {}
+    for r in result["ranked"]:
+        key = (dataclasses.replace(r.layout, embedding_and_loss_as_layers=False),
+               str(memory.stage_chunks(r.run.model)))
+        assert key not in seen, f"{r.layout.describe(8)} repeats {seen[key].describe(8)}"
+        seen[key] = r.layout
+    assert any(layout.pipeline == 2 and not layout.virtual_pipeline for layout in seen.values())
+
+
 def test_a_search_without_candidates_says_why_and_which_gpu_counts_have_some(capsys):
     """No DP size possible on 1000 GPUs divides the global batch 4608 = 2^9 x 9 (DP would have
     to take up the factor 125); the nearest whole-node counts the enumeration gives layouts on

@@ -131,6 +131,8 @@ def candidates(cfg: DeepSeekMoEConfig, world: int, gpus_per_node: int,
                 for vpp in VIRTUAL_STAGES:
                     if vpp and (pp == 1 or per_stage / vpp < 1):
                         continue
+                    if split and pp == 2 and not vpp:
+                        continue  # two stages of layers / 2 either way: the even split again
                     recompute = recompute_choices(max(1, int(per_stage // (vpp or 1))))
                     for etp in sorted({1, tp}):
                         for ep in (d for d in _divisors(experts) if world % (d * etp * pp) == 0):
