@@ -121,7 +121,7 @@ def make_plan(run: RunConfig, world_size: int | None = None, gpu: str = DEFAULT_
         "tokens_per_step": train.global_batch(dp) * train.seq_length,
         "layout": _layout(run),
         "memory": memory,
-        "fit": {"gpu": gpu, "gpu_memory": est.gpu_memory, "fits": est.fits,
+        "fit": {"gpu": cluster.gpu.name, "gpu_memory": est.gpu_memory, "fits": est.fits,
                 "headroom": est.headroom},
         "step_time": dict(est.time, assumptions=rates.describe(bool(cfg.fp8)
                                                                and options.impl == "te")),

@@ -191,6 +191,14 @@ def test_cli_overrides_world_size_and_table(capsys):
     assert "did you mean num_layers?" in capsys.readouterr().err
     assert plan.main(["yaml_configs/tiny.yaml", "--gpu", "H100"]) == 2
     assert "did you mean H100-80GB?" in capsys.readouterr().err
+    # the hint names the same model (spelling alone named B200 for all four), or nothing
+    for typed, hint in [("H200", "H200-141GB"), ("a100", "A100-80GB"), ("h100", "H100-80GB"),
+                        ("V100", None)]:
+        assert plan.main(["yaml_configs/tiny.yaml", "--gpu", typed]) == 2
+        err = capsys.readouterr().err
+        assert (f"did you mean {hint}?" in err) if hint else "did you mean" not in err, err
+    assert plan.main(["yaml_configs/tiny.yaml", "--gpu", "b200", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fit"]["gpu"] == "B200"
     assert plan.main(["yaml_configs/tiny.yaml", "--search"]) == 2
     assert "--search needs --gpus" in capsys.readouterr().err
     # --top 0 or -1 printed every layout that fits (thousands); --gpus 0 did not name the flag.

@@ -55,9 +55,14 @@ GPUS = {gpu.name: gpu for gpu in (
 
 
 def get_gpu(name: str) -> GPU:
-    if name in GPUS:
-        return GPUS[name]
-    near = difflib.get_close_matches(name, GPUS, n=1, cutoff=0.4)
+    upper = {known.upper(): gpu for known, gpu in GPUS.items()}
+    if name.upper() in upper:
+        return upper[name.upper()]
+    # the same model ('h200', 'H100-SXM'), else a close spelling of a known name: spelling
+    # alone took 'H200' and 'V100' for B200
+    near = [known for known in GPUS if name.upper().startswith(known.split("-")[0])]
+    near = near or [upper[n].name for n in difflib.get_close_matches(name.upper(), upper, n=1,
+                                                                     cutoff=0.7)]
     hint = f"; did you mean {near[0]}?" if near else ""
     raise ConfigError(f"--gpu {name!r} is not a GPU the planner knows (known: "
                       f"{', '.join(GPUS)}){hint}")
