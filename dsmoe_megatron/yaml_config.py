@@ -680,6 +680,19 @@ def check_world_size(cfg: RunConfig, world_size: int) -> int:
             f"({train.micro_batch_size}) x data-parallel size ({dp}, = world size {world_size} / "
             f"(tensor {cfg.layout.tensor} x pipeline {cfg.layout.pipeline})); choose a global "
             f"batch that is a multiple of {train.micro_batch_size * dp} or another world size")
+    vpp, pp = cfg.model.virtual_pipeline_model_parallel_size, cfg.layout.pipeline
+    group = cfg.model.microbatch_group_size_per_vp_stage or pp
+    micro = train.num_microbatches(dp)
+    if vpp and (not pp <= group <= micro or 0 < micro % group < pp):
+        # Megatron's interleaved schedule refuses it in the first step (a traceback per rank)
+        raise YamlConfigError(
+            f"virtual_pipeline_model_parallel_size={vpp}: the interleaved schedule runs the "
+            f"{micro} micro-batches per step (global batch {train.global_batch(dp)} / "
+            f"(micro_batch_size {train.micro_batch_size} x data-parallel size {dp})) in groups "
+            f"of {group} (microbatch_group_size_per_vp_stage, default the pipeline size) and "
+            f"needs at least {group} and a last group of 0 or >= {pp}; choose a global batch "
+            f"that makes them a multiple of {group}, or virtual_pipeline_model_parallel_size: "
+            "null")
     return dp
 
 

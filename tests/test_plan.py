@@ -454,6 +454,27 @@ def test_search_ranks_each_split_of_the_layers_once(toy_search):
     assert any(layout.pipeline == 2 and not layout.virtual_pipeline for layout in seen.values())
 
 
+def test_interleaved_layouts_have_the_micro_batches_megatrons_schedule_needs(capsys):
+    # Megatron's interleaved schedule runs the micro-batches in groups of PP and raises in the
+    # first step unless there are at least PP of them and a multiple of PP
+    run = load_run_config(CONFIGS / "tiny.yaml", TOY + ["global_batch_size=24"],
+                          instantiate_checks=False)
+    result = search.search(run, Cluster(GPUS["H100-80GB"], 8, 4), top=100_000)
+    interleaved = [r.layout for r in result["ranked"] if r.layout.virtual_pipeline]
+    assert interleaved
+    for layout in interleaved:
+        dp = 8 // (layout.tensor * layout.pipeline)
+        assert 24 // (layout.micro_batch_size * dp) % layout.pipeline == 0, layout.describe(8)
+    args = ["yaml_configs/tiny.yaml", "model_parallel.pipeline_model_parallel_size=2",
+            "model_parallel.virtual_pipeline_model_parallel_size=2", "micro_batch_size=1",
+            "--gpus", "2"]
+    assert plan.main([*args, "global_batch_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "the interleaved schedule runs the 3 micro-batches per step" in err
+    assert len(err.strip().splitlines()) == 1
+    assert plan.main([*args, "global_batch_size=4"]) == 0
+
+
 def test_a_search_without_candidates_says_why_and_which_gpu_counts_have_some(capsys):
     """No DP size possible on 1000 GPUs divides the global batch 4608 = 2^9 x 9 (DP would have
     to take up the factor 125); the nearest whole-node counts the enumeration gives layouts on
