@@ -367,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=positive_int, default=8, help="default 8")
     parser.add_argument("--search", action="store_true",
                         help="rank every layout of the model that fits --gpus GPUs")
-    parser.add_argument("--top", type=positive_int, default=10, help="layouts --search prints")
-    parser.add_argument("--min-headroom", type=float, default=0.0,
+    parser.add_argument("--top", type=positive_int, default=None,
+                        help="layouts --search prints (default 10)")
+    parser.add_argument("--min-headroom", type=float, default=None,
                         help="--search: keep layouts that leave this share of the GPU's memory "
                              "free after the allowance (e.g. 0.1)")
     parser.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction,
@@ -381,12 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.search and args.gpus is None:
             raise ConfigError("--search needs --gpus N (the GPUs to lay the model out on)")
-        if not 0 <= args.min_headroom < 1:
+        # without --search they would be ignored, and a plan without the headroom asked for
+        # would still exit 0
+        for flag, value in (("--top", args.top), ("--min-headroom", args.min_headroom)):
+            if value is not None and not args.search:
+                raise ConfigError(f"{flag} applies to --search only; add --search")
+        min_headroom = args.min_headroom or 0.0
+        if not 0 <= min_headroom < 1:
             raise ConfigError(f"--min-headroom {args.min_headroom} must be in [0, 1)")
         run = load_run_config(args.config, args.overrides, instantiate_checks=False)
         if args.search:
-            plan = search_plan(run, args.gpus, args.gpu, args.gpus_per_node, args.top,
-                               args.min_headroom, rates=rates)
+            plan = search_plan(run, args.gpus, args.gpu, args.gpus_per_node, args.top or 10,
+                               min_headroom, rates=rates)
             fits = bool(plan["search"]["ranked"])
         else:
             plan = make_plan(run, args.gpus, args.gpu, args.gpus_per_node, rates=rates)

@@ -209,6 +209,14 @@ def test_cli_overrides_world_size_and_table(capsys):
         assert f"argument {flag}" in capsys.readouterr().err
 
 
+def test_search_options_without_search_are_refused(capsys):
+    # 16B on 128 GPUs has 40% headroom: '--min-headroom 0.5' was ignored and the plan exited 0
+    for flag, value in [("--min-headroom", "0.5"), ("--top", "3")]:
+        assert plan.main(["yaml_configs/deepseekmoe_16b.yaml", "--gpus", "128", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} applies to --search only" in err and len(err.splitlines()) == 1
+
+
 def test_module_entry_point_prints_only_json():
     out = subprocess.run(
         [sys.executable, "-m", "dsmoe_megatron.plan", "yaml_configs/deepseekmoe_145b.yaml",
