@@ -68,6 +68,28 @@ def test_deepseekmoe_16b_table_3():
     assert billions(attention) == "0.5"  # Sec. 5.2.1: "only about 0.5B attention parameters"
 
 
+# deepseek-moe-16b-base's config.json, but initializer_range (0.02; the paper trains with 0.006),
+# the token ids and the dtype
+RELEASED_16B = dict(
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+    n_routed_experts=64, num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1,
+    norm_topk_prob=False, scoring_func="softmax", aux_loss_alpha=0.001, seq_aux=True,
+    hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0,
+    rope_scaling=None, attention_bias=False, attention_dropout=0.0, tie_word_embeddings=False)
+
+
+def test_deepseekmoe_16b_is_the_released_model():
+    import torch
+
+    from dsmoe_megatron.hf.mapping import hf_config_dict
+
+    run = load_run_config(CONFIGS / "deepseekmoe_16b.yaml", instantiate_checks=False)
+    hf = hf_config_dict(run.model, run.train.vocab_size, run.train.max_position_embeddings,
+                        torch.bfloat16)
+    assert {key: hf[key] for key in RELEASED_16B} == RELEASED_16B
+
+
 def test_deepseekmoe_145b_table_6():
     p = make("deepseekmoe_145b.yaml", world_size=1024)
     assert billions(p["total_params"]) == "144.6"
