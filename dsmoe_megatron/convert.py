@@ -320,11 +320,11 @@ def kept_source(ckpt: Path, vocab_size: int) -> Path | None:
     return None
 
 
-def generation_defaults(ckpt: Path, vocab_size: int) -> dict:
-    """generation_config.json without its special-token ids (the tokenizer's go in): the kept
-    source's, so that a chat model's sampling settings (do_sample, temperature...) survive the
-    round trip, else transformers' marker of a config derived from the model's."""
-    kept = kept_source(ckpt, vocab_size)
+def generation_defaults(kept: Path | None) -> dict:
+    """generation_config.json without its special-token ids (the tokenizer's go in): the one of
+    the source from-hf ``kept``, so that a chat model's sampling settings (do_sample,
+    temperature...) survive the round trip, else transformers' marker of a config derived from
+    the model's."""
     path = kept / "generation_config.json" if kept is not None else None
     if path is None or not path.is_file():
         return {"_from_model_config": True}
@@ -332,10 +332,10 @@ def generation_defaults(ckpt: Path, vocab_size: int) -> dict:
     return {k: v for k, v in data.items() if k not in _TOKEN_ID_KEYS}
 
 
-def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | None = None
-                     ) -> TokenizerExport:
+def choose_tokenizer(kept: Path | None, vocab_size: int,
+                     tokenizer_dir: str | Path | None = None) -> TokenizerExport:
     """The run's tokenizer: an explicit directory of HF tokenizer files, else the files from-hf
-    kept (``kept_source``), else the byte tokenizer when the
+    ``kept`` (``kept_source``), else the byte tokenizer when the
     vocabulary is its size; otherwise none (config.json then has the special-token ids of the
     kept source's config, if any)."""
     if tokenizer_dir is not None:
@@ -348,7 +348,6 @@ def choose_tokenizer(ckpt: Path, vocab_size: int, tokenizer_dir: str | Path | No
                 "(--tokenizer); pass the directory that has them, or --no-tokenizer")
         return TokenizerExport(str(directory), _token_ids_from(directory), directory)
     source = None
-    kept = kept_source(ckpt, vocab_size)
     if kept is not None:
         source = TokenizerExport(str(kept), _token_ids_from(kept), kept)
         if tokenizer_files(kept):
@@ -478,11 +477,12 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
     cfg = single_rank_config(run.model, params_dtype=reader.dtype(embedding))
     dims = Dims.from_megatron(cfg, vocab)
     check_megatron_tensors(reader.shapes, dims)
+    kept = kept_source(ckpt, vocab)
     if tokenizer is False:
         tok = TokenizerExport("none", {})
     else:
-        tok = choose_tokenizer(ckpt, vocab, None if tokenizer is True else tokenizer)
-    generation = {**generation_defaults(ckpt, vocab),
+        tok = choose_tokenizer(kept, vocab, None if tokenizer is True else tokenizer)
+    generation = {**generation_defaults(kept),
                   **{k: v for k, v in tok.token_ids.items() if v is not None}}
     out_dtype = DTYPES[dtype] if dtype != "auto" else cfg.params_dtype
     with _atomic_output(out_dir, force, source=ckpt) as (out, partial):
