@@ -35,7 +35,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dsmoe_megatron import optimizer_precision as precision
-from dsmoe_megatron.cli import describe_os_error, root_cause, shared_by_rank0
+from dsmoe_megatron.cli import describe_os_error, root_cause
 
 RUN_CONFIG_NAME = "run.yaml"
 LATEST_NAME = "latest"
@@ -188,7 +188,7 @@ def _raise_on_every_rank(failure: str | None, partial: Path,
     if shared[0] is not None:
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        raise shared_by_rank0(CheckpointError(shared[0])) from cause
+        raise CheckpointError(shared[0]) from cause
 
 
 def _save_failed(save_dir, iteration: int, error: BaseException, partial: Path) -> str:

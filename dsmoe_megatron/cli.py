@@ -117,39 +117,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-_SHARED_BY_RANK0 = "_dsmoe_shared_by_rank0"
-
-
-def shared_by_rank0(error: BaseException) -> BaseException:
-    """Mark ``error`` as rank 0's, raised again on the other ranks so that they stop too:
-    ``print_error`` prints it on rank 0 only."""
-    setattr(error, _SHARED_BY_RANK0, True)
-    return error
-
-
-def print_error(tool: str, message: object, *, error: BaseException | None = None,
-                same_on_node: bool = False) -> None:
-    """``tool: message`` on stderr, in one write (the lines of a node's processes do not run
-    together), once where every rank would print the same: an error ``shared_by_rank0`` on rank 0,
-    and one read alike from the node's files and flags (``same_on_node``: a bad config, found before
-    the ranks connect) by the node's first process. 128 ranks, one line, not 128."""
-    if error is not None and getattr(error, _SHARED_BY_RANK0, False):
-        import torch.distributed as dist
-
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-    if same_on_node:
-        from dsmoe_megatron.runtime import LaunchError, launch_ranks
-
-        try:
-            if launch_ranks()[2] != 0:
-                return
-        except LaunchError:
-            pass  # launcher variables that cannot work: every process says what it was given
-    sys.stderr.write(f"{tool}: {message}\n")
-    sys.stderr.flush()
-
-
 def describe_os_error(what: str, error: BaseException, path: str | Path | None = None) -> str:
     """One line for a failed file operation: what failed, why, the file, and the free space of
     the filesystem it was writing to (``path`` or the error's file). Megatron's checkpoint writer

@@ -41,7 +41,7 @@ import torch
 # Megatron-core (and our modules built on it) are imported where used: importing them warns, and
 # main() first quiets the known-harmless warnings.
 from dsmoe_megatron import cpu_compat
-from dsmoe_megatron.cli import print_error, quiet_warnings
+from dsmoe_megatron.cli import quiet_warnings
 from dsmoe_megatron.runtime import free_port
 from dsmoe_megatron.tokenizer import ByteTokenizer
 
@@ -306,7 +306,7 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
     megatron_parse = arguments.parse_and_validate_args
     megatron_parse = getattr(megatron_parse, "megatron_original", megatron_parse)
     defaults = [*(CPU_FLAGS if _state.cpu else ()), *default_flags]
-    with _one_line_errors(same_on_node=True):
+    with _one_line_errors():
         argv = expand_dsmoe_yaml(sys.argv[1:], provider)
         sys.argv[1:] = [*defaults, *_layout_independent_flags(argv), *argv]
         args = megatron_parse(provider, ignore_unknown_args, args_defaults or {})
@@ -325,24 +325,21 @@ def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,
 
 @contextlib.contextmanager
 def _one_line_errors(megatron_check: str = "Megatron-LM refused the arguments",
-                     megatron_errors: tuple[type[Exception], ...] = (AssertionError,),
-                     same_on_node: bool = False):
+                     megatron_errors: tuple[type[Exception], ...] = (AssertionError,)):
     """A bad YAML file, flag or checkpoint stops every rank with one line, not a traceback per
     rank: our config and checkpoint errors, and Megatron-LM's own checks (plain asserts, and
-    ``megatron_errors``, each reported after ``megatron_check``). ``same_on_node``: every
-    process of a node finds the same (the arguments, before the ranks connect); one says it."""
+    ``megatron_errors``, each reported after ``megatron_check``)."""
     from dsmoe_megatron.checkpoint import CheckpointError
     from dsmoe_megatron.config import ConfigError
 
     try:
         yield
     except (ConfigError, CheckpointError) as error:
-        print_error(LAUNCHER, error, same_on_node=same_on_node)
+        print(f"{LAUNCHER}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except megatron_errors as error:
         what = str(error) or _failed_assert(error)
-        print_error(LAUNCHER, f"{megatron_check}: {what}{_hint(what)}",
-                    same_on_node=same_on_node)
+        print(f"{LAUNCHER}: {megatron_check}: {what}{_hint(what)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

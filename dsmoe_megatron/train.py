@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsmoe_megatron.cli import (describe_os_error, positive_int, print_error, quiet_warnings,
-                                quiet_when_run_as_main, shared_by_rank0)
+from dsmoe_megatron.cli import (describe_os_error, positive_int, quiet_warnings,
+                                quiet_when_run_as_main)
 
 quiet_when_run_as_main(__name__)
 
@@ -162,7 +162,7 @@ class Trainer:
                 unlock_save_dir(save, remove=not existed)
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], Exception):
-            raise shared_by_rank0(outcome[0])
+            raise outcome[0]
         resumed, removed, unfinished = outcome[0]
         if removed:
             _log(f"--overwrite: deleted the previous run's {len(removed)} files in "
@@ -629,7 +629,7 @@ def main(argv=None) -> int:
     try:
         run = load_run_config(args.config, args.overrides)
     except (ConfigError, YamlConfigError, FileNotFoundError) as error:
-        print_error("dsmoe-train", error, same_on_node=True)
+        print(f"dsmoe-train: {error}", file=sys.stderr)
         return 2
     trainer = None
     started_process_group = not dist.is_initialized()  # else a caller's, which it keeps
@@ -642,10 +642,11 @@ def main(argv=None) -> int:
         return 0
     except (TrainingDiverged, CheckpointError, ConfigError, ValueError,
             FileNotFoundError) as error:
-        print_error("dsmoe-train", error, error=error)
+        print(f"dsmoe-train: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a full disk, a read-only or missing directory, ...
-        print_error("dsmoe-train", describe_os_error("stopped", error, run.train.save))
+        print(f"dsmoe-train: {describe_os_error('stopped', error, run.train.save)}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
         if _rank0():
