@@ -117,6 +117,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def print_error(tool: str, message: object) -> None:
+    """``tool: message`` on stderr in one write: under torchrun every rank says it, and print()'s
+    separate newline let two ranks' messages run together on one line. Each rank prints its
+    own: one that stayed silent could exit first and torchrun then stop the others unheard."""
+    sys.stderr.write(f"{tool}: {message}\n")
+    sys.stderr.flush()
+
+
 def describe_os_error(what: str, error: BaseException, path: str | Path | None = None) -> str:
     """One line for a failed file operation: what failed, why, the file, and the free space of
     the filesystem it was writing to (``path`` or the error's file). Megatron's checkpoint writer

@@ -41,7 +41,7 @@ import torch
 # Megatron-core (and our modules built on it) are imported where used: importing them warns, and
 # main() first quiets the known-harmless warnings.
 from dsmoe_megatron import cpu_compat
-from dsmoe_megatron.cli import quiet_warnings
+from dsmoe_megatron.cli import print_error, quiet_warnings
 from dsmoe_megatron.runtime import free_port
 from dsmoe_megatron.tokenizer import ByteTokenizer
 
@@ -335,11 +335,11 @@ def _one_line_errors(megatron_check: str = "Megatron-LM refused the arguments",
     try:
         yield
     except (ConfigError, CheckpointError) as error:
-        print(f"{LAUNCHER}: {error}", file=sys.stderr)
+        print_error(LAUNCHER, error)
         raise SystemExit(2) from None
     except megatron_errors as error:
         what = str(error) or _failed_assert(error)
-        print(f"{LAUNCHER}: {megatron_check}: {what}{_hint(what)}", file=sys.stderr)
+        print_error(LAUNCHER, f"{megatron_check}: {what}{_hint(what)}")
         raise SystemExit(2) from None
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsmoe_megatron.cli import (describe_os_error, positive_int, quiet_warnings,
+from dsmoe_megatron.cli import (describe_os_error, positive_int, print_error, quiet_warnings,
                                 quiet_when_run_as_main)
 
 quiet_when_run_as_main(__name__)
@@ -629,7 +629,7 @@ def main(argv=None) -> int:
     try:
         run = load_run_config(args.config, args.overrides)
     except (ConfigError, YamlConfigError, FileNotFoundError) as error:
-        print(f"dsmoe-train: {error}", file=sys.stderr)
+        print_error("dsmoe-train", error)
         return 2
     trainer = None
     started_process_group = not dist.is_initialized()  # else a caller's, which it keeps
@@ -642,11 +642,10 @@ def main(argv=None) -> int:
         return 0
     except (TrainingDiverged, CheckpointError, ConfigError, ValueError,
             FileNotFoundError) as error:
-        print(f"dsmoe-train: {error}", file=sys.stderr)
+        print_error("dsmoe-train", error)
         return 1
     except OSError as error:  # a full disk, a read-only or missing directory, ...
-        print(f"dsmoe-train: {describe_os_error('stopped', error, run.train.save)}",
-              file=sys.stderr)
+        print_error("dsmoe-train", describe_os_error("stopped", error, run.train.save))
         return 1
     except KeyboardInterrupt as stop:
         if _rank0():

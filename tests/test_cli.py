@@ -253,3 +253,22 @@ def test_a_failure_without_a_message_is_described_by_its_kind():
     failure.__cause__ = EOFError()
     assert describe_os_error("saving iteration 2 failed", failure) == (
         "saving iteration 2 failed: EOFError")
+
+
+def test_an_error_is_one_write_so_that_ranks_do_not_run_together(monkeypatch):
+    """Under torchrun every rank prints its error to the same stream; print() wrote the newline
+    apart, and two ranks' lines came out as one."""
+    from dsmoe_megatron.cli import print_error
+
+    writes = []
+
+    class Stream:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    print_error("dsmoe-train", "runs/x already holds a run")
+    assert writes == ["dsmoe-train: runs/x already holds a run\n"]
