@@ -146,11 +146,11 @@ def saved_bytes(forward, exclude=()) -> tuple[object, SavedBytes]:
     Megatron's output-discarding recompute does, count zero); storages of ``exclude`` (inputs,
     parameters) are left out.
     """
-    excluded = {_storage_key(t) for t in exclude}
+    excluded = {storage_key(t) for t in exclude}
     storages: dict[int, torch.UntypedStorage] = {}
 
     def pack(t):
-        key = _storage_key(t)
+        key = storage_key(t)
         if key not in excluded and key not in storages:
             storages[key] = t.untyped_storage()
         return t
@@ -161,8 +161,11 @@ def saved_bytes(forward, exclude=()) -> tuple[object, SavedBytes]:
     return out, SavedBytes(total, _by_node(out, excluded))
 
 
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr() if t.untyped_storage().nbytes() else id(t)
+def storage_key(t: torch.Tensor) -> int:
+    """The identity of ``t``'s storage (its views share it), unique while the storage lives.
+    Not its memory address: a storage freed during the forward (recompute resizes its output to
+    0) gives its address to the next allocation, which would then be taken for the same."""
+    return t.untyped_storage()._cdata
 
 
 def _by_node(out, excluded) -> dict[str, int]:
@@ -177,7 +180,7 @@ def _by_node(out, excluded) -> dict[str, int]:
             continue
         seen_nodes.add(node)
         for t in _saved_tensors(node):
-            key = _storage_key(t)
+            key = storage_key(t)
             if key not in seen_storages:
                 seen_storages.add(key)
                 by_node[_node_name(node)] += t.untyped_storage().nbytes()

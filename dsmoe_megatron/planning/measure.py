@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsmoe_megatron.config import DeepSeekMoEConfig
+from dsmoe_megatron.profiling import storage_key
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -53,8 +54,8 @@ def measure_block(cfg: DeepSeekMoEConfig, seq_length: int, micro_batch_size: int
     x = torch.randn(seq_length // sp, micro_batch_size, cfg.hidden_size, dtype=cfg.params_dtype,
                     requires_grad=True)
     rope = RotaryEmbedding(cfg.kv_channels, rotary_percent=1.0)(seq_length)
-    excluded = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    excluded.add(rope.untyped_storage().data_ptr())
+    excluded = {storage_key(p) for p in block.parameters()}
+    excluded.add(storage_key(rope))
 
     saved: dict[int, tuple[int, str, set]] = {}
     modules: list[str] = []
@@ -65,12 +66,11 @@ def measure_block(cfg: DeepSeekMoEConfig, seq_length: int, micro_batch_size: int
         hooks.append(module.register_forward_hook(lambda *_: modules.pop() and None))
 
     def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in excluded and storage.nbytes():
+        storage, key = t.untyped_storage(), storage_key(t)
+        if key not in excluded and storage.nbytes():
             where = modules[-1] if modules else ""
             match = _LAYER.search(where)
-            entry = saved.setdefault(ptr, (storage, where, set()))
+            entry = saved.setdefault(key, (storage, where, set()))
             entry[2].add(int(match.group(1)) if match else where)
         return t
 
