@@ -89,13 +89,15 @@ def use_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-# (rank, world size, rank on the node) as each launcher names them, in order of precedence. One
-# family is used whole: torchrun started from srun sees SLURM_LOCALID=0 beside its own LOCAL_RANK.
+# (rank, world size, rank on the node) as each launcher names them, in order of precedence: the
+# launcher nearest the process first. One family is used whole: torchrun started from srun sees
+# SLURM_LOCALID=0 beside its own LOCAL_RANK, and mpirun in a SLURM job starts its daemons with
+# srun (one task per node), so its processes inherit SLURM_PROCID = the node's index.
 _LAUNCHERS = (
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),                                      # torchrun
-    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),                 # srun
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),                               # MPICH / Intel MPI
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),                 # srun
 )
 
 

@@ -28,7 +28,15 @@ LAUNCHER_VARIABLES = (
     # torchrun inside an srun allocation: torchrun's own numbers, not srun's (one task per node).
     ({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "SLURM_PROCID": "1",
       "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}, (9, 16, 1)),
-], ids=["plain", "torchrun", "srun", "openmpi", "mpich", "torchrun-under-srun"])
+    # mpirun in a SLURM job: its processes inherit the srun task variables of the daemon that
+    # started them (one per node); MPI's numbers, not the node's.
+    ({"OMPI_COMM_WORLD_RANK": "11", "OMPI_COMM_WORLD_SIZE": "16",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "3", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",
+      "SLURM_LOCALID": "0"}, (11, 16, 3)),
+    ({"PMI_RANK": "11", "PMI_SIZE": "16", "MPI_LOCALRANKID": "3", "SLURM_PROCID": "1",
+      "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}, (11, 16, 3)),
+], ids=["plain", "torchrun", "srun", "openmpi", "mpich", "torchrun-under-srun",
+        "openmpi-in-slurm", "mpich-in-slurm"])
 def test_launch_ranks(monkeypatch, env, expected):
     set_launcher_variables(monkeypatch, env)
     assert launch_ranks() == expected
