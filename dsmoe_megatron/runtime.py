@@ -136,6 +136,20 @@ def launch_ranks() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+def _device_index(local_rank: int) -> int:
+    """The GPU of the process that is ``local_rank`` on its node."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    # srun --gpus-per-task=1 or --gpu-bind (or an mpirun wrapper) gives each process its own GPU
+    # in CUDA_VISIBLE_DEVICES, as device 0, while its rank on the node still counts 0..7.
+    # torchrun never narrows it per process: there one GPU for several is a mistake.
+    if count == 1 and _launcher_variables()[0] != "RANK":
+        return 0
+    raise LaunchError(f"this process is rank {local_rank} on its node but only {count} GPU(s) "
+                      "are visible; launch one process per GPU")
+
+
 def _limit_cuda_connections(layout: ParallelLayout) -> None:
     """Megatron-core orders tensor-parallel communication against compute with a single CUDA
     hardware queue (``CUDA_DEVICE_MAX_CONNECTIONS=1``, read when the CUDA context is created).
@@ -168,11 +182,7 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
         backend = "nccl" if gpu else "gloo"
         if gpu:
             _limit_cuda_connections(layout)
-            if local_rank >= torch.cuda.device_count():
-                raise LaunchError(
-                    f"this process is rank {local_rank} on its node but only "
-                    f"{torch.cuda.device_count()} GPU(s) are visible; launch one process per GPU")
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(_device_index(local_rank))
         if world_size == 1 and "MASTER_PORT" not in os.environ:
             # A lone process needs no rendezvous: an in-memory store avoids picking a port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dsmoe_megatron import runtime
 from dsmoe_megatron.runtime import LaunchError, launch_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,53 @@ def set_launcher_variables(monkeypatch, env):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+
+
+class _Started(Exception):
+    pass
+
+
+def _gpu_chosen(monkeypatch, env, visible):
+    """The device initialize() sets on a GPU machine with `visible` GPUs under `env`."""
+    set_launcher_variables(monkeypatch, env)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    chosen = []
+    monkeypatch.setattr(runtime, "use_gpu", lambda: True)
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(runtime.torch.cuda, "set_device", chosen.append)
+
+    def init_process_group(*args, **kwargs):
+        raise _Started
+
+    monkeypatch.setattr(runtime.dist, "init_process_group", init_process_group)
+    with pytest.raises(_Started):
+        runtime.initialize()
+    return chosen
+
+
+SRUN_TASK_3 = {"SLURM_PROCID": "11", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "3"}
+
+
+def test_each_process_takes_its_gpu_of_the_node(monkeypatch):
+    assert _gpu_chosen(monkeypatch, SRUN_TASK_3, visible=8) == [3]
+
+
+def test_a_task_given_its_own_gpu_takes_it(monkeypatch):
+    """srun --gpus-per-task=1 (or --gpu-bind) sets CUDA_VISIBLE_DEVICES per task: each task
+    sees its one GPU as device 0 while SLURM_LOCALID still counts the tasks on the node."""
+    assert _gpu_chosen(monkeypatch, SRUN_TASK_3, visible=1) == [0]
+
+
+@pytest.mark.parametrize("env, visible", [
+    (SRUN_TASK_3, 2),
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, 1),  # torchrun shares no GPU
+], ids=["srun", "torchrun"])
+def test_more_processes_than_gpus_is_refused(monkeypatch, env, visible):
+    with pytest.raises(LaunchError, match=rf"rank 3 on its node but only {visible} GPU\(s\) are "
+                       "visible; launch one process per GPU"):
+        _gpu_chosen(monkeypatch, env, visible)
 
 
 TORCHRUN_FIX = "unset RANK, WORLD_SIZE and LOCAL_RANK, or start with torchrun"
