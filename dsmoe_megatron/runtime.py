@@ -2,8 +2,9 @@
 
 NCCL + CUDA when a GPU is present; gloo + CPU (with ``cpu_compat`` active) otherwise.
 Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/...), under srun or mpirun without
-torchrun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, OMPI_COMM_WORLD_*; MASTER_ADDR and
-MASTER_PORT still come from the launch script) and as a plain single process.
+torchrun (SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID, OMPI_COMM_WORLD_*, PMI_*; MASTER_PORT,
+and MASTER_ADDR when the processes span nodes, still come from the launch script) and as a plain
+single process.
 """
 
 from __future__ import annotations
@@ -112,6 +113,16 @@ def _launcher_variables() -> tuple[str, str, str] | None:
                  if all(os.environ.get(name, "").strip() for name in names)), None)
 
 
+def _spans_nodes(names: tuple[str, str, str], world_size: int) -> bool:
+    """Whether the launcher says its processes run on more than this node (False if it does
+    not say: the world is taken to be this node's, as before)."""
+    if names[0] == "SLURM_PROCID":
+        return os.environ.get("SLURM_STEP_NUM_NODES", "1").strip() not in ("", "1")
+    local_size = {"RANK": "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK": "OMPI_COMM_WORLD_LOCAL_SIZE",
+                  "PMI_RANK": "MPI_LOCALNRANKS"}[names[0]]
+    return os.environ.get(local_size, "").strip() not in ("", str(world_size))
+
+
 def _launch_error(names: tuple[str, str, str], problem: str) -> LaunchError:
     shown = ", ".join(f"{name}={os.environ[name].strip()!r}" for name in names)
     return LaunchError(f"{shown}: {problem}; if they are left over from another launch, unset "
@@ -179,6 +190,14 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
             raise _launch_error(_launcher_variables(), f"a world of {world_size} processes, but "
                                 "MASTER_PORT is not set (torchrun sets it; under srun or mpirun, "
                                 "the launch script), so they cannot meet")
+        if (world_size > 1 and "MASTER_ADDR" not in os.environ
+                and _spans_nodes(_launcher_variables(), world_size)):
+            # 127.0.0.1 would send each node's processes to a rendezvous on their own node,
+            # where nobody listens but on the first: a hang until the timeout.
+            raise _launch_error(_launcher_variables(), f"a world of {world_size} processes on "
+                                "several nodes, but MASTER_ADDR is not set (torchrun sets it; "
+                                "under srun or mpirun, the launch script: the first node's host "
+                                "name), so they cannot meet")
         backend = "nccl" if gpu else "gloo"
         if gpu:
             _limit_cuda_connections(layout)

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER_VARIABLES = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
     "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK",
-    "PMI_SIZE", "MPI_LOCALRANKID",
+    "PMI_SIZE", "MPI_LOCALRANKID", "SLURM_STEP_NUM_NODES", "LOCAL_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
 )
 
 
@@ -54,10 +55,13 @@ class _Started(Exception):
     pass
 
 
-def _gpu_chosen(monkeypatch, env, visible):
-    """The device initialize() sets on a GPU machine with `visible` GPUs under `env`."""
+def _gpu_chosen(monkeypatch, env, visible, master_addr="127.0.0.1"):
+    """The device initialize() sets on a GPU machine with `visible` GPUs under `env`, and the
+    MASTER_ADDR its rendezvous goes to."""
     set_launcher_variables(monkeypatch, env)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_ADDR", master_addr or "")  # restored afterwards, set or not
+    if master_addr is None:
+        monkeypatch.delenv("MASTER_ADDR")
     monkeypatch.setenv("MASTER_PORT", "29500")
     chosen = []
     monkeypatch.setattr(runtime, "use_gpu", lambda: True)
@@ -66,6 +70,7 @@ def _gpu_chosen(monkeypatch, env, visible):
     monkeypatch.setattr(runtime.torch.cuda, "set_device", chosen.append)
 
     def init_process_group(*args, **kwargs):
+        chosen.append(os.environ["MASTER_ADDR"])
         raise _Started
 
     monkeypatch.setattr(runtime.dist, "init_process_group", init_process_group)
@@ -78,13 +83,13 @@ SRUN_TASK_3 = {"SLURM_PROCID": "11", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALI
 
 
 def test_each_process_takes_its_gpu_of_the_node(monkeypatch):
-    assert _gpu_chosen(monkeypatch, SRUN_TASK_3, visible=8) == [3]
+    assert _gpu_chosen(monkeypatch, SRUN_TASK_3, visible=8) == [3, "127.0.0.1"]
 
 
 def test_a_task_given_its_own_gpu_takes_it(monkeypatch):
     """srun --gpus-per-task=1 (or --gpu-bind) sets CUDA_VISIBLE_DEVICES per task: each task
     sees its one GPU as device 0 while SLURM_LOCALID still counts the tasks on the node."""
-    assert _gpu_chosen(monkeypatch, SRUN_TASK_3, visible=1) == [0]
+    assert _gpu_chosen(monkeypatch, SRUN_TASK_3, visible=1) == [0, "127.0.0.1"]
 
 
 @pytest.mark.parametrize("env, visible", [
@@ -95,6 +100,29 @@ def test_more_processes_than_gpus_is_refused(monkeypatch, env, visible):
     with pytest.raises(LaunchError, match=rf"rank 3 on its node but only {visible} GPU\(s\) are "
                        "visible; launch one process per GPU"):
         _gpu_chosen(monkeypatch, env, visible)
+
+
+SRUN_ON_TWO_NODES = dict(SRUN_TASK_3, SLURM_STEP_NUM_NODES="2")
+MPIRUN_ON_TWO_NODES = {"OMPI_COMM_WORLD_RANK": "11", "OMPI_COMM_WORLD_SIZE": "16",
+                       "OMPI_COMM_WORLD_LOCAL_RANK": "3", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
+
+
+@pytest.mark.parametrize("env", [SRUN_ON_TWO_NODES, MPIRUN_ON_TWO_NODES], ids=["srun", "mpirun"])
+def test_several_nodes_need_master_addr(monkeypatch, env):
+    """Without it each node would look for the rendezvous on itself (127.0.0.1) and hang."""
+    with pytest.raises(LaunchError, match="a world of 16 processes on several nodes, but "
+                       "MASTER_ADDR is not set"):
+        _gpu_chosen(monkeypatch, env, visible=8, master_addr=None)
+    assert _gpu_chosen(monkeypatch, env, visible=8, master_addr="gpu-node-07") == [
+        3, "gpu-node-07"]
+
+
+@pytest.mark.parametrize("env", [
+    dict(SRUN_TASK_3, SLURM_STEP_NUM_NODES="1"),
+    dict(MPIRUN_ON_TWO_NODES, OMPI_COMM_WORLD_LOCAL_SIZE="16"),
+], ids=["srun", "mpirun"])
+def test_one_node_meets_on_itself(monkeypatch, env):
+    assert _gpu_chosen(monkeypatch, env, visible=8, master_addr=None) == [3, "127.0.0.1"]
 
 
 TORCHRUN_FIX = "unset RANK, WORLD_SIZE and LOCAL_RANK, or start with torchrun"
