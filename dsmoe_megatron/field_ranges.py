@@ -94,7 +94,7 @@ _BY_RANGE = {
         "mup_width_mult", "mup_embedding_mult", "mup_output_mult", "mup_base_head_dim",
         "moe_router_topk_scaling_factor", "moe_expert_capacity_factor",
         "moe_expert_rank_capacity_factor", "rotary_base", "lr", "adam_eps", "loss_scale",
-        "initial_loss_scale",
+        "initial_loss_scale", "exit_duration_in_mins",
     ),
     # Probabilities and moment decays: 1 would drop everything / never forget.
     "[0, 1)": ("hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"),

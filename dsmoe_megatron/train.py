@@ -89,6 +89,8 @@ class Trainer:
         from dsmoe_megatron.tokenizer import ByteTokenizer
         from dsmoe_megatron.yaml_config import check_world_size
 
+        self.started = time.monotonic()  # exit_duration_in_mins counts setup too
+        self.stopped_early: str | None = None
         self.run = run
         train = run.train
         self.rt = runtime.initialize(run.layout, seed=train.seed)
@@ -493,8 +495,11 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> Path | None:
-        """Train to train_iters (or stop_at); returns the last checkpoint written, if any."""
+        """Train to train_iters (or stop_at, or an early exit: ``stopped_early`` says why);
+        returns the last checkpoint written, if any."""
         from tqdm import tqdm
+
+        from dsmoe_megatron.early_exit import EarlyExit
 
         train = self.run.train
         end = min(train.train_iters, stop_at or train.train_iters)
@@ -502,21 +507,27 @@ class Trainer:
                    dynamic_ncols=True, file=sys.stdout)
         saved, saved_at = None, self.iteration
         window: list[StepStats] = []
-        while self.iteration < end:
-            stats = self.train_step()
-            window.append(stats)
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}")
-            if self.iteration % train.log_interval == 0 or self.iteration == end:
-                self._log_window(window, bar)
-                window = []
-            if train.eval_interval and self.iteration % train.eval_interval == 0:
-                self._log_metrics({"valid_loss": self.evaluate()})
-            if train.save and train.save_interval and self.iteration % train.save_interval == 0:
-                saved, saved_at = self.save(), self.iteration
-        bar.close()
-        if train.save and saved_at != self.iteration:
-            saved = self.save()
+        with EarlyExit(train, self.rt.device, self.started) as early_exit:
+            while self.iteration < end:
+                stats = self.train_step()
+                window.append(stats)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4f}")
+                self.stopped_early = early_exit.reason() if self.iteration < end else None
+                if (self.iteration % train.log_interval == 0 or self.iteration == end
+                        or self.stopped_early):
+                    self._log_window(window, bar)
+                    window = []
+                if train.eval_interval and self.iteration % train.eval_interval == 0:
+                    self._log_metrics({"valid_loss": self.evaluate()})
+                if train.save and train.save_interval and self.iteration % train.save_interval == 0:
+                    saved, saved_at = self.save(), self.iteration
+                if self.stopped_early:
+                    break
+            bar.close()
+            # Still within the exit handler: the signal repeated during this save is no stop.
+            if train.save and saved_at != self.iteration:
+                saved = self.save()
         return saved
 
     def _log_window(self, window: list[StepStats], bar) -> None:
@@ -639,6 +650,11 @@ def main(argv=None) -> int:
         saved = trainer.fit(stop_at=args.stop_at)
         if saved is not None:
             _log(f"checkpoint saved to {saved.resolve()}")
+        if trainer.stopped_early:
+            _log(f"stopped at iteration {trainer.iteration} of {run.train.train_iters}: "
+                 f"{trainer.stopped_early}; "
+                 + ("continue with --resume" if saved is not None else
+                    "no save directory, nothing was written"))
         return 0
     except (TrainingDiverged, CheckpointError, ConfigError, ValueError,
             FileNotFoundError) as error:

@@ -55,6 +55,7 @@ from dsmoe_megatron import config as _config_module
 from dsmoe_megatron import field_ranges, strict_yaml
 from dsmoe_megatron.cli import default_file_mode
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig, deepseek_defaults
+from dsmoe_megatron.early_exit import EXIT_SIGNALS
 from dsmoe_megatron.runtime import ParallelLayout
 from dsmoe_megatron.tokenizer import ByteTokenizer
 from dsmoe_megatron.yaml_values import Mismatch, convert, describe, yamlable
@@ -117,6 +118,14 @@ class TrainingArgs:
     load: str | None = None
     save_interval: int | None = None
     """None: save only at the end of training (when ``save`` is set)."""
+    exit_duration_in_mins: float | None = None
+    """Save and stop once the run has taken this long (from its start, setup included): a job's
+    time limit less what a step and a save take. None: no limit (Megatron-LM's name)."""
+    exit_signal_handler: bool = False
+    """On ``exit_signal``, save after the current step and stop (Megatron-LM's name); off, SIGTERM
+    stops at once and the steps since the last save are lost."""
+    exit_signal: str = "SIGTERM"
+    """SIGTERM, SIGUSR1, SIGUSR2 or SIGHUP (what the scheduler sends before it kills the job)."""
     eval_interval: int | None = 1000
     """None: no evaluation during training."""
     eval_iters: int = 10
@@ -184,6 +193,8 @@ class TrainingArgs:
         if points != sorted(set(points)):
             bad("lr_step_decay_at",
                 f"{points} must be increasing fractions of train_iters, each between 0 and 1")
+        if self.exit_signal not in EXIT_SIGNALS:
+            bad("exit_signal", f"{self.exit_signal!r} is not one of {', '.join(EXIT_SIGNALS)}")
         self._validate_evaluation()
         self._validate_data_path()
         for key in ("save", "load", "tensorboard_dir"):

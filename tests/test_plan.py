@@ -581,6 +581,9 @@ def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     scontrol = bin_dir / "scontrol"
     scontrol.write_text("#!/bin/bash\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
     scontrol.chmod(0o755)
+    squeue = bin_dir / "squeue"  # the time left: 1 day, 23:59:30
+    squeue.write_text("#!/bin/bash\necho 1-23:59:30\n")
+    squeue.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DRY_RUN="1",
                SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
                SLURM_JOB_ID="4242")
@@ -597,8 +600,21 @@ def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     assert script_args[-2:] == ["--resume", "auto"]
     args = train.parse_args(script_args[:-2])
     assert args.config == "yaml_configs/deepseekmoe_145b.yaml"
-    assert args.overrides == ["save_interval=250", "data_path=[/data/x]"]
-    load_run_config(ROOT / args.config, args.overrides)  # what dsmoe-train will load
+    # Saves and stops 20 minutes (SAVE_MINUTES) before the time limit, or on a SIGTERM.
+    assert args.overrides == ["exit_signal_handler=true", "exit_duration_in_mins=2859",
+                              "save_interval=250", "data_path=[/data/x]"]
+    loaded = load_run_config(ROOT / args.config, args.overrides).train  # what dsmoe-train loads
+    assert (loaded.exit_signal_handler, loaded.exit_duration_in_mins) == (True, 2859)
+    # Run for real (srun stubbed): torchrun waits as long for its ranks to save after passing a
+    # SIGTERM on.
+    srun = bin_dir / "srun"
+    srun.write_text('#!/bin/bash\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT $1 $2"\n')
+    srun.chmod(0o755)
+    real = dict(env, SAVE_MINUTES="5")
+    del real["DRY_RUN"]
+    ran = subprocess.run(["bash", str(SLURM)], env=real, cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert ran.stdout.splitlines()[-1] == "300 --ntasks-per-node=1 --kill-on-bad-exit=1"
     try:
         resumed = train.parse_args([args.config, "--resume", "auto"])
     except SystemExit:

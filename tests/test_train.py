@@ -88,6 +88,16 @@ def cli(tmp_path_factory) -> Cli:
           "SIGTERM")
     c.add("resume before a checkpoint", "train",
           c.argv("sigterm during save", "train_iters=3", "--resume"))
+    # With exit_signal_handler the signal saves after the step it arrives in, then stops.
+    handled = ["train_iters=3", "save_interval=1", "exit_signal_handler=true"]
+    c.add(("handled", "SIGUSR1"), "train_interrupted",
+          c.argv("handled SIGUSR1", *handled, "exit_signal=SIGUSR1"), "after save", "SIGUSR1")
+    c.add(("handled", "SIGTERM"), "train_interrupted",
+          c.argv("handled SIGTERM", *handled), "during save", "SIGTERM")
+    c.add("out of time", "train", c.argv("out of time", "train_iters=3",
+                                         "exit_duration_in_mins=1e-9"))
+    c.add("after the time limit", "train", c.argv("out of time", "train_iters=3", "--resume"))
+    c.add("straight through", "train", c.argv("straight through", "train_iters=3"))
     c.add("locked", "train_while_locked", c.argv("locked", *two))
     board = f"tensorboard_dir={root / 'killed' / 'tensorboard'}"
     c.add("to be killed", "train", c.argv("killed", *two, board))
@@ -236,6 +246,33 @@ def test_sigterm_stops_like_ctrl_c(cli):
     # Its run.yaml stays, so a plain start would be refused: --resume says what works.
     refused(cli.results["resume before a checkpoint"], "no checkpoint",
             "--overwrite to start it over", "--resume auto")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sent", ["SIGUSR1", "SIGTERM"])
+def test_a_handled_exit_signal_saves_after_the_step_and_stops(cli, sent):
+    """A signal after iteration 1's save (SIGUSR1), or during it (SIGTERM): that save completes,
+    iteration 2 is trained and saved, and the run stops there (train_iters=3)."""
+    result = ok(cli.results[("handled", sent)])
+    save = cli.root / f"handled {sent}"
+    assert f"stopped at iteration 2 of 3: {sent} received; continue with --resume" in result[
+        "stdout"]
+    assert (save / "latest").read_text() == "2"
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    assert sorted(records(result)) == [1, 2]
+
+
+@pytest.mark.distributed
+def test_a_run_out_of_time_saves_and_resumes_as_if_uninterrupted(cli):
+    stopped = ok(cli.results["out of time"])
+    assert ("stopped at iteration 1 of 3: exit_duration_in_mins=1e-09 reached; continue with "
+            "--resume") in stopped["stdout"]
+    assert sorted(records(stopped)) == [1]
+    resumed, straight = (records(ok(cli.results[k])) for k in ("after the time limit",
+                                                               "straight through"))
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3]
+    for iteration, record in straight.items():
+        assert resumed[iteration]["lm_loss"] == pytest.approx(record["lm_loss"], rel=1e-6)
 
 
 @pytest.mark.distributed

@@ -410,6 +410,9 @@ def test_on_paper_mode_skips_only_machine_checks(monkeypatch):
     ("eval_interval=0", "eval_interval=0: must be >= 1"),
     ("save_interval=0", "save_interval=0: must be >= 1"),
     ("log_interval=0", "log_interval=0: must be >= 1"),
+    ("exit_duration_in_mins=0", "exit_duration_in_mins=0.0: must be > 0"),
+    ("exit_signal=SIGKILL", "exit_signal: 'SIGKILL' is not one of SIGTERM, SIGUSR1, SIGUSR2, "
+                            "SIGHUP"),
     ("init_method_std=-0.1", "language_model.init_method_std=-0.1: must be > 0"),
     ("hidden_dropout=1.0", "language_model.hidden_dropout=1.0: must be in [0, 1)"),
     ("attention_dropout=-0.5", "language_model.attention_dropout=-0.5: must be in [0, 1)"),
@@ -663,7 +666,8 @@ def test_schema_sections_are_disjoint_and_cover_the_brief():
             "adam_eps", "clip_grad", "seed", "save", "load", "save_interval", "eval_interval",
             "eval_iters", "log_interval", "data_path", "split", "tensorboard_dir",
             "use_distributed_optimizer", "overlap_grad_reduce", "ddp_bucket_size", "loss_scale",
-            "initial_loss_scale"} == set(TRAINING_KEYS)
+            "initial_loss_scale", "exit_duration_in_mins", "exit_signal_handler",
+            "exit_signal"} == set(TRAINING_KEYS)
 
 
 def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
