@@ -330,13 +330,49 @@ def _is_hf_dir(path: Path) -> bool:
 def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
                  max_disabled_fraction: float = 0.25) -> dict:
     """Analyse a checkpoint (or HF export) and write analysis.json and the plots into ``out``."""
-    from dsmoe_megatron.convert import import_from_hf, single_rank_runtime
-
     source = Path(source)
     if not source.exists():
         raise AnalysisError(f"{source} does not exist; pass a checkpoint save directory, an "
                             "iter_XXXXXXX directory or a Hugging Face export")
-    out.mkdir(parents=True, exist_ok=True)  # before the evaluation, which can take minutes
+    # Created before the evaluation, which can take minutes; removed again if that fails.
+    created = _make_dirs(out)
+    try:
+        result = {"source": str(source), "settings": asdict(settings),
+                  **_evaluate(source, settings, max_disabled_fraction)}
+        try:
+            text = json.dumps(result, indent=1, allow_nan=False)
+        except ValueError:
+            raise AnalysisError(f"{source}: the model's loss is not finite (NaN or inf) although "
+                                "its weights are (an overflow); analyse an earlier checkpoint"
+                                ) from None
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
+    (out / "analysis.json").write_text(text + "\n")
+    written = [out / "analysis.json"]
+    for plot, name in ((plot_expert_load, "expert_load.png"), (plot_redundancy, "redundancy.png")):
+        if plot(result, out / name):
+            written.append(out / name)
+    result["written"] = [str(p) for p in written]
+    return result
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """mkdir -p ``out``; returns the directories it created, outermost first."""
+    missing = [p for p in (out, *out.parents) if not p.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AnalysisError(describe_os_error(f"cannot create --out {out}", err)) from None
+    return missing
+
+
+def _evaluate(source: Path, settings: EvalSettings, max_disabled_fraction: float) -> dict:
+    """The analysis of the model in ``source`` (a checkpoint or an HF export)."""
+    from dsmoe_megatron.convert import import_from_hf, single_rank_runtime
+
     with contextlib.ExitStack() as stack:
         checkpoint_dir = source
         if _is_hf_dir(source):
@@ -351,21 +387,8 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
                       f"validation part of split {run.train.split} (seed {run.train.seed}); pass "
                       "--split (and --data-path) as the run had them to compare with its "
                       "checkpoint", file=sys.stderr)
-            result = analyze(model, eval_batches(run, settings), run.train.vocab_size,
-                             max_disabled_fraction)
-    result = {"source": str(source), "settings": asdict(settings), **result}
-    try:
-        text = json.dumps(result, indent=1, allow_nan=False)
-    except ValueError:
-        raise AnalysisError(f"{source}: the model's loss is not finite (NaN or inf) although its "
-                            "weights are (an overflow); analyse an earlier checkpoint") from None
-    (out / "analysis.json").write_text(text + "\n")
-    written = [out / "analysis.json"]
-    for plot, name in ((plot_expert_load, "expert_load.png"), (plot_redundancy, "redundancy.png")):
-        if plot(result, out / name):
-            written.append(out / name)
-    result["written"] = [str(p) for p in written]
-    return result
+            return analyze(model, eval_batches(run, settings), run.train.vocab_size,
+                           max_disabled_fraction)
 
 
 def _summary(result: dict) -> str:

@@ -307,14 +307,32 @@ def test_non_finite_weights_or_loss_are_refused_and_nothing_is_written(tiny, tmp
     assert err.startswith(f"dsmoe-analyze: {tmp_path / 'nan' / 'iter_0000003'} holds NaN or inf "
                           "values (decoder.layers.1.mlp.router.weight)"), err
     assert len(err.splitlines()) == 1
-    assert not (tmp_path / "a" / "analysis.json").exists()
+    assert not (tmp_path / "a").exists()  # the --out it created for the analysis is gone again
 
     real = analyze.analyze
     monkeypatch.setattr(analyze, "analyze", lambda *a: {**real(*a), "loss": float("nan")})
     assert analyze.main([str(tiny.save), "--out", str(tmp_path / "b"), *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"dsmoe-analyze: {tiny.save}: the model's loss is not finite"), err
-    assert not (tmp_path / "b" / "analysis.json").exists()
+    assert not (tmp_path / "b").exists()
+    kept = tmp_path / "kept" / "b"  # an --out that was there stays, with what it held
+    kept.mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine\n")
+    assert analyze.main([str(tiny.save), "--out", str(kept), *args]) == 1
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """mkdir failing where the up-front check cannot tell (/proc, /sys, a race): why, and the
+    path, in one line."""
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert analyze.main([str(tiny.save), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"dsmoe-analyze: cannot create --out {tmp_path / 'x'}: Operation not "
+                   f"permitted ({tmp_path / 'x'})\n"), err
 
 
 @pytest.mark.parametrize("split", ["abc", "95,0,5", "100", "1,2,3,4", "-1,2", "1e3,1", ""])
