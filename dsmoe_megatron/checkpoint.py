@@ -428,6 +428,10 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
                 bridge.to_current_structure(sub_state)
         _adopt_current_hyperparameters(ckpt, optimizer, loaded["optimizer"])
         _load_optimizer_state(optimizer, loaded["optimizer"])
+    elif optimizer is not None:
+        # A checkpoint of weights only (from-hf's): a bf16/fp16 optimizer's fp32 main copies
+        # still hold the initial weights, which its first step would copy back over the loaded.
+        optimizer.reload_model_params()
     _check_finite(ckpt, chunks, optimizer if load_optimizer else None)
     extra = dict(loaded.get("extra") or {})
     extra["iteration"] = loaded.get("iteration", 0)

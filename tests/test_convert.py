@@ -647,6 +647,35 @@ def test_a_source_without_tokenizer_files_exports_the_byte_tokenizer_its_vocabul
     assert ids == byte.tokenize(text)
 
 
+def train_from(save: Path, out: Path, *overrides: str) -> Path:
+    """One dsmoe-train step from the checkpoint in ``save`` (``load:``), with the model of its
+    run.yaml and a learning rate too small to move a weight by a bf16 rounding step."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, "-m", "dsmoe_megatron.train",
+                    str(checkpoint.resolve(save) / checkpoint.RUN_CONFIG_NAME), f"load={save}",
+                    f"save={out}", f"seq_length={SEQ}", "micro_batch_size=2",
+                    "global_batch_size=2", "train_iters=1", "save_interval=1", "lr=1e-9",
+                    "min_lr=0", "lr_warmup_iters=0", "eval_interval=null",
+                    "tensorboard_dir=null", *overrides],
+                   env=env, check=True, timeout=600, capture_output=True)
+    return checkpoint.resolve(out)
+
+
+def test_a_bf16_run_from_an_import_trains_the_imported_weights(rt, tmp_path):
+    """A bf16 run started (load:) from a from-hf import, which has no optimizer state: its
+    optimizer's fp32 main copies kept the initial weights, and the first step copied them over
+    the imported ones (the final norm went from the import's values back to 1.0)."""
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.bfloat16, shards=1)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "import", dtype="bf16")
+    after = train_from(save, tmp_path / "run", "model_parallel.bf16=true")
+    before = streaming.DistCheckpointReader(checkpoint.resolve(save))
+    trained = streaming.DistCheckpointReader(after)
+    for name in before.shapes:
+        assert trained.dtype(name) == torch.bfloat16
+        torch.testing.assert_close(trained.get(name), before.get(name), rtol=0, atol=1e-8,
+                                   msg=name)
+
+
 @pytest.mark.parametrize("changes", [
     dict(first_k_dense_replace=1, moe_layer_freq=2, num_hidden_layers=4),
     dict(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
