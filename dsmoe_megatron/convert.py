@@ -602,6 +602,22 @@ def _dtype_overrides(dtype: str) -> list[str]:
             f"model_parallel.fp16={str(dtype == 'fp16').lower()}"]
 
 
+_SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+
+
+def source_dtype(dtypes: Iterable[str]) -> str:
+    """--dtype auto of from-hf: the dtype of the source's weights (the released models are
+    bf16), so the import holds them exactly at their size; fp32 when they mix dtypes or hold
+    another."""
+    found = set(dtypes)
+    return _SAFETENSORS_DTYPES.get(found.pop(), "fp32") if len(found) == 1 else "fp32"
+
+
+def _sets_precision(overrides: Iterable[str]) -> bool:
+    """An override sets model_parallel.bf16 or fp16 (which --dtype auto then leaves alone)."""
+    return any(o.split("=", 1)[0].strip().split(".")[-1] in ("bf16", "fp16") for o in overrides)
+
+
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[str] = (),
                    force: bool = False, dtype: str = "auto", tokenizer: bool = True) -> Path:
     """Hugging Face directory -> save directory with an iteration-0 dist checkpoint + run.yaml.
@@ -609,7 +625,8 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     ``overrides``: yaml_config overrides for the run (``model_parallel.tensor_model_parallel_size
     =2``, ``lr=1e-4``...); architecture fields come from config.json and cannot be overridden.
     ``dtype``: the run's parameter dtype (``bf16`` / ``fp16`` set ``model_parallel.bf16`` /
-    ``fp16``; ``auto`` keeps the run config's, fp32 by default); the checkpoint stores that.
+    ``fp16``; ``auto``: that of the source's weights, unless an override sets bf16 / fp16);
+    the checkpoint stores that.
     The vocabulary is padded for the run's tensor-parallel size, as the trainer builds it.
     The source's config.json and (unless ``tokenizer`` is False) tokenizer files are kept in
     ``out_dir/hf_source`` so a later to-hf can include them; a tokenizer file of broken JSON is
@@ -624,6 +641,7 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     if (hf_dir / "generation_config.json").is_file():  # kept for to-hf, which reads it
         read_json(hf_dir / "generation_config.json",
                   "replace it with a complete copy, or delete it (it holds generation defaults)")
+    overrides = tuple(overrides)
     run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     _check_run_matches_hf(run, hf)
     dims = hf_dims(hf)
@@ -633,6 +651,9 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
         raise ConversionError(f"--tensor-model-parallel-size: {err}") from err
     reader = SafetensorsReader(hf_dir)
     shapes = {n: s for n, s in reader.shapes.items() if not IGNORED_HF_TENSORS.match(n)}
+    if dtype == "auto" and not _sets_precision(overrides):
+        dtype = source_dtype(reader.dtypes[n] for n in shapes)
+        run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     check_shapes(shapes, hf_expected_shapes(dims), f"{hf_dir}:", shape_of=lambda s: s)
     params_dtype = run.model.params_dtype
     sources = hf_to_megatron(reader.get, dims, padded)
@@ -739,7 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"model_parallel.{field} in run.yaml")
     from_hf.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                          help="the run's parameter dtype, stored in the checkpoint and run.yaml "
-                         "(auto: the run config's, fp32 unless --set model_parallel.bf16=true)")
+                         "(auto: the source weights' dtype, unless --set model_parallel.bf16 or "
+                         "fp16 is given)")
     from_hf.add_argument("--set", dest="overrides", action="append", default=[],
                          metavar="[SECTION.]KEY=VALUE",
                          help="run.yaml override, e.g. model_parallel.bf16=true or lr=1e-4 "

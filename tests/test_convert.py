@@ -661,19 +661,50 @@ def train_from(save: Path, out: Path, *overrides: str) -> Path:
     return checkpoint.resolve(out)
 
 
-def test_a_bf16_run_from_an_import_trains_the_imported_weights(rt, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_run_from_a_bf16_import_trains_the_imported_weights(rt, tmp_path, precision):
     """A bf16 run started (load:) from a from-hf import, which has no optimizer state: its
     optimizer's fp32 main copies kept the initial weights, and the first step copied them over
-    the imported ones (the final norm went from the import's values back to 1.0)."""
-    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.bfloat16, shards=1)
-    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "import", dtype="bf16")
-    after = train_from(save, tmp_path / "run", "model_parallel.bf16=true")
+    the imported ones (the final norm went from the import's values back to 1.0). An fp32 run
+    takes the bf16 weights as they are."""
+    write_hf_model(tmp_path / "hf", small_hf_config(torch_dtype="bfloat16"), shards=1)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "import")  # bf16, the source's
+    after = train_from(save, tmp_path / "run", f"model_parallel.bf16={precision == 'bf16'}")
     before = streaming.DistCheckpointReader(checkpoint.resolve(save))
     trained = streaming.DistCheckpointReader(after)
     for name in before.shapes:
-        assert trained.dtype(name) == torch.bfloat16
-        torch.testing.assert_close(trained.get(name), before.get(name), rtol=0, atol=1e-8,
-                                   msg=name)
+        assert before.dtype(name) == torch.bfloat16
+        assert trained.dtype(name) == convert.DTYPES[precision]
+        torch.testing.assert_close(trained.get(name).float(), before.get(name).float(), rtol=0,
+                                   atol=1e-8, msg=name)
+
+
+def test_from_hf_dtype_auto_is_the_source_weights_dtype(rt, tmp_path, capsys):
+    """The released model is bf16: from-hf stored it in fp32 (twice the files of a 16B import)
+    unless told --dtype bf16. Now the import and the export back keep the source's dtype, and
+    the round trip with the defaults is bit-exact."""
+    def stored(save: Path) -> torch.dtype:
+        return checkpoint_tensor(checkpoint.resolve(save), "output_layer.weight")[1]
+
+    source = write_hf_model(tmp_path / "hf", small_hf_config(torch_dtype="bfloat16"), shards=1)
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")],
+                        capsys)
+    assert code == 0 and "iteration 0, bfloat16," in err, err
+    run = convert._yaml_config().load_run_config(checkpoint.resolve(tmp_path / "m")
+                                                 / checkpoint.RUN_CONFIG_NAME)
+    assert stored(tmp_path / "m") == run.model.params_dtype == torch.bfloat16
+    back = convert.export_to_hf(tmp_path / "m", tmp_path / "back", tokenizer=False)
+    assert_bit_exact(source, read_tensors(back))
+    assert json.loads((back / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # A precision set with --set is the run's; --dtype still wins over the source's.
+    for argv, dtype in ((["--set", "model_parallel.fp16=true"], torch.float16),
+                        (["--dtype", "fp32"], torch.float32)):
+        out = tmp_path / f"m_{dtype}"
+        assert convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out),
+                             *argv]) == 0
+        assert stored(out) == dtype
+    write_hf_model(tmp_path / "hf32", small_hf_config(), dtype=torch.float32, shards=1)
+    assert stored(convert.import_from_hf(tmp_path / "hf32", tmp_path / "m32")) == torch.float32
 
 
 @pytest.mark.parametrize("changes", [
@@ -723,8 +754,8 @@ def test_top_1_routing_with_norm_topk_prob_imports_unrenormalised(rt, tmp_path):
 
 
 def small_hf_config(**changes) -> dict:
-    return scaled_16b_config(num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2,
-                             torch_dtype="float32", **changes)
+    return scaled_16b_config(**{"num_hidden_layers": 2, "n_routed_experts": 4,
+                                "num_experts_per_tok": 2, "torch_dtype": "float32", **changes})
 
 
 def edit_tensors(directory: Path, edit) -> None:

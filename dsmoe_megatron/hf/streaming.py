@@ -64,11 +64,14 @@ class SafetensorsReader:
             files = {name: path for path in candidates for name in self._open(path).keys()}
         self.files = files
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}  # safetensors' names: "BF16", "F32", ...
         for path in dict.fromkeys(files.values()):
             handle = self._open(path)
             for name in (n for n, p in files.items() if p == path):
                 try:
-                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+                    tensor = handle.get_slice(name)
+                    self.shapes[name] = tuple(tensor.get_shape())
+                    self.dtypes[name] = tensor.get_dtype()
                 except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
                     raise ConversionError(f"cannot read tensor {name} from {path}: {err}") from err
         self._current: tuple[Path, object] | None = None
