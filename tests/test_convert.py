@@ -714,7 +714,9 @@ def test_from_hf_dtype_auto_is_the_source_weights_dtype(rt, tmp_path, capsys):
     dict(norm_topk_prob=True, seq_aux=False, aux_loss_alpha=0.0, n_shared_experts=0,
          first_k_dense_replace=0),
     dict(rope_theta=500000.0),
-], ids=["moe-every-2nd-layer", "dense", "renormalised-no-shared", "rope-theta-500000"])
+    dict(rope_scaling={"type": "linear", "factor": 1.0}),  # a no-op: positions / 1
+], ids=["moe-every-2nd-layer", "dense", "renormalised-no-shared", "rope-theta-500000",
+        "rope-scaling-linear-1"])
 def test_other_layer_layouts_round_trip(rt, tmp_path, changes):
     """HF -> Megatron -> HF is bit-exact, the imported model's forward is HF's, and the run.yaml
     of the import keeps the RoPE base (rope_theta)."""
@@ -799,6 +801,8 @@ def test_import_ignores_rotary_buffers(rt, tmp_path):
     (dict(scoring_func="sigmoid"), "scoring_func"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 1.0}), "rope_scaling"),  # not a no-op
+    (dict(rope_parameters={"rope_type": "linear", "factor": 4}), "rope_parameters"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(num_key_value_heads=3), "num_key_value_heads"),

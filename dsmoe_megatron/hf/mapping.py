@@ -494,6 +494,14 @@ def check_hf_config(hf, where: str = "config.json") -> None:
                 f"{hf[field]!r} ({json_type(hf[field])}); fix the file")
 
 
+def _no_op_rope_scaling(scaling: Mapping) -> bool:
+    """Linear scaling by 1, which divides the positions by 1 (any other kind or factor changes
+    the rotary angles)."""
+    factor = scaling.get("factor")
+    return (scaling.get("type", scaling.get("rope_type")) == "linear" and _is_number(factor)
+            and factor == 1)
+
+
 def model_fields_from_hf(hf: Mapping) -> dict:
     """config.json of a DeepSeekMoE model -> DeepSeekMoEConfig fields (beyond deepseek_defaults).
 
@@ -515,11 +523,11 @@ def model_fields_from_hf(hf: Mapping) -> dict:
         raise _unsupported("hidden_act", c["hidden_act"], "only SwiGLU (silu) is supported")
     if c["attention_bias"]:
         raise _unsupported("attention_bias", True, "the Megatron model has no attention biases")
-    if c["rope_scaling"]:
+    if c["rope_scaling"] and not _no_op_rope_scaling(c["rope_scaling"]):
         raise _unsupported("rope_scaling", c["rope_scaling"], "RoPE scaling is not supported")
-    if c.get("rope_parameters") and c["rope_parameters"].get("rope_type", "default") != "default":
-        raise _unsupported("rope_parameters", c["rope_parameters"],
-                           "RoPE scaling is not supported")
+    rope = c.get("rope_parameters")
+    if rope and rope.get("rope_type", "default") != "default" and not _no_op_rope_scaling(rope):
+        raise _unsupported("rope_parameters", rope, "RoPE scaling is not supported")
     if c["tie_word_embeddings"]:
         raise _unsupported("tie_word_embeddings", True, "the Megatron model has untied embeddings")
     hidden, heads = c["hidden_size"], c["num_attention_heads"]
