@@ -105,6 +105,9 @@ def write_hf_tokenizer(directory: str | os.PathLike, tokenizer: ByteTokenizer | 
         "pad_token": PAD_TOKEN,
         "model_max_length": 1_000_000_000,
         "clean_up_tokenization_spaces": False,
+        # A padded batch generates as each prompt alone (a decoder-only model continues the
+        # last position), as with the released model's LlamaTokenizerFast.
+        "padding_side": "left",
         # Like ByteTokenizer, spell out "<|endoftext|>" found in text as bytes.
         "split_special_tokens": True,
     }

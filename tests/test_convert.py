@@ -707,6 +707,22 @@ def test_from_hf_dtype_auto_is_the_source_weights_dtype(rt, tmp_path, capsys):
     assert stored(convert.import_from_hf(tmp_path / "hf32", tmp_path / "m32")) == torch.float32
 
 
+def test_the_byte_tokenizer_of_an_export_pads_a_batch_for_generation(exported):
+    """It padded on the right: generate of a padded batch continued the padding (transformers
+    warned), not the shorter prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    assert tokenizer.padding_side == "left"
+    prompts, greedy = ["Four score and seven", "We"], dict(do_sample=False, max_new_tokens=6)
+    with torch.no_grad():
+        alone = [model.generate(**tokenizer([p], return_tensors="pt"), **greedy)[0, -6:]
+                 for p in prompts]
+        batch = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), **greedy)
+    assert torch.equal(batch[:, -6:], torch.stack(alone))
+
+
 @pytest.mark.parametrize("changes", [
     dict(first_k_dense_replace=1, moe_layer_freq=2, num_hidden_layers=4),
     dict(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
