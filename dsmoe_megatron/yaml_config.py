@@ -639,11 +639,24 @@ def _check_pipeline_split(lm: dict, mp: dict) -> None:
         raise YamlConfigError(
             "model_parallel.virtual_pipeline_model_parallel_size needs pipeline parallelism; "
             "set pipeline_model_parallel_size > 1 or virtual_pipeline_model_parallel_size: null")
+    chunks = f"{pp} pipeline stages" + (f" x {vpp} virtual stages" if vpp > 1 else "")
+    layers = lm["num_layers"]
+    counted = [k for k in ("account_for_embedding_in_pipeline_split",
+                           "account_for_loss_in_pipeline_split") if mp.get(k)]
+    if counted and not any(mp.get(k) for k in _PIPELINE_SPLIT_FIELDS if k not in counted):
+        # Megatron counts the embedding and the loss as a layer each; its own message ("number
+        # of middle layers: 5 must be divisible by ...") names no field.
+        total = layers + len(counted)
+        if total % (pp * vpp):
+            raise YamlConfigError(
+                f"language_model.num_layers={layers} + {len(counted)} for model_parallel."
+                f"{' / '.join(counted)} = {total} does not split evenly over {chunks}; choose "
+                f"num_layers so that num_layers + {len(counted)} is a multiple of {pp * vpp}, "
+                "change pipeline_model_parallel_size, or set those fields to false")
+        return
     if any(mp.get(k) for k in _PIPELINE_SPLIT_FIELDS):
         return
-    layers = lm["num_layers"]
     if layers % (pp * vpp):
-        chunks = f"{pp} pipeline stages" + (f" x {vpp} virtual stages" if vpp > 1 else "")
         raise YamlConfigError(
             f"language_model.num_layers={layers} does not split evenly over {chunks}; change "
             "pipeline_model_parallel_size or set model_parallel.num_layers_in_first_pipeline_stage"

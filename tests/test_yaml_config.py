@@ -362,6 +362,32 @@ def test_invalid_values_are_reported_with_the_file(overrides, message):
     assert str(TINY) in str(err.value)
 
 
+ACCOUNT_FIELDS = ("model_parallel.account_for_embedding_in_pipeline_split / "
+                  "account_for_loss_in_pipeline_split")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["num_layers=3", "pipeline_model_parallel_size=2"],
+     f"language_model.num_layers=3 + 2 for {ACCOUNT_FIELDS} = 5 does not split evenly over 2 "
+     "pipeline stages; choose num_layers so that num_layers + 2 is a multiple of 2"),
+    (["num_layers=4"], "= 6 does not split evenly over 16 pipeline stages"),
+    (["num_layers=4", "pipeline_model_parallel_size=2", "virtual_pipeline_model_parallel_size=2"],
+     "= 6 does not split evenly over 2 pipeline stages x 2 virtual stages"),
+    (["num_layers=4", "pipeline_model_parallel_size=2", "account_for_loss_in_pipeline_split=false"],
+     "language_model.num_layers=4 + 1 for model_parallel.account_for_embedding_in_pipeline_split "
+     "= 5 does not split evenly"),
+])
+def test_a_shrunk_145b_names_the_pipeline_split_fields(overrides, message):
+    """The 145B file counts the embedding and the loss as pipeline layers; a depth that does not
+    split with them got Megatron's "number of middle layers: 5 must be divisible by ..."."""
+    path = CONFIGS / "deepseekmoe_145b.yaml"
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path, overrides, instantiate_checks=False)
+    assert message in str(err.value) and str(path) in str(err.value)
+    ok = ["num_layers=6", "pipeline_model_parallel_size=2", "virtual_pipeline_model_parallel_size=2"]
+    assert load_run_config(path, ok, instantiate_checks=False).model.num_layers == 6
+
+
 def test_errors_are_config_errors_and_value_errors():
     assert issubclass(YamlConfigError, ConfigError) and issubclass(YamlConfigError, ValueError)
 
