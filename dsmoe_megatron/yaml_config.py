@@ -565,6 +565,13 @@ def _build(doc: dict, instantiate_checks: bool) -> RunConfig:
     except (ValueError, AssertionError, TypeError, ZeroDivisionError) as err:
         raise YamlConfigError(f"invalid model configuration: {err}") from None
 
+    tp = model.tensor_model_parallel_size
+    if model.sequence_parallel and train.seq_length % tp:
+        # Megatron asserts it in the first forward, a traceback on every rank.
+        raise YamlConfigError(
+            f"seq_length={train.seq_length} is not divisible by tensor_model_parallel_size={tp}, "
+            "over which model_parallel.sequence_parallel splits each sequence; choose a "
+            f"seq_length that is a multiple of {tp} or set sequence_parallel: false")
     etp = model.expert_tensor_parallel_size
     layout = ParallelLayout(
         tensor=model.tensor_model_parallel_size,

@@ -388,6 +388,20 @@ def test_a_shrunk_145b_names_the_pipeline_split_fields(overrides, message):
     assert load_run_config(path, ok, instantiate_checks=False).model.num_layers == 6
 
 
+def test_sequence_parallel_needs_a_sequence_the_tensor_ranks_divide():
+    """The 145B file runs TP2 with sequence parallelism; seq_length=33 failed in the first
+    forward with Megatron's "First dimension of the tensor should be divisible by tensor
+    parallel size" on every rank."""
+    path = CONFIGS / "deepseekmoe_145b.yaml"
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path, ["seq_length=33"], instantiate_checks=False)
+    assert ("seq_length=33 is not divisible by tensor_model_parallel_size=2, over which "
+            "model_parallel.sequence_parallel splits each sequence") in str(err.value)
+    assert load_run_config(path, ["seq_length=34"], instantiate_checks=False).train.seq_length == 34
+    no_sp = ["seq_length=33", "model_parallel.sequence_parallel=false"]
+    assert load_run_config(path, no_sp, instantiate_checks=False).train.seq_length == 33
+
+
 def test_errors_are_config_errors_and_value_errors():
     assert issubclass(YamlConfigError, ConfigError) and issubclass(YamlConfigError, ValueError)
 
