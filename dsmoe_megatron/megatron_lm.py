@@ -129,15 +129,27 @@ def hook_checkpoint_loading() -> None:
        from the one its group was saved with (Megatron leaves the created zeros, so Adam's bias
        correction started over). Loading runs without autograd: in fp32 the optimizer's main
        parameters are views of the model's, which Megatron's ``copy_`` into them refuses
-       otherwise."""
+       otherwise.
+
+    Saving and loading also let a torch Adam holding no parameter on this rank (the expert one
+    on a pipeline stage of dense layers only) report the others' step, as dsmoe-train does:
+    Megatron's distributed optimizer asserted on the step it lacks."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import get_args, training
 
-    from dsmoe_megatron.checkpoint import adam_steps_from_groups, create_adam_state
+    from dsmoe_megatron.checkpoint import (adam_steps_from_groups, create_adam_state,
+                                           empty_adams_report_a_step)
 
     original = training.load_checkpoint
     if getattr(original, "dsmoe", False):
         return
+    original_save = training.save_checkpoint
+
+    def save_checkpoint(iteration, model, optimizer, *args, **kwargs):
+        with empty_adams_report_a_step(optimizer):
+            return original_save(iteration, model, optimizer, *args, **kwargs)
+
+    training.save_checkpoint = save_checkpoint
     # Each --ckpt-format's way of loading the distributed optimizer's state (torch_dist:
     # fully_reshardable or dp_reshardable; torch: dp_zero).
     for kind in ("fully_reshardable", "dp_reshardable", "dp_zero"):
@@ -150,7 +162,8 @@ def hook_checkpoint_loading() -> None:
             return _start_from_our_checkpoint(source, model, optimizer)
         if optimizer is not None:
             create_adam_state(optimizer)
-        with _one_line_errors("Megatron-LM cannot resume from --load"), torch.no_grad():
+        with (_one_line_errors("Megatron-LM cannot resume from --load"), torch.no_grad(),
+              empty_adams_report_a_step(optimizer)):
             loaded = original(model, optimizer, *args, **kwargs)
         if optimizer is not None:
             adam_steps_from_groups(optimizer)

@@ -423,6 +423,20 @@ def test_resume_on_another_layout(first_run, cache, tmp_path):
         float(VALIDATION.findall(whole)[0]), rel=1e-5)
 
 
+@pytest.mark.distributed
+def test_a_pipeline_stage_without_moe_layers_saves_and_resumes(cache, tmp_path):
+    """PP2 over two layers, the first dense (tiny.yaml's moe_first_k_dense: 1): the first stage's
+    expert optimizer holds no parameter, and Megatron's distributed optimizer asserted on the
+    torch Adam step it lacks when saving (and loading). Now the run saves and resumes exactly."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    pipeline = [*RESUMABLE, "--pipeline-model-parallel-size", "2", "--data-cache-path", cache]
+    whole = run([*pipeline, "--save", str(first)], world_size=2)
+    (first / "latest_checkpointed_iteration.txt").write_text("2")
+    again = run([*pipeline, "--load", str(first), "--save", str(second)], world_size=2)
+    assert ITERATION.findall(again)[0] == ITERATION.findall(whole)[2]
+    assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
+
+
 def test_a_megatron_lm_checkpoint_exports_to_hugging_face(first_run, tmp_path, capsys):
     """dsmoe-convert to-hf of a checkpoint of Megatron-LM's loop (no run.yaml; its iteration
     in latest_checkpointed_iteration.txt): the run config from --config and --set; the exported
