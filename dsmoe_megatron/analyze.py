@@ -27,11 +27,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from dsmoe_megatron.cli import describe_os_error, quiet_warnings, quiet_when_run_as_main
 
 quiet_when_run_as_main(__name__)
+
+import torch  # noqa: E402
 
 from dsmoe_megatron.checkpoint import CheckpointError  # noqa: E402
 from dsmoe_megatron.hf.mapping import ConversionError  # noqa: E402

@@ -89,10 +89,24 @@ def quiet_warnings(argv: list[str] | None = None) -> list[str]:
     return [a for a in argv if a not in VERBOSE_FLAGS]
 
 
+# How each tool module's one-line messages start: its console script (pyproject.toml's
+# [project.scripts]) or, for those run only as `python -m`, the name its own messages use.
+TOOLS = {"train": "dsmoe-train", "convert": "dsmoe-convert", "plan": "dsmoe-plan",
+         "data": "dsmoe-preprocess", "analyze": "dsmoe-analyze",
+         "synthetic": "dsmoe_megatron.synthetic", "quickstart": "quick start",
+         "megatron_lm": "dsmoe_megatron.megatron_lm"}
+
+
 def quiet_when_run_as_main(module_name: str) -> None:
-    """``python -m dsmoe_megatron.X`` / ``torchrun -m ...`` (and the processes those spawn, which
-    import the module again as ``__mp_main__``): filter the harmless warnings before the
-    module's own imports raise them. Call it with ``__name__`` above those imports."""
+    """``python -m dsmoe_megatron.X`` / ``torchrun -m ...`` runs X as a console script does
+    (``_run``: the harmless warnings filtered before X's imports raise them, and Ctrl-C while
+    they import or a reader of stdout that left early one line, not a traceback); this module
+    then stops here. The processes those spawn, which import it again as ``__mp_main__``, only
+    filter the warnings. Call it with ``__name__`` above the module's other imports."""
+    spec = sys.modules["__main__"].__spec__ if module_name == "__main__" else None
+    module = spec.name.removeprefix("dsmoe_megatron.") if spec is not None else None
+    if module in TOOLS:
+        sys.exit(_run(TOOLS[module], module))
     if module_name in ("__main__", "__mp_main__"):
         quiet_warnings()
 
@@ -198,6 +212,9 @@ def _run(tool: str, module: str) -> int:
     # half-imported module behind (numpy's RecursionError traceback).
     default = signal.signal(signal.SIGINT, stop_now)
     try:
+        # torch too, which some tools import only in main(): a KeyboardInterrupt raised inside
+        # its C++ initialisation aborts the process (SIGABRT, "terminate called ...").
+        importlib.import_module("torch")
         tool_module = importlib.import_module(f"dsmoe_megatron.{module}")
     finally:
         signal.signal(signal.SIGINT, default)

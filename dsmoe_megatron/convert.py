@@ -31,13 +31,13 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-
 from dsmoe_megatron.cli import (describe_os_error, find_cause, positive_int, quiet_warnings,
                                 quiet_when_run_as_main)
 
 quiet_when_run_as_main(__name__)
+
+import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 
 from dsmoe_megatron.hf.mapping import (  # noqa: E402
     DTYPE_NAMES,

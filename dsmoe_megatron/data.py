@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
-import numpy
-import torch
-
 from dsmoe_megatron.cli import describe_os_error, quiet_warnings, quiet_when_run_as_main
 
 quiet_when_run_as_main(__name__)
+
+import numpy  # noqa: E402
+import torch  # noqa: E402
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder  # noqa: E402
 from megatron.core.datasets.blended_megatron_dataset_config import (  # noqa: E402

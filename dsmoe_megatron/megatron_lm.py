@@ -36,14 +36,17 @@ import traceback
 import types
 from functools import partial
 
-import torch
+from dsmoe_megatron.cli import print_error, quiet_warnings, quiet_when_run_as_main
+
+quiet_when_run_as_main(__name__)
+
+import torch  # noqa: E402
 
 # Megatron-core (and our modules built on it) are imported where used: importing them warns, and
 # main() first quiets the known-harmless warnings.
-from dsmoe_megatron import cpu_compat
-from dsmoe_megatron.cli import print_error, quiet_warnings
-from dsmoe_megatron.runtime import free_port
-from dsmoe_megatron.tokenizer import ByteTokenizer
+from dsmoe_megatron import cpu_compat  # noqa: E402
+from dsmoe_megatron.runtime import free_port  # noqa: E402
+from dsmoe_megatron.tokenizer import ByteTokenizer  # noqa: E402
 
 # Prepended to the command line on CPU (a flag given explicitly wins). The fusions are CUDA
 # kernels or torch.compile, which only slows a CPU run down.

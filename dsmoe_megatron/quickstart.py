@@ -18,6 +18,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsmoe_megatron.cli import quiet_when_run_as_main
+
+quiet_when_run_as_main(__name__)
+
 TINY = str(Path(__file__).resolve().parents[1] / "yaml_configs" / "tiny.yaml")
 
 

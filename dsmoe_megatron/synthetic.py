@@ -37,8 +37,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsmoe_megatron.cli import quiet_warnings
-from dsmoe_megatron.tokenizer import ByteTokenizer
+from dsmoe_megatron.cli import quiet_warnings, quiet_when_run_as_main
+
+quiet_when_run_as_main(__name__)
+
+from dsmoe_megatron.tokenizer import ByteTokenizer  # noqa: E402
 
 FUNCTION_CONSONANTS = "tlnrs"
 LEXICON_CONSONANTS = "bcdfghjkmpqvwxzy"  # split between the lexicons

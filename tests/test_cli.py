@@ -101,16 +101,37 @@ def test_ctrl_c_is_not_lost_to_a_library_that_catches_it_while_importing(tmp_pat
     assert err.strip() == "dsmoe-train: interrupted", err
 
 
-def test_a_reader_that_leaves_early_is_no_traceback():
+@pytest.mark.parametrize("tool", [
+    ["-c", "import sys; from dsmoe_megatron import cli; sys.argv[0] = 'dsmoe-plan'; sys.exit(cli.plan())"],
+    ["-m", "dsmoe_megatron.plan"]])  # printed a BrokenPipeError traceback
+def test_a_reader_that_leaves_early_is_no_traceback(tool):
     """``dsmoe-plan ... | head``: the output's reader gone before the tool prints."""
-    code = "import sys; from dsmoe_megatron import cli; sys.argv[0] = 'dsmoe-plan'; sys.exit(cli.plan())"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, TINY], cwd=ROOT, stdout=subprocess.PIPE,
+        [sys.executable, *tool, TINY], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     proc.stdout.close()  # long before the imports are done
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141 and "Traceback" not in err and "Exception" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("module", ["data", "synthetic"])
+def test_ctrl_c_at_the_start_of_python_m_is_one_line(module, tmp_path):
+    """``python -m dsmoe_megatron.X`` runs as the console scripts do: Ctrl-C while the libraries
+    import printed a KeyboardInterrupt traceback (or, inside torch's import, aborted)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a fable of a fox and a crow\n" * 200_000)  # seconds of work after the imports
+    args = {"data": ["--input", str(corpus), "--output-prefix", str(tmp_path / "a")],
+            "synthetic": ["--output-prefix", str(tmp_path / "s"), "--tokens", "1e8"]}[module]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"dsmoe_megatron.{module}", *args], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    name = {"data": "dsmoe-preprocess", "synthetic": "dsmoe_megatron.synthetic"}[module]
+    assert proc.returncode == 130 and err.strip() == f"{name}: interrupted", err[-3000:]
 
 
 @pytest.mark.parametrize("module", ["train", "convert", "analyze", "plan", "data"])
