@@ -704,13 +704,15 @@ def main(argv: list[str] | None = None) -> None:
     script (pretrain_gpt.py or ours) with the CPU shim where there is no GPU, our flags and
     ``--dsmoe-yaml`` accepted, and DeepSeekMoE's balance losses logged."""
     argv = quiet_warnings(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        raise SystemExit(0 if argv else 2)
-    script, rest = argv[0], argv[1:]
+        raise SystemExit(0)
+    # Without arguments one line on stderr, as a tool's usage error (the help went to stdout).
+    script, rest = (argv[0], argv[1:]) if argv else ("", [])
     if not os.path.isfile(script):
-        print(f"{LAUNCHER}: no training script {script} (the first argument, e.g. Megatron-LM's "
-              "pretrain_gpt.py or examples/pretrain_dsmoe_megatron_lm.py)", file=sys.stderr)
+        print_error(LAUNCHER, f"no training script{f' {script}' if script else ''} (the first "
+                    "argument, e.g. Megatron-LM's pretrain_gpt.py or "
+                    "examples/pretrain_dsmoe_megatron_lm.py; -h for help)")
         raise SystemExit(2)
     enable_cpu_training()
     hook_checkpoint_loading()

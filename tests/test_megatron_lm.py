@@ -255,6 +255,18 @@ def parse_args(monkeypatch):
     reset()
 
 
+@pytest.mark.parametrize("argv", [[], ["no_such_script.py"]])
+def test_the_launcher_without_a_script_is_one_line(argv, capsys):
+    """Without arguments the launcher printed its whole help to stdout (exit code 2)."""
+    from dsmoe_megatron import megatron_lm
+
+    with pytest.raises(SystemExit) as stop:
+        megatron_lm.main(argv)
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and out == "" and len(err.splitlines()) == 1, (out, err)
+    assert err.startswith("dsmoe_megatron.megatron_lm: no training script") and "-h for help" in err
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--dsmoe-yaml", "/nonexistent/run.yaml"], "/nonexistent/run.yaml: cannot read"),
     (["--dsmoe-yaml", TINY, "--train-iters", "20"], "--lr-warmup-iters 20 must be below"),
