@@ -298,6 +298,15 @@ def add_dsmoe_args(parser):
                        help="routed-expert GEMMs (default auto)")
     group.add_argument("--dsmoe-yaml", metavar="PATH", default=None,
                        help="a dsmoe_megatron YAML run config; flags given explicitly win")
+    # A bare "%" in a help of Megatron-LM's ("e.g. 1.10 = 10%" of
+    # --moe-paged-stash-buffer-size-factor-cuda) is a format to argparse: --help failed with a
+    # ValueError traceback.
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        try:
+            formatter._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
     return parser
 
 

@@ -255,6 +255,20 @@ def parse_args(monkeypatch):
     reset()
 
 
+def test_help_of_megatron_lms_flags_and_ours_prints():
+    """Megatron-LM's help of --moe-paged-stash-buffer-size-factor-cuda says "10%", which
+    argparse takes for a format: the example's --help failed with a ValueError traceback."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    from dsmoe_megatron.megatron_lm import add_dsmoe_args
+
+    parser = add_dsmoe_args(add_megatron_arguments(argparse.ArgumentParser()))
+    text = parser.format_help()
+    assert "10%)" in text and "--dsmoe-yaml" in text
+
+
 @pytest.mark.parametrize("argv", [[], ["no_such_script.py"]])
 def test_the_launcher_without_a_script_is_one_line(argv, capsys):
     """Without arguments the launcher printed its whole help to stdout (exit code 2)."""
