@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Parameters, training FLOPs, per-GPU memory and step time of a "
                     "dsmoe_megatron run config; --search ranks the parallel layouts that fit.")
     parser.add_argument("config", help="run config YAML (e.g. yaml_configs/deepseekmoe_16b.yaml)")
-    parser.add_argument("overrides", nargs="*",
+    parser.add_argument("overrides", nargs="*", default=[],
                         help="key=value overrides (language_model.num_layers=4, lr=1e-3, ...)")
     parser.add_argument("--gpus", "--world-size", dest="gpus", type=positive_int, default=None,
                         help="number of GPUs (default: the smallest world the layout fits; "

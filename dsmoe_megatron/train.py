@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -24,13 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from dsmoe_megatron.cli import (describe_os_error, positive_int, print_error, quiet_warnings,
                                 quiet_when_run_as_main)
 
 quiet_when_run_as_main(__name__)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from dsmoe_megatron.checkpoint import CheckpointError  # noqa: E402
 
@@ -617,7 +616,7 @@ def _resume_mode(text: str) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="dsmoe-train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML file from yaml_configs/ or your own")
-    parser.add_argument("overrides", nargs="*", help="key=value, dotted for sections "
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value, dotted for sections "
                         "(e.g. train_iters=50 language_model.num_layers=2)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", nargs="?", const="always", default=None, type=_resume_mode,
@@ -727,5 +726,4 @@ def _interrupted(run, trainer, what: str = "interrupted") -> str:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2))))
     sys.exit(main())
