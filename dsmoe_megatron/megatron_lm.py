@@ -31,6 +31,7 @@ import dataclasses
 import enum
 import os
 import runpy
+import signal
 import sys
 import traceback
 import types
@@ -493,6 +494,7 @@ def yaml_to_megatron_flags(path: str, parser, given: list[str] = ()) -> list[str
     model_keys |= {k for k in deepseek_defaults() if "fusion" not in k} - {"activation_func"}
     values = {key: getattr(run.model, key) for key in sorted(model_keys)}
     values.update(dataclasses.asdict(run.train))
+    values["exit_signal"] = signal.Signals[run.train.exit_signal]  # Megatron-LM's type
     if run.train.eval_interval is None:  # no evaluation
         values.update(eval_interval=run.train.train_iters, eval_iters=0)
     flags = list(MODEL_FLAGS)
@@ -524,10 +526,12 @@ def _flag_for(parser, dest: str, value) -> list[str]:
             if action.const == value:
                 return [option]
             continue
-        items = value if isinstance(value, (list, tuple)) and action.nargs in ("*", "+") \
+        raw = value if isinstance(value, (list, tuple)) and action.nargs in ("*", "+") \
             else [value]
-        items = [v.name if isinstance(v, enum.Enum) else str(v) for v in items]
-        if action.choices is not None and any(v not in action.choices for v in items):
+        items = [v.name if isinstance(v, enum.Enum) else str(v) for v in raw]
+        # Choices are names, or the enum members themselves (--exit-signal: signal.Signals).
+        if action.choices is not None and any(v not in action.choices and text not in
+                                              action.choices for v, text in zip(raw, items)):
             raise ValueError(f"has no Megatron-LM equivalent ({option} takes "
                              f"{', '.join(map(str, action.choices))}); give {option} explicitly")
         return [option, *items]

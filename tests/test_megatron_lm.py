@@ -206,6 +206,20 @@ def test_yaml_flags_lose_to_explicit_flags():
                                                     "--lr-decay-style", "cosine"])
 
 
+def test_yaml_exit_settings_become_megatron_lms(tmp_path):
+    """exit_* are Megatron-LM's own settings; its --exit-signal takes a signal's name."""
+    from dsmoe_megatron.megatron_lm import expand_dsmoe_yaml
+
+    assert not [f for f in expand_dsmoe_yaml(["--dsmoe-yaml", TINY]) if f.startswith("--exit")]
+    config = tmp_path / "run.yaml"
+    config.write_text(Path(TINY).read_text() + "exit_duration_in_mins: 30\n"
+                      "exit_signal_handler: true\nexit_signal: SIGUSR1\n")
+    argv = expand_dsmoe_yaml(["--dsmoe-yaml", str(config)])
+    flags = dict(zip(argv, argv[1:]))
+    assert (flags["--exit-duration-in-mins"], flags["--exit-signal"]) == ("30", "SIGUSR1")
+    assert "--exit-signal-handler" in argv
+
+
 def test_config_from_megatron_reads_widths_and_environment(monkeypatch):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
