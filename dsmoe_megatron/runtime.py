@@ -186,15 +186,16 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
         cpu_compat.activate()
     if not dist.is_initialized():
         rank, world_size, local_rank = launch_ranks()
+        names = _launcher_variables()
         if world_size > 1 and "MASTER_PORT" not in os.environ:
-            raise _launch_error(_launcher_variables(), f"a world of {world_size} processes, but "
+            raise _launch_error(names, f"a world of {world_size} processes, but "
                                 "MASTER_PORT is not set (torchrun sets it; under srun or mpirun, "
                                 "the launch script), so they cannot meet")
         if (world_size > 1 and "MASTER_ADDR" not in os.environ
-                and _spans_nodes(_launcher_variables(), world_size)):
+                and _spans_nodes(names, world_size)):
             # 127.0.0.1 would send each node's processes to a rendezvous on their own node,
             # where nobody listens but on the first: a hang until the timeout.
-            raise _launch_error(_launcher_variables(), f"a world of {world_size} processes on "
+            raise _launch_error(names, f"a world of {world_size} processes on "
                                 "several nodes, but MASTER_ADDR is not set (torchrun sets it; "
                                 "under srun or mpirun, the launch script: the first node's host "
                                 "name), so they cannot meet")
