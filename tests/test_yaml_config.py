@@ -175,6 +175,14 @@ def test_every_shipped_config_round_trips(path, tmp_path):
         schema_values(cfg)
 
 
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_takes_a_lower_lr(path):
+    """min_lr only shapes the cosine schedule; where it is unused it must not refuse lr=lr/10."""
+    lr = load_run_config(path, instantiate_checks=False).train.lr
+    cfg = load_run_config(path, [f"lr={lr / 10}"], instantiate_checks=False)
+    assert cfg.train.lr == pytest.approx(lr / 10)
+
+
 def test_dump_keeps_changes_made_after_loading(tmp_path):
     cfg = load_run_config(TINY)
     cfg.train.load = str(tmp_path)  # loading checks that it exists
