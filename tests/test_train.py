@@ -61,6 +61,7 @@ def cli(tmp_path_factory) -> Cli:
     c.add("resume empty", "train", c.argv("empty", *two, "--resume"))
     c.add("auto starts", "train", c.argv("auto", *two, "--resume", "auto"))
     c.add("auto continues", "train", c.argv("auto", "train_iters=3", "--resume", "auto"))
+    c.add("auto complete", "train", c.argv("auto", "train_iters=3", "--resume", "auto"))
     c.add("other model", "train", c.argv("auto", "train_iters=4",
                                         "language_model.moe_ffn_hidden_size=64", "--resume"))
     c.add("new lr", "train", c.argv("auto", "train_iters=4", "lr=1e-4", "min_lr=1e-5",
@@ -170,6 +171,11 @@ def test_resume_needs_a_checkpoint_and_auto_starts_without_one(cli):
     assert sorted(records(ok(cli.results["auto starts"]))) == [1, 2]
     continued = ok(cli.results["auto continues"])
     assert sorted(records(continued)) == [1, 2, 3]
+    # A chained job (sbatch --dependency=singleton) that finds the run complete exits at once,
+    # training nothing and writing no checkpoint.
+    complete = ok(cli.results["auto complete"])
+    assert "the run is complete: iteration 3 of train_iters=3" in complete["stdout"] + complete["stderr"]
+    assert complete["records"] == continued["records"]
 
 
 @pytest.mark.distributed
