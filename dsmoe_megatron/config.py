@@ -462,6 +462,10 @@ def _fit_hot_path(cfg: DeepSeekMoEConfig) -> None:
     allowed = machine_fusions()
     for name in FUSIONS:
         setattr(cfg, name, bool(getattr(cfg, name)) and allowed[name])
+    if cfg.activation_func is F.silu and not cfg.gated_linear_unit:
+        # Megatron's MLP fuses silu only as SwiGLU; a plain silu MLP (a dense model without
+        # gated_linear_unit) would fail at its first forward with the fusion on.
+        cfg.bias_activation_fusion = False
     if cfg.moe_router_padding_for_fp8 or cfg.moe_router_padding_for_quantization:
         raise ConfigError(
             "moe_router_padding_for_fp8 / moe_router_padding_for_quantization route extra tokens "

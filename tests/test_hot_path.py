@@ -324,6 +324,25 @@ def test_fusions_follow_the_machine():
         assert not any(allowed.values())
 
 
+def test_plain_silu_mlp_runs_without_the_swiglu_fusion(monkeypatch):
+    """A dense model without gated_linear_unit on a GPU machine: Megatron's MLP fuses silu only
+    as SwiGLU and raised at the first forward; the fusion stays off for it."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+    from dsmoe_megatron import config
+
+    fusions = config.machine_fusions()
+    monkeypatch.setattr(config, "machine_fusions",
+                        lambda: {**fusions, "bias_activation_fusion": True})
+    assert tiny_config(moe=False).bias_activation_fusion  # SwiGLU keeps it
+    plain = tiny_config(moe=False, gated_linear_unit=False)
+    assert not plain.bias_activation_fusion
+    sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    out, _ = MLP(plain, sub)(torch.randn(4, 2, 32))
+    assert out.shape == (4, 2, 32)
+
+
 def test_router_padding_for_fp8_is_refused_with_the_reason():
     from dsmoe_megatron.config import ConfigError
 
