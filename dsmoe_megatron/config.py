@@ -104,6 +104,10 @@ _GPU_GENERATIONS = {(8, 9): "FP8 tensor cores: Ada, Hopper or newer", (9, 0): "H
 
 _DROPLESS = "routing is dropless: every token reaches its k experts"
 _UNGROUPED = "each token picks its k experts among all routed experts"
+_IN_FORWARD = "the expert-parallel all-to-all runs inside the block's forward, in order"
+_IN_BACKWARD = "weight gradients are computed in the backward pass, as usual"
+_PER_EXPERT = ("the routed experts run Transformer Engine's GroupedLinear with one weight per "
+               "expert, or torch's grouped GEMM")
 # Megatron-core MoE settings the DeepSeekMoE block does not implement, with the values that
 # mean "off" and what the block does instead: setting one is an error, not a run without it.
 _NOT_IMPLEMENTED = {
@@ -125,6 +129,17 @@ _NOT_IMPLEMENTED = {
     "moe_shared_expert_gate": ((False,), "the shared experts are always on, ungated"),
     "moe_apply_probs_on_input": ((False,), "the gates weight the experts' outputs"),
     "moe_latent_size": ((None,), "the experts take the hidden states at full width"),
+    # Hooks of Megatron's MoELayer and its schedules that the block has no counterpart for:
+    # with them Transformer Engine's layers defer the weight gradients to backward_dw() calls
+    # that nothing makes (the expert weights would not train), or the schedule asks the model
+    # for Megatron's per-layer sub-steps.
+    "overlap_moe_expert_parallel_comm": ((False,), _IN_FORWARD),
+    "delay_wgrad_compute": ((False,), _IN_BACKWARD),
+    "overlap_dispatch_backward_with_experts_wgrad": ((False,), _IN_BACKWARD),
+    # Transformer Engine's op fuser and single grouped weight are for Megatron's expert MLP;
+    # the block would only pad every expert's rows to 256 and break its per-expert checkpoint.
+    "use_transformer_engine_op_fuser": ((False,), _PER_EXPERT),
+    "moe_single_grouped_weight": ((False,), _PER_EXPERT),
 }
 
 

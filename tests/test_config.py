@@ -90,6 +90,11 @@ def test_validation_errors_name_the_field_and_the_fix(changes, message):
     ("moe_router_topk_limited_devices", 1), ("moe_router_enable_expert_bias", True),
     ("moe_router_force_load_balancing", True), ("moe_router_dtype", "fp64"),
     ("moe_shared_expert_gate", True), ("moe_apply_probs_on_input", True), ("moe_latent_size", 16),
+    # With Transformer Engine these deferred the expert weight gradients to backward_dw() calls
+    # only Megatron's MoELayer and its combined 1F1B schedule make: the experts did not train.
+    ("overlap_moe_expert_parallel_comm", True), ("delay_wgrad_compute", True),
+    ("overlap_dispatch_backward_with_experts_wgrad", True),
+    ("use_transformer_engine_op_fuser", True), ("moe_single_grouped_weight", True),
 ])
 def test_megatron_moe_settings_the_block_does_not_implement_are_refused(name, value):
     """Each changed the loss or gradients of Megatron's own MoE layer; ours read none of them, so
