@@ -35,7 +35,8 @@ def detect() -> Hardware:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return Hardware(gpus, gpus > 0 and torch.cuda.is_bf16_supported())
+    # Not emulated bf16 (torch's default counts a V100 or T4 in): those train in fp32.
+    return Hardware(gpus, gpus > 0 and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def hardware_overrides(hw: Hardware, config: str = TINY, user: list[str] = ()) -> list[str]:

@@ -29,6 +29,25 @@ def test_gpu_without_bf16_trains_fp32_with_the_expert_loop():
     assert not run.model.bf16 and run.model.moe_expert_backend == "sequential"
 
 
+@pytest.mark.parametrize("major, bf16", [(7, False), (8, True), (9, True)])
+def test_bf16_means_bf16_tensor_cores_not_emulation(monkeypatch, major, bf16):
+    """torch.cuda.is_bf16_supported() says True on a V100 or T4 (compute capability 7.x) by
+    default, where bf16 is only emulated: those GPUs train in fp32 with the expert loop."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dsmoe_megatron.quickstart import detect
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True, raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert detect() == Hardware(2, bf16)
+
+
 def test_cpu_keeps_the_yaml_and_user_overrides_win():
     assert hardware_overrides(Hardware(0, bf16=False)) == []
     # micro_batch_size=2 on 3 GPUs: multiples of 6, at least 8.
