@@ -54,16 +54,26 @@ def apex_available() -> bool:
     return _importable("apex", "apex", "Falling back to torch's fused-op replacements.")
 
 
-def grouped_mm_available() -> bool:
-    return hasattr(torch, "_grouped_mm")
+def grouped_mm_available(dtype: torch.dtype | None = None) -> bool:
+    """Whether ``torch._grouped_mm`` runs a grouped kernel here (for ``dtype``, if given).
+
+    On CUDA torch has one for bf16 on sm90 and newer only; elsewhere it falls back to a GEMM per
+    expert after copying the offsets to the host, a host sync per GEMM (the per-expert loop
+    syncs once per layer). On the CPU any dtype runs.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if not torch.cuda.is_available():
+        return True
+    return dtype in (None, torch.bfloat16) and torch.cuda.get_device_capability() >= (9, 0)
 
 
-def resolve_expert_backend(requested: str) -> str:
-    """`auto` picks te > grouped_mm > sequential by what this machine supports."""
+def resolve_expert_backend(requested: str, dtype: torch.dtype | None = None) -> str:
+    """`auto` picks te > grouped_mm > sequential by what this machine runs best in ``dtype``."""
     if requested != "auto":
         return requested
     if te_available():
         return "te"
-    if grouped_mm_available():
+    if grouped_mm_available(dtype):
         return "grouped_mm"
     return "sequential"

@@ -51,7 +51,7 @@ class RoutedExperts(torch.nn.Module):
         self.num_experts = config.num_moe_experts
         self.num_local_experts = self.num_experts // _group_size(self.ep_group)
         self.width = config.moe_ffn_hidden_size // _group_size(self.expert_tp_group)
-        self.backend = resolve_expert_backend(config.moe_expert_backend)
+        self.backend = resolve_expert_backend(config.moe_expert_backend, config.params_dtype)
         self.needs_host_counts = ops.NEEDS_HOST_COUNTS[self.backend]
         self.recompute_activation = (config.recompute_granularity == "selective"
                                      and "moe_act" in config.recompute_modules)
@@ -276,5 +276,5 @@ class TEGroupedExperts(RoutedExperts):
 
 
 def build_routed_experts(config, pg_collection) -> RoutedExperts:
-    backend = resolve_expert_backend(config.moe_expert_backend)
+    backend = resolve_expert_backend(config.moe_expert_backend, config.params_dtype)
     return (TEGroupedExperts if backend == "te" else RoutedExperts)(config, pg_collection)

@@ -27,7 +27,8 @@ def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torc
                host_counts: list[int] | None = None) -> torch.Tensor:
     """rows [M, K] grouped by expert, weight [E, N, K] -> [M, N] with torch._grouped_mm.
 
-    Pads K and N with zeros when they break the 16-byte stride rule. No host sync.
+    Pads K and N with zeros when they break the 16-byte stride rule. No host sync where torch
+    has a grouped kernel (``backends.grouped_mm_available``).
     """
     _, n, k = weight.shape
     k_pad, n_pad = _aligned(k, rows.dtype) - k, _aligned(n, rows.dtype) - n

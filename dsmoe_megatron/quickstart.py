@@ -3,8 +3,8 @@
 What the hardware needs is decided here, in one place:
 
 - no GPU: the YAML as it is, in this process (the trainer trains in fp32 on CPU);
-- GPUs: ``torchrun`` on all of them, bf16 (``torch._grouped_mm`` on CUDA takes bf16 only; a GPU
-  without bf16 trains in fp32 with the per-expert loop instead), and the smallest global batch of at
+- GPUs: ``torchrun`` on all of them, bf16 (fp32 on a GPU without bf16 tensor cores, where the
+  expert backend ``auto`` then picks the per-expert loop), and the smallest global batch of at
   least the YAML's that every data-parallel rank's micro-batches divide.
 
 Overrides given on the command line come last, so they win.
@@ -46,8 +46,7 @@ def hardware_overrides(hw: Hardware, config: str = TINY, user: list[str] = ()) -
     from dsmoe_megatron.yaml_config import check_world_size, load_run_config
 
     run = load_run_config(config, list(user), instantiate_checks=False)
-    precision = ["model_parallel.bf16=true"] if hw.bf16 else [
-        "model_parallel.bf16=false", "deepseekmoe.moe_expert_backend=sequential"]
+    precision = [f"model_parallel.bf16={'true' if hw.bf16 else 'false'}"]
     per_step = run.train.micro_batch_size * run.layout.data_parallel_size(hw.gpus)
     wanted = run.train.global_batch_size or per_step
     batch = [f"global_batch_size={per_step * math.ceil(wanted / per_step)}"]

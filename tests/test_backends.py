@@ -1,6 +1,6 @@
 """Transformer Engine detection: not installed (quiet), installed but broken (reported once, with the
 import error), or turned off on purpose (DSMOE_DISABLE_TE=1). A stand-in `transformer_engine` package
-plays the installed TE; torch.cuda.is_available is patched to True, as on a GPU node."""
+plays the installed TE; torch.cuda.is_available is patched to True, as on a GPU node (an sm90 one)."""
 
 import sys
 
@@ -14,6 +14,7 @@ from dsmoe_megatron.backends import resolve_expert_backend, te_available
 def gpu_node(monkeypatch, tmp_path):
     """A GPU machine whose site-packages is tmp_path; returns a function that installs a stand-in TE."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("DSMOE_DISABLE_TE", raising=False)
     te_available.cache_clear()
@@ -51,3 +52,23 @@ def test_working_te_is_used_unless_disabled(gpu_node, monkeypatch, capsys):
     monkeypatch.setenv("DSMOE_DISABLE_TE", "1")
     assert te_available() is False and resolve_expert_backend("auto") != "te"
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("capability, dtype, backend", [
+    ((9, 0), torch.bfloat16, "grouped_mm"), ((10, 0), torch.bfloat16, "grouped_mm"),
+    ((8, 0), torch.bfloat16, "sequential"), ((9, 0), torch.float32, "sequential"),
+    ((9, 0), torch.float16, "sequential")])
+def test_auto_takes_grouped_mm_where_torch_has_a_grouped_kernel(gpu_node, monkeypatch,
+                                                                  capability, dtype, backend):
+    """torch._grouped_mm on CUDA is a grouped kernel for bf16 on sm90 and newer; elsewhere a loop
+    of GEMMs that copies the offsets to the host on every call, so the per-expert loop (one host
+    copy per layer) is the better choice there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_expert_backend("auto", dtype) == backend
+    assert resolve_expert_backend("grouped_mm", dtype) == "grouped_mm"  # asked for: kept
+
+
+def test_auto_takes_grouped_mm_on_the_cpu_in_any_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert resolve_expert_backend("auto", dtype) == "grouped_mm"

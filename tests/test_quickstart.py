@@ -24,15 +24,15 @@ def test_gpus_train_in_bf16_with_a_batch_every_rank_divides(gpus):
     assert check_world_size(run, gpus) == gpus
 
 
-def test_gpu_without_bf16_trains_fp32_with_the_expert_loop():
+def test_gpu_without_bf16_trains_fp32():
     run = load_run_config(TINY, hardware_overrides(Hardware(2, bf16=False)), instantiate_checks=False)
-    assert not run.model.bf16 and run.model.moe_expert_backend == "sequential"
+    assert not run.model.bf16 and run.model.moe_expert_backend == "auto"
 
 
 @pytest.mark.parametrize("major, bf16", [(7, False), (8, True), (9, True)])
 def test_bf16_means_bf16_tensor_cores_not_emulation(monkeypatch, major, bf16):
     """torch.cuda.is_bf16_supported() says True on a V100 or T4 (compute capability 7.x) by
-    default, where bf16 is only emulated: those GPUs train in fp32 with the expert loop."""
+    default, where bf16 is only emulated: those GPUs train in fp32."""
     from types import SimpleNamespace
 
     import torch
