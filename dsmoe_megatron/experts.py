@@ -98,9 +98,8 @@ class RoutedExperts(torch.nn.Module):
         """rows [M, H] grouped by local expert, probs [M], counts [E_local] (device; and host
         list for backends that need it) -> prob * expert(row) [M, H] (partial over expert TP)."""
         if self.pad_multiple:
-            rows, probs, host_counts, unpad = ops.pad_rows(rows, probs, host_counts,
-                                                           self.pad_multiple)
-            counts = torch.tensor(host_counts, device=rows.device)
+            rows, probs, counts, host_counts, unpad = ops.pad_rows(
+                rows, probs, counts, host_counts, self.pad_multiple)
         fc1 = self.fc1(rows, counts, host_counts)
         if self.recompute_activation and torch.is_grad_enabled():
             checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)

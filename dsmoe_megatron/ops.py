@@ -87,27 +87,25 @@ def weighted_swiglu(fc1: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return WeightedSwiGLU.apply(fc1, probs)
 
 
-def pad_rows(rows: torch.Tensor, probs: torch.Tensor, host_counts: list[int], multiple: int):
+def pad_rows(rows: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
+             host_counts: list[int], multiple: int):
     """Give each expert a multiple of ``multiple`` rows (FP8 GEMMs need 16, MXFP8 32).
 
-    Appends zero rows (prob 0) after each expert's rows. Returns the padded rows and probs, the
-    padded host counts, and the index that ``unpad_rows`` takes back.
+    Appends zero rows (prob 0) after each expert's rows. ``counts`` [E] (device) and
+    ``host_counts`` are the same counts; the index is built from the device ones, since a tensor
+    made from host lists is a copy the host waits for on a GPU. Returns the padded rows and
+    probs, the padded counts (device and host), and the index that ``unpad_rows`` takes back.
     """
-    padded_counts = [-(-c // multiple) * multiple for c in host_counts]
-    # Each row moves by the padding added before its expert.
-    shifts, shift = [], 0
-    for count, padded in zip(host_counts, padded_counts):
-        shifts.append(shift)
-        shift += padded - count
-    device = rows.device
-    moves = torch.repeat_interleave(torch.tensor(shifts, device=device),
-                                    torch.tensor(host_counts, device=device),
-                                    output_size=rows.shape[0])
-    index = torch.arange(rows.shape[0], device=device) + moves
-    total = sum(padded_counts)
+    padded_host_counts = [-(-c // multiple) * multiple for c in host_counts]
+    padded_counts = (counts + multiple - 1) // multiple * multiple
+    added = padded_counts - counts
+    before = torch.cumsum(added, 0) - added  # padding added before each expert's rows
+    moves = torch.repeat_interleave(before, counts, output_size=rows.shape[0])
+    index = torch.arange(rows.shape[0], device=rows.device) + moves
+    total = sum(padded_host_counts)
     padded_rows = rows.new_zeros(total, rows.shape[1]).index_copy(0, index, rows)
     padded_probs = probs.new_zeros(total).index_copy(0, index, probs)
-    return padded_rows, padded_probs, padded_counts, index
+    return padded_rows, padded_probs, padded_counts, padded_host_counts, index
 
 
 def unpad_rows(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 - ``HostSyncCounter``: counts what would stall the host on a GPU: reads of device values on the
   host (``tolist``, ``item``, ``cpu``, ``numpy``, ``bool(t)``...) and ops whose output size
   depends on the data (``nonzero``, ``bincount``, ``unique``, ``masked_select``,
-  ``repeat_interleave`` without ``output_size``...).
+  ``repeat_interleave`` without ``output_size``...), and tensors made from host data
+  (``torch.tensor(list)``: a host-to-device copy the host waits for).
 - ``count_aten_ops``: top-level ATen ops (as the profiler records them) and dispatched
   non-view ATen ops (about one kernel launch each) of a callable.
 - ``saved_bytes``: bytes autograd keeps for backward after a forward, each storage once, the
@@ -28,6 +29,8 @@ DATA_DEPENDENT_OPS = frozenset({
     "_unique2", "unique_dim", "unique_consecutive", "masked_select", "_assert_async",
 })
 HOST_READS = frozenset({"tolist", "item", "cpu", "numpy"})
+# Tensors made from host data: on a GPU a pageable host-to-device copy, which the host waits for.
+FROM_HOST_DATA = frozenset({"tensor", "as_tensor"})
 
 
 class HostSyncCounter:
@@ -41,6 +44,8 @@ class HostSyncCounter:
         class _Functions(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 name = getattr(func, "__name__", "")
+                if name in FROM_HOST_DATA and args and not isinstance(args[0], torch.Tensor):
+                    counter.events.append(f"torch.{name}")
                 if name not in HOST_READS:
                     return func(*args, **(kwargs or {}))
                 counter.events.append(f"Tensor.{name}")

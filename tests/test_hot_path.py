@@ -102,7 +102,12 @@ def test_fp8_row_padding_round_trip_and_gradients(multiple):
     torch.manual_seed(0)
     rows = torch.randn(sum(counts), 8, requires_grad=True)
     probs = torch.rand(sum(counts), requires_grad=True)
-    padded, padded_probs, padded_counts, index = ops.pad_rows(rows, probs, counts, multiple)
+    device_counts = torch.tensor(counts)
+    with HostSyncCounter() as syncs:  # the index is built from the device counts
+        padded, padded_probs, padded_device_counts, padded_counts, index = ops.pad_rows(
+            rows, probs, device_counts, counts, multiple)
+    assert syncs.events == []
+    assert padded_device_counts.tolist() == padded_counts
     assert all(c % multiple == 0 and c >= n for c, n in zip(padded_counts, counts))
     assert padded.shape[0] == sum(padded_counts) == padded_probs.shape[0]
     # Each expert's rows keep their order at the start of its padded block; the rest is zero.
@@ -159,11 +164,14 @@ def test_host_sync_counter_sees_each_kind():
         t.nonzero()
         torch.repeat_interleave(t, t)
         t[t > 0]
-    assert c.count == 7, c.events
+        torch.tensor([1, 2])  # from host data: a host-to-device copy on a GPU
+        torch.as_tensor([3])
+    assert c.count == 9, c.events
     with HostSyncCounter() as c:
         torch.repeat_interleave(t, t, output_size=3)
         torch.zeros(3, dtype=torch.long).scatter_add_(0, t, torch.ones_like(t))
         torch.argsort(t, stable=True)
+        torch.as_tensor(t)
     assert c.count == 0, c.events
 
 
