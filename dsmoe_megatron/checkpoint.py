@@ -146,6 +146,9 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
+        # fp16 skips the steps whose gradients overflow: before its first real step torch Adam
+        # has no state, which Megatron's distributed optimizer cannot save.
+        create_adam_state(optimizer)
         with empty_adams_report_a_step(optimizer):
             state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state["extra"] = extra_state or {}
