@@ -384,17 +384,18 @@ def check_readable(ckpt: Path) -> None:
 
 # ---- loading ------------------------------------------------------------------------------------
 
-def load(path: str | Path, model_chunks, optimizer=None) -> dict:
+def load(path: str | Path, model_chunks, optimizer=None, weights_only: bool = False) -> dict:
     """Load into the (possibly differently laid out) model; returns the extra state dict.
 
-    Loads the optimizer only when one is given and the checkpoint has it.
+    Loads the optimizer only when one is given, the checkpoint has it and not ``weights_only``
+    (a fine-tune: the optimizer starts anew from the loaded weights).
     """
     ckpt = resolve(path)
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
     _check_shapes(ckpt, state)
     common = _read(ckpt, dist_checkpointing.load_common_state_dict)
-    load_optimizer = optimizer is not None and common.get("has_optimizer")
+    load_optimizer = optimizer is not None and common.get("has_optimizer") and not weights_only
     bridges = []
     if load_optimizer:
         _check_optimizer_format(ckpt, common, optimizer)
@@ -432,7 +433,7 @@ def load(path: str | Path, model_chunks, optimizer=None) -> dict:
         _adopt_current_hyperparameters(ckpt, optimizer, loaded["optimizer"])
         _load_optimizer_state(optimizer, loaded["optimizer"])
     elif optimizer is not None:
-        # A checkpoint of weights only (from-hf's): a bf16/fp16 optimizer's fp32 main copies
+        # Weights only (from-hf's checkpoints, a fine-tune): a bf16/fp16 optimizer's fp32 main copies
         # still hold the initial weights, which its first step would copy back over the loaded.
         optimizer.reload_model_params()
     _check_finite(ckpt, chunks, optimizer if load_optimizer else None)

@@ -474,7 +474,7 @@ _ARG_NAMES = {
     "gated_linear_unit": "swiglu",  # with silu, DeepSeekMoE's only activation
     "bias_activation_fusion": "bias_swiglu_fusion",
 }
-_NOT_FROM_YAML = ("save", "load", "save_interval", "tensorboard_dir", "lr_step_decay_at",
+_NOT_FROM_YAML = ("save", "load", "finetune", "save_interval", "tensorboard_dir", "lr_step_decay_at",
                   "lr_step_decay_factor")
 
 

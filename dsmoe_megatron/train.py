@@ -249,8 +249,13 @@ class Trainer:
         if source is None:
             return
         ckpt = checkpoint.resolve(source)
-        self._check_same_model(ckpt)
-        extra = checkpoint.load(ckpt, self.model, self.optimizer)
+        finetune = train.finetune and not resume
+        self._check_same_model(ckpt, resume)
+        extra = checkpoint.load(ckpt, self.model, self.optimizer, weights_only=finetune)
+        if finetune:  # iteration, samples, optimizer and lr schedule start anew
+            _log(f"loaded the weights of {ckpt} (iteration {extra.get('iteration', 0)}) to "
+                 "fine-tune from: iteration 0, a new optimizer")
+            return
         self.iteration = int(extra.get("iteration", 0))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
         _log(f"loaded {ckpt} (iteration {self.iteration})")
@@ -264,13 +269,15 @@ class Trainer:
                 raise CheckpointError(
                     f"load: {ckpt} is at iteration {self.iteration}, and train_iters="
                     f"{train.train_iters} leaves nothing to train (the iteration carries over); "
-                    f"raise train_iters above {self.iteration}")
+                    f"raise train_iters above {self.iteration}, or set finetune: true to start "
+                    "from its weights at iteration 0")
             _log(f"the run is complete: iteration {self.iteration} of train_iters="
                  f"{train.train_iters}; raise train_iters to train on")
 
-    def _check_same_model(self, ckpt: Path) -> None:
-        """A checkpoint resumes under any layout and hyper-parameters, but only into the model
-        it was saved from: name the first field of its run.yaml that differs."""
+    def _check_same_model(self, ckpt: Path, resume: bool) -> None:
+        """A checkpoint resumes (or starts a run: ``load``) under any layout and
+        hyper-parameters, but only into the model it was saved from: name the first field of
+        its run.yaml that differs."""
         from dsmoe_megatron.checkpoint import model_difference, saved_run_config
         from dsmoe_megatron.yaml_config import section_of
 
@@ -281,15 +288,18 @@ class Trainer:
         if difference is not None:
             field, then, now = difference
             name = field if field == "vocab_size" else f"{section_of(field)}.{field}"
+            fix = (f"resume with {name}={then}, or start a new run in another save directory "
+                   "(load: DIR initialises a new run from a checkpoint of the same model)"
+                   if resume else f"set {name}={then} to start from it, or set load: null to "
+                   "start from random weights")
             raise CheckpointError(
                 f"{ckpt} was saved from a different model: {name} is {then} there and {now} "
-                f"here; resume with {name}={then}, or start a new run in another save "
-                "directory (load: DIR initialises a new run from a checkpoint of the same "
-                "model)")
+                f"here; {fix}")
         if saved.layout != self.run.layout:
             _log(f"resharding {ckpt} from {_describe_layout(saved.layout)} to "
                  f"{_describe_layout(self.run.layout)}")
-        if saved.train.seq_length != self.run.train.seq_length:
+        if (resume or not self.run.train.finetune) \
+                and saved.train.seq_length != self.run.train.seq_length:
             _log(f"seq_length changes from {saved.train.seq_length} to "
                  f"{self.run.train.seq_length}: the data is cut into other samples, so the run "
                  "does not continue the sample stream it was reading")

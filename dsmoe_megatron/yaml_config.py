@@ -116,6 +116,11 @@ class TrainingArgs:
     seed: int = 1234
     save: str | None = None
     load: str | None = None
+    """A checkpoint (save directory or iter_ directory) a new run starts from: its weights,
+    optimizer state and iteration, or with ``finetune`` its weights only."""
+    finetune: bool = False
+    """Start from ``load``'s weights at iteration 0, with a new optimizer, lr schedule and sample
+    stream (Megatron-LM's name); the model must be the same, any layout or precision."""
     save_interval: int | None = None
     """None: save only at the end of training (when ``save`` is set)."""
     exit_duration_in_mins: float | None = None
@@ -195,6 +200,8 @@ class TrainingArgs:
                 f"{points} must be increasing fractions of train_iters, each between 0 and 1")
         if self.exit_signal not in EXIT_SIGNALS:
             bad("exit_signal", f"{self.exit_signal!r} is not one of {', '.join(EXIT_SIGNALS)}")
+        if self.finetune and self.load is None:
+            bad("finetune", "true needs load: the checkpoint whose weights the run starts from")
         self._validate_evaluation()
         self._validate_data_path()
         for key in ("save", "load", "tensorboard_dir"):
