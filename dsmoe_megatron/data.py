@@ -16,6 +16,7 @@ import collections
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import lzma
 import os
@@ -63,16 +64,17 @@ _PREPROCESS_HINT = (
 # Raw text -> documents -> .bin/.idx
 
 
-JSON_LINES_SUFFIXES = (".jsonl", ".json")
+JSON_LINES_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # Corpora are often shipped compressed (C4's .json.gz); these decompress on the fly.
 COMPRESSED_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
                     ) -> Iterator[str]:
-    """.jsonl / .json (Megatron-LM's name for JSON lines), any case: one document per line's
-    ``json_key``; other files: blank-line paragraphs, merged. A UTF-8 byte-order mark is dropped.
-    A .gz / .bz2 / .xz suffix after these is decompressed."""
+    """.jsonl / .json (Megatron-LM's name for JSON lines) / .ndjson, any case: one document per
+    line's ``json_key``; other files: blank-line paragraphs, merged (refused when their first
+    line is a JSON object: JSON lines under another name would be trained on as raw JSON). A
+    UTF-8 byte-order mark is dropped. A .gz / .bz2 / .xz suffix after these is decompressed."""
     name, compression = os.path.splitext(path.lower())
     opener = COMPRESSED_OPENERS.get(compression)
     if opener is None:
@@ -85,7 +87,15 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
                     if text:
                         yield text
                 return
-            yield from _merge_paragraphs(_paragraphs(f, path), min_document_chars)
+            first = f.readline()
+            if _is_json_object(first):
+                raise ValueError(
+                    f"input file {path} looks like JSON lines (its first line is a JSON object) "
+                    "but is read as plain text because of its name, which would train on the "
+                    "JSON syntax; give it the suffix .jsonl (or .json / .ndjson, before any .gz "
+                    "/ .bz2 / .xz) to take each record's text")
+            lines = itertools.chain([first], f)
+            yield from _merge_paragraphs(_paragraphs(lines, path), min_document_chars)
     except UnicodeDecodeError as err:
         compressed = "" if opener is open else f" once decompressed as {compression}"
         raise ValueError(f"input file {path} is not UTF-8 text{compressed} ({err})") from err
@@ -95,6 +105,16 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
         raise ValueError(f"input file {path} cannot be decompressed as {compression} "
                          f"({type(err).__name__}: {err}); is it complete and really "
                          f"{compression}-compressed?") from err
+
+
+def _is_json_object(line: str) -> bool:
+    line = line.strip()
+    if not (line.startswith("{") and line.endswith("}")):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _paragraphs(lines: Iterable[str], path: str) -> Iterator[str]:
@@ -558,8 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--input", nargs="+", required=True, metavar="FILE",
-        help="UTF-8 .txt files (blank-line separated paragraphs) or .jsonl / .json files "
-        '(one {"text": ...} per line), each optionally compressed (.gz, .bz2, .xz)',
+        help="UTF-8 .txt files (blank-line separated paragraphs) or .jsonl / .json / .ndjson "
+        'files (one {"text": ...} per line), each optionally compressed (.gz, .bz2, .xz)',
     )
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX")
     parser.add_argument(

@@ -130,6 +130,20 @@ def test_preprocess_reads_json_lines_by_any_of_its_names_and_drops_a_bom(tmp_pat
     assert [dataset[i].tolist() for i in range(len(dataset))] == expected
 
 
+def test_preprocess_refuses_json_lines_named_as_text(tmp_path):
+    """.ndjson is JSON lines; JSON lines under a text name would be trained on as raw JSON."""
+    (tmp_path / "a.ndjson").write_text(json.dumps({"text": "one"}) + "\n")
+    dataset = data.open_indexed_dataset(data.preprocess([tmp_path / "a.ndjson"], tmp_path / "a"))
+    assert dataset[0].tolist() == TOKENIZER.tokenize("one") + [TOKENIZER.eod]
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(b'{"content": "two"}\n{"content": "x"}\n'))
+    with pytest.raises(ValueError, match=r"b\.txt\.gz looks like JSON lines \(its first line is a "
+                                         r"JSON object\) but is read as plain text"):
+        data.preprocess([tmp_path / "b.txt.gz"], tmp_path / "b")
+    assert not list(tmp_path.glob("b.bin*"))
+    (tmp_path / "c.txt").write_text("{braces} in prose\n\n{}x\n")  # text is still text
+    data.preprocess([tmp_path / "c.txt"], tmp_path / "c")
+
+
 @pytest.mark.parametrize("suffix, compress", [
     (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
 ])
