@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import collections
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -101,7 +102,8 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
         raise ValueError(f"input file {path} is not UTF-8 text{compressed} ({err})") from err
     except (OSError, EOFError, lzma.LZMAError) as err:  # a damaged or mislabelled archive
         if opener is open:
-            raise
+            raise ValueError(describe_os_error(f"input file {path}: cannot read it", err)
+                             ) from None
         raise ValueError(f"input file {path} cannot be decompressed as {compression} "
                          f"({type(err).__name__}: {err}); is it complete and really "
                          f"{compression}-compressed?") from err
@@ -256,8 +258,9 @@ def preprocess(
         ) from None
     suffix = f".tmp{os.getpid()}@{socket.gethostname()}"  # see _remove_stale_temp_files
     bin_tmp, idx_tmp = get_bin_path(output_prefix) + suffix, get_idx_path(output_prefix) + suffix
-    builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    builder = None
     try:
+        builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
         num_documents = 0
         for path in input_paths:
             for document in _read_documents(path, min_document_chars, json_key):
@@ -271,8 +274,13 @@ def preprocess(
         os.replace(bin_tmp, get_bin_path(output_prefix))
         # The .idx goes last: its presence marks a complete dataset.
         os.replace(idx_tmp, get_idx_path(output_prefix))
+    except OSError as err:  # reading the inputs raises ValueError: this is the output
+        raise ValueError(describe_os_error(
+            f"--output-prefix {output_prefix}: cannot write the dataset", err, out_dir)) from None
     finally:
-        builder.data_file.close()  # finalize() closes it too, but not on an error
+        if builder is not None:  # finalize() closes it too, but not on an error
+            with contextlib.suppress(OSError):  # a full disk fails the flush again
+                builder.data_file.close()
         for tmp in (bin_tmp, idx_tmp):
             if os.path.exists(tmp):
                 os.remove(tmp)

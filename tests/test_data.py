@@ -1,6 +1,7 @@
 """Tests for the byte tokenizer, preprocessing into Megatron indexed datasets, and GPT datasets."""
 
 import bz2
+import errno
 import gzip
 import hashlib
 import itertools
@@ -314,6 +315,39 @@ def test_preprocess_output_prefix_under_a_file_names_it(tmp_path):
     assert str(err.value) == (
         f"--output-prefix {tmp_path}/in.txt/x: cannot create the directory {tmp_path}/in.txt: "
         f"File exists (a part of the path is a file) ({tmp_path}/in.txt)")
+
+
+def test_preprocess_a_failed_write_is_one_line_naming_the_output(tmp_path, monkeypatch):
+    """A read-only directory or a full disk: the prefix, why, and the free space; no temp file
+    is left and an earlier dataset stays."""
+    prefix = make_prefix(tmp_path, "ds", ["first version"])
+    saved = {ext: Path(prefix + ext).read_bytes() for ext in (".bin", ".idx")}
+    source = write_paragraphs(tmp_path / "v2.txt", ["second version"])
+
+    def full_disk(self, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(data.IndexedDatasetBuilder, "add_item", full_disk)
+    with pytest.raises(ValueError) as err:
+        data.preprocess([source], prefix, min_document_chars=1, force=True)
+    assert re.fullmatch(rf"--output-prefix {prefix}: cannot write the dataset: No space left on "
+                        r"device; .* free .*", str(err.value)), str(err.value)
+    assert {ext: Path(prefix + ext).read_bytes() for ext in saved} == saved
+    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx", "ds.txt", "v2.txt"]
+
+    def read_only(self, path, dtype):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+    monkeypatch.setattr(data.IndexedDatasetBuilder, "__init__", read_only)
+    with pytest.raises(ValueError, match=rf"^--output-prefix {tmp_path}/new: cannot write the "
+                                         r"dataset: Read-only file system \(.*/new\.bin\.tmp"):
+        data.preprocess([source], tmp_path / "new", min_document_chars=1)
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "open", unreadable, raising=False)  # root reads any file
+    with pytest.raises(ValueError, match=rf"^input file {source}: cannot read it: Permission "
+                                         rf"denied \({source}\)$"):
+        data.preprocess([source], tmp_path / "new", min_document_chars=1)
 
 
 def test_preprocess_min_document_chars_must_be_positive(tmp_path):
