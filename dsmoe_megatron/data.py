@@ -216,7 +216,7 @@ def preprocess(
     ``force``; without it, or when an input is bad, nothing at the prefix changes.
     """
     tokenizer = tokenizer or ByteTokenizer()
-    input_paths = [os.fspath(p) for p in input_paths]
+    input_paths = [match for p in input_paths for match in _expand_pattern(os.fspath(p))]
     output_prefix = os.fspath(output_prefix)
     if not input_paths:
         raise ValueError("preprocess needs at least one input file")
@@ -226,7 +226,9 @@ def preprocess(
     for path in input_paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"input file {path} does not exist or is not a file; pass existing UTF-8 text "
+                f"input file {path} does not exist or is not a file"
+                + (" (a pattern that matches no file)" if glob.has_magic(path) else "")
+                + "; pass existing UTF-8 text "
                 '(.txt) or JSON-lines (.jsonl, one {"text": ...} object per line) files to --input'
             )
         real = os.path.realpath(path)
@@ -285,6 +287,14 @@ def preprocess(
             if os.path.exists(tmp):
                 os.remove(tmp)
     return output_prefix
+
+
+def _expand_pattern(path: str) -> list[str]:
+    """The files a quoted wildcard pattern (``'shard_*.jsonl'``, as Megatron-LM's
+    preprocess_data.py takes) matches, sorted; a path that exists, or matches nothing, as is."""
+    if os.path.exists(path) or not glob.has_magic(path):
+        return [path]
+    return sorted(glob.glob(path)) or [path]
 
 
 def _remove_stale_temp_files(output_prefix: str) -> None:

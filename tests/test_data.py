@@ -224,6 +224,22 @@ def test_preprocess_missing_input_names_the_file(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_preprocess_expands_a_quoted_pattern(tmp_path, monkeypatch):
+    """--input 'shard_*.jsonl' (Megatron-LM's preprocess_data.py expands it): the files it
+    matches, in order; one matching nothing says so."""
+    monkeypatch.chdir(tmp_path)
+    for i in (2, 1, 10):
+        Path(f"shard_{i}.jsonl").write_text(json.dumps({"text": f"doc {i}"}) + "\n")
+    dataset = data.open_indexed_dataset(data.preprocess(["shard_*.jsonl"], "out"))
+    assert [TOKENIZER.detokenize(dataset[i]) for i in range(len(dataset))] == [
+        "doc 1", "doc 10", "doc 2"]
+    with pytest.raises(FileNotFoundError, match=r"input file shard_\?\.txt does not exist or is "
+                                                r"not a file \(a pattern that matches no file\)"):
+        data.preprocess(["shard_?.txt"], "none")
+    with pytest.raises(ValueError, match=r"shard_1\.jsonl is given twice"):
+        data.preprocess(["shard_1.jsonl", "shard_[12].jsonl"], "twice")
+
+
 def test_preprocess_refuses_a_file_given_twice(tmp_path, monkeypatch):
     """Twice the same name, or a name and another path to the same file (a glob beside it, a
     link): its documents would be in the dataset twice."""
