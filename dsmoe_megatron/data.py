@@ -272,7 +272,9 @@ def preprocess(
                 num_documents += 1
         builder.finalize(idx_tmp)
         if num_documents == 0:
-            raise ValueError(f"no text found in {input_paths}")
+            raise ValueError(
+                f"no text found in {', '.join(input_paths)}: the files are empty or blank, or "
+                f"every JSON-lines record's {json.dumps(json_key)} is empty; nothing was written")
         os.replace(bin_tmp, get_bin_path(output_prefix))
         # The .idx goes last: its presence marks a complete dataset.
         os.replace(idx_tmp, get_idx_path(output_prefix))

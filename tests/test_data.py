@@ -240,6 +240,18 @@ def test_preprocess_expands_a_quoted_pattern(tmp_path, monkeypatch):
         data.preprocess(["shard_1.jsonl", "shard_[12].jsonl"], "twice")
 
 
+def test_preprocess_without_text_names_the_files(tmp_path):
+    """Blank lines and empty texts are skipped; inputs left with none are named plainly."""
+    (tmp_path / "a.jsonl").write_text('{"text": ""}\n\n')
+    (tmp_path / "b.txt").write_text("")
+    with pytest.raises(ValueError) as err:
+        data.preprocess([tmp_path / "a.jsonl", tmp_path / "b.txt"], tmp_path / "out")
+    assert str(err.value) == (
+        f'no text found in {tmp_path}/a.jsonl, {tmp_path}/b.txt: the files are empty or blank, '
+        'or every JSON-lines record\'s "text" is empty; nothing was written')
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.txt"]
+
+
 def test_preprocess_refuses_a_file_given_twice(tmp_path, monkeypatch):
     """Twice the same name, or a name and another path to the same file (a glob beside it, a
     link): its documents would be in the dataset twice."""
