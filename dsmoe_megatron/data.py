@@ -68,6 +68,7 @@ _PREPROCESS_HINT = (
 JSON_LINES_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # Corpora are often shipped compressed (C4's .json.gz); these decompress on the fly.
 COMPRESSED_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+UNREAD_COMPRESSIONS = (".zst", ".zstd", ".lz4", ".zip", ".7z", ".tar", ".tgz", ".br", ".snappy")
 
 
 def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
@@ -99,7 +100,11 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
             yield from _merge_paragraphs(_paragraphs(lines, path), min_document_chars)
     except UnicodeDecodeError as err:
         compressed = "" if opener is open else f" once decompressed as {compression}"
-        raise ValueError(f"input file {path} is not UTF-8 text{compressed} ({err})") from err
+        other = os.path.splitext(name)[1] if opener is open else ""  # ".zst" of "a.jsonl.zst"
+        hint = (f"; {other} files are not read: decompress it, or compress it as .gz, .bz2 or "
+                ".xz" if other in UNREAD_COMPRESSIONS else "")
+        raise ValueError(f"input file {path} is not UTF-8 text{compressed} ({err}){hint}"
+                         ) from err
     except (OSError, EOFError, lzma.LZMAError) as err:  # a damaged or mislabelled archive
         if opener is open:
             raise ValueError(describe_os_error(f"input file {path}: cannot read it", err)

@@ -165,6 +165,14 @@ def test_preprocess_reads_compressed_inputs(tmp_path, suffix, compress):
     assert not list(tmp_path.glob("cut.bin*")) and not list(tmp_path.glob("cut.idx*"))
 
 
+def test_preprocess_names_a_compression_it_does_not_read(tmp_path):
+    """The Pile ships .jsonl.zst: say so rather than only that it is not UTF-8."""
+    (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd\x04\x58\x61\x00")
+    with pytest.raises(ValueError, match=r"a\.jsonl\.zst is not UTF-8 text \(.*\); \.zst files are "
+                                         r"not read: decompress it, or compress it as \.gz"):
+        data.preprocess([tmp_path / "a.jsonl.zst"], tmp_path / "out")
+
+
 def test_preprocess_merges_short_paragraphs(tmp_path):
     paragraphs = ["x" * 30] * 10
     source = write_paragraphs(tmp_path / "short.txt", paragraphs)
