@@ -236,6 +236,12 @@ class TrainingArgs:
             return
         if not blend:
             raise YamlConfigError("data_path: is an empty list; use null for the shipped corpus")
+        for item in blend:  # Megatron-LM's --data-path form: "0.7 a 0.3 b" is one string here
+            words = item.split()
+            if len(words) > 1 and not os.path.exists(f"{item}.idx"):
+                raise YamlConfigError(
+                    f"data_path: {item!r} is one prefix with spaces, not a blend; list its "
+                    f"parts: data_path=[{', '.join(words)}]")
         if not _is_number(blend[0]):
             return
         if len(blend) % 2 or not all(_is_number(w) for w in blend[::2]):

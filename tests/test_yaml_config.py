@@ -529,6 +529,18 @@ def test_blend_weights_must_be_positive(blend, message):
     assert message in str(err.value)
 
 
+def test_a_blend_written_as_one_string_is_refused(tmp_path):
+    """Megatron-LM's --data-path takes '0.7 a 0.3 b'; here that string is one prefix."""
+    for value, parts in [("'0.7 a 0.3 b'", "0.7, a, 0.3, b"), ("[a b]", "a, b")]:
+        with pytest.raises(YamlConfigError) as err:
+            load_run_config(TINY, [f"data_path={value}"])
+        assert str(err.value).endswith(f"is one prefix with spaces, not a blend; list its "
+                                       f"parts: data_path=[{parts}]"), str(err.value)
+    spaced = tmp_path / "my data"
+    Path(f"{spaced}.idx").touch()  # a prefix that holds a space is still one
+    assert load_run_config(TINY, [f"data_path=['{spaced}']"]).train.data_path == [str(spaced)]
+
+
 def test_vocab_size_may_exceed_the_tokenizers():
     assert load_run_config(TINY, ["vocab_size=259"]).train.vocab_size == 259
     assert load_run_config(TINY, ["vocab_size=102400"]).train.vocab_size == 102400
