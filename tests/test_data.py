@@ -94,6 +94,16 @@ def test_hf_tokenizer_files_round_trip(tmp_path):
 # --- preprocessing ---------------------------------------------------------------------------
 
 
+def test_readme_trains_on_the_dataset_it_preprocesses():
+    """The README's commands in order: data_path names what dsmoe-preprocess wrote (it adds no
+    "_text_document" to the prefix, as Megatron-LM's preprocess_data.py does)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    prefixes = re.findall(r"dsmoe-preprocess --input .*? --output-prefix (\S+)", readme)
+    assert prefixes
+    for prefix in prefixes:
+        assert f"data_path=[{prefix}]" in readme, prefix
+
+
 def test_preprocess_reads_back_exact_ids(tmp_path):
     first = ["First paragraph.", "Second one, with ünïcödé ✓.", "Third\nspans two lines."]
     second = ["Another file's only paragraph."]
