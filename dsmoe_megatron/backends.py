@@ -54,14 +54,30 @@ def apex_available() -> bool:
     return _importable("apex", "apex", "Falling back to torch's fused-op replacements.")
 
 
+@functools.cache
+def grouped_mm_runs() -> bool:
+    """Whether ``torch._grouped_mm`` runs on this machine's device: torch 2.8 has it for CUDA
+    only (no CPU kernel; 2.9 added one), so a tiny call tells on the CPU."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.cuda.is_available():
+        return True
+    try:
+        torch._grouped_mm(torch.zeros(2, 8), torch.zeros(1, 8, 8),
+                          offs=torch.tensor([2], dtype=torch.int32))
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def grouped_mm_available(dtype: torch.dtype | None = None) -> bool:
     """Whether ``torch._grouped_mm`` runs a grouped kernel here (for ``dtype``, if given).
 
     On CUDA torch has one for bf16 on sm90 and newer only; elsewhere it falls back to a GEMM per
     expert after copying the offsets to the host, a host sync per GEMM (the per-expert loop
-    syncs once per layer). On the CPU any dtype runs.
+    syncs once per layer). On the CPU any dtype runs, from torch 2.9.
     """
-    if not hasattr(torch, "_grouped_mm"):
+    if not grouped_mm_runs():
         return False
     if not torch.cuda.is_available():
         return True

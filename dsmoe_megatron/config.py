@@ -385,9 +385,10 @@ def validate(cfg: DeepSeekMoEConfig) -> None:
             "moe_expert_backend='te' needs Transformer Engine, which does not import here; use "
             "'auto' (picks te > grouped_mm > sequential) or install dsmoe-megatron[te]"
         )
-    if cfg.moe_expert_backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+    if cfg.moe_expert_backend == "grouped_mm" and not _grouped_mm_runs():
         raise ConfigError(
-            "moe_expert_backend='grouped_mm' needs torch >= 2.8 (torch._grouped_mm); use 'auto'"
+            "moe_expert_backend='grouped_mm' needs torch._grouped_mm for this device (torch >= "
+            "2.8 on GPUs, >= 2.9 on the CPU); use 'auto' (the per-expert loop here) or a newer torch"
         )
 
 
@@ -395,6 +396,12 @@ def _te_available() -> bool:
     from dsmoe_megatron.backends import te_available
 
     return te_available()
+
+
+def _grouped_mm_runs() -> bool:
+    from dsmoe_megatron.backends import grouped_mm_runs
+
+    return grouped_mm_runs()
 
 
 def _gpu_capability() -> tuple[int, int] | None:

@@ -262,10 +262,30 @@ def test_te_backend_needs_transformer_engine(monkeypatch):
     assert tiny_config(moe_expert_backend="auto").moe_expert_backend == "auto"
 
 
-def test_grouped_mm_backend_needs_a_recent_torch(monkeypatch):
-    monkeypatch.delattr(torch, "_grouped_mm")
-    with pytest.raises(ConfigError, match=r"needs torch >= 2.8 \(torch._grouped_mm\); use 'auto'"):
-        tiny_config(moe_expert_backend="grouped_mm")
+@pytest.mark.parametrize("grouped_mm", ["missing", "cuda only"])
+def test_grouped_mm_backend_needs_a_torch_that_runs_it_here(monkeypatch, grouped_mm):
+    """Before torch 2.8 there is no torch._grouped_mm; torch 2.8's has no CPU kernel ("Could not
+    run 'aten::_grouped_mm' with arguments from the 'CPU' backend"): auto takes the per-expert
+    loop there, and grouped_mm asked for is refused."""
+    from dsmoe_megatron.backends import grouped_mm_runs, resolve_expert_backend
+
+    if grouped_mm == "missing":
+        monkeypatch.delattr(torch, "_grouped_mm")
+    else:
+        def cuda_only(*args, **kwargs):
+            raise NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from "
+                                      "the 'CPU' backend")
+
+        monkeypatch.setattr(torch, "_grouped_mm", cuda_only)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    grouped_mm_runs.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"needs torch._grouped_mm for this device \(torch "
+                                              r">= 2.8 on GPUs, >= 2.9 on the CPU\); use 'auto'"):
+            tiny_config(moe_expert_backend="grouped_mm")
+        assert resolve_expert_backend("auto", torch.float32) == "sequential"
+    finally:
+        grouped_mm_runs.cache_clear()
 
 
 def test_shared_width_is_derived_from_the_count():
