@@ -59,6 +59,7 @@ class StepStats:
     grad_norm: float | None
     tokens: int
     seconds: float
+    updated: bool = True  # False: fp16 skipped the step (inf/NaN gradients at this loss scale)
 
 
 def _rank0() -> bool:
@@ -368,7 +369,7 @@ class Trainer:
         self.consumed_samples += global_batch
         aux = self._aux_losses()
         return StepStats(loss, aux, grad_norm, global_batch * self.run.train.seq_length,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, updated)
 
     def _reduce_loss(self, outputs) -> float:
         """Token-weighted mean LM loss over micro-batches and data-parallel ranks (last stage)."""
@@ -549,6 +550,9 @@ class Trainer:
             "tokens_per_s": sum(s.tokens for s in window) / max(seconds, 1e-9),
             **{name: value for name, value in last.aux.items()},
         }
+        if self.run.model.fp16:  # as Megatron-LM logs them: why a loss may stand still
+            record["loss_scale"] = float(self.optimizer.get_loss_scale())
+            record["skipped_steps"] = sum(not s.updated for s in window)
         load = self.expert_load()
         if load:
             record["expert_load_max_over_mean"] = max(r["max"] / max(r["mean"], 1e-9) for r in load)

@@ -27,7 +27,9 @@ def test_fp16_saves_before_its_first_update(tmp_path, data):
         ("train", train_argv(data, "1", save, *FP16, "train_iters=2", "--resume")),
     ],))[0]
     assert first["code"] == 0, first["stderr"][-3000:]
-    assert first["records"][0]["grad_norm"] is None  # skipped
+    assert first["records"][0]["grad_norm"] is None  # skipped, and the log says so
+    assert first["records"][0]["skipped_steps"] == 1
+    assert first["records"][0]["loss_scale"] <= 2.0**32
     assert (save / "iter_0000001").is_dir()
     assert resumed["code"] == 0, resumed["stderr"][-3000:]
     assert [r["iteration"] for r in resumed["records"]] == [1, 2]

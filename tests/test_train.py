@@ -462,6 +462,9 @@ def test_fp16_trains_like_fp32(cli):
     assert fp32[6]["lm_loss"] < fp32[1]["lm_loss"] - 0.3
     for it in fp32:
         assert fp16[it]["lm_loss"] == pytest.approx(fp32[it]["lm_loss"], abs=0.02), it
+        # fp16 logs its loss scale (growth only after 1000 good steps) and skipped steps.
+        assert (fp16[it]["loss_scale"], fp16[it]["skipped_steps"]) == (4096.0, 0), it
+        assert "loss_scale" not in fp32[it] and "skipped_steps" not in fp32[it]
 
 
 def test_stop_at_must_be_positive(capsys):
