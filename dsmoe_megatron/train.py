@@ -38,17 +38,18 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def learning_rate(train, iteration: int) -> float:
-    """Linear warmup, then step decay (x factor at each fraction of train_iters), cosine or constant."""
-    if train.lr_warmup_iters and iteration < train.lr_warmup_iters:
-        return train.lr * (iteration + 1) / train.lr_warmup_iters
+def learning_rate(train, updates: int) -> float:
+    """The lr of the update after ``updates`` applied ones: linear warmup, then step decay (x
+    factor at each fraction of train_iters), cosine or constant."""
+    if train.lr_warmup_iters and updates < train.lr_warmup_iters:
+        return train.lr * (updates + 1) / train.lr_warmup_iters
     if train.lr_decay_style == "constant":
         return train.lr
     if train.lr_decay_style == "step":
-        drops = sum(iteration >= round(f * train.train_iters) for f in train.lr_step_decay_at)
+        drops = sum(updates >= round(f * train.train_iters) for f in train.lr_step_decay_at)
         return train.lr * train.lr_step_decay_factor ** drops
     span = max(1, train.train_iters - train.lr_warmup_iters)
-    progress = min(1.0, (iteration - train.lr_warmup_iters) / span)
+    progress = min(1.0, (updates - train.lr_warmup_iters) / span)
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -59,6 +60,7 @@ class StepStats:
     grad_norm: float | None
     tokens: int
     seconds: float
+    lr: float
     updated: bool = True  # False: fp16 skipped the step (inf/NaN gradients at this loss scale)
 
 
@@ -114,6 +116,9 @@ class Trainer:
         # The schedules scale the loss by the fp16 loss scale before backward (1 otherwise).
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.iteration = 0
+        # Updates applied: the lr schedule's clock. fp16 skips the steps whose gradients
+        # overflow, and as in Megatron-LM a skipped step does not advance the schedule.
+        self.updates = 0
         self.consumed_samples = 0
         self._load_if_asked(resume)
         self.train_ds, self.valid_ds = self._build_data()
@@ -258,6 +263,7 @@ class Trainer:
                  "fine-tune from: iteration 0, a new optimizer")
             return
         self.iteration = int(extra.get("iteration", 0))
+        self.updates = int(extra.get("updates", self.iteration))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
         _log(f"loaded {ckpt} (iteration {self.iteration})")
         was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
@@ -348,7 +354,7 @@ class Trainer:
         from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 
         start = time.perf_counter()
-        lr = learning_rate(self.run.train, self.iteration)
+        lr = learning_rate(self.run.train, self.updates)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for chunk in self.model:
@@ -365,11 +371,12 @@ class Trainer:
         if updated and grad_norm is not None and not math.isfinite(grad_norm):
             self._diverged("the gradient norm", grad_norm, weights_changed=True)
         self.iteration += 1
+        self.updates += bool(updated)
         global_batch = self.run.train.global_batch(self.dp_size)
         self.consumed_samples += global_batch
         aux = self._aux_losses()
         return StepStats(loss, aux, grad_norm, global_batch * self.run.train.seq_length,
-                         time.perf_counter() - start, updated)
+                         time.perf_counter() - start, lr, updated)
 
     def _reduce_loss(self, outputs) -> float:
         """Token-weighted mean LM loss over micro-batches and data-parallel ranks (last stage)."""
@@ -498,7 +505,8 @@ class Trainer:
         run_yaml = (save / checkpoint.RUN_CONFIG_NAME).read_text() if _rank0() else None
         return checkpoint.save(
             save, self.iteration, self.model, self.optimizer,
-            extra_state={"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+            extra_state={"iteration": self.iteration, "updates": self.updates,
+                         "consumed_samples": self.consumed_samples,
                          "global_batch": self.run.train.global_batch(self.dp_size)},
             run_config_yaml=run_yaml,
         )
@@ -545,7 +553,7 @@ class Trainer:
         last = window[-1]
         record = {
             "lm_loss": last.loss,
-            "lr": learning_rate(self.run.train, self.iteration - 1),
+            "lr": last.lr,
             "grad_norm": float(last.grad_norm) if last.grad_norm is not None else None,
             "tokens_per_s": sum(s.tokens for s in window) / max(seconds, 1e-9),
             **{name: value for name, value in last.aux.items()},
