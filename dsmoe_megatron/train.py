@@ -668,6 +668,10 @@ def main(argv=None) -> int:
     on_sigterm = _stop_on_sigterm()
     try:
         trainer = Trainer(run, resume=args.resume or "never", overwrite=args.overwrite)
+        if args.stop_at is not None and args.stop_at <= trainer.iteration < run.train.train_iters:
+            _log(f"nothing to train: the run is at iteration {trainer.iteration}, at or past "
+                 f"--stop-at {args.stop_at}; raise --stop-at, or leave it out to train on to "
+                 f"train_iters={run.train.train_iters}")
         saved = trainer.fit(stop_at=args.stop_at)
         if saved is not None:
             _log(f"checkpoint saved to {saved.resolve()}")

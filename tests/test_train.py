@@ -542,3 +542,23 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 1
     assert "nothing" in out.stderr and "dsmoe-preprocess" in out.stderr
+
+
+def test_stop_at_below_the_resumed_iteration_says_nothing_is_trained(tmp_path, monkeypatch,
+                                                                      capsys):
+    """`--resume --stop-at 4` of a run at iteration 6 trained nothing and exited 0 without a
+    word; it now says so."""
+    from dsmoe_megatron import train
+
+    class AtSix:
+        def __init__(self, run, resume, overwrite):
+            self.iteration, self.stopped_early = 6, None
+
+        def fit(self, stop_at):
+            return None
+
+    monkeypatch.setattr(train, "Trainer", AtSix)
+    assert train.main([TINY, *SMALL, "train_iters=8", f"save={tmp_path}", "--resume",
+                       "--stop-at", "4"]) == 0
+    assert ("nothing to train: the run is at iteration 6, at or past --stop-at 4"
+            in capsys.readouterr().out)
