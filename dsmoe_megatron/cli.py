@@ -49,6 +49,10 @@ HARMLESS_WARNINGS = (
     # when sequence parallelism is off (moe.py, MoELayer._into_experts).
     "When using expert parallelism and tensor parallelism for training, sequence parallelism "
     "must be used",
+    # Megatron's tensor-parallel layers, for GPU speed; on GPUs runtime.initialize sets
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 (and says when it is too late), on a CPU it means nothing.
+    "When using (async grad allreduce|sequence parallelism) it is recommended to set the "
+    "environment variable CUDA_DEVICE_MAX_CONNECTIONS",
 )
 # Logged messages (prefixes), by logger.
 HARMLESS_LOG_RECORDS = {

@@ -297,3 +297,24 @@ def test_an_error_is_one_write_so_that_ranks_do_not_run_together(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Stream())
     print_error("dsmoe-train", "runs/x already holds a run")
     assert writes == ["dsmoe-train: runs/x already holds a run\n"]
+
+
+def test_tensor_parallel_runs_on_a_cpu_hide_the_cuda_connections_advice():
+    """Every TP2 or sequence-parallel run on a CPU printed Megatron's advice to set
+    CUDA_DEVICE_MAX_CONNECTIONS for GPU speed (runtime.initialize sets it on GPUs)."""
+    import warnings
+
+    from megatron.core.tensor_parallel import layers
+
+    from dsmoe_megatron.cli import quiet_warnings
+
+    source = inspect.getsource(layers.linear_with_grad_accumulation_and_async_allreduce)
+    advice = ["".join(re.findall(r'"([^"]*)"', m)) for m in
+              re.findall(r'warnings\.warn\(((?:\s*"[^"]*")+)\s*\)', source)]
+    assert len(advice) == 2 and all("CUDA_DEVICE_MAX_CONNECTIONS" in a for a in advice), advice
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_warnings([])
+        for message in advice:
+            warnings.warn(message)
+    assert not caught, [str(w.message) for w in caught]
