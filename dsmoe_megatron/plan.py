@@ -317,8 +317,9 @@ def format_search(plan: dict, config_path: str, overrides: list[str]) -> str:
     if not result["candidates"]:
         nearby = " or ".join(map(str, result["nearby_gpus"]))
         lines.append(f"  no layout: no data-parallel size possible on {result['num_gpus']} GPUs "
-                     f"(GPUs / (TP x PP)) divides the global batch {result['global_batch_size']}"
-                     f"; use --gpus {nearby}, or another global_batch_size")
+                     f"(GPUs / (TP x PP), with a PP that splits the {plan['num_layers']} layers) "
+                     f"divides the global batch {result['global_batch_size']}; use --gpus "
+                     f"{nearby}, or another global_batch_size")
         return "\n".join(lines)
     if not result["ranked"]:
         lines.append("  none fits: more GPUs, a larger GPU, or a smaller global batch / model")

@@ -523,6 +523,40 @@ def test_a_search_without_candidates_says_why_and_which_gpu_counts_have_some(cap
     assert "none fits" not in out
 
 
+def test_gpu_counts_whose_pipeline_sizes_cannot_split_the_layers_have_no_candidates(capsys):
+    """On 200 GPUs only PP 25 leaves a DP that divides 4608, and Megatron cannot split 28 layers
+    (30 with the embedding and the loss) over 25 stages: that is said, with GPU counts that have
+    layouts, rather than "none fits: more GPUs, a larger GPU"."""
+    run = load_run_config(CONFIGS / "deepseekmoe_16b.yaml", instantiate_checks=False)
+    result = search.search(run, Cluster(GPUS["H100-80GB"], 200, 8))
+    assert result["candidates"] == 0
+    assert result["nearby_gpus"] == [192, 216]
+    assert all(search.candidates(run.model, n, 8, 4608) for n in result["nearby_gpus"])
+    assert not search.candidates(run.model, 208, 8, 4608)  # PP 13 or 26 only: no split either
+    assert plan.main([str(CONFIGS / "deepseekmoe_16b.yaml"), "--gpus", "200", "--search"]) == 1
+    out = capsys.readouterr().out
+    assert "with a PP that splits the 28 layers" in out and "--gpus 192 or 216" in out
+    assert "none fits" not in out
+
+
+def test_a_search_on_a_huge_gpu_count_answers_at_once(capsys):
+    """The divisors of the world were found by trial up to the world, and the nearby GPU counts
+    by that, count by count: --gpus 8000000 never returned."""
+    import signal
+
+    def too_slow(signum, frame):
+        raise TimeoutError("the search did not answer within 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
+    try:
+        assert plan.main([str(CONFIGS / "tiny.yaml"), "--gpus", "8000000", "--search"]) == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "--gpus 256, or another global_batch_size" in capsys.readouterr().out
+
+
 def test_ranking_prefers_fewer_cross_node_all_to_all_bytes(toy_search):
     _, result = toy_search
     position = {r.layout: i for i, r in enumerate(result["ranked"])}

@@ -111,8 +111,15 @@ def _yaml(value) -> str:
     return str(value)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, at_most: int | None = None) -> list[int]:
+    return [d for d in range(1, min(n, at_most or n) + 1) if n % d == 0]
+
+
+def pipeline_splits(layers: int, pp: int) -> tuple[bool, ...]:
+    """The splits Megatron can make of ``layers`` over ``pp`` stages: evenly (False) and/or
+    counting the embedding and the loss as layers (True); none when neither divides."""
+    return tuple(split for split in ((False, True) if pp > 1 else (False,))
+                 if (layers + 2 * split) % pp == 0)
 
 
 def candidates(cfg: DeepSeekMoEConfig, world: int, gpus_per_node: int,
@@ -123,10 +130,10 @@ def candidates(cfg: DeepSeekMoEConfig, world: int, gpus_per_node: int,
     layers, experts = cfg.num_layers, cfg.num_moe_experts or 1
     groups = []
     for tp in (d for d in _divisors(gpus_per_node) if world % d == 0):
-        for pp in (d for d in _divisors(world // tp) if d <= layers):
+        for pp in _divisors(world // tp, layers):
             dp = world // (tp * pp)
             batches = [b for b in MICRO_BATCH_SIZES if global_batch % (b * dp) == 0]
-            for split in (False, True) if pp > 1 else (False,):
+            for split in pipeline_splits(layers, pp):
                 per_stage = (layers + 2 * split) / pp
                 for vpp in VIRTUAL_STAGES:
                     if vpp and (pp == 1 or per_stage / vpp < 1):
@@ -151,16 +158,15 @@ def candidates(cfg: DeepSeekMoEConfig, world: int, gpus_per_node: int,
 def nearby_worlds(cfg: DeepSeekMoEConfig, world: int, gpus_per_node: int,
                   global_batch: int) -> list[int]:
     """The nearest GPU counts below and above ``world`` (in whole nodes when ``world`` is) that
-    have candidates: a data-parallel size world / (TP x PP) that divides the global batch."""
-    def has_candidates(n: int) -> bool:
-        return any(global_batch % (n // (tp * pp)) == 0
-                   for tp in _divisors(gpus_per_node) if n % tp == 0
-                   for pp in _divisors(n // tp) if pp <= cfg.num_layers)
-
+    have candidates: TP (within a node) x a PP that splits the layers x a data-parallel size
+    that divides the global batch."""
     step = gpus_per_node if world % gpus_per_node == 0 else 1
-    below = next((n for n in range(world - step, 0, -step) if has_candidates(n)), None)
-    above = next((n for n in range(world + step, 2 * world + 1, step) if has_candidates(n)),
-                 None)
+    worlds = {tp * pp * dp for tp in _divisors(gpus_per_node)
+              for pp in range(1, cfg.num_layers + 1) if pipeline_splits(cfg.num_layers, pp)
+              for dp in _divisors(global_batch)}
+    worlds = {n for n in worlds if n % step == 0 and (n <= gpus_per_node or n % gpus_per_node == 0)}
+    below = max((n for n in worlds if n < world), default=None)
+    above = min((n for n in worlds if world < n <= 2 * world), default=None)
     return [n for n in (below, above) if n is not None]
 
 
