@@ -668,16 +668,20 @@ def main(argv=None) -> int:
     on_sigterm = _stop_on_sigterm()
     try:
         trainer = Trainer(run, resume=args.resume or "never", overwrite=args.overwrite)
-        if args.stop_at is not None and args.stop_at <= trainer.iteration < run.train.train_iters:
+        end = run.train.train_iters
+        idle = args.stop_at is not None and args.stop_at <= trainer.iteration < end
+        if idle:
             _log(f"nothing to train: the run is at iteration {trainer.iteration}, at or past "
                  f"--stop-at {args.stop_at}; raise --stop-at, or leave it out to train on to "
-                 f"train_iters={run.train.train_iters}")
+                 f"train_iters={end}")
         saved = trainer.fit(stop_at=args.stop_at)
         if saved is not None:
             _log(f"checkpoint saved to {saved.resolve()}")
-        if trainer.stopped_early:
-            _log(f"stopped at iteration {trainer.iteration} of {run.train.train_iters}: "
-                 f"{trainer.stopped_early}; "
+        why = trainer.stopped_early or (
+            f"--stop-at {args.stop_at}" if args.stop_at is not None and not idle
+            and trainer.iteration < end else None)
+        if why:
+            _log(f"stopped at iteration {trainer.iteration} of {end}: {why}; "
                  + ("continue with --resume" if saved is not None else
                     "no save directory, nothing was written"))
         return 0

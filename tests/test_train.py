@@ -562,3 +562,27 @@ def test_stop_at_below_the_resumed_iteration_says_nothing_is_trained(tmp_path, m
                        "--stop-at", "4"]) == 0
     assert ("nothing to train: the run is at iteration 6, at or past --stop-at 4"
             in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_a_stop_at_stop_says_how_to_continue(tmp_path, monkeypatch, capsys, save):
+    """A run stopped by --stop-at before train_iters said where its checkpoint went and nothing
+    more, while every other stop says how to continue; it now says so too."""
+    from dsmoe_megatron import train
+
+    class ToFour:
+        def __init__(self, run, resume, overwrite):
+            self.iteration, self.stopped_early = 0, None
+
+        def fit(self, stop_at):
+            self.iteration = stop_at
+            return tmp_path / "iter_0000004" if save else None
+
+    monkeypatch.setattr(train, "Trainer", ToFour)
+    where = [f"save={tmp_path}"] if save else ["save=null"]
+    assert train.main([TINY, *SMALL, "train_iters=8", *where, "--stop-at", "4"]) == 0
+    out = capsys.readouterr().out
+    assert ("stopped at iteration 4 of 8: --stop-at 4; "
+            + ("continue with --resume" if save else "no save directory")) in out
+    assert train.main([TINY, *SMALL, "train_iters=4", *where, "--stop-at", "4"]) == 0
+    assert "stopped at" not in capsys.readouterr().out  # trained to the end
