@@ -122,6 +122,12 @@ class Trainer:
         self.consumed_samples = 0
         self._load_if_asked(resume)
         self.train_ds, self.valid_ds = self._build_data()
+        batch = train.global_batch(self.dp_size)
+        if len(self.train_ds) < batch and _rank0():
+            print(f"warning: the train split holds {len(self.train_ds)} samples of "
+                  f"{train.seq_length} tokens, fewer than one global batch ({batch}): every step "
+                  "repeats samples; add data, a larger train share of split, or a smaller "
+                  "global_batch_size or seq_length", file=sys.stderr, flush=True)
         self.writer = self._tensorboard()
         self.metrics_file = None
         if _rank0() and train.save:

@@ -516,6 +516,23 @@ def test_without_evaluation_the_valid_share_need_not_hold_a_sample(tmp_path):
     assert (tmp_path / "run" / "iter_0000002").is_dir()
 
 
+def test_a_train_split_smaller_than_a_global_batch_is_said(tmp_path):
+    """Two samples of 64 tokens and a global batch of 4: each step repeated samples without a
+    word; a warning says so at the start."""
+    from dsmoe_megatron.data import preprocess
+
+    source = tmp_path / "two.jsonl"
+    source.write_text(json.dumps({"text": "x" * 140}) + "\n")
+    prefix = preprocess([source], tmp_path / "two")
+    out = subprocess.run(
+        [sys.executable, "-m", "dsmoe_megatron.train", TINY, *SMALL, "train_iters=2",
+         "split=100,0,0", f"data_path=[{prefix}]", f"save={tmp_path / 'run'}",
+         "tensorboard_dir=null"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert ("warning: the train split holds 2 samples of 64 tokens, fewer than one global batch "
+            "(4): every step repeats samples") in out.stderr
+
+
 def test_data_of_a_larger_vocabulary_is_a_clear_error(tmp_path):
     """A Megatron-LM dataset (GPT-2 ids) trained with the byte vocabulary of tiny.yaml."""
     import numpy
