@@ -511,8 +511,13 @@ def run_config_from_dict(source: Mapping, overrides: Sequence[str] = (), *,
     if not isinstance(source, Mapping):
         raise YamlConfigError(f"{origin}: the document must be a mapping of sections and keys, "
                               f"got {describe(source)}")
-    merged = _merge(dict(source), parse_overrides(overrides)) if overrides else copy.deepcopy(
-        dict(source))
+    extra = parse_overrides(overrides) if overrides else {}
+    if (isinstance(extra.get("save"), str) and "tensorboard_dir" not in extra
+            and source.get("tensorboard_dir") is not None):
+        # Another save directory is another run: its TensorBoard logs go with it, not into the
+        # file's tensorboard_dir beside another run's.
+        extra["tensorboard_dir"] = os.path.join(extra["save"], "tensorboard")
+    merged = _merge(dict(source), extra)
     try:
         return _build(merged, instantiate_checks)
     except YamlConfigError as err:

@@ -612,6 +612,26 @@ def test_output_directories_must_be_creatable(tmp_path):
     load_run_config(TINY, [f"save={a_file}/ckpt"], instantiate_checks=False)
 
 
+def test_tensorboard_logs_follow_a_save_directory_given_on_the_command_line(tmp_path):
+    """`dsmoe-train tiny.yaml save=runs/exp1` logged TensorBoard into tiny.yaml's
+    runs/tiny/tensorboard, with every other run started from that file."""
+    run = tmp_path / "exp1"
+    assert load_run_config(TINY, [f"save={run}"]).train.tensorboard_dir == str(
+        run / "tensorboard")
+    assert load_run_config(TINY, ["save=~/exp1"]).train.tensorboard_dir == os.path.expanduser(
+        "~/exp1/tensorboard")
+    given = [f"tensorboard_dir={tmp_path / 'tb'}", "tensorboard_dir=null"]
+    assert [load_run_config(TINY, [f"save={run}", g]).train.tensorboard_dir for g in given] == [
+        str(tmp_path / "tb"), None]
+    assert load_run_config(TINY).train.tensorboard_dir == "runs/tiny/tensorboard"
+    assert load_run_config(TINY, ["tensorboard_dir=null", "save=null"]).train.tensorboard_dir \
+        is None
+    off = tmp_path / "off.yaml"  # a file that logs no TensorBoard still logs none
+    off.write_text(TINY.read_text().replace("tensorboard_dir: runs/tiny/tensorboard",
+                                            "tensorboard_dir: null"))
+    assert load_run_config(off, [f"save={run}"]).train.tensorboard_dir is None
+
+
 def test_output_directories_must_be_writable(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
@@ -738,8 +758,9 @@ def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
     (tmp_path / "home" / "ckpt").mkdir(parents=True)
     config = tmp_path / "run.yaml"
     config.write_text(TINY.read_text().replace("tensorboard_dir: runs/tiny/tensorboard",
-                                               "tensorboard_dir: ~/tb"))
-    train = load_run_config(config, ["save=~/runs/x", "load=~/ckpt",
+                                               "tensorboard_dir: ~/tb")
+                      .replace("save: runs/tiny/checkpoints", "save: ~/runs/x"))
+    train = load_run_config(config, ["load=~/ckpt",
                                      "data_path=[0.3, ~/d/A, 0.7, /data/B]"]).train
     home = str(tmp_path / "home")
     assert (train.save, train.load, train.tensorboard_dir) == (
