@@ -248,10 +248,10 @@ class Trainer:
             _log("tensorboard is not installed: logging to the console and metrics.jsonl only")
             return None
         _quiet_tensorboard_writer_thread()
-        # A resumed run logs again from the iteration after its checkpoint: hide what the
-        # interrupted run had logged from there on, as metrics.jsonl sets it aside.
-        return SummaryWriter(self.run.train.tensorboard_dir,
-                             purge_step=self.iteration + 1 if self.iteration else None)
+        # A resumed run logs again from the iteration after its checkpoint, and a run started
+        # over (--overwrite) from 1: hide what the interrupted or the earlier run had logged
+        # from there on, as metrics.jsonl sets it aside (or --overwrite deletes it).
+        return SummaryWriter(self.run.train.tensorboard_dir, purge_step=self.iteration + 1)
 
     def _load_if_asked(self, resume: bool) -> None:
         from dsmoe_megatron import checkpoint

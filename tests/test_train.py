@@ -603,3 +603,30 @@ def test_a_stop_at_stop_says_how_to_continue(tmp_path, monkeypatch, capsys, save
             + ("continue with --resume" if save else "no save directory")) in out
     assert train.main([TINY, *SMALL, "train_iters=4", *where, "--stop-at", "4"]) == 0
     assert "stopped at" not in capsys.readouterr().out  # trained to the end
+
+
+def test_a_run_started_over_hides_the_earlier_runs_tensorboard_curves(tmp_path):
+    """--overwrite deletes the earlier run's checkpoints and metrics.jsonl, but TensorBoard
+    showed its curves and the new run's as one (steps 1, 2, 1, 2)."""
+    import time
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dsmoe_megatron import train
+
+    earlier = SummaryWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        earlier.add_scalar("lm_loss", 10.0 + step, step)
+    earlier.close()
+    time.sleep(1.1)  # event files are named, and read, by the second they were opened in
+    board = SimpleNamespace(tensorboard_dir=str(tmp_path))
+    new = SimpleNamespace(run=SimpleNamespace(train=board), iteration=0)
+    writer = train.Trainer._tensorboard(new)
+    for step in (1, 2):
+        writer.add_scalar("lm_loss", 20.0 + step, step)
+    writer.close()
+    board = EventAccumulator(str(tmp_path))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("lm_loss")] == [(1, 21.0), (2, 22.0)]
