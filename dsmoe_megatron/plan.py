@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import textwrap
 from dataclasses import replace
@@ -338,9 +339,20 @@ def format_search(plan: dict, config_path: str, overrides: list[str]) -> str:
     lines += format_time(best["step_time"])
     lines.append("")
     lines.append("Train it (these overrides after yours, or put them in the YAML):")
-    command = ["dsmoe-train", config_path, *overrides, *best["overrides"], "--resume", "auto"]
-    lines += textwrap.wrap(" ".join(command), 96, initial_indent="  ",
-                           subsequent_indent="      ", break_on_hyphens=False)
+    gpus, per_node = result["num_gpus"], result["gpus_per_node"]
+    args = [*overrides, *best["overrides"]]
+    if gpus == 1:
+        command = ["dsmoe-train", config_path, *args, "--resume", "auto"]
+    elif gpus <= per_node:  # one process per GPU: dsmoe-train alone would be a world of one
+        command = ["torchrun", "--nproc-per-node", str(gpus), "-m", "dsmoe_megatron.train",
+                   config_path, *args, "--resume", "auto"]
+    else:  # the cluster launcher adds --resume auto
+        env = [f"CONFIG={config_path}"] + ([f"GPUS_PER_NODE={per_node}"] if per_node != 8 else [])
+        command = [*env, "sbatch", "--nodes", str(-(-gpus // per_node)),
+                   "examples/slurm_145b.sbatch", *args]
+    wrapped = textwrap.wrap(shlex.join(command), 94, initial_indent="  ",
+                            subsequent_indent="      ", break_on_hyphens=False)
+    lines += [line + " \\" for line in wrapped[:-1]] + wrapped[-1:]  # pastes as one command
     lines.append("")
     lines.append("Assumptions:")
     for note in result["memory_assumptions"] + result["time_assumptions"]:

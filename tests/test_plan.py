@@ -557,6 +557,24 @@ def test_a_search_on_a_huge_gpu_count_answers_at_once(capsys):
     assert "--gpus 256, or another global_batch_size" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("gpus, launcher", [
+    (1, "dsmoe-train yaml_configs/tiny.yaml"),
+    (2, "torchrun --nproc-per-node 2 -m dsmoe_megatron.train yaml_configs/tiny.yaml"),
+    (16, "CONFIG=yaml_configs/tiny.yaml sbatch --nodes 2 examples/slurm_145b.sbatch")])
+def test_the_suggested_command_launches_the_searched_world(capsys, gpus, launcher):
+    """"Train it" printed `dsmoe-train ...` for every GPU count: a world of one process, which
+    refuses a layout of TP 2 or more and trains others on one GPU."""
+    assert plan.main(["yaml_configs/tiny.yaml", "global_batch_size=16", "--gpus", str(gpus),
+                      "--search", "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("Train it"):out.index("Assumptions:")].strip().splitlines()[1:]
+    assert all(line.endswith(" \\") for line in lines[:-1])
+    command = shlex.split(" ".join(line.removesuffix("\\") for line in lines))
+    assert " ".join(command).startswith(launcher)
+    assert "global_batch_size=16" in command
+    assert ("--resume" in command) == (gpus <= 8)  # the cluster launcher adds it
+
+
 def test_ranking_prefers_fewer_cross_node_all_to_all_bytes(toy_search):
     _, result = toy_search
     position = {r.layout: i for i, r in enumerate(result["ranked"])}
