@@ -346,9 +346,10 @@ def format_search(plan: dict, config_path: str, overrides: list[str]) -> str:
     elif gpus <= per_node:  # one process per GPU: dsmoe-train alone would be a world of one
         command = ["torchrun", "--nproc-per-node", str(gpus), "-m", "dsmoe_megatron.train",
                    config_path, *args, "--resume", "auto"]
-    else:  # the cluster launcher adds --resume auto
-        env = [f"CONFIG={config_path}"] + ([f"GPUS_PER_NODE={per_node}"] if per_node != 8 else [])
-        command = [*env, "sbatch", "--nodes", str(-(-gpus // per_node)),
+    else:  # the cluster launcher adds --resume auto; it asks SLURM for 8 GPUs a node
+        node = [] if per_node == 8 else [f"GPUS_PER_NODE={per_node}"]
+        command = [f"CONFIG={config_path}", *node, "sbatch", "--nodes", str(-(-gpus // per_node)),
+                   *(["--gpus-per-node", str(per_node)] if node else []),
                    "examples/slurm_145b.sbatch", *args]
     wrapped = textwrap.wrap(shlex.join(command), 94, initial_indent="  ",
                             subsequent_indent="      ", break_on_hyphens=False)

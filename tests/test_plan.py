@@ -557,15 +557,18 @@ def test_a_search_on_a_huge_gpu_count_answers_at_once(capsys):
     assert "--gpus 256, or another global_batch_size" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("gpus, launcher", [
-    (1, "dsmoe-train yaml_configs/tiny.yaml"),
-    (2, "torchrun --nproc-per-node 2 -m dsmoe_megatron.train yaml_configs/tiny.yaml"),
-    (16, "CONFIG=yaml_configs/tiny.yaml sbatch --nodes 2 examples/slurm_145b.sbatch")])
-def test_the_suggested_command_launches_the_searched_world(capsys, gpus, launcher):
+@pytest.mark.parametrize("gpus, per_node, launcher", [
+    (1, 8, "dsmoe-train yaml_configs/tiny.yaml"),
+    (2, 8, "torchrun --nproc-per-node 2 -m dsmoe_megatron.train yaml_configs/tiny.yaml"),
+    (16, 8, "CONFIG=yaml_configs/tiny.yaml sbatch --nodes 2 examples/slurm_145b.sbatch"),
+    # the launcher's #SBATCH line asks for 8 GPUs a node, which 4-GPU nodes never grant
+    (16, 4, "CONFIG=yaml_configs/tiny.yaml GPUS_PER_NODE=4 sbatch --nodes 4 --gpus-per-node 4 "
+            "examples/slurm_145b.sbatch")])
+def test_the_suggested_command_launches_the_searched_world(capsys, gpus, per_node, launcher):
     """"Train it" printed `dsmoe-train ...` for every GPU count: a world of one process, which
     refuses a layout of TP 2 or more and trains others on one GPU."""
     assert plan.main(["yaml_configs/tiny.yaml", "global_batch_size=16", "--gpus", str(gpus),
-                      "--search", "--top", "1"]) == 0
+                      "--gpus-per-node", str(per_node), "--search", "--top", "1"]) == 0
     out = capsys.readouterr().out
     lines = out[out.index("Train it"):out.index("Assumptions:")].strip().splitlines()[1:]
     assert all(line.endswith(" \\") for line in lines[:-1])
