@@ -1232,3 +1232,21 @@ def test_export_of_a_dsmoe_train_checkpoint_with_optimizer_state(tmp_path):
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
         k: tuple(s) for k, s in expected.items()}
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.parametrize("freq, first, hf", [
+    ([0, 1, 1, 1], 0, (1, 1)),  # Megatron-LM's "[0]+[1]*N": one dense layer first
+    ([0, 0, 1, 0], 0, (1, 2)),  # MoE at i >= 1 with i % 2 == 0: layer 2
+    ([1, 1, 1, 1], 4, (4, 1)),  # every layer dense
+    (2, 1, (1, 2)),
+])
+def test_a_moe_layer_freq_list_exports_as_the_hf_pair_that_gives_its_pattern(freq, first, hf):
+    """A moe_layer_freq list HF can express was refused ('cannot be written as HF's
+    first_k_dense_replace + moe_layer_freq') unless moe_first_k_dense already was the pair's."""
+    run = convert.make_run_config({**TINY, "moe_layer_freq": freq, "moe_first_k_dense": first},
+                                  vocab_size=None, seq_length=SEQ)
+    config = convert.hf_config_dict(run.model, VOCAB, SEQ, torch.float32)
+    from dsmoe_megatron.hf.mapping import hf_dims
+
+    assert (config["first_k_dense_replace"], config["moe_layer_freq"]) == hf
+    assert list(hf_dims(config).moe_layers) == run.model.moe_layer_pattern()

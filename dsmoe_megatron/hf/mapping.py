@@ -337,16 +337,18 @@ def check_exportable(cfg) -> None:
         if not ok:
             raise _unsupported(field, value, why)
     if cfg.num_moe_experts:
-        _hf_moe_layer_freq(cfg)
+        _hf_moe_layout(cfg)
 
 
-def _hf_moe_layer_freq(cfg) -> int:
-    """HF places MoE layers at i >= first_k_dense_replace with i % moe_layer_freq == 0."""
-    pattern = cfg.moe_layer_pattern()
-    for freq in range(1, cfg.num_layers + 1):
-        if pattern == [i >= cfg.moe_first_k_dense and i % freq == 0
-                       for i in range(cfg.num_layers)]:
-            return freq
+def _hf_moe_layout(cfg) -> tuple[int, int]:
+    """(first_k_dense_replace, moe_layer_freq): HF places MoE layers at i >= first_k_dense_replace
+    with i % moe_layer_freq == 0. A pattern set by a moe_layer_freq list ([0, 1, 1, 1]) is
+    written as the pair that gives it (1, 1)."""
+    pattern, n = cfg.moe_layer_pattern(), cfg.num_layers
+    for first in (cfg.moe_first_k_dense, *range(n + 1)):
+        for freq in range(1, n + 1):
+            if pattern == [i >= first and i % freq == 0 for i in range(n)]:
+                return first, freq
     raise _unsupported("moe_layer_freq", cfg.moe_layer_freq,
                        "the MoE layer pattern cannot be written as HF's first_k_dense_replace + "
                        "moe_layer_freq")
@@ -358,6 +360,7 @@ def hf_config_dict(cfg, vocab_size: int, max_position_embeddings: int, dtype: to
     """config.json for DeepseekForCausalLM with every field written out."""
     check_exportable(cfg)
     moe = bool(cfg.num_moe_experts)
+    first_and_freq = _hf_moe_layout(cfg) if moe else (0, 1)
     coeff = cfg.moe_aux_loss_coeff
     if isinstance(coeff, (list, tuple)):
         coeff = coeff[0] if coeff else 0.0
@@ -374,8 +377,8 @@ def hf_config_dict(cfg, vocab_size: int, max_position_embeddings: int, dtype: to
         "n_shared_experts": cfg.moe_num_shared_experts if moe else None,
         "n_routed_experts": cfg.num_moe_experts if moe else None,
         "num_experts_per_tok": cfg.moe_router_topk if moe else None,
-        "moe_layer_freq": _hf_moe_layer_freq(cfg) if moe else 1,
-        "first_k_dense_replace": cfg.moe_first_k_dense if moe else 0,
+        "moe_layer_freq": first_and_freq[1],
+        "first_k_dense_replace": first_and_freq[0],
         "norm_topk_prob": (not cfg.moe_router_pre_softmax) if moe else False,
         "scoring_func": "softmax",
         "aux_loss_alpha": float(coeff or 0.0),
