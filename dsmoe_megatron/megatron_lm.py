@@ -137,7 +137,9 @@ def hook_checkpoint_loading() -> None:
 
     Saving and loading also let a torch Adam holding no parameter on this rank (the expert one
     on a pipeline stage of dense layers only) report the others' step, as dsmoe-train does:
-    Megatron's distributed optimizer asserted on the step it lacks."""
+    Megatron's distributed optimizer asserted on the step it lacks. A save creates the state
+    first too, as dsmoe-train's does: before any update was applied (an fp16 run skips its
+    first steps while the loss scale comes down) there was none, and the save asserted."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import get_args, training
 
@@ -150,6 +152,8 @@ def hook_checkpoint_loading() -> None:
     original_save = training.save_checkpoint
 
     def save_checkpoint(iteration, model, optimizer, *args, **kwargs):
+        if optimizer is not None:  # no step taken yet (fp16 skips its first ones): no state
+            create_adam_state(optimizer)
         with empty_adams_report_a_step(optimizer):
             return original_save(iteration, model, optimizer, *args, **kwargs)
 

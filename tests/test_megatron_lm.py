@@ -618,3 +618,22 @@ def test_a_hugging_face_import_starts_where_its_source_was(dsmoe_train_run, cach
                    "--lr-warmup-iters", "0", "--eval-iters", "0"])
         first_losses.append(ITERATION.findall(log)[0][1])
     assert first_losses[0] == first_losses[1]
+
+
+def test_an_fp16_run_saves_before_its_first_applied_update_and_exports(cache, tmp_path):
+    """--fp16 starts at loss scale 2**32, so its first steps overflow and are skipped: torch's
+    Adam (no TE / apex) had no state yet and the save stopped on Megatron's `assert len(steps)
+    == 1`. Now the checkpoint is written, and dsmoe-convert exports it in fp16."""
+    from dsmoe_megatron import convert
+
+    save = tmp_path / "fp16"
+    log = run([EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--train-iters", "1", "--eval-iters", "0",
+               "--lr-warmup-iters", "0", "--fp16", "--data-cache-path", cache,
+               "--save", str(save), "--save-interval", "1"])
+    assert "number of skipped iterations:   1" in log
+    model = ["num_layers=2", "hidden_size=64", "seq_length=64", "max_position_embeddings=64"]
+    assert convert.main(["to-hf", "--checkpoint", str(save), "--out", str(tmp_path / "hf"),
+                         "--config", TINY, *[a for m in model for a in ("--set", m)]]) == 0
+    import json
+
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
