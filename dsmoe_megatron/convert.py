@@ -408,7 +408,12 @@ def _check_megatron_lm_arguments(run, ckpt: Path) -> None:
         saved = dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
     except Exception:  # noqa: BLE001 - reading the tensors next reports a damaged checkpoint
         return
-    trained_with = vars(saved) if saved is not None else {}
+    trained_with = dict(vars(saved)) if saved is not None else {}
+    if not trained_with.get("group_query_attention", True):
+        # Without --group-query-attention Megatron-LM builds every head its own key/value and
+        # leaves num_query_groups at 1 until its first FLOP count (a checkpoint saved before
+        # any step, e.g. by --ckpt-convert-format, keeps that 1).
+        trained_with["num_query_groups"] = trained_with.get("num_attention_heads")
     pairs = [(key, trained_with.get(_ARG_NAMES.get(key, key)), getattr(run.model, key))
              for key in SAME_MODEL_FIELDS]
     pairs.append(("vocab_size", trained_with.get("vocab_size"), run.train.vocab_size))

@@ -1250,3 +1250,22 @@ def test_a_moe_layer_freq_list_exports_as_the_hf_pair_that_gives_its_pattern(fre
 
     assert (config["first_k_dense_replace"], config["moe_layer_freq"]) == hf
     assert list(hf_dims(config).moe_layers) == run.model.moe_layer_pattern()
+
+
+def test_megatron_lm_arguments_without_group_query_attention_mean_a_kv_head_per_head(
+        tmp_path, monkeypatch):
+    """Megatron-LM leaves num_query_groups at 1 without --group-query-attention until its first
+    FLOP count, so a checkpoint saved before a step (--ckpt-convert-format torch_dist) keeps 1:
+    its export was refused ('trained with num_query_groups=1 ... use --set
+    num_query_groups=1'). The heads are what it was trained with; real GQA is still checked."""
+    from megatron.core import dist_checkpointing
+
+    run = convert.make_run_config({**TINY, "num_query_groups": None}, vocab_size=None,
+                                  seq_length=SEQ)
+    args = SimpleNamespace(group_query_attention=False, num_query_groups=1, num_attention_heads=4,
+                           num_layers=4, hidden_size=32)
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda _: {"args": args})
+    convert._check_megatron_lm_arguments(run, tmp_path)
+    args.group_query_attention, args.num_query_groups = True, 2
+    with pytest.raises(ConversionError, match="trained with num_query_groups=2"):
+        convert._check_megatron_lm_arguments(run, tmp_path)
