@@ -354,6 +354,13 @@ def check_readable(ckpt: Path) -> None:
             f"{ckpt} is the unfinished save of an interrupted run, not a checkpoint; pass the "
             f"save directory {ckpt.parent} for its newest complete one (named by {latest})")
     marker = ckpt / "metadata.json"
+    if not marker.exists() and any(ckpt.glob("mp_rank_*/model_optim_rng.pt")):
+        raise CheckpointError(
+            f"{ckpt} is in Megatron-LM's torch format (--ckpt-format torch: "
+            "mp_rank_*/model_optim_rng.pt), which is not read here (only torch_dist, "
+            "Megatron-LM's default); rewrite it by rerunning its training command with --load "
+            "of it, --ckpt-format torch --ckpt-convert-format torch_dist --ckpt-convert-save NEW, "
+            "then pass NEW/torch_dist")
     try:
         json.loads(marker.read_text())
     except (OSError, ValueError) as err:

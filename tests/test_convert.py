@@ -1269,3 +1269,18 @@ def test_megatron_lm_arguments_without_group_query_attention_mean_a_kv_head_per_
     args.group_query_attention, args.num_query_groups = True, 2
     with pytest.raises(ConversionError, match="trained with num_query_groups=2"):
         convert._check_megatron_lm_arguments(run, tmp_path)
+
+
+def test_a_checkpoint_in_megatron_lms_torch_format_is_named_with_the_way_to_convert_it(
+        tmp_path, capsys):
+    """Megatron-LM's --ckpt-format torch (mp_rank_*/model_optim_rng.pt) was called an incomplete
+    checkpoint with metadata.json missing, and the advice was to resume from an earlier one."""
+    save = tmp_path / "megatron_lm"
+    (save / "iter_0000001" / "mp_rank_00").mkdir(parents=True)
+    (save / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"")
+    (save / "latest_checkpointed_iteration.txt").write_text("1")
+    code, err = run_cli(["to-hf", "--checkpoint", str(save), "--out", str(tmp_path / "hf"),
+                         "--config", str(REPO / "yaml_configs/tiny.yaml")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "Megatron-LM's torch format" in err and "--ckpt-convert-format torch_dist" in err
+    assert "earlier checkpoint" not in err
