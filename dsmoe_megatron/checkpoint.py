@@ -323,6 +323,11 @@ def resolve(path: str | Path) -> Path:
         return path
     iteration = latest_iteration(path)
     if iteration is None:
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            raise CheckpointError(
+                f"{path} is a Hugging Face model directory (config.json + safetensors), not a "
+                f"checkpoint of dsmoe-train; to train from it, import it: dsmoe-convert from-hf "
+                f"--hf {path} --out DIR, then load: DIR (finetune: true starts at iteration 0)")
         complete = _iterations_in(path) if path.is_dir() else []
         hint = (f"; it holds checkpoints {_describe_iterations(complete)} but no 'latest' file: "
                 f"write the iteration to resume into {path / LATEST_NAME}" if complete else "")

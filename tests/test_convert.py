@@ -413,6 +413,22 @@ def test_missing_checkpoint_dir(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_a_hugging_face_directory_given_as_a_checkpoint_says_to_import_it(tmp_path):
+    """load: or --checkpoint of an export (config.json + safetensors) was told 'no checkpoint
+    at ...; check the path', of a path that was right, without the import that makes one."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model-00001-of-00001.safetensors").write_bytes(b"")
+    expected = (f"{hf} is a Hugging Face model directory (config.json + safetensors), not a "
+                f"checkpoint of dsmoe-train; to train from it, import it: dsmoe-convert from-hf "
+                f"--hf {hf} --out DIR, then load: DIR")
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(expected)):
+        checkpoint.resolve(hf)
+    with pytest.raises(ConversionError, match=re.escape(expected)):
+        convert.export_to_hf(hf, tmp_path / "out")
+
+
 # ------------------------------------------------------------------------------------------
 # HF -> Megatron
 # ------------------------------------------------------------------------------------------
