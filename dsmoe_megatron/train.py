@@ -34,6 +34,13 @@ import torch.distributed as dist  # noqa: E402
 from dsmoe_megatron.checkpoint import CheckpointError  # noqa: E402
 
 
+# The settings a resume reports when the config changes them: what the optimization follows
+# (the global batch and seq_length are reported on their own).
+_TRAINED_WITH = ("train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style",
+                 "lr_step_decay_at", "lr_step_decay_factor", "weight_decay", "adam_beta1",
+                 "adam_beta2", "adam_eps", "clip_grad", "seed", "data_path", "split")
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -291,7 +298,7 @@ class Trainer:
         """A checkpoint resumes (or starts a run: ``load``) under any layout and
         hyper-parameters, but only into the model it was saved from: name the first field of
         its run.yaml that differs."""
-        from dsmoe_megatron.checkpoint import model_difference, saved_run_config
+        from dsmoe_megatron.checkpoint import iteration_of, model_difference, saved_run_config
         from dsmoe_megatron.yaml_config import section_of
 
         saved = saved_run_config(ckpt)
@@ -311,6 +318,16 @@ class Trainer:
         if saved.layout != self.run.layout:
             _log(f"resharding {ckpt} from {_describe_layout(saved.layout)} to "
                  f"{_describe_layout(self.run.layout)}")
+        # A resume without the first run's key=value overrides takes the YAML's (a checkpoint
+        # at iteration 0, from-hf's, was trained with nothing).
+        if resume and iteration_of(ckpt):
+            changed = [f"{name} {getattr(saved.train, name)} -> {getattr(self.run.train, name)}"
+                       for name in _TRAINED_WITH
+                       if getattr(saved.train, name) != getattr(self.run.train, name)]
+            if changed:
+                _log(f"the config changes what {ckpt} was trained with: {', '.join(changed)}; "
+                     "the run continues with the new values (to keep the old ones, give the "
+                     "key=value overrides the run was started with again)")
         if (resume or not self.run.train.finetune) \
                 and saved.train.seq_length != self.run.train.seq_length:
             _log(f"seq_length changes from {saved.train.seq_length} to "

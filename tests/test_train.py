@@ -346,6 +346,25 @@ def test_a_live_run_holds_its_save_directory(cli):
     assert sorted(after) == [1, 2]
 
 
+@pytest.mark.distributed
+def test_a_resume_names_the_settings_its_config_changes(tmp_path):
+    """A resume without the key=value overrides the run was started with (as the README's
+    '--resume # continue exactly' line was written) took the YAML's train_iters and lr in
+    silence: another lr schedule, 'stopped at iteration 2 of 200' of a run of 4."""
+    from dsmoe_megatron.data import default_corpus_prefix
+
+    data, save = default_corpus_prefix(tmp_path / "data"), tmp_path / "run"
+    started = ["train_iters=4", "--stop-at"]
+    tasks = [("train", train_argv(data, "1", save, *started, "1")),
+             ("train", train_argv(data, "1", save, *started, "2", "--resume")),
+             ("train", train_argv(data, "1", save, "lr=1e-3", "--stop-at", "3", "--resume"))]
+    first, same, changed = run_on_ranks(run_job, 1, args=(tasks,))[0]
+    assert "changes what" not in ok(same)["stdout"]
+    assert (f"the config changes what {save / 'iter_0000002'} was trained with: train_iters 4 "
+            "-> 200, lr 0.003 -> 0.001; the run continues with the new values") in ok(
+                changed)["stdout"]
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume_auto(tmp_path):
     from dsmoe_megatron.run_dir import RunDirError, decide_resume
 
