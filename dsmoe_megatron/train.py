@@ -45,6 +45,23 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def different_model(ckpt: Path, difference: tuple, resume: bool) -> CheckpointError:
+    """The error for a checkpoint of another model (checkpoint.model_difference's field, saved
+    and current value), with the override that loads it."""
+    from dsmoe_megatron.yaml_config import override_text, section_of
+
+    field, then, now = difference
+    name = field if field == "vocab_size" else f"{section_of(field)}.{field}"
+    setting = f"{name}={override_text(then)}"
+    fix = (f"resume with {setting}, or start a new run in another save directory (load: DIR "
+           "initialises a new run from a checkpoint of the same model)"
+           if resume else f"set {setting} to start from it, or set load: null to start from "
+           "random weights")
+    return CheckpointError(
+        f"{ckpt} was saved from a different model: {name} is {override_text(then)} there and "
+        f"{override_text(now)} here; {fix}")
+
+
 def learning_rate(train, updates: int) -> float:
     """The lr of the update after ``updates`` applied ones: linear warmup, then step decay (x
     factor at each fraction of train_iters), cosine or constant."""
@@ -299,22 +316,13 @@ class Trainer:
         hyper-parameters, but only into the model it was saved from: name the first field of
         its run.yaml that differs."""
         from dsmoe_megatron.checkpoint import iteration_of, model_difference, saved_run_config
-        from dsmoe_megatron.yaml_config import section_of
 
         saved = saved_run_config(ckpt)
         if saved is None:
             return  # not written by the trainer: the tensor shapes are still checked on load
         difference = model_difference(saved, self.config, self.vocab_size)
         if difference is not None:
-            field, then, now = difference
-            name = field if field == "vocab_size" else f"{section_of(field)}.{field}"
-            fix = (f"resume with {name}={then}, or start a new run in another save directory "
-                   "(load: DIR initialises a new run from a checkpoint of the same model)"
-                   if resume else f"set {name}={then} to start from it, or set load: null to "
-                   "start from random weights")
-            raise CheckpointError(
-                f"{ckpt} was saved from a different model: {name} is {then} there and {now} "
-                f"here; {fix}")
+            raise different_model(ckpt, difference, resume)
         if saved.layout != self.run.layout:
             _log(f"resharding {ckpt} from {_describe_layout(saved.layout)} to "
                  f"{_describe_layout(self.run.layout)}")

@@ -69,6 +69,7 @@ __all__ = [
     "check_world_size",
     "dump_run_config",
     "load_run_config",
+    "override_text",
     "parse_overrides",
     "run_config_from_dict",
     "run_config_to_dict",
@@ -451,6 +452,13 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
         else:
             raise YamlConfigError(f"{where}keys are SECTION.KEY or KEY, not {key!r}")
     return out
+
+
+def override_text(value) -> str:
+    """``value`` as a key=value override spells it (None: null, True: true)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
 
 
 def _all_keys() -> list[str]:

@@ -649,3 +649,21 @@ def test_a_run_started_over_hides_the_earlier_runs_tensorboard_curves(tmp_path):
     board = EventAccumulator(str(tmp_path))
     board.Reload()
     assert [(e.step, e.value) for e in board.Scalars("lm_loss")] == [(1, 21.0), (2, 22.0)]
+
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_the_override_a_model_mismatch_suggests_sets_the_saved_value(resume):
+    """A dense checkpoint (num_moe_experts: null) loaded with an MoE config was told to 'set
+    language_model.num_moe_experts=None', which YAML reads as the string 'None'."""
+    from dsmoe_megatron.checkpoint import model_difference
+    from dsmoe_megatron.train import different_model
+    from dsmoe_megatron.yaml_config import load_run_config, parse_overrides
+
+    dense, moe = (load_run_config(ROOT / "yaml_configs" / name, instantiate_checks=False)
+                  for name in ("tiny_dense.yaml", "tiny.yaml"))
+    difference = model_difference(dense, moe.model, moe.train.vocab_size)
+    assert difference == ("num_moe_experts", None, 15)
+    message = str(different_model(Path("ckpt"), difference, resume))
+    setting = message.split("resume with " if resume else "; set ")[1].split()[0].rstrip(",")
+    assert parse_overrides([setting]) == {"language_model": {"num_moe_experts": None}}
