@@ -315,13 +315,17 @@ def _describe_iterations(iterations: list[int]) -> str:
 
 
 def resolve(path: str | Path) -> Path:
-    """A save dir (-> its latest iteration) or an iteration dir -> the iteration dir, checked to
-    be complete and readable (CheckpointError names the file and what to do otherwise)."""
+    """A save dir (-> its latest iteration; Megatron-LM's: its tracker's) or an iteration dir ->
+    the iteration dir, checked to be complete and readable (CheckpointError names the file and
+    what to do otherwise)."""
     path = Path(path)
     if (path / "metadata.json").exists() or path.name.startswith("iter_"):
         check_readable(path)
         return path
     iteration = latest_iteration(path)
+    tracker = path / MEGATRON_LM_TRACKER  # a save directory of Megatron-LM's loop
+    if iteration is None and tracker.is_file() and tracker.read_text().strip().isdigit():
+        iteration = int(tracker.read_text())
     if iteration is None:
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             raise CheckpointError(
@@ -338,7 +342,8 @@ def resolve(path: str | Path) -> Path:
     if not found.is_dir():
         complete = _iterations_in(path)
         raise CheckpointError(
-            f"{path / LATEST_NAME} names iteration {iteration}, but {found} does not exist "
+            f"{path / LATEST_NAME if (path / LATEST_NAME).exists() else tracker} names "
+            f"iteration {iteration}, but {found} does not exist "
             f"(complete checkpoints here: {_describe_iterations(complete)}); "
             + _RECOVERY_HINT.format(latest=path / LATEST_NAME))
     check_readable(found)

@@ -36,3 +36,23 @@ def test_damaged_tensor_data_is_refused_on_every_rank(tmp_path):
         assert result["garbled"].startswith(f"{tmp_path / 'garbled' / 'iter_0000000'} could not be "
                                             "read (")
         assert "the checkpoint is damaged" in result["garbled"]
+
+
+def test_a_megatron_lm_save_directory_resolves_through_its_tracker(tmp_path):
+    """load: of a save directory of Megatron-LM's loop (latest_checkpointed_iteration.txt, no
+    'latest') was refused as holding no checkpoint, while dsmoe-convert to-hf took it, and the
+    advice for a torch-format checkpoint (convert it, then pass NEW/torch_dist) failed there."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    from dsmoe_megatron import checkpoint
+
+    ckpt = tmp_path / "torch_dist" / "iter_0000002"
+    save({"w": torch.ones(2)}, storage_writer=FileSystemWriter(str(ckpt)), no_dist=True)
+    (ckpt / "metadata.json").write_text("{}")
+    (ckpt.parent / checkpoint.MEGATRON_LM_TRACKER).write_text("2")
+    assert checkpoint.resolve(ckpt.parent) == ckpt
+    (ckpt.parent / checkpoint.MEGATRON_LM_TRACKER).write_text("3")
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"latest_checkpointed_iteration.txt names iteration 3"):
+        checkpoint.resolve(ckpt.parent)
