@@ -412,6 +412,13 @@ def load(path: str | Path, model_chunks, optimizer=None, weights_only: bool = Fa
     state = model_sharded_state_dict(chunks)
     _check_shapes(ckpt, state)
     common = _read(ckpt, dist_checkpointing.load_common_state_dict)
+    if optimizer is not None and not weights_only and "has_optimizer" not in common \
+            and "optimizer" in common:
+        raise CheckpointError(
+            f"{ckpt} was saved by Megatron-LM's training loop, whose optimizer state is not read "
+            "here: the run would continue at its iteration with a new optimizer; set finetune: "
+            "true to start from its weights at iteration 0, or continue it with Megatron-LM's "
+            "--load")
     load_optimizer = optimizer is not None and common.get("has_optimizer") and not weights_only
     bridges = []
     if load_optimizer:

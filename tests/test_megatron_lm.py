@@ -637,3 +637,20 @@ def test_an_fp16_run_saves_before_its_first_applied_update_and_exports(cache, tm
     import json
 
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_dsmoe_train_starts_from_a_megatron_lm_checkpoint_with_finetune_only(first_run,
+                                                                              tmp_path):
+    """load: of a checkpoint of Megatron-LM's loop, whose optimizer state dsmoe-train does not
+    read, continued at its iteration with a new Adam and said nothing; it is refused with
+    finetune: true, which starts from its weights (the save directory, through its tracker)."""
+    save, _ = first_run
+    small = [TINY, *DSMOE_TRAIN_SMALL, "eval_interval=null", "tensorboard_dir=null",
+             f"load={save}"]
+    log = run(["-m", "dsmoe_megatron.train", *small, "train_iters=4",
+               f"save={tmp_path / 'continued'}"], returncode=1)
+    assert "optimizer state is not read here" in log and "finetune: true" in log, log[-3000:]
+    assert "Traceback" not in log
+    log = run(["-m", "dsmoe_megatron.train", *small, "finetune=true", "train_iters=1",
+               f"save={tmp_path / 'finetuned'}"])
+    assert f"loaded the weights of {save / 'iter_0000002'}" in log, log[-3000:]
