@@ -1,13 +1,16 @@
-"""YAML for run configs: PyYAML's safe loader minus the two features that hide mistakes.
+"""YAML for run configs: PyYAML's safe loader minus the features that hide mistakes.
 
-A repeated key silently keeps its last value in plain PyYAML, and anchors / aliases let a few
-lines expand into gigabytes (the "billion laughs" document). Both are refused, with the line.
+A repeated key silently keeps its last value in plain PyYAML, anchors / aliases let a few
+lines expand into gigabytes (the "billion laughs" document), and YAML 1.1 reads a number with a
+leading 0 as octal (``seed: 0042`` is 34) and one with colons as base 60 (``1:30`` is 90). All
+are refused, with the line.
 Every error is one line: ``line L, column C: what is wrong``. ``dump`` writes no anchors, so
 what it writes loads again.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -45,6 +48,28 @@ class StrictLoader(yaml.SafeLoader):
                                        f"{mark.line + 1}); keep only one",
                                problem_mark=key_node.start_mark)
         return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        text = node.value.replace("_", "")
+        if ":" in text or re.fullmatch(r"[-+]?0[0-7]+", text):
+            value = super().construct_yaml_int(node)
+            fix = ("base 60); write the number you mean" if ":" in text else
+                   "octal: a leading 0); write the number you mean without the 0")
+            raise _Refused(problem=f"{node.value} reads as {value} in YAML 1.1 ({fix}, or "
+                                   "quote it as text", problem_mark=node.start_mark)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        if ":" in node.value:
+            value = super().construct_yaml_float(node)
+            raise _Refused(problem=f"{node.value} reads as {value} in YAML 1.1 (base 60); "
+                                   "write the number you mean, or quote it as text",
+                           problem_mark=node.start_mark)
+        return super().construct_yaml_float(node)
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+StrictLoader.add_constructor("tag:yaml.org,2002:float", StrictLoader.construct_yaml_float)
 
 
 def load(text: str) -> Any:

@@ -767,3 +767,21 @@ def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
         f"{home}/runs/x", f"{home}/ckpt", f"{home}/tb")
     assert train.data_path == ["0.3", f"{home}/d/A", "0.7", "/data/B"]
     assert not (tmp_path / "~").exists()
+
+
+def test_numbers_yaml_1_1_reads_as_octal_or_base_60_are_refused(tmp_path):
+    """PyYAML reads 'seed: 0042' as 34 (octal) and '1:30' as 90 (base 60), silently."""
+    path = tmp_path / "run.yaml"
+    path.write_text(TINY.read_text().replace("seed: 1234", "seed: 0042"))
+    line = 1 + TINY.read_text().splitlines().index("seed: 1234")
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == (f"{path}: line {line}, column 7: 0042 reads as 34 in YAML 1.1 "
+                              "(octal: a leading 0); write the number you mean without the 0, "
+                              "or quote it as text")
+    with pytest.raises(YamlConfigError, match=r"override 'train_iters=1:30': the value: line 1, "
+                                              r"column 1: 1:30 reads as 90 in YAML 1.1 "
+                                              r"\(base 60\)"):
+        load_run_config(TINY, ["train_iters=1:30"])
+    assert load_run_config(TINY, ["seed=0", "train_iters=1_000"]).train.seed == 0
+    assert strict_yaml.load("[0x1F, '017', 08]") == [31, "017", "08"]
