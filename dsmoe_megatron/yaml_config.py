@@ -242,7 +242,7 @@ class TrainingArgs:
             if len(words) > 1 and not os.path.exists(f"{item}.idx"):
                 raise YamlConfigError(
                     f"data_path: {item!r} is one prefix with spaces, not a blend; list its "
-                    f"parts: data_path=[{', '.join(words)}]")
+                    f"parts: data_path=[{', '.join(w for i in blend for w in i.split())}]")
         if not _is_number(blend[0]):
             return
         if len(blend) % 2 or not all(_is_number(w) for w in blend[::2]):

@@ -530,8 +530,10 @@ def test_blend_weights_must_be_positive(blend, message):
 
 
 def test_a_blend_written_as_one_string_is_refused(tmp_path):
-    """Megatron-LM's --data-path takes '0.7 a 0.3 b'; here that string is one prefix."""
-    for value, parts in [("'0.7 a 0.3 b'", "0.7, a, 0.3, b"), ("[a b]", "a, b")]:
+    """Megatron-LM's --data-path takes '0.7 a 0.3 b'; here that string is one prefix. The list
+    to write holds every item's parts (it held the first item's only, dropping '0.3 b')."""
+    for value, parts in [("'0.7 a 0.3 b'", "0.7, a, 0.3, b"), ("[a b]", "a, b"),
+                         ("['0.7 a', '0.3 b']", "0.7, a, 0.3, b")]:
         with pytest.raises(YamlConfigError) as err:
             load_run_config(TINY, [f"data_path={value}"])
         assert str(err.value).endswith(f"is one prefix with spaces, not a blend; list its "
