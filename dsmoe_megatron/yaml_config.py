@@ -428,9 +428,11 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
                                           f"{name}={{key: value}}")
                 for sub_key, sub_value in value.items():
                     _check_known(where, name, sub_key)
+                    _check_override(where, f"{name}.{sub_key}", sub_value)
                     out.setdefault(name, {})[sub_key] = sub_value
                 continue
             if name in _TRAIN_FIELDS:
+                _check_override(where, name, value)
                 out[name] = value
                 continue
             owners = [s for s in SECTIONS if name in SCHEMA[s]]
@@ -439,6 +441,7 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
                                       f"SECTION.{name}=...")
             if not owners:
                 raise _prefixed(where, _unknown_key("", name, _all_keys()))
+            _check_override(where, f"{owners[0]}.{name}", value)
             out.setdefault(owners[0], {})[name] = value
         elif len(parts) == 2:
             section, name = parts
@@ -448,6 +451,7 @@ def parse_overrides(overrides: str | Iterable[str]) -> dict:
                 raise YamlConfigError(f"{where}{section}: unknown section (sections: "
                                       f"{', '.join(SECTIONS)}){hint}")
             _check_known(where, section, name)
+            _check_override(where, key, value)
             out.setdefault(section, {})[name] = value
         else:
             raise YamlConfigError(f"{where}keys are SECTION.KEY or KEY, not {key!r}")
@@ -468,6 +472,22 @@ def _all_keys() -> list[str]:
 def _check_known(where: str, section: str, key: str) -> None:
     if key not in SCHEMA[section]:
         raise _prefixed(where, _unknown_key(f"{section}.", key, SCHEMA[section]))
+
+
+def _check_override(where: str, key: str, value) -> None:
+    """The value's type and range, so that an error names the override, not the file."""
+    section, _, name = key.rpartition(".")
+    try:
+        if section:
+            _check_value(key, value, SCHEMA[section][name])
+        else:
+            _check_train_value(name, value)
+    except YamlConfigError as err:
+        raise _OverrideValueError(f"{where}{err}") from None
+
+
+class _OverrideValueError(YamlConfigError):
+    """A value an override gives that its key does not take (reported with the file too)."""
 
 
 def _prefixed(prefix: str, err: YamlConfigError) -> YamlConfigError:
@@ -519,7 +539,10 @@ def run_config_from_dict(source: Mapping, overrides: Sequence[str] = (), *,
     if not isinstance(source, Mapping):
         raise YamlConfigError(f"{origin}: the document must be a mapping of sections and keys, "
                               f"got {describe(source)}")
-    extra = parse_overrides(overrides) if overrides else {}
+    try:
+        extra = parse_overrides(overrides) if overrides else {}
+    except _OverrideValueError as err:
+        raise YamlConfigError(f"{origin}: {err}") from None
     if (isinstance(extra.get("save"), str) and "tensorboard_dir" not in extra
             and source.get("tensorboard_dir") is not None):
         # Another save directory is another run: its TensorBoard logs go with it, not into the

@@ -787,3 +787,21 @@ def test_numbers_yaml_1_1_reads_as_octal_or_base_60_are_refused(tmp_path):
         load_run_config(TINY, ["train_iters=1:30"])
     assert load_run_config(TINY, ["seed=0", "train_iters=1_000"]).train.seed == 0
     assert strict_yaml.load("[0x1F, '017', 08]") == [31, "017", "08"]
+
+
+def test_a_bad_override_value_is_named_as_the_override(tmp_path):
+    """'lr=abc' on the command line was reported as 'tiny.yaml: lr: ...' only, sending the
+    reader to a file whose lr is fine; a bad value in the file names the file alone."""
+    path = tmp_path / "run.yaml"
+    path.write_text(TINY.read_text().replace("num_layers: 4", "num_layers: 0"))
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == f"{path}: language_model.num_layers=0: must be >= 1"
+    for override, message in [
+            ("lr=abc", "override 'lr=abc': lr: expected a number, got 'abc' (a string)"),
+            ("num_layers=0", "override 'num_layers=0': language_model.num_layers=0: must be >= 1"),
+            ("model_parallel={bf16: 2}", "override 'model_parallel={bf16: 2}': "
+                                         "model_parallel.bf16: expected true or false")]:
+        with pytest.raises(YamlConfigError) as err:
+            load_run_config(TINY, [override])
+        assert str(err.value).startswith(f"{TINY}: {message}"), str(err.value)
