@@ -552,7 +552,11 @@ def run_config_from_dict(source: Mapping, overrides: Sequence[str] = (), *,
     try:
         return _build(merged, instantiate_checks)
     except YamlConfigError as err:
-        raise YamlConfigError(f"{origin}: {err}") from None
+        # The error may be the file's value against an override's (lr_warmup_iters: 20 of the
+        # file with train_iters=10): name both places, unless it quotes the override already.
+        unnamed = [o for o in overrides if f"{o}: " not in str(err)]
+        given = f" with {' '.join(unnamed)}" if unnamed else ""
+        raise YamlConfigError(f"{origin}{given}: {err}") from None
 
 
 def _build(doc: dict, instantiate_checks: bool) -> RunConfig:

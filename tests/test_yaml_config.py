@@ -483,7 +483,7 @@ def test_on_paper_mode_skips_only_machine_checks(monkeypatch):
 def test_out_of_range_values_are_refused_at_load(override, message):
     with pytest.raises(YamlConfigError) as err:
         load_run_config(TINY, [override])
-    assert str(err.value).startswith(f"{TINY}: ")
+    assert str(err.value).startswith(f"{TINY}") and override in str(err.value)
     assert message in str(err.value)
 
 
@@ -669,7 +669,7 @@ def test_load_must_exist(tmp_path):
 def test_dsmoe_plan_refuses_heads_that_do_not_divide_hidden(capsys):
     assert plan.main([str(TINY), "language_model.num_attention_heads=3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"dsmoe-plan: error: {TINY}: ")
+    assert err.startswith(f"dsmoe-plan: error: {TINY} with language_model.num_attention_heads=3: ")
     assert "num_attention_heads=3 does not divide hidden_size=128" in err
 
 
@@ -805,3 +805,12 @@ def test_a_bad_override_value_is_named_as_the_override(tmp_path):
         with pytest.raises(YamlConfigError) as err:
             load_run_config(TINY, [override])
         assert str(err.value).startswith(f"{TINY}: {message}"), str(err.value)
+
+
+def test_an_error_between_the_file_and_an_override_names_both():
+    """`train train_iters=10` was refused as 'tiny.yaml: lr_warmup_iters: must be between 0 and
+    train_iters=10 (got 20)', naming the file, whose train_iters is 200, and not the override."""
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, ["train_iters=10", "lr=1e-3"])
+    assert str(err.value) == (f"{TINY} with train_iters=10 lr=1e-3: lr_warmup_iters: must be "
+                              "between 0 and train_iters=10 (got 20)")
