@@ -280,12 +280,16 @@ def _iterations_in(save_dir: Path) -> list[int]:
 
 def latest_iteration(save_dir: str | Path) -> int | None:
     """The iteration named by ``save_dir/latest``; None if there is no such file."""
-    marker = Path(save_dir) / LATEST_NAME
-    if not marker.exists():
+    return _iteration_named_by(Path(save_dir) / LATEST_NAME)
+
+
+def _iteration_named_by(marker: Path) -> int | None:
+    """The iteration in ``marker`` (``latest`` or Megatron-LM's tracker); None if it is absent."""
+    if not marker.is_file():
         return None
     text = marker.read_text().strip()
     if not text.isdigit():
-        complete = _iterations_in(Path(save_dir))
+        complete = _iterations_in(marker.parent)
         raise CheckpointError(
             f"{marker} holds {text[:40]!r}, not an iteration number; it should name the newest "
             f"complete checkpoint (complete ones here: {_describe_iterations(complete)}). Write "
@@ -322,10 +326,13 @@ def resolve(path: str | Path) -> Path:
     if (path / "metadata.json").exists() or path.name.startswith("iter_"):
         check_readable(path)
         return path
-    iteration = latest_iteration(path)
-    tracker = path / MEGATRON_LM_TRACKER  # a save directory of Megatron-LM's loop
-    if iteration is None and tracker.is_file() and tracker.read_text().strip().isdigit():
-        iteration = int(tracker.read_text())
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist; check the path "
+                              "(load: / --checkpoint)")
+    marker = path / LATEST_NAME
+    if not marker.is_file():
+        marker = path / MEGATRON_LM_TRACKER  # a save directory of Megatron-LM's loop
+    iteration = _iteration_named_by(marker)
     if iteration is None:
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             raise CheckpointError(
@@ -342,10 +349,9 @@ def resolve(path: str | Path) -> Path:
     if not found.is_dir():
         complete = _iterations_in(path)
         raise CheckpointError(
-            f"{path / LATEST_NAME if (path / LATEST_NAME).exists() else tracker} names "
-            f"iteration {iteration}, but {found} does not exist "
+            f"{marker} names iteration {iteration}, but {found} does not exist "
             f"(complete checkpoints here: {_describe_iterations(complete)}); "
-            + _RECOVERY_HINT.format(latest=path / LATEST_NAME))
+            + _RECOVERY_HINT.format(latest=marker))
     check_readable(found)
     return found
 

@@ -186,16 +186,6 @@ def _settle_aside(out: Path, aside: Path) -> None:
 def _resolve_checkpoint(path: str | Path) -> Path:
     from dsmoe_megatron import checkpoint
 
-    path = Path(path)
-    if not path.exists():
-        raise ConversionError(f"checkpoint directory {path} does not exist (--checkpoint)")
-    tracker = path / checkpoint.MEGATRON_LM_TRACKER
-    if not (path / checkpoint.LATEST_NAME).exists() and tracker.exists():
-        iteration = tracker.read_text().strip()
-        if not iteration.isdigit():
-            raise ConversionError(f"{tracker} holds {iteration[:40]!r}, not an iteration; pass "
-                                  "an iter_XXXXXXX directory as --checkpoint")
-        path = checkpoint.iteration_dir(path, int(iteration))
     try:
         return checkpoint.resolve(path)
     except checkpoint.CheckpointError as err:

@@ -56,3 +56,9 @@ def test_a_megatron_lm_save_directory_resolves_through_its_tracker(tmp_path):
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"latest_checkpointed_iteration.txt names iteration 3"):
         checkpoint.resolve(ckpt.parent)
+    (ckpt.parent / checkpoint.MEGATRON_LM_TRACKER).write_text("release")
+    with pytest.raises(checkpoint.CheckpointError, match=r"latest_checkpointed_iteration.txt "
+                       r"holds 'release', not an iteration number.*complete ones here: 2"):
+        checkpoint.resolve(ckpt.parent)
+    with pytest.raises(checkpoint.CheckpointError, match="nowhere does not exist"):
+        checkpoint.resolve(tmp_path / "nowhere")
