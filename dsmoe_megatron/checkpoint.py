@@ -261,6 +261,8 @@ def model_difference(saved, config, vocab_size: int) -> tuple[str, object, objec
     it is the same model."""
     pairs = [(name, getattr(saved.model, name), getattr(config, name))
              for name in SAME_MODEL_FIELDS]
+    if saved.model.moe_layer_pattern() != config.moe_layer_pattern():  # [0,1,1,1] may equal 1
+        pairs.append(("moe_layer_freq", saved.model.moe_layer_freq, config.moe_layer_freq))
     pairs.append(("vocab_size", saved.train.vocab_size, vocab_size))
     return next(((name, then, now) for name, then, now in pairs if then != now), None)
 

@@ -667,3 +667,21 @@ def test_the_override_a_model_mismatch_suggests_sets_the_saved_value(resume):
     message = str(different_model(Path("ckpt"), difference, resume))
     setting = message.split("resume with " if resume else "; set ")[1].split()[0].rstrip(",")
     assert parse_overrides([setting]) == {"language_model": {"num_moe_experts": None}}
+
+
+def test_a_checkpoint_with_moe_layers_elsewhere_is_another_model():
+    """A resume with another moe_layer_freq was reported as a damaged checkpoint ('Different
+    dict keys'), with the advice to go back to an earlier one; it is another model. A list
+    placing the MoE layers where the saved integer did is the same model."""
+    from dsmoe_megatron.checkpoint import model_difference
+    from dsmoe_megatron.yaml_config import load_run_config
+
+    def run(*overrides):
+        return load_run_config(ROOT / "yaml_configs" / "tiny.yaml", overrides,
+                               instantiate_checks=False)
+
+    saved = run()  # moe_layer_freq 1 after one dense layer: MoE at layers 1, 2, 3
+    every_other = run("language_model.moe_layer_freq=2")
+    assert model_difference(saved, every_other.model, 259) == ("moe_layer_freq", 1, 2)
+    same = run("language_model.moe_layer_freq=[0,1,1,1]")
+    assert model_difference(saved, same.model, 259) is None
