@@ -168,6 +168,12 @@ def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
         raise ConfigError(
             "gated_linear_unit=False: the routed experts are SwiGLU (gated) on every backend; "
             "set it to true (Megatron-LM: --swiglu)")
+    for name, off in (("glu_linear_offset", 0.0), ("activation_func_clamp_value", None)):
+        if cfg.is_moe and getattr(cfg, name) != off:
+            raise ConfigError(
+                f"{name}={getattr(cfg, name)!r}: the routed experts' SwiGLU is silu(gate) * up, "
+                "as DeepSeekMoE's, on every backend (only Megatron's dense and shared MLPs would "
+                "apply it); remove it")
     if cfg.is_moe and cfg.add_bias_linear:
         raise ConfigError(
             "add_bias_linear=True: the routed experts have no biases (DeepSeekMoE has none); "

@@ -331,3 +331,14 @@ def test_derive_from_baseline_refuses_impossible_recipes(kwargs, message):
     with pytest.raises(ConfigError) as err:
         derive_from_baseline(**args)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name, value", [("glu_linear_offset", 1.0),
+                                         ("activation_func_clamp_value", 5.0)])
+def test_swiglu_variants_the_routed_experts_do_not_compute_are_refused(name, value):
+    """The routed experts compute silu(gate) * up; with one of these set only the dense first
+    layers and the shared experts applied it, a model of neither kind, trained in silence."""
+    with pytest.raises(ConfigError) as err:
+        tiny_config(**{name: value})
+    assert str(err.value).startswith(f"{name}={value!r}: the routed experts' SwiGLU")
+    tiny_config(moe=False, **{name: value})  # a dense model's MLPs all apply it
