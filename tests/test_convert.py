@@ -1300,3 +1300,26 @@ def test_a_checkpoint_in_megatron_lms_torch_format_is_named_with_the_way_to_conv
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "Megatron-LM's torch format" in err and "--ckpt-convert-format torch_dist" in err
     assert "earlier checkpoint" not in err
+
+
+@pytest.mark.parametrize("field, value", [
+    ("glu_linear_offset", 1.0), ("activation_func_clamp_value", 5.0), ("window_size", (4, 0)),
+    ("no_rope_freq", 2), ("qk_l2_norm", True), ("attention_output_gate", True),
+    ("multi_latent_attention", True), ("experimental_attention_variant", "gated_delta_net"),
+    ("use_mup", True)])
+def test_export_refuses_what_the_hf_model_does_not_compute(field, value):
+    """Each of these Megatron settings trains a model the HF deepseek code does not compute (a
+    sliding window, layers without RoPE, another attention); the export wrote config.json
+    without it, a model that loads and generates other text, without a word."""
+    import copy
+
+    from dsmoe_megatron.hf.mapping import check_exportable
+
+    from common import tiny_config
+
+    cfg = tiny_config(moe=False)
+    check_exportable(cfg)
+    changed = copy.copy(cfg)
+    setattr(changed, field, value)
+    with pytest.raises(ConversionError, match=f"unsupported config: {field}="):
+        check_exportable(changed)

@@ -330,6 +330,21 @@ def check_exportable(cfg) -> None:
         ("apply_residual_connection_post_layernorm",
          cfg.apply_residual_connection_post_layernorm,
          not cfg.apply_residual_connection_post_layernorm, "HF is pre-norm"),
+        ("glu_linear_offset", cfg.glu_linear_offset, not cfg.glu_linear_offset,
+         "HF's SwiGLU is silu(gate) * up"),
+        ("activation_func_clamp_value", cfg.activation_func_clamp_value,
+         cfg.activation_func_clamp_value is None, "HF's SwiGLU is unclamped"),
+        ("window_size", cfg.window_size, cfg.window_size is None,
+         "HF attends to every earlier token"),
+        ("no_rope_freq", cfg.no_rope_freq, not cfg.no_rope_freq, "HF rotates in every layer"),
+        ("qk_l2_norm", cfg.qk_l2_norm, not cfg.qk_l2_norm, "no qk-norm in HF"),
+        ("attention_output_gate", cfg.attention_output_gate, not cfg.attention_output_gate,
+         "HF's attention has no output gate"),
+        ("multi_latent_attention", cfg.multi_latent_attention,
+         not cfg.multi_latent_attention, "HF's deepseek model has multi-head attention"),
+        ("experimental_attention_variant", cfg.experimental_attention_variant,
+         cfg.experimental_attention_variant is None, "HF has softmax attention"),
+        ("use_mup", cfg.use_mup, not cfg.use_mup, "HF has no muP multipliers"),
     ]
     # Router settings HF lacks (gate scaling, expert bias, group-limited routing) are refused by
     # DeepSeekMoEConfig itself: the block does not implement them either.
