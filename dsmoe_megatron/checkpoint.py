@@ -234,7 +234,10 @@ SAME_MODEL_FIELDS = (
     "kv_channels", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
     "moe_num_shared_experts", "moe_first_k_dense", "normalization", "gated_linear_unit",
     "add_bias_linear", "qk_layernorm", "layernorm_epsilon", "moe_router_pre_softmax",
-    "rotary_base",
+    "rotary_base", "add_qkv_bias", "rotary_interleaved", "softmax_scale",
+    "layernorm_zero_centered_gamma", "apply_residual_connection_post_layernorm", "qk_l2_norm",
+    "no_rope_freq", "glu_linear_offset", "activation_func_clamp_value", "attention_output_gate",
+    "multi_latent_attention",
 )
 
 

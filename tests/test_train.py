@@ -685,3 +685,21 @@ def test_a_checkpoint_with_moe_layers_elsewhere_is_another_model():
     assert model_difference(saved, every_other.model, 259) == ("moe_layer_freq", 1, 2)
     same = run("language_model.moe_layer_freq=[0,1,1,1]")
     assert model_difference(saved, same.model, 259) is None
+
+
+@pytest.mark.parametrize("override, saved", [
+    ("add_qkv_bias=true", False), ("rotary_interleaved=true", False), ("softmax_scale=0.5", None),
+    ("qk_l2_norm=true", False), ("apply_residual_connection_post_layernorm=true", False)])
+def test_a_resume_with_another_attention_is_another_model(override, saved):
+    """These change the attention's tensors or what it computes: a resume with one of them
+    changed went on with a model of other outputs in silence (or called the checkpoint
+    damaged)."""
+    from dsmoe_megatron.checkpoint import model_difference
+    from dsmoe_megatron.yaml_config import load_run_config
+
+    tiny = ROOT / "yaml_configs" / "tiny.yaml"
+    then = load_run_config(tiny, instantiate_checks=False)
+    now = load_run_config(tiny, [f"language_model.{override}"], instantiate_checks=False)
+    field = override.split("=")[0]
+    assert model_difference(then, now.model, 259) == (field, saved,
+                                                      getattr(now.model, field))
