@@ -637,6 +637,10 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
         read_json(hf_dir / "generation_config.json",
                   "replace it with a complete copy, or delete it (it holds generation defaults)")
     overrides = tuple(overrides)
+    reader = SafetensorsReader(hf_dir)
+    shapes = {n: s for n, s in reader.shapes.items() if not IGNORED_HF_TENSORS.match(n)}
+    if dtype == "auto" and not _sets_precision(overrides):
+        dtype = source_dtype(reader.dtypes[n] for n in shapes)
     run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     _check_run_matches_hf(run, hf)
     dims = hf_dims(hf)
@@ -644,11 +648,6 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
         padded = padded_vocab_size(dims.vocab, run.layout.tensor)
     except ValueError as err:
         raise ConversionError(f"--tensor-model-parallel-size: {err}") from err
-    reader = SafetensorsReader(hf_dir)
-    shapes = {n: s for n, s in reader.shapes.items() if not IGNORED_HF_TENSORS.match(n)}
-    if dtype == "auto" and not _sets_precision(overrides):
-        dtype = source_dtype(reader.dtypes[n] for n in shapes)
-        run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     check_shapes(shapes, hf_expected_shapes(dims), f"{hf_dir}:", shape_of=lambda s: s)
     params_dtype = run.model.params_dtype
     sources = hf_to_megatron(reader.get, dims, padded)
