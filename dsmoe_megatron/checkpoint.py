@@ -35,7 +35,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dsmoe_megatron import optimizer_precision as precision
-from dsmoe_megatron.cli import describe_os_error, root_cause
+from dsmoe_megatron.cli import describe_os_error, first_sentence, root_cause
 
 RUN_CONFIG_NAME = "run.yaml"
 LATEST_NAME = "latest"
@@ -311,11 +311,6 @@ def is_ours(path: str | Path) -> bool:
     return (path / LATEST_NAME).is_file() or (path / RUN_CONFIG_NAME).is_file()
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else ""
-
-
 def _describe_iterations(iterations: list[int]) -> str:
     if not iterations:
         return "none"
@@ -394,7 +389,7 @@ def check_readable(ckpt: Path) -> None:
     except Exception as err:  # noqa: BLE001 - a truncated pickle raises almost anything
         raise CheckpointError(
             f"{index} (the index of the checkpoint's tensors) is missing, truncated or corrupt "
-            f"({type(err).__name__}: {_first_line(err)}); {ckpt} cannot be loaded; {hint}"
+            f"({type(err).__name__}: {first_sentence(err)}); {ckpt} cannot be loaded; {hint}"
         ) from None
     needed: dict[str, int] = {}
     for item in storage.values():
@@ -515,7 +510,7 @@ def _read(ckpt: Path, reader):
     except (Exception, CheckpointException) as err:  # noqa: BLE001
         cause = root_cause(err)
         raise CheckpointError(
-            f"{ckpt} could not be read ({type(cause).__name__}: {_first_line(cause, 200)}); the "
+            f"{ckpt} could not be read ({type(cause).__name__}: {first_sentence(cause, 200)}); the "
             f"checkpoint is damaged; {_RECOVERY_HINT.format(latest=ckpt.parent / LATEST_NAME)}"
         ) from None
 

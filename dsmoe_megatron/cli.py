@@ -165,6 +165,15 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
     return text + (f"; {free}" if free else "")
 
 
+def first_sentence(error: BaseException, limit: int = 300) -> str:
+    """The gist of ``error``'s message: its first line, cut at its first sentence when long
+    (torch's unpickling errors run on for paragraphs, advice to load untrusted files included)."""
+    text = next(iter(str(error).strip().splitlines()), "")
+    if len(text) > 120 and ". " in text:
+        text = text[:text.index(". ")]
+    return text[:limit]
+
+
 def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
     """The first of ``error`` and what is behind it (see ``_causes``) that is a ``kind``."""
     return next((e for e in _causes(error) if isinstance(e, kind)), None)

@@ -1113,6 +1113,23 @@ def test_export_names_a_damaged_checkpoint(rt, trained, tmp_path, capsys):
     assert f"pass the save directory {unfinished.parent}" in err
 
 
+def test_export_names_the_garbled_file_in_one_line(rt, trained, tmp_path, capsys):
+    """A .distcp file of the right size whose bytes no longer unpickle was reported with torch's
+    multi-paragraph weights_only essay (advising to load the file untrusted) and no file name."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint.resolve(trained.save), damaged)
+    for shard in damaged.glob("*.distcp"):
+        shard.write_bytes(b"\xff" * shard.stat().st_size)
+    code, err = run_cli(["to-hf", "--checkpoint", str(damaged), "--out", str(tmp_path / "hf")],
+                        capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"from {damaged}/__" in err and ".distcp: UnpicklingError" in err
+    assert "weights_only" not in err and "export another iteration" in err
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("option, message", [
     (["--set", "num_moe_experts=16"], "--set num_moe_experts=16 gives num_moe_experts=16, but "
      "the checkpoint's {} says 8"),

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from dsmoe_megatron.cli import default_file_mode
+from dsmoe_megatron.cli import default_file_mode, first_sentence
 from dsmoe_megatron.hf.mapping import DTYPE_NAMES, ConversionError, canonical_name
 
 # ------------------------------------------------------------------------------------------
@@ -230,6 +230,9 @@ class DistCheckpointReader:
             metadata = self._reader.read_metadata()
         except Exception as err:  # noqa: BLE001 - any unreadable metadata gets the same answer
             raise ConversionError(f"cannot read the checkpoint metadata in {ckpt}: {err}") from err
+        self._files = {}  # key -> the .distcp files holding its chunks
+        for index, info in metadata.storage_data.items():
+            self._files.setdefault(index.fqn, set()).add(info.relative_path)
         self._entries: dict[str, tuple[str, TensorStorageMetadata]] = {
             canonical_name(key): (key, entry)
             for key, entry in metadata.state_dict_metadata.items()
@@ -260,9 +263,10 @@ class DistCheckpointReader:
                 warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
                 dcp.load({key: tensor}, storage_reader=self._reader, no_dist=True)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - damaged .distcp files
+            files = ", ".join(str(self.ckpt / f) for f in sorted(self._files.get(key, ())))
             raise ConversionError(
-                f"cannot read {key} from the checkpoint {self.ckpt}: {_root_cause(err)}; its files "
-                "are damaged or incomplete (export another iteration)") from err
+                f"cannot read {key} from {files or self.ckpt}: {_root_cause(err)}; the file is "
+                "damaged; export another iteration (--checkpoint SAVE/iter_XXXXXXX)") from err
         return tensor
 
 
@@ -270,7 +274,7 @@ def _root_cause(err: BaseException) -> str:
     """DCP wraps a reader's error, with its traceback, in a CheckpointException per rank."""
     if isinstance(err, CheckpointException) and err.failures:
         err = next(iter(err.failures.values()))[0]
-    return f"{type(err).__name__}: {err}"
+    return f"{type(err).__name__}: {first_sentence(err)}"
 
 
 class _LazyPlanner(MCoreSavePlanner):
