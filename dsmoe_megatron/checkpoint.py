@@ -278,7 +278,8 @@ def iteration_of(path: Path) -> int | None:
     return int(suffix) if path.name.startswith("iter_") and suffix.isdigit() else None
 
 
-def _iterations_in(save_dir: Path) -> list[int]:
+def complete_iterations(save_dir: Path) -> list[int]:
+    """The iterations of the finished (renamed, not .partial) checkpoints in ``save_dir``."""
     found = [(iteration_of(path), path) for path in save_dir.glob("iter_*")]
     return sorted(i for i, path in found if i is not None and (path / "metadata.json").exists())
 
@@ -294,10 +295,10 @@ def _iteration_named_by(marker: Path) -> int | None:
         return None
     text = marker.read_text().strip()
     if not text.isdigit():
-        complete = _iterations_in(marker.parent)
+        complete = complete_iterations(marker.parent)
         raise CheckpointError(
             f"{marker} holds {text[:40]!r}, not an iteration number; it should name the newest "
-            f"complete checkpoint (complete ones here: {_describe_iterations(complete)}). Write "
+            f"complete checkpoint (complete ones here: {describe_iterations(complete)}). Write "
             "one of those numbers into it, " + _EARLIER_DIR)
     return int(text)
 
@@ -311,7 +312,7 @@ def is_ours(path: str | Path) -> bool:
     return (path / LATEST_NAME).is_file() or (path / RUN_CONFIG_NAME).is_file()
 
 
-def _describe_iterations(iterations: list[int]) -> str:
+def describe_iterations(iterations: list[int]) -> str:
     if not iterations:
         return "none"
     shown = ", ".join(str(i) for i in iterations[-5:])
@@ -339,18 +340,18 @@ def resolve(path: str | Path) -> Path:
                 f"{path} is a Hugging Face model directory (config.json + safetensors), not a "
                 f"checkpoint of dsmoe-train; to train from it, import it: dsmoe-convert from-hf "
                 f"--hf {path} --out DIR, then load: DIR (finetune: true starts at iteration 0)")
-        complete = _iterations_in(path) if path.is_dir() else []
-        hint = (f"; it holds checkpoints {_describe_iterations(complete)} but no 'latest' file: "
+        complete = complete_iterations(path) if path.is_dir() else []
+        hint = (f"; it holds checkpoints {describe_iterations(complete)} but no 'latest' file: "
                 f"write the iteration to resume into {path / LATEST_NAME}" if complete else "")
         raise CheckpointError(
             f"no checkpoint at {path}: expected an iter_XXXXXXX directory or a save directory "
             f"with a 'latest' file{hint}; check the path (load: / --checkpoint)")
     found = iteration_dir(path, iteration)
     if not found.is_dir():
-        complete = _iterations_in(path)
+        complete = complete_iterations(path)
         raise CheckpointError(
             f"{marker} names iteration {iteration}, but {found} does not exist "
-            f"(complete checkpoints here: {_describe_iterations(complete)}); "
+            f"(complete checkpoints here: {describe_iterations(complete)}); "
             + _RECOVERY_HINT.format(latest=marker))
     check_readable(found)
     return found

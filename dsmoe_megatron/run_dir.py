@@ -65,6 +65,14 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
         return False, []
     save_dir = Path(save)
     latest = checkpoint.latest_iteration(save_dir)
+    complete = checkpoint.complete_iterations(save_dir) if save_dir.is_dir() else []
+    if latest is None and complete and not overwrite:
+        # Without 'latest', --resume auto would start over and set every checkpoint aside.
+        raise RunDirError(
+            f"{save_dir} holds checkpoints {checkpoint.describe_iterations(complete)} but no "
+            f"'{checkpoint.LATEST_NAME}' file naming the one to continue from; write its "
+            f"iteration into {save_dir / checkpoint.LATEST_NAME} (the newest: {complete[-1]}) "
+            "and pass --resume, or --overwrite to delete them and start over")
     if mode == "always" and latest is None:
         # A run that stopped before its first checkpoint left files a plain start refuses.
         start = ("--overwrite to start it over" if run_files(save_dir)

@@ -375,6 +375,24 @@ def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume_auto(t
     assert decide_resume(str(tmp_path), "auto", overwrite=False) == (False, [])
 
 
+@pytest.mark.parametrize("mode", ["never", "auto", "always"])
+def test_checkpoints_without_latest_are_not_started_over_by_resume_auto(tmp_path, mode):
+    """A save directory whose 'latest' was lost: a plain start advised --resume auto, which
+    started from scratch and renamed every checkpoint .discarded; --resume said there was no
+    checkpoint. Each now names them and the file to write."""
+    from dsmoe_megatron.run_dir import RunDirError, decide_resume
+
+    for iteration in (2, 4):
+        (tmp_path / f"iter_000000{iteration}").mkdir()
+        (tmp_path / f"iter_000000{iteration}" / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000006.partial").mkdir()
+    with pytest.raises(RunDirError, match=rf"holds checkpoints 2, 4 but no 'latest' file .*"
+                                          rf"into {tmp_path / 'latest'} \(the newest: 4\)"):
+        decide_resume(str(tmp_path), mode, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000002", "iter_0000004", "iter_0000006.partial"]
+
+
 def test_run_lock_is_reentrant_and_a_failed_start_leaves_no_trace(tmp_path):
     from dsmoe_megatron.run_dir import LOCK_NAME, lock_save_dir, unlock_save_dir
 
