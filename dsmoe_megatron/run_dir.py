@@ -66,6 +66,11 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
     save_dir = Path(save)
     latest = checkpoint.latest_iteration(save_dir)
     complete = checkpoint.complete_iterations(save_dir) if save_dir.is_dir() else []
+    if (save_dir / checkpoint.MEGATRON_LM_TRACKER).exists() and not overwrite:
+        raise RunDirError(
+            f"{save_dir} is a save directory of Megatron-LM's training loop ("
+            f"{checkpoint.MEGATRON_LM_TRACKER}); start from it with load: {save_dir} and "
+            "finetune: true in another save directory, or continue it with Megatron-LM's --load")
     if latest is None and complete and not overwrite:
         # Without 'latest', --resume auto would start over and set every checkpoint aside.
         raise RunDirError(

@@ -391,6 +391,10 @@ def test_checkpoints_without_latest_are_not_started_over_by_resume_auto(tmp_path
         decide_resume(str(tmp_path), mode, overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "iter_0000002", "iter_0000004", "iter_0000006.partial"]
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")  # Megatron-LM's loop
+    with pytest.raises(RunDirError, match=r"save directory of Megatron-LM's training loop .*"
+                                          r"finetune: true in another save directory"):
+        decide_resume(str(tmp_path), mode, overwrite=False)
 
 
 def test_run_lock_is_reentrant_and_a_failed_start_leaves_no_trace(tmp_path):
