@@ -293,7 +293,7 @@ def _iteration_named_by(marker: Path) -> int | None:
     """The iteration in ``marker`` (``latest`` or Megatron-LM's tracker); None if it is absent."""
     if not marker.is_file():
         return None
-    text = marker.read_text().strip()
+    text = marker.read_text(errors="replace").strip()
     if not text.isdigit():
         complete = complete_iterations(marker.parent)
         raise CheckpointError(

@@ -62,3 +62,25 @@ def test_a_megatron_lm_save_directory_resolves_through_its_tracker(tmp_path):
         checkpoint.resolve(ckpt.parent)
     with pytest.raises(checkpoint.CheckpointError, match="nowhere does not exist"):
         checkpoint.resolve(tmp_path / "nowhere")
+
+
+def test_a_latest_file_of_bytes_that_are_not_text_is_named(tmp_path):
+    """A 'latest' or Megatron-LM tracker holding bytes that are not UTF-8 (a crash's leftovers)
+    raised UnicodeDecodeError with a traceback from dsmoe-convert, and from the start of
+    dsmoe-train on rank 0 alone."""
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.run_dir import decide_resume
+
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / "iter_0000002" / "metadata.json").write_text("{}")
+    (tmp_path / checkpoint.LATEST_NAME).write_bytes(b"\xff\xfe\x00")
+    for check in (lambda: checkpoint.resolve(tmp_path),
+                  lambda: decide_resume(str(tmp_path), "auto", overwrite=False)):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=r"latest holds .*, not an iteration number; .*here: 2\)"):
+            check()
+    (tmp_path / checkpoint.LATEST_NAME).unlink()
+    (tmp_path / checkpoint.MEGATRON_LM_TRACKER).write_bytes(b"\xff")
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"latest_checkpointed_iteration.txt holds .*, not an iteration"):
+        checkpoint.resolve(tmp_path)
