@@ -1285,6 +1285,18 @@ def test_a_moe_layer_freq_list_exports_as_the_hf_pair_that_gives_its_pattern(fre
     assert list(hf_dims(config).moe_layers) == run.model.moe_layer_pattern()
 
 
+def test_a_run_without_balance_loss_exports_aux_loss_alpha_0():
+    """moe_router_load_balancing_type: none trains without the balance loss, whatever
+    moe_aux_loss_coeff says: the export wrote that coefficient as aux_loss_alpha, so fine-tuning
+    the export in transformers (and a run imported from it) added a loss the model never had."""
+    run = convert.make_run_config({**TINY, "moe_router_load_balancing_type": "none"},
+                                  vocab_size=None, seq_length=SEQ)
+    assert run.model.moe_aux_loss_coeff == 0.01
+    config = convert.hf_config_dict(run.model, VOCAB, SEQ, torch.float32)
+    assert config["aux_loss_alpha"] == 0.0
+    assert convert.model_fields_from_hf(config)["moe_aux_loss_coeff"] == 0.0
+
+
 def test_megatron_lm_arguments_without_group_query_attention_mean_a_kv_head_per_head(
         tmp_path, monkeypatch):
     """Megatron-LM leaves num_query_groups at 1 without --group-query-attention until its first

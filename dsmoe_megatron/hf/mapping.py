@@ -379,6 +379,8 @@ def hf_config_dict(cfg, vocab_size: int, max_position_embeddings: int, dtype: to
     coeff = cfg.moe_aux_loss_coeff
     if isinstance(coeff, (list, tuple)):
         coeff = coeff[0] if coeff else 0.0
+    if cfg.moe_router_load_balancing_type == "none":  # the router applies no balance loss
+        coeff = 0.0
     config = {
         "architectures": ["DeepseekForCausalLM"],
         "model_type": "deepseek",
