@@ -787,6 +787,22 @@ def test_top_1_routing_with_norm_topk_prob_imports_unrenormalised(rt, tmp_path):
     assert json.loads((back / "config.json").read_text())["norm_topk_prob"] is False
 
 
+def test_first_k_dense_replace_beyond_the_last_layer_imports_as_every_layer_dense(rt, tmp_path):
+    """HF and the released code take first_k_dense_replace > num_hidden_layers (every layer
+    dense); the import was refused with Megatron's 'moe_first_k_dense=5 must be between 0 and
+    num_layers (3)'."""
+    config = scaled_16b_config(n_routed_experts=8, first_k_dense_replace=5, torch_dtype="float32")
+    source = write_hf_model(tmp_path / "hf", config, dtype=torch.float32, shards=1)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    run, model = load_single_rank(save)
+    assert run.model.moe_layer_pattern() == [False] * 3
+    tokens = torch.randint(0, 300, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    diff = (megatron_logits(model, tokens)[..., :300] - hf_logits(tmp_path / "hf", tokens))
+    assert diff.abs().max().item() <= 1e-4
+    back = convert.export_to_hf(save, tmp_path / "back", tokenizer=False)
+    assert_bit_exact(source, read_tensors(back))
+
+
 def small_hf_config(**changes) -> dict:
     return scaled_16b_config(**{"num_hidden_layers": 2, "n_routed_experts": 4,
                                 "num_experts_per_tok": 2, "torch_dtype": "float32", **changes})

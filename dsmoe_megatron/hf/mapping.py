@@ -584,7 +584,9 @@ def model_fields_from_hf(hf: Mapping) -> dict:
             moe_router_topk=c["num_experts_per_tok"],
             moe_ffn_hidden_size=c["moe_intermediate_size"],
             moe_num_shared_experts=c.get("n_shared_experts") or 0,
-            moe_first_k_dense=c["first_k_dense_replace"],
+            # HF takes any count (beyond the last layer: every layer dense); Megatron at most
+            # num_layers, which gives the same layers.
+            moe_first_k_dense=min(c["first_k_dense_replace"], c["num_hidden_layers"]),
             moe_layer_freq=freq,
             # The released code renormalises the top-k weights only for top_k > 1.
             moe_router_pre_softmax=not c["norm_topk_prob"] or c["num_experts_per_tok"] == 1,
