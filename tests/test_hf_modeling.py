@@ -363,6 +363,18 @@ def test_forward_refuses_what_it_does_not_implement():
 
 
 
+def test_logits_to_keep_takes_a_count_or_the_positions():
+    """As transformers' models do, ``logits_to_keep`` is the number of last positions or a 1D tensor of the
+    positions: a tensor failed with 'Boolean value of Tensor with more than one value is ambiguous'."""
+    model = tiny_model()
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(ids).logits
+        torch.testing.assert_close(model(ids, logits_to_keep=2).logits, full[:, -2:], rtol=0, atol=0)
+        positions = torch.tensor([0, 3])
+        torch.testing.assert_close(model(ids, logits_to_keep=positions).logits, full[:, positions], rtol=0, atol=0)
+
+
 def test_config_return_dict_false_gives_tuples():
     """``return_dict=False`` in the config (or per call) gives tuples from both models, the logits first."""
     model = tiny_model()

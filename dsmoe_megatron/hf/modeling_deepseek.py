@@ -422,7 +422,7 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -446,11 +446,10 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             return_dict=True,  # read by name below, whatever config.return_dict says
         )
-        hidden = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        # float32 logits, as the released code returned.
-        logits = self.lm_head(hidden).float()
+        # The last `logits_to_keep` positions (0: all), or a 1D tensor of the positions to keep, as in
+        # transformers' own models. float32 logits, as the released code returned.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, keep]).float()
         loss, aux_loss = None, outputs.aux_loss
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
