@@ -101,10 +101,12 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
     except UnicodeDecodeError as err:
         compressed = "" if opener is open else f" once decompressed as {compression}"
         other = os.path.splitext(name)[1] if opener is open else ""  # ".zst" of "a.jsonl.zst"
-        hint = (f"; {other} files are not read: decompress it, or compress it as .gz, .bz2 or "
-                ".xz" if other in UNREAD_COMPRESSIONS else "")
-        raise ValueError(f"input file {path} is not UTF-8 text{compressed} ({err}){hint}"
-                         ) from err
+        fix = (f"{other} files are not read: decompress it, or compress it as .gz, .bz2 or "
+               ".xz" if other in UNREAD_COMPRESSIONS
+               else "convert it to UTF-8 (iconv -f ENCODING -t UTF-8) or drop that line")
+        where = _first_non_utf8(path, opener) or err  # err's position is in a read buffer
+        raise ValueError(f"input file {path} is not UTF-8 text{compressed} ({where}); {fix}"
+                         ) from None
     except (OSError, EOFError, lzma.LZMAError) as err:  # a damaged or mislabelled archive
         if opener is open:
             raise ValueError(describe_os_error(f"input file {path}: cannot read it", err)
@@ -112,6 +114,17 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
         raise ValueError(f"input file {path} cannot be decompressed as {compression} "
                          f"({type(err).__name__}: {err}); is it complete and really "
                          f"{compression}-compressed?") from err
+
+
+def _first_non_utf8(path: str, opener) -> str | None:
+    """Where the first byte that is not UTF-8 is: its line and its byte in that line."""
+    with contextlib.suppress(OSError, EOFError, lzma.LZMAError), opener(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"byte 0x{line[err.start]:02x} on line {number}, byte {err.start + 1}"
+    return None
 
 
 def _is_json_object(line: str) -> bool:

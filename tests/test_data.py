@@ -235,6 +235,19 @@ def test_preprocess_names_a_nul_byte_deep_in_a_txt_file_and_writes_nothing(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["late.txt"]
 
 
+@pytest.mark.parametrize("name, line, byte", [("late.txt", b"line of text\n", 6),
+                                              ("late.jsonl.gz", b'{"text": "ok"}\n', 11)])
+def test_preprocess_names_the_line_of_a_byte_that_is_not_utf8(tmp_path, name, line, byte):
+    """A Latin-1 byte deep in a file: the decoder's position is one in its read buffer (6051
+    for the .txt), which sends the reader to the wrong place; the line and its byte are named."""
+    text = line * 20_000 + line.replace(b"o", "\xe9".encode("latin-1"), 1)
+    source = tmp_path / name
+    source.write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text.*\(byte 0xe9 on line "
+                                         rf"20001, byte {byte}\); convert it to UTF-8"):
+        data.preprocess([source], tmp_path / "out", min_document_chars=1)
+
+
 def test_preprocess_missing_input_names_the_file(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match=r"nope\.txt.*--input"):
