@@ -152,6 +152,15 @@ class Trainer:
                   f"{train.seq_length} tokens, fewer than one global batch ({batch}): every step "
                   "repeats samples; add data, a larger train share of split, or a smaller "
                   "global_batch_size or seq_length", file=sys.stderr, flush=True)
+        valid = len(self.valid_ds) if self.valid_ds is not None else math.inf
+        if valid < train.eval_iters * batch and _rank0():
+            fits = valid // batch
+            print(f"warning: the valid split holds {valid} samples of "
+                  f"{train.seq_length} tokens, fewer than an evaluation reads (eval_iters x "
+                  f"global batch = {train.eval_iters} x {batch}): each evaluation repeats "
+                  "samples and valid_loss weights some of them more than others; "
+                  + (f"set eval_iters <= {fits}, or " if fits else "")
+                  + "add data or a larger valid share of split", file=sys.stderr, flush=True)
         self.writer = self._tensorboard()
         self.metrics_file = None
         if _rank0() and train.save:

@@ -574,6 +574,28 @@ def test_a_train_split_smaller_than_a_global_batch_is_said(tmp_path):
             "(4): every step repeats samples") in out.stderr
 
 
+def test_a_valid_split_smaller_than_an_evaluation_is_said(tmp_path):
+    """eval_iters=10 of a global batch of 4 read 40 samples of a valid split holding 5: each
+    evaluation repeated them, some more often than others, without a word."""
+    from dsmoe_megatron.data import preprocess
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"{i} " + "x" * 320}) + "\n"
+                              for i in range(10)))
+    prefix = preprocess([source], tmp_path / "docs")
+    out = subprocess.run(
+        [sys.executable, "-m", "dsmoe_megatron.train", TINY, *SMALL, "train_iters=1",
+         "lr_warmup_iters=0", "split=8,2,0", "eval_interval=1", "eval_iters=10",
+         f"data_path=[{prefix}]",
+         f"save={tmp_path / 'run'}", "tensorboard_dir=null"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert ("warning: the valid split holds 10 samples of 64 tokens, fewer than an evaluation "
+            "reads (eval_iters x global batch = 10 x 4): each evaluation repeats samples and "
+            "valid_loss weights some of them more than others; set eval_iters <= 2, or add "
+            "data") in out.stderr
+
+
 def test_data_of_a_larger_vocabulary_is_a_clear_error(tmp_path):
     """A Megatron-LM dataset (GPT-2 ids) trained with the byte vocabulary of tiny.yaml."""
     import numpy
