@@ -257,17 +257,8 @@ def preprocess(
                 "dataset twice; pass each file once (to weight a dataset, give data_path blend "
                 "weights)")
         seen[real] = path
-    if not os.path.basename(output_prefix):  # "data/" would write the hidden data/.bin
-        raise ValueError(
-            f"--output-prefix {output_prefix!r} names a directory; add the dataset's name, e.g. "
-            f"{os.path.join(output_prefix, 'my_corpus')} (writes my_corpus.bin and .idx there)")
+    check_output_prefix(output_prefix, force)
     _remove_stale_temp_files(output_prefix)
-    for path in (get_bin_path(output_prefix), get_idx_path(output_prefix)):
-        if os.path.exists(path) and not force:
-            raise FileExistsError(
-                f"output {path} already exists; pass --force to replace it, or choose another "
-                "--output-prefix"
-            )
 
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     try:
@@ -307,6 +298,21 @@ def preprocess(
             if os.path.exists(tmp):
                 os.remove(tmp)
     return output_prefix
+
+
+def check_output_prefix(output_prefix: str, force: bool = False) -> None:
+    """Refuse a prefix that names a directory, and one of an existing dataset without
+    ``force``."""
+    if not os.path.basename(output_prefix):  # "data/" would write the hidden data/.bin
+        raise ValueError(
+            f"--output-prefix {output_prefix!r} names a directory; add the dataset's name, e.g. "
+            f"{os.path.join(output_prefix, 'my_corpus')} (writes my_corpus.bin and .idx there)")
+    for path in (get_bin_path(output_prefix), get_idx_path(output_prefix)):
+        if os.path.exists(path) and not force:
+            raise FileExistsError(
+                f"output {path} already exists; pass --force to replace it, or choose another "
+                "--output-prefix"
+            )
 
 
 def _expand_pattern(path: str) -> list[str]:

@@ -256,10 +256,12 @@ def write_corpus(output_prefix: str | os.PathLike, num_tokens: int,
     each), write ``<prefix>.bin/.idx`` and ``<prefix>.synthetic.json`` (the language, each
     document's domain, token count and -log p). Returns the prefix. An existing corpus at the
     prefix is replaced only with ``force``."""
-    from dsmoe_megatron.data import preprocess
+    from dsmoe_megatron.data import check_output_prefix, preprocess
 
     if num_tokens < 1:
         raise ValueError(f"num_tokens={num_tokens} must be >= 1")
+    # Before Path(), which drops the "/" of "data/" (a corpus written as ./data.bin).
+    check_output_prefix(os.fspath(output_prefix), force)
     language = SyntheticLanguage(cfg)
     rng = random.Random(f"dsmoe-synthetic-documents-{cfg.seed}")
     docs = {"domain": [], "tokens": [], "nll": []}

@@ -232,6 +232,15 @@ def test_synthetic_refuses_bad_settings_by_name(tmp_path, capsys, args, message)
     assert not list(tmp_path.iterdir())
 
 
+def test_synthetic_output_prefix_must_name_a_corpus(tmp_path, capsys, monkeypatch):
+    """--output-prefix data/ wrote ./data.bin, .idx and .synthetic.json (Path() drops the
+    slash); dsmoe-preprocess refuses it, and so does this."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = synthetic(["--output-prefix", "data/", "--tokens", "2000"], capsys)
+    assert code == 1 and "--output-prefix 'data/' names a directory; add the dataset's name" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_synthetic_language_refuses_more_words_than_it_can_spell():
     from dsmoe_megatron.synthetic import LanguageConfig, SyntheticLanguage
 
