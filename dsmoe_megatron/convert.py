@@ -501,9 +501,12 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
 # ------------------------------------------------------------------------------------------
 
 def read_hf_config(hf_dir: str | Path) -> dict:
-    hf_dir = Path(hf_dir)
+    given, hf_dir = str(hf_dir), Path(hf_dir)
     if not hf_dir.is_dir():
-        raise ConversionError(f"Hugging Face directory {hf_dir} does not exist (--hf)")
+        hub = (f"; --hf takes a local directory: download a model of the Hugging Face Hub first "
+               f"(hf download {given} --local-dir DIR), then pass --hf DIR"
+               if re.fullmatch(r"[\w.-]+/[\w.-]+", given) else "")
+        raise ConversionError(f"Hugging Face directory {hf_dir} does not exist (--hf){hub}")
     path = hf_dir / "config.json"
     if not path.exists():
         from dsmoe_megatron import checkpoint

@@ -1368,3 +1368,18 @@ def test_export_refuses_what_the_hf_model_does_not_compute(field, value):
     setattr(changed, field, value)
     with pytest.raises(ConversionError, match=f"unsupported config: {field}="):
         check_exportable(changed)
+
+
+def test_a_hub_model_id_given_as_hf_says_to_download_it(tmp_path, monkeypatch):
+    """--hf deepseek-ai/deepseek-moe-16b-base (the model's name on the Hub) said only that the
+    directory does not exist."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConversionError) as err:
+        convert.import_from_hf("deepseek-ai/deepseek-moe-16b-base", tmp_path / "megatron")
+    assert str(err.value).endswith(
+        "does not exist (--hf); --hf takes a local directory: download a model of the Hugging "
+        "Face Hub first (hf download deepseek-ai/deepseek-moe-16b-base --local-dir DIR), then "
+        "pass --hf DIR")
+    with pytest.raises(ConversionError) as err:
+        convert.import_from_hf(tmp_path / "a" / "b" / "c", tmp_path / "megatron")
+    assert "hf download" not in str(err.value)
