@@ -640,10 +640,8 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
         read_json(hf_dir / "generation_config.json",
                   "replace it with a complete copy, or delete it (it holds generation defaults)")
     overrides = tuple(overrides)
-    reader = SafetensorsReader(hf_dir)
-    shapes = {n: s for n, s in reader.shapes.items() if not IGNORED_HF_TENSORS.match(n)}
-    if dtype == "auto" and not _sets_precision(overrides):
-        dtype = source_dtype(reader.dtypes[n] for n in shapes)
+    # The config and the layout are checked before the weights are opened: a wrong override
+    # is reported as such even where the weights are missing or still downloading.
     run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     _check_run_matches_hf(run, hf)
     dims = hf_dims(hf)
@@ -651,6 +649,11 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
         padded = padded_vocab_size(dims.vocab, run.layout.tensor)
     except ValueError as err:
         raise ConversionError(f"--tensor-model-parallel-size: {err}") from err
+    reader = SafetensorsReader(hf_dir)
+    shapes = {n: s for n, s in reader.shapes.items() if not IGNORED_HF_TENSORS.match(n)}
+    if dtype == "auto" and not _sets_precision(overrides):
+        dtype = source_dtype(reader.dtypes[n] for n in shapes)  # known only now
+        run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     check_shapes(shapes, hf_expected_shapes(dims), f"{hf_dir}:", shape_of=lambda s: s)
     params_dtype = run.model.params_dtype
     sources = hf_to_megatron(reader.get, dims, padded)
