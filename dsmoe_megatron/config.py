@@ -28,6 +28,8 @@ GPTModel argument (Megatron-LM's ``--rotary-base``) rather than a TransformerCon
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -146,8 +148,11 @@ _NOT_IMPLEMENTED = {
 def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
     """Checks that must come before TransformerConfig's own, whose messages are less direct
     (or that it lacks: it divides by zero, or accepts what cannot run)."""
+    integers = _integer_fields(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if f.name in integers and value is not None and not _is_integer(value):
+            raise ConfigError(f"{f.name}={value!r}: must be an integer (a size or count)")
         problem = field_ranges.problem(f.name, value)
         if problem:
             raise ConfigError(f"{f.name}={value!r}: {problem}")
@@ -215,6 +220,18 @@ def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
                 "parallel all-to-all split sizes, Transformer Engine's GroupedLinear splits), "
                 f"which a captured graph would freeze; set {name}: {str(off).lower()}")
     _check_low_precision(cfg)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@functools.cache
+def _integer_fields(cls) -> frozenset[str]:
+    """The fields annotated int (or int | None): sizes, counts, parallel sizes. Python does not
+    check annotations, and a float (1408.0) or a bool would reach the layers' shapes."""
+    return frozenset(name for name, tp in typing.get_type_hints(cls).items()
+                     if tp in (int, int | None))
 
 
 def _head_counts_near(hidden: int, heads: int) -> str:

@@ -342,3 +342,19 @@ def test_swiglu_variants_the_routed_experts_do_not_compute_are_refused(name, val
         tiny_config(**{name: value})
     assert str(err.value).startswith(f"{name}={value!r}: the routed experts' SwiGLU")
     tiny_config(moe=False, **{name: value})  # a dense model's MLPs all apply it
+
+
+@pytest.mark.parametrize("name, value", [
+    ("hidden_size", 32.0), ("num_layers", 4.0), ("num_moe_experts", 8.0),
+    ("moe_ffn_hidden_size", 16.0), ("moe_router_topk", 3.0), ("moe_num_shared_experts", 1.0),
+    ("moe_first_k_dense", 1.0), ("ffn_hidden_size", 64.0), ("num_attention_heads", 4.0),
+    ("num_query_groups", 2.0), ("kv_channels", 8.0), ("moe_device_groups", 1.0),
+    ("tensor_model_parallel_size", 1.0), ("num_layers", True), ("moe_router_topk", True),
+    ("moe_first_k_dense", True), ("moe_num_shared_experts", True),
+])
+def test_sizes_and_counts_must_be_integers(name, value):
+    """From Python they were taken as given: 1408.0 became a float width in the layers' shapes
+    (or a failure deep in torch), True counted as 1."""
+    with pytest.raises(ConfigError) as err:
+        tiny_config(**{name: value})
+    assert str(err.value) == f"{name}={value!r}: must be an integer (a size or count)"
