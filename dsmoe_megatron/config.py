@@ -201,11 +201,11 @@ def _check_before_megatron(cfg: DeepSeekMoEConfig) -> None:
             "the DeepSeekMoE model (it predicts the next token only); remove it")
     _check_attention_heads(cfg)
     freq = cfg.moe_layer_freq
-    if isinstance(freq, int) and freq < 1 or isinstance(freq, list) and (
-            len(freq) != cfg.num_layers or any(v not in (0, 1) for v in freq)):
+    if not (_is_integer(freq) and freq >= 1 or isinstance(freq, (list, tuple)) and (
+            len(freq) == cfg.num_layers and all(_is_integer(v) and v in (0, 1) for v in freq))):
         raise ConfigError(
-            f"moe_layer_freq={freq!r} must be N >= 1 (every N-th layer is MoE) or a list with "
-            f"one 0 (dense) or 1 (MoE) per layer ({cfg.num_layers} entries)")
+            f"moe_layer_freq={freq!r} must be an integer N >= 1 (every N-th layer is MoE) or a "
+            f"list with one 0 (dense) or 1 (MoE) per layer ({cfg.num_layers} entries)")
     if cfg.moe_num_shared_experts and cfg.moe_shared_expert_intermediate_size is None:
         if cfg.moe_ffn_hidden_size is None:
             raise ConfigError(

@@ -64,10 +64,11 @@ from dsmoe_megatron.config import ConfigError, derive_from_baseline
                                    "head gets hidden_size / num_attention_heads channels); use a "
                                    "head count that divides it, e.g. 16, or set kv_channels"),
     (dict(num_query_groups=3), "num_query_groups=3 does not divide num_attention_heads=4"),
-    (dict(moe_layer_freq=0), "moe_layer_freq=0 must be N >= 1 (every N-th layer is MoE)"),
+    (dict(moe_layer_freq=0), "moe_layer_freq=0 must be an integer N >= 1 (every N-th layer is "
+                             "MoE)"),
     (dict(moe_layer_freq=[0, 1, 1]), "or a list with one 0 (dense) or 1 (MoE) per layer (4 "
                                      "entries)"),
-    (dict(moe_layer_freq=[0, 1, 2, 1]), "moe_layer_freq=[0, 1, 2, 1] must be N >= 1"),
+    (dict(moe_layer_freq=[0, 1, 2, 1]), "moe_layer_freq=[0, 1, 2, 1] must be an integer N >= 1"),
     (dict(moe_router_load_balancing_type="sinkhorn"),
      "moe_router_load_balancing_type='sinkhorn': DeepSeekMoE supports"),
     (dict(moe_router_score_function="sigmoid"),
@@ -293,10 +294,25 @@ def test_shared_width_is_derived_from_the_count():
     assert cfg.moe_shared_expert_intermediate_size == 2 * 16
 
 
+@pytest.mark.parametrize("freq", [
+    "2", "[1,0,1,1]", 2.0, 1.5, True, (0, 1), [0, 1, 1, 1, 1], (1.0, 1, 1, 1), [True, 1, 1, 1]])
+def test_moe_layer_freq_must_be_an_integer_or_a_list_of_one_0_or_1_per_layer(freq):
+    """A string or a tuple was taken as a pattern of its own length ("2": one MoE layer of 4,
+    the others left out of the pattern), a float failed in moe_layer_pattern with 'float' object
+    is not iterable."""
+    with pytest.raises(ConfigError) as err:
+        tiny_config(moe_layer_freq=freq)
+    assert str(err.value) == (
+        f"moe_layer_freq={freq!r} must be an integer N >= 1 (every N-th layer is MoE) or a list "
+        "with one 0 (dense) or 1 (MoE) per layer (4 entries)")
+
+
 def test_dense_first_layers_and_layer_frequency():
     assert tiny_config().moe_layer_pattern() == [False, True, True, True]
     assert tiny_config(moe_first_k_dense=0, moe_layer_freq=2).moe_layer_pattern() == [
         True, False, True, False]
+    assert tiny_config(moe_layer_freq=(1, 0, 1, 1)).moe_layer_pattern() == [
+        False, False, True, True]
     assert tiny_config(moe=False).moe_layer_pattern() == [False] * 4
 
 
