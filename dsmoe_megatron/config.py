@@ -535,16 +535,22 @@ def derive_from_baseline(ffn_hidden_size: int, num_experts: int, topk: int,
 
     Returns the DeepSeekMoE fields: mN - Ks routed experts, mK - Ks activated, width FFN / m.
     """
+    for name, value, lowest in (("ffn_hidden_size", ffn_hidden_size, 1),
+                                ("num_experts", num_experts, 1), ("topk", topk, 1),
+                                ("segmentation", segmentation, 1), ("shared", shared, 0)):
+        if not _is_integer(value) or value < lowest:
+            raise ConfigError(f"derive_from_baseline: {name}={value!r} must be an integer >= "
+                              f"{lowest}")
+    if topk > num_experts:
+        raise ConfigError(f"derive_from_baseline: topk={topk} must be at most num_experts="
+                          f"{num_experts} (each token picks K of the baseline's N experts)")
     m, ks = segmentation, shared
-    if m < 1 or ffn_hidden_size % m:
-        raise ConfigError(
-            f"segmentation factor m={m} must be >= 1 and divide the FFN width {ffn_hidden_size}"
-        )
-    if not 0 <= ks < m * topk:
-        raise ConfigError(
-            f"shared experts Ks={ks} must be >= 0 and below m*K={m * topk} "
-            "(at least one routed expert must stay active)"
-        )
+    if ffn_hidden_size % m:
+        raise ConfigError(f"derive_from_baseline: segmentation={m} (m) must divide "
+                          f"ffn_hidden_size={ffn_hidden_size}")
+    if ks >= m * topk:
+        raise ConfigError(f"derive_from_baseline: shared={ks} (Ks) must be below segmentation x "
+                          f"topk = {m * topk} (at least one routed expert must stay active)")
     return dict(
         num_moe_experts=m * num_experts - ks,
         moe_router_topk=m * topk - ks,

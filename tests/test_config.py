@@ -337,16 +337,27 @@ def test_derive_from_baseline_is_the_papers_2b_recipe():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(segmentation=3), "segmentation factor m=3 must be >= 1 and divide the FFN width 64"),
-    (dict(segmentation=0), "segmentation factor m=0"),
-    (dict(shared=8), "shared experts Ks=8 must be >= 0 and below m*K=8"),
-    (dict(shared=-1), "shared experts Ks=-1"),
+    (dict(segmentation=3), "segmentation=3 (m) must divide ffn_hidden_size=64"),
+    (dict(segmentation=0), "segmentation=0 must be an integer >= 1"),
+    (dict(shared=8), "shared=8 (Ks) must be below segmentation x topk = 8 (at least one routed "
+                     "expert must stay active)"),
+    (dict(shared=-1), "shared=-1 must be an integer >= 0"),
+    # These returned negative or zero widths and counts, floats or True as the shared count.
+    (dict(ffn_hidden_size=0), "ffn_hidden_size=0 must be an integer >= 1"),
+    (dict(ffn_hidden_size=-64), "ffn_hidden_size=-64 must be an integer >= 1"),
+    (dict(ffn_hidden_size=64.0), "ffn_hidden_size=64.0 must be an integer >= 1"),
+    (dict(num_experts=0), "num_experts=0 must be an integer >= 1"),
+    (dict(topk=0), "topk=0 must be an integer >= 1"),
+    (dict(topk=5), "topk=5 must be at most num_experts=4 (each token picks K of the baseline's N "
+                   "experts)"),
+    (dict(segmentation=2.0), "segmentation=2.0 must be an integer >= 1"),
+    (dict(shared=True), "shared=True must be an integer >= 0"),
 ])
 def test_derive_from_baseline_refuses_impossible_recipes(kwargs, message):
     args = dict(ffn_hidden_size=64, num_experts=4, topk=2, segmentation=4, shared=1) | kwargs
     with pytest.raises(ConfigError) as err:
         derive_from_baseline(**args)
-    assert message in str(err.value)
+    assert str(err.value) == f"derive_from_baseline: {message}"
 
 
 @pytest.mark.parametrize("name, value", [("glu_linear_offset", 1.0),
