@@ -96,8 +96,13 @@ def get_dsmoe_layer_spec(use_te: bool | None = None, qk_layernorm: bool = False)
 def get_dsmoe_block_spec(config: DeepSeekMoEConfig, vp_stage: int | None = None,
                          pp_rank: int | None = None, use_te: bool | None = None
                          ) -> TransformerBlockSubmodules:
-    """The decoder block for this pipeline stage: dense layers where the config says so."""
+    """The decoder block for this pipeline stage: dense layers where the config says so.
+
+    With pipeline parallelism the stage is ``pp_rank``'s, else the parallel state's; without
+    it the block holds every layer and needs no initialised parallel state."""
     use_te = te_available() if use_te is None else use_te
+    if pp_rank is None and config.pipeline_model_parallel_size == 1:
+        pp_rank = 0
     dense = get_dense_layer_spec(use_te, config.qk_layernorm)
     moe = get_dsmoe_layer_spec(use_te, config.qk_layernorm)
     specs = [moe if is_moe else dense for is_moe in config.moe_layer_pattern()]
