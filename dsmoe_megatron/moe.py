@@ -92,6 +92,17 @@ class DeepSeekMoE(MegatronModule):
         return cls(config, submodules, pg_collection, is_mtp_layer, name)
 
     def set_layer_number(self, layer_number: int) -> None:
+        """Called by the TransformerLayer with its global number (1-based), once built."""
+        cfg = self.config
+        if not cfg.moe_layer_pattern()[layer_number - 1]:
+            # One layer spec copied to every layer (Megatron's usual path) puts MoE everywhere.
+            raise ConfigError(
+                f"layer {layer_number - 1} (0-based) is dense in this config (moe_first_k_dense="
+                f"{cfg.moe_first_k_dense}, moe_layer_freq={cfg.moe_layer_freq!r}) but its spec "
+                "builds a DeepSeekMoE block: get_dsmoe_layer_spec() is the spec of the MoE layers "
+                "only; build the decoder from get_dsmoe_block_spec(config), or give every layer "
+                "dsmoe_megatron.specs.megatron_lm_layer (Megatron-LM: --spec dsmoe_megatron.specs "
+                "megatron_lm_layer)")
         self.layer_number = layer_number
         self.router.set_layer_number(layer_number)
 

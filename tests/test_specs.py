@@ -4,8 +4,10 @@ import pytest
 from megatron.core import parallel_state
 
 from common import tiny_config
+from dsmoe_megatron import runtime
+from dsmoe_megatron.config import ConfigError
 from dsmoe_megatron.moe import DeepSeekMoE
-from dsmoe_megatron.specs import get_dsmoe_block_spec
+from dsmoe_megatron.specs import get_dsmoe_block_spec, get_dsmoe_layer_spec, megatron_lm_layer
 
 
 def kinds(block) -> list[str]:
@@ -38,3 +40,49 @@ def test_block_spec_of_a_pipeline_stage(no_parallel_state):
     # Without pp_rank a pipeline stage is still the parallel state's.
     with pytest.raises(AssertionError, match="pipeline_model parallel group is not initialized"):
         get_dsmoe_block_spec(cfg, use_te=False)
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    runtime.initialize()
+    yield
+    runtime.shutdown()
+
+
+def built(spec, **changes) -> list[str]:
+    """The MLP of each layer of a TransformerBlock built from ``spec`` (Megatron's own path)."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    block = TransformerBlock(tiny_config(**changes), spec)
+    return ["moe" if isinstance(layer.mlp, DeepSeekMoE) else "dense" for layer in block.layers]
+
+
+@pytest.mark.parametrize("changes, dense", [
+    (dict(), "layer 0 (0-based) is dense in this config (moe_first_k_dense=1, moe_layer_freq=1)"),
+    (dict(moe_first_k_dense=0, moe_layer_freq=[1, 0, 1, 1]),
+     "layer 1 (0-based) is dense in this config (moe_first_k_dense=0, moe_layer_freq=[1, 0, 1, "
+     "1])"),
+])
+def test_moe_layer_spec_for_every_layer_is_refused_on_a_dense_layer(single_rank, changes, dense):
+    """Megatron's TransformerBlock copies one layer spec to every layer: the layers the config
+    makes dense were built as DeepSeekMoE blocks, in silence."""
+    with pytest.raises(ConfigError) as err:
+        built(get_dsmoe_layer_spec(use_te=False), **changes)
+    message = str(err.value)
+    assert message.startswith(f"{dense} but its spec builds a DeepSeekMoE block")
+    assert "get_dsmoe_block_spec(config)" in message
+    assert "--spec dsmoe_megatron.specs megatron_lm_layer" in message
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(), ["dense", "moe", "moe", "moe"]),
+    (dict(moe_first_k_dense=0, moe_layer_freq=2), ["moe", "dense", "moe", "dense"]),
+])
+def test_block_spec_and_megatron_lm_layer_place_dense_and_moe_layers(single_rank, changes,
+                                                                      expected):
+    assert built(get_dsmoe_block_spec(tiny_config(**changes), use_te=False), **changes) == expected
+    assert built(megatron_lm_layer, transformer_impl="local", **changes) == expected
+
+
+def test_moe_layer_spec_for_every_layer_of_an_all_moe_config(single_rank):
+    assert built(get_dsmoe_layer_spec(use_te=False), moe_first_k_dense=0) == ["moe"] * 4
