@@ -58,3 +58,22 @@ def test_cpu_keeps_the_yaml_and_user_overrides_win():
     # A global batch the user sets explicitly is kept, and refused clearly when the GPUs do not divide it.
     with pytest.raises(ConfigError, match="global_batch_size=8 is not divisible"):
         hardware_overrides(Hardware(3, True), TINY, ["global_batch_size=8"])
+
+
+def test_readme_python_snippet_runs_as_written():
+    """The README's "block in your own Megatron-core code" snippet, copied into a fresh `python`."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("### The block in your own Megatron-core code"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = re.search(r"print\(logits\.shape\)\s+# (torch\.Size\(\[[^\]]*\]\))", snippet).group(1)
+    assert printed in proc.stdout
