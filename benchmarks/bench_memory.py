@@ -1,7 +1,7 @@
 """Activation memory, ATen ops and host syncs of one DeepSeekMoE block, measured on CPU.
 
     python benchmarks/bench_memory.py                       # 16B layer shape + a small one, EP 1 and 2
-    python benchmarks/bench_memory.py --shapes small --ep 1 --baseline results/old.json
+    python benchmarks/bench_memory.py --shapes small --ep 1 --baseline benchmarks/results/old.json
 
 Saved bytes/token: bytes autograd keeps for backward after one forward (saved_tensors_hooks,
 each storage once, the block's input and parameters excluded), bf16, divided by the rank's
@@ -294,6 +294,8 @@ def markdown(meta, results, baseline) -> str:
               "host syncs fwd | host syncs bwd |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, source in (("now", results), ("before", (baseline or {}).get("results"))):
         for ep, ranks in (source or {}).items():
+            if ep not in results:
+                continue
             ops = ranks[0]["ops"]
             lines.append(_ops_row(f"{label} block EP={ep}", ops))
             if "dense" in ops:
@@ -341,6 +343,33 @@ def _baseline_value(baseline, ep, shape, name) -> str:
     return f"{value:,.0f}"
 
 
+def load_baseline(path, shapes, eps) -> dict:
+    """An earlier results json, read before the measurement (minutes) rather than after it: it
+    must hold the memory rows of every shape and the ops of every EP asked for, measured at the
+    same shapes."""
+    fix = ("give a results json bench_memory.py wrote (e.g. "
+           "benchmarks/results/memory_baseline_d20cd31.json; a relative path is from the current "
+           "directory), or pass --shapes / --ep to match what it holds")
+    try:
+        baseline = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--baseline {path}: cannot be read as JSON ({e}); {fix}") from None
+    for ep in eps:
+        for shape in shapes:
+            try:
+                rank0 = baseline["results"][str(ep)][0]
+                rank0[shape]["memory"], rank0["ops"]
+                measured = baseline["meta"]["shapes"][shape]
+            except (KeyError, TypeError, IndexError):
+                raise SystemExit(f"--baseline {path} holds no memory results for shape {shape} "
+                                 f"at EP={ep}; {fix}") from None
+            if list(measured) != list(SHAPES[shape]):
+                raise SystemExit(f"--baseline {path} measured shape {shape} as {measured}, not "
+                                 f"{list(SHAPES[shape])} (hidden, shared, routed, width, top-k); "
+                                 f"{fix}")
+    return baseline
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="DeepSeekMoE block memory / ops / syncs")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -351,6 +380,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default=None, help="file stem (default memory_<date>)")
     args = parser.parse_args(argv)
+    baseline = load_baseline(args.baseline, args.shapes, args.ep) if args.baseline else None
     results = {str(ep): run_ep(ep, args.shapes, args.tokens, args.op_tokens) for ep in args.ep}
     import megatron.core
 
@@ -359,7 +389,6 @@ def main(argv=None):
                 op_tokens=args.op_tokens, shapes={k: SHAPES[k] for k in args.shapes},
                 shape_fields="hidden, shared, routed, width, top-k",
                 commit=os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip())
-    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     text = markdown(meta, results, baseline)
     print(text)
     out = Path(args.out)

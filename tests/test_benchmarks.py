@@ -1,6 +1,8 @@
 """The benchmark scripts' GPU-machine steps, run on the CPU: what they import and build."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,33 @@ def test_gpu_check_reference_runs_without_pytest():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "match the per-token reference" in proc.stdout
+
+
+def test_bench_memory_checks_its_baseline_before_measuring(tmp_path, monkeypatch):
+    """A --baseline that cannot give the 'before' column is refused at the start, not after the
+    minutes of measurement; the one benchmarks/README.md names serves, from the repository root."""
+    import bench_memory
+
+    monkeypatch.setattr(bench_memory, "run_ep", lambda *a: pytest.fail("measured first"))
+    documented = re.findall(r"python benchmarks/bench_memory\.py --baseline (\S+)",
+                            (ROOT / "benchmarks" / "README.md").read_text())
+    assert documented
+    recorded = json.loads((ROOT / documented[0]).read_text())
+    one_ep = tmp_path / "one_ep.json"
+    one_ep.write_text(json.dumps({**recorded, "results": {"1": recorded["results"]["1"]}}))
+    other_shape = tmp_path / "other_shape.json"
+    other_shape.write_text(json.dumps(
+        {**recorded, "meta": {**recorded["meta"], "shapes": {"16B": [1, 2, 3, 4, 5]}}}))
+    for path, message in [(tmp_path / "missing.json", "missing.json: cannot be read as JSON"),
+                          (one_ep, "no memory results for shape 16B at EP=2"),
+                          (other_shape, r"measured shape 16B as \[1, 2, 3, 4, 5\]")]:
+        with pytest.raises(SystemExit, match=message):
+            bench_memory.main(["--baseline", str(path), "--out", str(tmp_path)])
+    with monkeypatch.context() as m:
+        m.chdir(ROOT)
+        for path in documented:
+            assert bench_memory.load_baseline(path, list(bench_memory.SHAPES), [1, 2])
+    assert bench_memory.load_baseline(one_ep, ["small"], [1])
 
 
 @pytest.fixture
