@@ -77,3 +77,24 @@ def test_readme_python_snippet_runs_as_written():
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = re.search(r"print\(logits\.shape\)\s+# (torch\.Size\(\[[^\]]*\]\))", snippet).group(1)
     assert printed in proc.stdout
+
+
+def test_readme_file_table_names_every_module_that_exists():
+    """"What is in the box": every module and folder of dsmoe_megatron/ is in the table, and every
+    path the table names exists (a bare name is a sibling of the row's first path)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("## What is in the box"):readme.index("### The block in your own")]
+    named = set()
+    for row in re.findall(r"^\| (`.*?`) \|", table, re.M):
+        paths = re.findall(r"`([^`]+)`", row)
+        named |= {(root / paths[0]).parent / p if "/" not in p.rstrip("/") else root / p
+                  for p in paths}
+    package = root / "dsmoe_megatron"
+    modules = {p for p in package.iterdir() if p.suffix == ".py" or p.is_dir()} - {
+        package / "__init__.py", package / "__pycache__"}
+    assert sorted(p.name for p in modules - named) == []
+    assert sorted(str(p) for p in named if not p.exists()) == []
