@@ -8,6 +8,7 @@ the `cli` fixture; multi-rank resume is in test_resume.py.
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -525,6 +526,10 @@ def test_loss_falls_and_a_checkpoint_is_written(tmp_path):
     losses = {r["iteration"]: r["lm_loss"] for r in
               map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert losses[15] < losses[1] - 0.5
+    # The console line has the fields of the one the README shows, in its order.
+    shown = re.search(r"^iteration \d+ \| .*$", (ROOT / "README.md").read_text(), re.M).group(0)
+    printed = next(line for line in out.stdout.splitlines() if line.startswith("iteration "))
+    assert [f.split()[0] for f in printed.split(" | ")] == [f.split()[0] for f in shown.split(" | ")]
 
 
 @pytest.mark.parametrize("override, message", [
