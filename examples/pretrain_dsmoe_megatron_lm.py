@@ -7,7 +7,8 @@ with dsmoe_megatron (byte-level tokens).
 
     # GPU
     torchrun --nproc-per-node 8 examples/pretrain_dsmoe_megatron_lm.py \\
-        --dsmoe-yaml yaml_configs/deepseekmoe_16b.yaml --lr-decay-style cosine --save ckpt
+        --dsmoe-yaml yaml_configs/deepseekmoe_16b.yaml --lr-decay-style cosine --save ckpt \\
+        --save-interval 1000
     # CPU (gloo; the CPU shim and flags are applied automatically)
     torchrun --nproc-per-node 1 examples/pretrain_dsmoe_megatron_lm.py \\
         --dsmoe-yaml yaml_configs/tiny.yaml --train-iters 40

@@ -313,6 +313,15 @@ def test_bad_arguments_are_one_line(argv, says, parse_args, capsys):
     assert says in err[0]
 
 
+def test_readme_and_example_commands_that_save_give_a_save_interval():
+    """Megatron-LM refuses --save without --save-interval (above): the commands shown for its
+    loop that save give both."""
+    commands = [line for name in ("README.md", "examples/pretrain_dsmoe_megatron_lm.py")
+                for line in (ROOT / name).read_text().replace("\\\n", " ").splitlines()
+                if "megatron_lm" in line and "--save " in line]
+    assert len(commands) == 3 and all("--save-interval" in c for c in commands), commands
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--moe-z-loss-coeff", "0.1"], "moe_z_loss_coeff=0.1 is a Megatron-core MoE setting the "
      "DeepSeekMoE block does not implement"),
