@@ -1383,3 +1383,10 @@ def test_a_hub_model_id_given_as_hf_says_to_download_it(tmp_path, monkeypatch):
     with pytest.raises(ConversionError) as err:
         convert.import_from_hf(tmp_path / "a" / "b" / "c", tmp_path / "megatron")
     assert "hf download" not in str(err.value)
+
+
+def test_the_readme_downloads_the_model_it_converts():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    local = re.search(r"^hf download deepseek-ai/deepseek-moe-16b-base --local-dir (\S+)", readme,
+                      re.M)
+    assert local and readme.index(f"from-hf --hf {local.group(1)} ") > local.end()
