@@ -229,7 +229,9 @@ class TokenizerExport:
     token_ids: dict
     directory: Path | None = None
 
-    def write(self, out: Path) -> list[str]:
+    def write(self, out: Path, model_max_length: int) -> list[str]:
+        """Writes the files into ``out``; the byte tokenizer's with the model's context length
+        (copied files are left as they are)."""
         if self.source == "byte":
             try:
                 from dsmoe_megatron.tokenizer import write_hf_tokenizer
@@ -237,7 +239,7 @@ class TokenizerExport:
                 log("no tokenizer-file writer available; tokenizer files skipped")
                 return []
             try:
-                write_hf_tokenizer(out)
+                write_hf_tokenizer(out, model_max_length=model_max_length)
             except ImportError as err:
                 log(f"tokenizer files skipped: {err}")
                 return []
@@ -490,7 +492,7 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
                                          hf_expected_shapes(dims), partial, max_shard_size,
                                          out_dtype, allow_non_finite=allow_non_finite)
         write_hf_remote_code(partial)  # after config.json: adds its auto_map
-        tok_files = tok.write(partial)
+        tok_files = tok.write(partial, max_pos)
     log(f"wrote {out} from {ckpt}: {len(files)} safetensors shard(s), {DTYPE_NAMES[out_dtype]}, "
         f"vocab {vocab}; tokenizer: {', '.join(tok_files) if tok_files else 'none'}")
     return out

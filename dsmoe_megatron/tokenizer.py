@@ -69,11 +69,14 @@ def _bytes_to_visible_chars() -> list[str]:
     return chars
 
 
-def write_hf_tokenizer(directory: str | os.PathLike, tokenizer: ByteTokenizer | None = None) -> str:
+def write_hf_tokenizer(directory: str | os.PathLike, tokenizer: ByteTokenizer | None = None,
+                       model_max_length: int | None = None) -> str:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` for ``AutoTokenizer``.
 
     The result encodes (with ``add_special_tokens=False``) to exactly the ids of
-    ``ByteTokenizer.tokenize``. Needs the optional ``tokenizers`` package. Returns the directory.
+    ``ByteTokenizer.tokenize``. ``model_max_length``: the context length of the model the files
+    go with (what ``truncation=True`` cuts to); None leaves it unlimited. Needs the optional
+    ``tokenizers`` package. Returns the directory.
     """
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -103,7 +106,6 @@ def write_hf_tokenizer(directory: str | os.PathLike, tokenizer: ByteTokenizer | 
         "bos_token": BOS_TOKEN,
         "eos_token": EOD_TOKEN,
         "pad_token": PAD_TOKEN,
-        "model_max_length": 1_000_000_000,
         "clean_up_tokenization_spaces": False,
         # A padded batch generates as each prompt alone (a decoder-only model continues the
         # last position), as with the released model's LlamaTokenizerFast.
@@ -111,6 +113,8 @@ def write_hf_tokenizer(directory: str | os.PathLike, tokenizer: ByteTokenizer | 
         # Like ByteTokenizer, spell out "<|endoftext|>" found in text as bytes.
         "split_special_tokens": True,
     }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return str(directory)

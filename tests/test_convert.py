@@ -739,6 +739,17 @@ def test_the_byte_tokenizer_of_an_export_pads_a_batch_for_generation(exported):
     assert torch.equal(batch[:, -6:], torch.stack(alone))
 
 
+def test_the_byte_tokenizer_of_an_export_truncates_to_the_models_context(exported):
+    """Its model_max_length was 1e9: truncation=True kept a prompt longer than the model's
+    max_position_embeddings."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    context = json.loads((exported / "config.json").read_text())["max_position_embeddings"]
+    assert tokenizer.model_max_length == context == SEQ
+    assert len(tokenizer("word " * 100, truncation=True)["input_ids"]) == context
+
+
 @pytest.mark.parametrize("changes", [
     dict(first_k_dense_replace=1, moe_layer_freq=2, num_hidden_layers=4),
     dict(n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
