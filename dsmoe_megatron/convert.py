@@ -145,6 +145,12 @@ def _atomic_output(out_dir: str | Path, force: bool, source: Path) -> Iterator[t
     if dst == src or dst in src.parents:
         raise ConversionError(f"--out {out} contains the input {source}; choose a separate "
                               "output directory")
+    cwd = Path.cwd().resolve()
+    if dst == cwd or dst in cwd.parents:
+        # The output is a new directory renamed into place: the shell would be left in the old one.
+        raise ConversionError(f"--out {out} is {'' if dst == cwd else 'above '}the current "
+                              "directory, which the output would replace; name a new directory "
+                              "(e.g. --out hf_model) or run from another directory")
     aside = out.with_name(out.name + ".replaced-by-dsmoe-convert")
     _settle_aside(out, aside)
     if out.exists() and not out.is_dir():

@@ -401,6 +401,21 @@ def test_an_output_that_cannot_be_a_directory_is_one_line(trained, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.parametrize("out", [".", "./", ".."])
+def test_an_output_that_is_or_holds_the_current_directory_is_one_line(trained, tmp_path, capsys,
+                                                                       monkeypatch, out):
+    """--out . failed with a traceback (ValueError: PosixPath('.') has an empty name); --out ..
+    --force with 'Device or resource busy'."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for force in ([], ["--force"]):
+        code, err = run_cli(["to-hf", "--checkpoint", str(trained.save), "--out", out, *force],
+                            capsys)
+        assert code == 2 and "the current directory" in err and "--out hf_model" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"]
+    assert not any((tmp_path / "cwd").iterdir())
+
+
 def test_missing_checkpoint_dir(tmp_path, capsys):
     with pytest.raises(ConversionError, match="does not exist"):
         convert.export_to_hf(tmp_path / "nowhere", tmp_path / "out")
