@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import json
 import os
+import queue
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
@@ -87,6 +89,20 @@ def _read_tensor_metadata_without_strides() -> None:
 
 
 _read_tensor_metadata_without_strides()
+
+
+def _collect_write_results_in_process() -> None:
+    """Megatron's torch_dist writer hands its writing threads' results over the queue of a
+    multiprocessing Manager, a process of its own started at the first save (made for saves in
+    the background, which are not used here). A scheduler's or torchrun's SIGTERM reaches that
+    process too and ends it, so the save after the signal (exit_signal_handler's) failed with
+    'Broken pipe' and the steps since the last checkpoint were lost. The saves here run in the
+    process that writes: a plain queue, and no extra process."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+_collect_write_results_in_process()
 
 
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
