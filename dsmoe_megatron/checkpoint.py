@@ -97,12 +97,10 @@ def _collect_write_results_in_process() -> None:
     the background, which are not used here). A scheduler's or torchrun's SIGTERM reaches that
     process too and ends it, so the save after the signal (exit_signal_handler's) failed with
     'Broken pipe' and the steps since the last checkpoint were lost. The saves here run in the
-    process that writes: a plain queue, and no extra process."""
+    process that writes: a plain queue, and no extra process. Set when saving, not on import:
+    Megatron-LM's loop (megatron_lm.py imports this module) may save in the background."""
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
-
-
-_collect_write_results_in_process()
 
 
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
@@ -159,6 +157,7 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
         write_text_atomic(Path(save_dir) / LATEST_NAME, str(iteration))
 
     _on_rank0_for_all(start, save_dir, iteration, partial)
+    _collect_write_results_in_process()
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
