@@ -524,6 +524,10 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = (), *,
         text = path.read_text()
     except OSError as err:
         raise YamlConfigError(f"{path}: cannot read the run config ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise YamlConfigError(f"{path}: not a YAML text file (byte {err.start + 1} is not UTF-8); "
+                              "give the path of a run config YAML, such as "
+                              "yaml_configs/tiny.yaml") from None
     try:
         raw = strict_yaml.load(text)
     except strict_yaml.YamlSyntaxError as err:

@@ -699,6 +699,10 @@ def test_unreadable_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(YamlConfigError, match="must be a mapping"):
         load_run_config(bad)
+    bad.write_bytes(b"\x89PNG\r\n")  # a binary file given as the config: was a traceback
+    with pytest.raises(YamlConfigError, match=r"bad.yaml: not a YAML text file \(byte 1 is not "
+                                              r"UTF-8\); give the path of a run config YAML"):
+        load_run_config(bad)
 
 
 # ---------------------------------------------------------------------------------------------
