@@ -259,18 +259,19 @@ SAME_MODEL_FIELDS = (
 def saved_run_config(ckpt: Path):
     """The run config a checkpoint of dsmoe-train keeps (its run.yaml); None without one (a
     checkpoint of Megatron-LM's loop)."""
-    import yaml
-
+    from dsmoe_megatron import strict_yaml
     from dsmoe_megatron.yaml_config import YamlConfigError, run_config_from_dict
 
     path = Path(ckpt) / RUN_CONFIG_NAME
     if not path.exists():
         return None
     try:
-        return run_config_from_dict(yaml.safe_load(path.read_text()), instantiate_checks=False,
+        return run_config_from_dict(strict_yaml.load(path.read_text()), instantiate_checks=False,
                                     origin=str(path))
-    except (YamlConfigError, yaml.YAMLError) as error:
-        raise CheckpointError(f"{path} cannot be read ({error})") from None
+    except (YamlConfigError, strict_yaml.YamlSyntaxError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} cannot be read ({error}); restore it, or "
+                              + _RECOVERY_HINT.format(latest=path.parent.parent / LATEST_NAME)
+                              ) from None
 
 
 def model_difference(saved, config, vocab_size: int) -> tuple[str, object, object] | None:

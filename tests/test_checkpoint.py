@@ -84,3 +84,21 @@ def test_a_latest_file_of_bytes_that_are_not_text_is_named(tmp_path):
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"latest_checkpointed_iteration.txt holds .*, not an iteration"):
         checkpoint.resolve(tmp_path)
+
+
+def test_a_damaged_run_yaml_in_a_checkpoint_is_named(tmp_path):
+    """A checkpoint's run.yaml of bytes that are not UTF-8 stopped dsmoe-train --resume and
+    dsmoe-convert with the decoder's message alone, naming no file; one that is not valid YAML
+    gave a message of several lines."""
+    from dsmoe_megatron import checkpoint
+
+    ckpt = tmp_path / "iter_0000002"
+    ckpt.mkdir()
+    for damage, reason in [(b"\x00\x01\xff", "'utf-8' codec can't decode byte 0xff"),
+                           (b"a: [\n", "line 2, column 1: not valid YAML")]:
+        (ckpt / checkpoint.RUN_CONFIG_NAME).write_bytes(damage)
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            checkpoint.saved_run_config(ckpt)
+        message = str(error.value)
+        assert message.startswith(f"{ckpt / 'run.yaml'} cannot be read ({reason}"), message
+        assert "\n" not in message and "resume from an earlier checkpoint" in message
