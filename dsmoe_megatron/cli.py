@@ -145,9 +145,9 @@ def print_error(tool: str, message: object) -> None:
 
 def describe_os_error(what: str, error: BaseException, path: str | Path | None = None) -> str:
     """One line for a failed file operation: what failed, why, the file, and the free space of
-    the filesystem it was writing to (``path`` or the error's file). Megatron's checkpoint writer
-    runs in worker processes and may report a full disk only as a worker failure; the free space
-    then says it."""
+    the filesystem it was writing to (the error's file, else ``path``). Megatron's checkpoint
+    writer runs in worker processes and may report a full disk only as a worker failure; the
+    free space then says it."""
     causes = list(_causes(error))
     cause = next((e for e in causes if isinstance(e, OSError)), causes[-1])
     why = ((cause.strerror if isinstance(cause, OSError) else None)
@@ -161,7 +161,7 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
     # whole story; otherwise the free space may be.
     if code not in (None, errno.ENOSPC, errno.EDQUOT):
         return text
-    free = _free_space(path or filename)
+    free = _free_space(filename or path)
     return text + (f"; {free}" if free else "")
 
 

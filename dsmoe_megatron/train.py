@@ -14,6 +14,7 @@ A checkpoint is written only from finite weights whose next forward pass gives a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -615,13 +616,27 @@ class Trainer:
                           for k, v in record.items() if v is not None)
         (bar.write if bar is not None else print)(text)
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, self.iteration)
-            self.writer.flush()
+            with _naming(self.run.train.tensorboard_dir):
+                for key, value in record.items():
+                    if key != "iteration" and isinstance(value, (int, float)):
+                        self.writer.add_scalar(key, value, self.iteration)
+                self.writer.flush()
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
+            with _naming(self.metrics_file.name):
+                self.metrics_file.write(json.dumps(record) + "\n")
+                self.metrics_file.flush()
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """A write error (a full disk) that names no file, as a buffered write's or TensorBoard's
+    writer thread's, names ``path``: the message then says which file and which filesystem."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def wrap_ddp(chunks, config, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False,
@@ -730,7 +745,9 @@ def main(argv=None) -> int:
         print_error("dsmoe-train", error)
         return 1
     except OSError as error:  # a full disk, a read-only or missing directory, ...
-        print_error("dsmoe-train", describe_os_error("stopped", error, run.train.save))
+        what = f"stopped at iteration {trainer.iteration}" if trainer is not None else "stopped"
+        print_error("dsmoe-train", f"{describe_os_error(what, error, run.train.save)}; "
+                                   f"{_where_to_continue(run)}")
         return 1
     except KeyboardInterrupt as stop:
         if _rank0():
@@ -781,18 +798,26 @@ def _interrupted(run, trainer, what: str = "interrupted") -> str:
     from dsmoe_megatron import checkpoint
 
     where = f"{what} at iteration {trainer.iteration}" if trainer is not None else what
+    if run.train.save is not None:
+        checkpoint.remove_partial_checkpoints(run.train.save)
+    return f"{where}; {_where_to_continue(run)}"
+
+
+def _where_to_continue(run) -> str:
+    """The last complete checkpoint of the run and how to continue from it."""
+    from dsmoe_megatron import checkpoint
+
     save = run.train.save
     if save is None:
-        return f"{where}; no save directory, nothing was written"
-    checkpoint.remove_partial_checkpoints(save)
+        return "no save directory, nothing was written"
     try:
         last = checkpoint.latest_iteration(save)
-    except CheckpointError:
+    except (CheckpointError, OSError):
         last = None
     if last is None:
-        return f"{where}; no complete checkpoint in {save}"
-    return (f"{where}; the last complete checkpoint is "
-            f"{checkpoint.iteration_dir(save, last)} (continue with --resume)")
+        return f"no complete checkpoint in {save}"
+    return (f"the last complete checkpoint is {checkpoint.iteration_dir(save, last)} "
+            "(continue with --resume)")
 
 
 if __name__ == "__main__":

@@ -673,6 +673,49 @@ def test_a_stop_at_stop_says_how_to_continue(tmp_path, monkeypatch, capsys, save
     assert "stopped at" not in capsys.readouterr().out  # trained to the end
 
 
+@pytest.mark.parametrize("full", ["metrics.jsonl", "tensorboard"])
+def test_a_full_disk_under_the_logs_names_the_file_and_the_checkpoint(tmp_path, monkeypatch,
+                                                                      capsys, full):
+    """A full disk met by metrics.jsonl's or TensorBoard's writes said "stopped: No space left
+    on device" with the free space of the save directory, naming neither the file nor (for a
+    tensorboard_dir elsewhere) the filesystem that was full, nor where the run can continue."""
+    import errno
+
+    from dsmoe_megatron import train
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Full:
+        name = str(tmp_path / "save" / "metrics.jsonl")
+        write = flush = add_scalar = no_space
+
+    log_metrics = train.Trainer._log_metrics
+
+    class LogsOnAFullDisk:
+        def __init__(self, run, resume, overwrite):
+            self.run, self.iteration = run, 3
+            self.writer = Full() if full == "tensorboard" else None
+            self.metrics_file = Full() if full == "metrics.jsonl" else None
+
+        def fit(self, stop_at):
+            log_metrics(self, {"lm_loss": 4.0})
+
+    (tmp_path / "save" / "iter_0000002").mkdir(parents=True)
+    (tmp_path / "save" / "latest").write_text("2")
+    monkeypatch.setattr(train, "Trainer", LogsOnAFullDisk)
+    # The filesystem of the file (or its nearest existing parent), not of the save directory.
+    where, free_of = ((tmp_path / "save" / "metrics.jsonl", tmp_path / "save")
+                      if full == "metrics.jsonl" else (tmp_path / "tb", tmp_path))
+    assert train.main([TINY, *SMALL, f"save={tmp_path / 'save'}",
+                       f"tensorboard_dir={tmp_path / 'tb'}"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(
+        rf"dsmoe-train: stopped at iteration 3: No space left on device \({where}\); [0-9,]+ "
+        rf"MiB free on the filesystem of {free_of}; the last complete checkpoint is "
+        rf"{tmp_path / 'save' / 'iter_0000002'} \(continue with --resume\)", err), err
+
+
 def test_a_run_started_over_hides_the_earlier_runs_tensorboard_curves(tmp_path):
     """--overwrite deletes the earlier run's checkpoints and metrics.jsonl, but TensorBoard
     showed its curves and the new run's as one (steps 1, 2, 1, 2)."""
