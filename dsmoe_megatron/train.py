@@ -749,6 +749,15 @@ def main(argv=None) -> int:
         print_error("dsmoe-train", f"{describe_os_error(what, error, run.train.save)}; "
                                    f"{_where_to_continue(run)}")
         return 1
+    except RuntimeError as error:
+        # Gloo's word on a rank whose peer exited (rank 0 alone writes the logs, ...): that
+        # rank printed why; this one says so in a line instead of a traceback.
+        if "Connection closed by peer" not in str(error):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print_error("dsmoe-train", f"rank {rank} stopped: another process of the job exited "
+                                   f"(its message is above); {_where_to_continue(run)}")
+        return 1
     except KeyboardInterrupt as stop:
         if _rank0():
             print(f"dsmoe-train: {_interrupted(run, trainer, str(stop) or 'interrupted')}",

@@ -716,6 +716,27 @@ def test_a_full_disk_under_the_logs_names_the_file_and_the_checkpoint(tmp_path, 
         rf"{tmp_path / 'save' / 'iter_0000002'} \(continue with --resume\)", err), err
 
 
+def test_a_rank_whose_peer_exited_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """Under torchrun, when rank 0 stopped alone (a full disk under metrics.jsonl) the other
+    ranks printed Gloo's 'Connection closed by peer' with a traceback of 40 lines."""
+    from dsmoe_megatron import train
+
+    class PeerExited:
+        def __init__(self, run, resume, overwrite):
+            self.iteration = 3
+
+        def fit(self, stop_at):
+            raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                               "[127.0.0.1]:8595. This is typically caused by a remote worker "
+                               "crashing.")
+
+    monkeypatch.setattr(train, "Trainer", PeerExited)
+    assert train.main([TINY, *SMALL, f"save={tmp_path}"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "dsmoe-train: rank 0 stopped: another process of the job exited (its message is "
+        f"above); no complete checkpoint in {tmp_path}")
+
+
 def test_a_run_started_over_hides_the_earlier_runs_tensorboard_curves(tmp_path):
     """--overwrite deletes the earlier run's checkpoints and metrics.jsonl, but TensorBoard
     showed its curves and the new run's as one (steps 1, 2, 1, 2)."""
