@@ -1078,6 +1078,19 @@ def test_import_names_a_truncated_safetensors_file(tmp_path, capsys, indexed):
     assert not (tmp_path / "m").exists()
 
 
+def test_import_names_an_index_that_is_not_text(tmp_path, capsys):
+    """A model.safetensors.index.json of bytes that are not UTF-8 (a damaged download) stopped
+    from-hf with a UnicodeDecodeError traceback."""
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=2)
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_bytes(b"\xff\xfe{")
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")],
+                        capsys)
+    assert code == 2 and f"{index} is not a safetensors index" in err, err
+    assert "replace it with a complete copy" in err and "Traceback" not in err, err
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("step", ["tensors", "run.yaml"])
 def test_import_onto_a_full_disk_is_one_line_about_out(rt, tmp_path, capsys, monkeypatch, step):
     """The disk fills while the tensors or, last, run.yaml are written: one line that names

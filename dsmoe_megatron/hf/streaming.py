@@ -110,9 +110,10 @@ class SafetensorsReader:
 def _read_weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ConversionError(f"{index} is not a safetensors index (a JSON object with a "
-                              f"'weight_map' of tensor name -> file): {err}") from err
+                              f"'weight_map' of tensor name -> file): {err}; replace it with "
+                              "a complete copy") from err
     if not isinstance(weight_map, dict) or not all(isinstance(f, str)
                                                    for f in weight_map.values()):
         raise ConversionError(f"{index}: weight_map must map tensor names to file names")
