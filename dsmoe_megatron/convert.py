@@ -383,6 +383,10 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
             "Megatron-LM's training loop?): pass the --dsmoe-yaml file it was trained with as "
             "--config, and each model flag given beside it as --set KEY=VALUE")
     overrides = tuple(overrides)
+    try:  # a damaged run.yaml: named, with how to use an earlier checkpoint
+        checkpoint.saved_run_config(ckpt)
+    except checkpoint.CheckpointError as err:
+        raise ConversionError(str(err)) from None
     run = _load_run_config(config or run_yaml, overrides)
     if run_yaml.exists() and (config is not None or overrides):
         given = " ".join([*(["--config", str(config)] if config is not None else []),

@@ -1078,6 +1078,19 @@ def test_import_names_a_truncated_safetensors_file(tmp_path, capsys, indexed):
     assert not (tmp_path / "m").exists()
 
 
+def test_export_of_a_checkpoint_with_a_damaged_run_yaml_points_to_an_earlier_one(tmp_path):
+    """A checkpoint's run.yaml that was not UTF-8 or not YAML stopped to-hf with the advice for
+    a config given on the command line ('give the path of a run config YAML'), or none."""
+    ckpt = tmp_path / "iter_0000004"
+    ckpt.mkdir()
+    for damage in (b"\xff\xfe", b"a: [\n"):
+        (ckpt / "run.yaml").write_bytes(damage)
+        with pytest.raises(ConversionError,
+                           match=r"^\S+run.yaml cannot be read .*; restore it, or resume from an "
+                                 r"earlier checkpoint: .*--checkpoint DIR to dsmoe-convert"):
+            convert.read_checkpoint_run(ckpt)
+
+
 def test_import_names_an_index_that_is_not_text(tmp_path, capsys):
     """A model.safetensors.index.json of bytes that are not UTF-8 (a damaged download) stopped
     from-hf with a UnicodeDecodeError traceback."""
