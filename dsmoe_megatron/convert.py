@@ -397,13 +397,18 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
     return run
 
 
+# Megatron-LM arguments (with the value that means "off") of models the export cannot write.
+_NOT_EXPORTED_ARGS = {"window_size": None, "softmax_type": "vanilla",
+                      "experimental_attention_variant": None, "use_mup": False}
+
+
 def _check_megatron_lm_arguments(run, ckpt: Path) -> None:
     """A checkpoint of Megatron-LM's loop keeps the arguments it was trained with: --config and
     --set must give its model. A flag given beside --dsmoe-yaml and left out of --set (another
     top-k, say) was exported as the YAML's value, a different model, without a word."""
     from megatron.core import dist_checkpointing
 
-    from dsmoe_megatron.megatron_lm import _ARG_NAMES
+    from dsmoe_megatron.megatron_lm import _ARG_NAMES, other_rope_flags
     from dsmoe_megatron.checkpoint import SAME_MODEL_FIELDS
 
     try:
@@ -411,6 +416,18 @@ def _check_megatron_lm_arguments(run, ckpt: Path) -> None:
     except Exception:  # noqa: BLE001 - reading the tensors next reports a damaged checkpoint
         return
     trained_with = dict(vars(saved)) if saved is not None else {}
+    # Settings without tensors that Megatron-LM's loop trains with and a --dsmoe-yaml file does
+    # not give: the export (another RoPE, attention) was another model without a word.
+    not_exported = [*(other_rope_flags(saved) if saved is not None else []),
+                    *(f"--{key.replace('_', '-')} {trained_with[key]}"
+                      for key, off in _NOT_EXPORTED_ARGS.items()
+                      if trained_with.get(key, off) != off)]
+    if not_exported:
+        raise ConversionError(
+            f"{ckpt} was trained with {not_exported[0]} (the Megatron-LM arguments it keeps), "
+            "which the Hugging Face model does not have (RoPE on the whole head, unscaled; "
+            "softmax attention over every earlier token): the export would be another model, "
+            "so only a run without it can be exported")
     if not trained_with.get("group_query_attention", True):
         # Without --group-query-attention Megatron-LM builds every head its own key/value and
         # leaves num_query_groups at 1 until its first FLOP count (a checkpoint saved before

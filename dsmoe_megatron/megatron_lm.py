@@ -575,15 +575,22 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
                        real_vocab_size=real_vocab_size)
 
 
+def other_rope_flags(args) -> list[str]:
+    """The Megatron-LM flags in ``args`` (parsed, or kept in a checkpoint) for another RoPE than
+    build_model's and the Hugging Face export's: the whole head, unscaled, of --rotary-base."""
+    other = {"--rotary-percent": getattr(args, "rotary_percent", 1.0) != 1.0,
+             "--use-rope-scaling": getattr(args, "use_rope_scaling", False),
+             "--rotary-seq-len-interpolation-factor":
+                 getattr(args, "rotary_seq_len_interpolation_factor", None)}
+    return [flag for flag, differs in other.items() if differs]
+
+
 def _check_plain_rope(args) -> None:
     """build_model's RoPE covers the whole head, unscaled (as the Hugging Face export does; its
     base is --rotary-base): Megatron-LM's flags for another were ignored without a word."""
     from dsmoe_megatron.config import ConfigError
 
-    other = {"--rotary-percent": args.rotary_percent != 1.0,
-             "--use-rope-scaling": args.use_rope_scaling,
-             "--rotary-seq-len-interpolation-factor": args.rotary_seq_len_interpolation_factor}
-    given = [flag for flag, differs in other.items() if differs]
+    given = other_rope_flags(args)
     if given:
         raise ConfigError(f"{given[0]}: DeepSeekMoE models here use RoPE on the whole head, "
                           f"unscaled (the Hugging Face export's); remove {given[0]}")

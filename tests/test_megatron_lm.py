@@ -59,9 +59,10 @@ def build_and_report(self, *args, **kwargs):
 
 
 GPTModelBuilder.build_model = build_and_report
-args = parse_and_validate_args()
-pretrain(pretrain_cfg_container_from_args(args, gpt_config_from_args(args)),
-         train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+if __name__ == "__main__":  # not in the process a --save starts, which imports this file
+    args = parse_and_validate_args()
+    pretrain(pretrain_cfg_container_from_args(args, gpt_config_from_args(args)),
+             train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
 '''
 
 
@@ -533,6 +534,27 @@ def test_an_export_of_another_model_than_megatron_lm_trained_is_refused(first_ru
     assert convert.main(export) == 2
     assert "use --set num_layers=2" in capsys.readouterr().err
     assert convert.main([*export, "--set", "num_layers=2"]) == 0
+
+
+@pytest.mark.parametrize("flags, says", [(["--rotary-percent", "0.5"], "--rotary-percent"),
+                                         (["--window-size", "8,0"], "--window-size (8, 0)")])
+def test_a_stock_run_the_export_cannot_write_is_refused(flags, says, cache, tmp_path, capsys):
+    """pretrain_gpt.py (--spec) trains with Megatron-LM's partial RoPE or sliding-window
+    attention, which have no tensors: to-hf exported such a checkpoint as RoPE on the whole head
+    and full attention (a different model) without a word. Now refused, naming the flag."""
+    from dsmoe_megatron import convert
+
+    save = tmp_path / "ckpt"
+    run_stock("megatron_lm_layer", cache, tmp_path, *flags,
+              "--untie-embeddings-and-output-weights", "--train-iters", "1", "--eval-iters", "0",
+              "--save", str(save), "--save-interval", "1")
+    model = ["num_layers=3", "hidden_size=64", "ffn_hidden_size=128", "num_moe_experts=8",
+             "moe_router_topk=2", "moe_ffn_hidden_size=32", "moe_num_shared_experts=2",
+             "moe_router_pre_softmax=false", "seq_length=64", "max_position_embeddings=64"]
+    assert convert.main(["to-hf", "--checkpoint", str(save), "--out", str(tmp_path / "hf"),
+                         "--config", TINY, *[a for m in model for a in ("--set", m)]]) == 2
+    err = capsys.readouterr().err
+    assert f"was trained with {says} (the Megatron-LM arguments" in err, err
 
 
 def test_checkpoints_of_dsmoe_train_are_not_resumed_or_written_over(parse_args, tmp_path, capsys):
