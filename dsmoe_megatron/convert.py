@@ -384,15 +384,17 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
             "--config, and each model flag given beside it as --set KEY=VALUE")
     overrides = tuple(overrides)
     try:  # a damaged run.yaml: named, with how to use an earlier checkpoint
-        checkpoint.saved_run_config(ckpt)
+        saved = checkpoint.saved_run_config(ckpt)
     except checkpoint.CheckpointError as err:
         raise ConversionError(str(err)) from None
+    if saved is not None and config is None and not overrides:
+        return saved
     run = _load_run_config(config or run_yaml, overrides)
-    if run_yaml.exists() and (config is not None or overrides):
+    if saved is not None:
         given = " ".join([*(["--config", str(config)] if config is not None else []),
                           *(f"--set {o}" for o in overrides)])
-        _check_same_model(run, _load_run_config(run_yaml), given, run_yaml)
-    elif not run_yaml.exists():
+        _check_same_model(run, saved, given, run_yaml)
+    else:
         _check_megatron_lm_arguments(run, ckpt)
     return run
 
