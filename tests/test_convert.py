@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -794,6 +795,43 @@ def test_other_layer_layouts_round_trip(rt, tmp_path, changes):
                 "aux_loss_alpha", "n_shared_experts", "first_k_dense_replace", "rope_theta"):
         if config.get(key) is not None or key in ("n_routed_experts",):
             assert exported[key] == config[key], key
+
+
+def test_rope_base_of_a_config_in_transformers_5_style(rt, tmp_path):
+    """A config.json re-saved in transformers 5's style keeps the RoPE base in rope_parameters
+    only: the import and the Hugging Face model read it there (both used 10000, another model),
+    and a config.json with two different bases is refused."""
+    plain = scaled_16b_config(n_routed_experts=8, num_experts_per_tok=2, torch_dtype="float32",
+                              rope_theta=500000.0)
+    write_hf_model(tmp_path / "plain", plain, dtype=torch.float32, shards=1)
+    shutil.copytree(tmp_path / "plain", tmp_path / "hf")
+    styled = {k: v for k, v in plain.items() if k != "rope_theta"}
+    styled["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(styled))
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron")
+    run, model = load_single_rank(save)
+    assert run.model.rotary_base == 500000.0
+    tokens = torch.randint(0, 300, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    reference = hf_logits(tmp_path / "plain", tokens)
+    assert torch.equal(hf_logits(tmp_path / "hf", tokens), reference)
+    assert (megatron_logits(model, tokens)[..., :300] - reference).abs().max().item() <= 1e-4
+
+    styled["rope_theta"] = 10000.0
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(styled))
+    with pytest.raises(ConversionError, match=r"rope_theta=10000\.0 and rope_parameters\."
+                                              r"rope_theta=500000\.0, two RoPE bases"):
+        convert.import_from_hf(tmp_path / "hf", tmp_path / "other")
+
+
+def test_hf_config_reads_linear_scaling_from_rope_parameters():
+    from dsmoe_megatron.hf.configuration_deepseek import DeepseekConfig
+
+    config = DeepseekConfig(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                             "rope_theta": 500000.0})
+    assert config.rope_theta == 500000.0
+    assert config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="only 'linear'"):
+        DeepseekConfig(rope_parameters={"rope_type": "yarn", "factor": 2.0})
 
 
 def test_top_1_routing_with_norm_topk_prob_imports_unrenormalised(rt, tmp_path):

@@ -17,7 +17,8 @@ class DeepseekConfig(PretrainedConfig):
     e.g. 30 layers and ``moe_intermediate_size=1407``); ``aux_loss_alpha`` and ``seq_aux``, which the released
     config.json omits, default to the values of the released code. ``n_routed_experts=None`` gives a dense model.
     ``rope_theta`` / ``rope_scaling`` are kept as plain fields, as in the released config.json, rather than
-    being folded into transformers 5's ``rope_parameters``.
+    being folded into transformers 5's ``rope_parameters``; a config.json that has only ``rope_parameters`` is read
+    from it.
     """
 
     model_type = "deepseek"
@@ -67,6 +68,12 @@ class DeepseekConfig(PretrainedConfig):
     _BASE_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings")
 
     def __init__(self, **kwargs):
+        # A config.json written in transformers 5's style keeps the RoPE settings in rope_parameters only.
+        rope = kwargs.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            kwargs.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            kwargs.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
         for name in self._FIELDS:
             setattr(self, name, kwargs.pop(name, getattr(type(self), name)))
         if self.num_key_value_heads is None:

@@ -527,6 +527,13 @@ def model_fields_from_hf(hf: Mapping) -> dict:
 
     Raises ConversionError for what the Megatron model cannot represent.
     """
+    rope = hf.get("rope_parameters") if isinstance(hf, Mapping) else None
+    if isinstance(rope, Mapping) and "rope_theta" in rope:  # a config.json in transformers 5's style
+        if hf.get("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
+            raise ConversionError(
+                f"config.json sets rope_theta={hf['rope_theta']!r} and rope_parameters.rope_theta="
+                f"{rope['rope_theta']!r}, two RoPE bases; keep the one the model was trained with")
+        hf = {**hf, "rope_theta": rope["rope_theta"]}
     check_hf_config(hf)
     c = {**hf_defaults(), **{k: v for k, v in hf.items()}}
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
