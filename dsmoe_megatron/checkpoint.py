@@ -252,7 +252,8 @@ SAME_MODEL_FIELDS = (
     "rotary_base", "add_qkv_bias", "rotary_interleaved", "softmax_scale",
     "layernorm_zero_centered_gamma", "apply_residual_connection_post_layernorm", "qk_l2_norm",
     "no_rope_freq", "glu_linear_offset", "activation_func_clamp_value", "attention_output_gate",
-    "multi_latent_attention",
+    "multi_latent_attention", "window_size", "window_attn_skip_freq", "softmax_type",
+    "experimental_attention_variant", "linear_attention_freq", "use_mup", "mup_attn_scale_power",
 )
 
 

@@ -802,13 +802,15 @@ def test_a_checkpoint_with_moe_layers_elsewhere_is_another_model():
 
 @pytest.mark.parametrize("override, saved", [
     ("add_qkv_bias=true", False), ("rotary_interleaved=true", False), ("softmax_scale=0.5", None),
-    ("qk_l2_norm=true", False), ("apply_residual_connection_post_layernorm=true", False)])
-def test_a_resume_with_another_attention_is_another_model(override, saved):
+    ("qk_l2_norm=true", False), ("apply_residual_connection_post_layernorm=true", False),
+    ("window_size=[16,0]", None), ("softmax_type=off-by-one", "vanilla"),
+    ("window_attn_skip_freq=2", None)])
+def test_a_resume_with_another_attention_is_another_model(override, saved, tmp_path):
     """These change the attention's tensors or what it computes: a resume with one of them
     changed went on with a model of other outputs in silence (or called the checkpoint
     damaged)."""
-    from dsmoe_megatron.checkpoint import model_difference
-    from dsmoe_megatron.yaml_config import load_run_config
+    from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME, model_difference, saved_run_config
+    from dsmoe_megatron.yaml_config import dump_run_config, load_run_config
 
     tiny = ROOT / "yaml_configs" / "tiny.yaml"
     then = load_run_config(tiny, instantiate_checks=False)
@@ -816,3 +818,6 @@ def test_a_resume_with_another_attention_is_another_model(override, saved):
     field = override.split("=")[0]
     assert model_difference(then, now.model, 259) == (field, saved,
                                                       getattr(now.model, field))
+    # The same model, saved in a checkpoint's run.yaml and read back, is not another one.
+    dump_run_config(now, tmp_path / RUN_CONFIG_NAME)
+    assert model_difference(saved_run_config(tmp_path), now.model, now.train.vocab_size) is None
