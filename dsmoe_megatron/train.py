@@ -175,8 +175,9 @@ class Trainer:
             dump_run_config(run, Path(train.save) / RUN_CONFIG_NAME)
             moved = rewind_metrics(train.save, self.iteration)
             if moved:
-                _log(f"moved {moved} metrics records logged after iteration {self.iteration} "
-                     f"(after the checkpoint resumed from) to metrics.discarded.jsonl")
+                since = (f"after iteration {self.iteration} (after the checkpoint resumed from)"
+                         if self.iteration else "by an earlier run that saved no checkpoint")
+                _log(f"moved {moved} metrics records logged {since} to metrics.discarded.jsonl")
             aside = set_aside_newer_checkpoints(train.save, self.iteration)
             if aside:
                 _log(f"kept the checkpoints past the one resumed from, which this run would "

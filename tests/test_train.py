@@ -90,6 +90,8 @@ def cli(tmp_path_factory) -> Cli:
           "SIGTERM")
     c.add("resume before a checkpoint", "train",
           c.argv("sigterm during save", "train_iters=3", "--resume"))
+    c.add("auto before a checkpoint", "train",
+          c.argv("sigterm during save", "train_iters=3", "--resume", "auto"))
     # With exit_signal_handler the signal saves after the step it arrives in, then stops.
     handled = ["train_iters=3", "save_interval=1", "exit_signal_handler=true"]
     c.add(("handled", "SIGUSR1"), "train_interrupted",
@@ -253,6 +255,11 @@ def test_sigterm_stops_like_ctrl_c(cli):
     # Its run.yaml stays, so a plain start would be refused: --resume says what works.
     refused(cli.results["resume before a checkpoint"], "no checkpoint",
             "--overwrite to start it over", "--resume auto")
+    # --resume auto starts it over, setting aside the records of the run that saved nothing.
+    started = ok(cli.results["auto before a checkpoint"])
+    assert "moved 1 metrics records logged by an earlier run that saved no checkpoint" in (
+        started["stdout"] + started["stderr"])
+    assert sorted(records(started)) == [1, 2, 3]
 
 
 @pytest.mark.distributed
