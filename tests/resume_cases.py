@@ -67,6 +67,7 @@ def run_job(tasks: list[tuple]) -> list:
     kinds = {"train": train, "resume_copy": resume_copy, "train_interrupted": train_interrupted,
              "train_while_locked": train_while_locked, "train_disk_full": train_disk_full,
              "damage": damage, "listing": listing, "killed_during_save": killed_during_save,
+             "killed_before_latest": killed_before_latest,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
              "resumed_checkpoint": resumed_checkpoint,
              "experts_on_gpu_rng": experts_on_gpu_rng,
@@ -214,6 +215,24 @@ def killed_during_save(save: str, iteration: int) -> None:
     final = Path(save) / f"iter_{iteration:07d}"
     final.rename(final.with_name(final.name + ".partial"))
     (Path(save) / "latest").write_text(str(iteration - 1))
+
+
+def killed_before_latest(argv: list[str], iteration: int) -> dict:
+    """train(argv) stopped as a SIGKILL would stop it right after the checkpoint of
+    ``iteration`` is renamed into place, before ``latest`` is written to name it."""
+    from unittest import mock
+
+    from dsmoe_megatron import checkpoint
+
+    real_write = checkpoint.write_text_atomic
+
+    def write_or_die(path, text):
+        if path.name == checkpoint.LATEST_NAME and text == str(iteration):
+            raise KeyboardInterrupt("killed")
+        real_write(path, text)
+
+    with mock.patch.object(checkpoint, "write_text_atomic", write_or_die):
+        return train(argv)
 
 
 def listing(directory: str) -> list[str]:

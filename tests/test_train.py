@@ -432,6 +432,33 @@ def test_a_resume_from_a_set_back_latest_keeps_the_later_checkpoints(cli):
     assert (save / "latest").read_text() == "2"
 
 
+@pytest.mark.distributed
+def test_a_run_killed_before_latest_names_its_checkpoint_resumes_from_it(tmp_path):
+    """A run killed after its first checkpoint was renamed into place (complete: every rank had
+    written) and before `latest` named it: --resume auto, a cluster job's restart, refused to
+    start. It now continues from that checkpoint as if uninterrupted."""
+    from dsmoe_megatron.data import default_corpus_prefix
+
+    data = default_corpus_prefix(tmp_path / "data")
+
+    def argv(name, *extra):
+        return train_argv(data, "1", tmp_path / name, "train_iters=3", "save_interval=1", *extra)
+
+    tasks = [("train", argv("straight")),
+             ("killed_before_latest", argv("killed", "--resume", "auto"), 1),
+             ("train", argv("killed", "--resume", "auto"))]
+    straight, killed, resumed = run_on_ranks(run_job, 1, args=(tasks,))[0]
+    save = tmp_path / "killed"
+    assert killed["code"] == 143
+    assert (f"{save / 'latest'} was missing: the run stopped after saving "
+            f"{save / 'iter_0000001'} and before naming it there") in ok(resumed)["stdout"]
+    assert (save / "latest").read_text() == "3" and not list(save.glob("*.discarded"))
+    assert sorted(records(resumed)) == [1, 2, 3]
+    for iteration, record in records(straight).items():
+        assert records(resumed)[iteration]["lm_loss"] == pytest.approx(record["lm_loss"],
+                                                                        rel=1e-6)
+
+
 def test_checkpoints_past_the_resumed_one_are_renamed_not_replaced(tmp_path):
     from dsmoe_megatron.run_dir import set_aside_newer_checkpoints
 
