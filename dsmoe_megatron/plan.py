@@ -260,6 +260,11 @@ def format_time(time: dict) -> list[str]:
              f"{step:.2f} s; {time['tokens_per_second_per_gpu']:,.0f} tokens/s/GPU, "
              f"{time['model_tflops_per_gpu']:.0f} model TFLOP/s/GPU, MFU "
              f"{time['mfu']:.1%} (of the BF16 peak)"]
+    gpu = GPUS[time["gpu"]]
+    if gpu.intra_node_link != "NVLink":
+        lines += _wrap(f"{gpu.name} has no NVLink across the node: \"NVLink\" below is its "
+                       f"{gpu.intra_node_link} link, {_gb(gpu.nvlink_bandwidth)} GB/s per "
+                       "direction", "  ", "  ")
     for key in COMPONENTS:
         value = time["breakdown"].get(key, 0.0)
         if value:

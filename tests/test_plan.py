@@ -212,10 +212,13 @@ def test_cli_overrides_world_size_and_table(capsys):
     assert plan.main(["yaml_configs/tiny.yaml", "language_model.num_layer=6"]) == 2
     assert "did you mean num_layers?" in capsys.readouterr().err
     assert plan.main(["yaml_configs/tiny.yaml", "--gpu", "H100"]) == 2
-    assert "did you mean H100-80GB?" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "did you mean H100-80GB or H100-PCIe or H100-NVL?" in err
+    assert "(known: A100-40GB, A100-80GB, H100-80GB, H100-PCIe, H100-NVL, H200-141GB, B200, " \
+        "L40S)" in err
     # the hint names the same model (spelling alone named B200 for all four), or nothing
-    for typed, hint in [("H200", "H200-141GB"), ("a100", "A100-80GB"), ("h100", "H100-80GB"),
-                        ("V100", None)]:
+    for typed, hint in [("H200", "H200-141GB"), ("a100", "A100-40GB or A100-80GB"),
+                        ("A100-SXM4-40GB", "A100-40GB or A100-80GB"), ("V100", None)]:
         assert plan.main(["yaml_configs/tiny.yaml", "--gpu", typed]) == 2
         err = capsys.readouterr().err
         assert (f"did you mean {hint}?" in err) if hint else "did you mean" not in err, err
@@ -363,13 +366,21 @@ def test_recompute_and_fp8_lower_the_activations():
 
 
 def test_gpu_table():
-    assert set(GPUS) == {"H100-80GB", "H200-141GB", "A100-80GB", "B200"}
+    assert set(GPUS) == {"H100-80GB", "H200-141GB", "A100-80GB", "B200", "A100-40GB", "L40S",
+                         "H100-PCIe", "H100-NVL"}
     for gpu in GPUS.values():
         assert gpu.bf16_flops > 0 and gpu.memory > 0 and gpu.memory_bandwidth > 0
         assert gpu.nvlink_bandwidth > gpu.network_bandwidth > 0 and gpu.source
+        # the L40S datasheet prints BF16 362.05 and FP8 733 dense
         assert gpu.fp8_flops is None or gpu.fp8_flops == pytest.approx(2 * gpu.bf16_flops,
-                                                                       rel=0.01)
-    assert GPUS["A100-80GB"].fp8_flops is None
+                                                                       rel=0.02)
+    assert GPUS["A100-80GB"].fp8_flops is None and GPUS["A100-40GB"].fp8_flops is None
+    # the GPUs without NVLink across the node use a PCIe x16 link inside it: Gen4 32 GB/s, Gen5
+    # 64 GB/s per direction, not an NVLink figure
+    pcie = {name: gpu.nvlink_bandwidth for name, gpu in GPUS.items()
+            if gpu.intra_node_link != "NVLink"}
+    assert pcie == {"L40S": 32e9, "H100-PCIe": 64e9, "H100-NVL": 64e9}
+    assert {GPUS[name].intra_node_link for name in pcie} == {"PCIe Gen4 x16", "PCIe Gen5 x16"}
     run = load_run_config(CONFIGS / "tiny.yaml", ["model_parallel.fp8=hybrid", "bf16=true"],
                           instantiate_checks=False)
     with pytest.raises(ValueError, match="A100-80GB has no FP8 tensor cores"):
@@ -392,6 +403,74 @@ def test_step_time_accounts_for_every_second():
     for key in ("GEMMs", "expert GEMMs", "attention"):
         assert b200["step_time"]["breakdown"][key] == pytest.approx(
             t["breakdown"][key] * 989 / 2250)
+
+
+def test_a_pcie_node_times_the_all_to_all_at_pcie_speed(capsys):
+    """H100 PCIe: the H100's bytes on the same layout (EP 8 inside the node) at 64 GB/s instead
+    of NVLink's 450: the all-to-all takes 450 / 64 times as long, and the plan says which link
+    it is."""
+    run = load_run_config(CONFIGS / "deepseekmoe_16b.yaml", instantiate_checks=False)
+    sxm, pcie = (plan.make_plan(run, 128, gpu=gpu)["step_time"]
+                 for gpu in ("H100-80GB", "H100-PCIe"))
+    assert pcie["ep_alltoall_bytes_per_step"] == sxm["ep_alltoall_bytes_per_step"]
+    latency = 4 * 27 * 36 * 20e-6  # 4 all-to-alls in each of 27 MoE layers, 36 micro-batches
+    a2a = [t["breakdown"]["EP all-to-all (NVLink)"] - latency for t in (sxm, pcie)]
+    assert a2a[1] == pytest.approx(a2a[0] * 450 / 64)
+    assert plan.main(["yaml_configs/deepseekmoe_16b.yaml", "--gpus", "128", "--gpu", "L40S"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit L40S (48.0 GB)" in out
+    assert 'L40S has no NVLink across the node: "NVLink" below is its PCIe Gen4 x16 link, 32.0 ' \
+        "GB/s" in " ".join(out.split())
+    assert plan.main(["yaml_configs/deepseekmoe_16b.yaml", "--gpus", "128"]) == 0
+    assert "has no NVLink" not in capsys.readouterr().out
+
+
+def test_16b_on_one_node_of_a100_40gb(capsys):
+    """Weights (bf16, 2 bytes), gradients (fp32, 4) and Adam (fp32 params and moments, 12,
+    sharded over DP; the routed experts over expert DP) counted by hand from the 16B shapes:
+    the YAML's layout on 8 GPUs (EP 8, DP 8, expert DP 1) holds 44 GB of them per GPU, more than
+    an A100-40GB before any activation; an A100-80GB holds it all."""
+    h, vocab = 2048, 102400
+    attention, expert = 4 * h * h, 3 * h * 1408
+    dense = 28 * attention + 3 * h * 10944 + 27 * (2 * expert + 64 * h) + 2 * vocab * h
+    routed = 27 * 64 * expert / 8  # per EP rank
+    state = 6 * (dense + routed) + 12 * (dense / 8 + routed)
+    assert 44e9 < state < 45e9
+    args = ["yaml_configs/deepseekmoe_16b.yaml", "--gpus", "8"]
+    assert plan.main([*args, "--gpu", "A100-40GB", "--json"]) == 1
+    small = json.loads(capsys.readouterr().out)
+    [st] = small["memory"]["stages"]
+    assert st["weights"] + st["grads"] + st["optimizer"] == pytest.approx(state, rel=1e-3)
+    assert not small["fit"]["fits"] and small["fit"]["gpu_memory"] == 40e9
+    assert plan.main([*args, "--gpu", "A100-80GB", "--json"]) == 0
+    big = json.loads(capsys.readouterr().out)
+    assert big["fit"]["fits"] and big["memory"]["max_bytes_per_gpu"] == \
+        small["memory"]["max_bytes_per_gpu"]
+    assert plan.main([*args, "--gpu", "A100-40GB"]) == 1
+    assert "does NOT fit A100-40GB (40.0 GB); try --search" in capsys.readouterr().out
+    # no layout of 8 GPUs fits: together they hold at least 18 bytes per parameter (16.4B, the
+    # paper's count), 36.9 GB a GPU, and the allowance of 3 GB + 10% (README) takes it past 40
+    assert 18 * 16.4e9 / 8 * 1.1 + 3e9 > 40e9
+    assert plan.main([*args, "--gpu", "A100-40GB", "--search"]) == 1
+    assert "none fits: more GPUs, a larger GPU" in capsys.readouterr().out
+
+
+def test_search_on_a100_40gb_keeps_every_layout_under_40_gb():
+    """16B on 16 A100-40GB: the YAML's layout (EP 8, no TP or PP) does not fit, the search finds
+    layouts that do, with their peak under 40 GB; the 16 GPUs hold at least 18 bytes per
+    parameter (weights, gradients, Adam) together, 18.5 GB each on average, and the fullest of
+    each layout at least that."""
+    run = load_run_config(CONFIGS / "deepseekmoe_16b.yaml", instantiate_checks=False)
+    assert not plan.make_plan(run, 16, gpu="A100-40GB")["fit"]["fits"]
+    ranked = plan.search_plan(run, 16, gpu="A100-40GB", top=5)["search"]["ranked"]
+    assert len(ranked) == 5
+    for r in ranked:
+        assert r["fits"] and r["gpu_memory"] == 40e9
+        assert 0 < r["memory"]["max_bytes_per_gpu"] <= 40e9
+        stages = r["memory"]["stages"]
+        assert all(st["total"] <= 40e9 for st in stages)
+        assert max(st["weights"] + st["grads"] + st["optimizer"] for st in stages) >= \
+            18 * 16.4e9 / 16
 
 
 def test_gradient_reduction_is_timed_as_dsmoe_train_runs_it(capsys):

@@ -6,6 +6,13 @@ twice the dense rate; the dense rate is used here). Memory is the datasheet capa
 as margin. Bandwidths are per GPU and per direction: NVLink is the datasheet's bidirectional
 figure halved; the network is the node's InfiniBand NICs (one per GPU on the DGX/HGX systems
 named) in bytes per second.
+
+GPUs without NVLink between all GPUs of a node (L40S: none; H100 PCIe / NVL: a bridge joins
+pairs only, while TP, EP and DP groups span up to the whole node) talk over PCIe inside the
+node: their ``nvlink_bandwidth`` is the PCIe x16 link's (datasheet bidirectional figure halved),
+and ``intra_node_link`` says so. Their servers have no DGX datasheet; the network is that of
+NVIDIA's Enterprise Reference Architecture for 8-GPU PCIe servers (2-8-5-200: 200 Gb/s of
+east-west network per GPU).
 """
 
 from __future__ import annotations
@@ -29,9 +36,14 @@ class GPU:
     nvlink_bandwidth: float  # per GPU, one direction, bytes/s
     network_bandwidth: float  # per GPU (its own NIC), one direction, bytes/s
     source: str
+    intra_node_link: str = "NVLink"  # what nvlink_bandwidth is: NVLink, or PCIe without it
 
 
 GPUS = {gpu.name: gpu for gpu in (
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM4 40GB): BF16 312 TFLOPS dense, no FP8, 40GB
+    # HBM2 at 1,555 GB/s, NVLink 3 600 GB/s; DGX A100 (40GB) datasheet: 8x 200 Gb/s HDR.
+    GPU("A100-40GB", 312 * TFLOPS, None, 40 * GB, 1555 * GB, 300 * GB, 25 * GB,
+        "NVIDIA A100 datasheet (SXM4 40GB); DGX A100 datasheet (8x 200Gb/s HDR)"),
     # NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16 312 TFLOPS dense (624 sparse), no
     # FP8, 80GB HBM2e at 2,039 GB/s, NVLink 3 600 GB/s; DGX A100 datasheet: 8x ConnectX-6
     # 200 Gb/s HDR InfiniBand compute NICs (one per GPU).
@@ -42,6 +54,18 @@ GPUS = {gpu.name: gpu for gpu in (
     # 8x ConnectX-7 400 Gb/s NDR InfiniBand.
     GPU("H100-80GB", 989 * TFLOPS, 1979 * TFLOPS, 80 * GB, 3350 * GB, 450 * GB, 50 * GB,
         "NVIDIA H100 datasheet (SXM5); DGX H100 datasheet (8x 400Gb/s NDR)"),
+    # NVIDIA H100 datasheet (H100 PCIe, 80GB): BF16 1,513 / FP8 3,026 TFLOPS with sparsity
+    # (756.5 / 1,513 dense), 80GB HBM2e at 2 TB/s, PCIe Gen5 128 GB/s (the 600 GB/s NVLink
+    # bridge joins pairs only: modelled as PCIe Gen5 x16, 64 GB/s per direction).
+    GPU("H100-PCIe", 756.5 * TFLOPS, 1513 * TFLOPS, 80 * GB, 2000 * GB, 64 * GB, 25 * GB,
+        "NVIDIA H100 datasheet (PCIe 80GB); Enterprise RA 2-8-5-200 (200Gb/s per GPU)",
+        "PCIe Gen5 x16"),
+    # NVIDIA H100 datasheet (H100 NVL, PCIe card): BF16 1,671 / FP8 3,341 TFLOPS with sparsity
+    # (835.5 / 1,670.5 dense), 94GB HBM3 at 3.9 TB/s, PCIe Gen5 128 GB/s (NVLink bridge: pairs
+    # only, modelled as PCIe Gen5 x16 as above).
+    GPU("H100-NVL", 835.5 * TFLOPS, 1670.5 * TFLOPS, 94 * GB, 3900 * GB, 64 * GB, 25 * GB,
+        "NVIDIA H100 datasheet (NVL 94GB); Enterprise RA 2-8-5-200 (200Gb/s per GPU)",
+        "PCIe Gen5 x16"),
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): the H100's compute (BF16 989 / FP8 1,979
     # TFLOPS dense), 141GB HBM3e at 4.8 TB/s, NVLink 900 GB/s; DGX H200: 8x ConnectX-7 400 Gb/s.
     GPU("H200-141GB", 989 * TFLOPS, 1979 * TFLOPS, 141 * GB, 4800 * GB, 450 * GB, 50 * GB,
@@ -51,6 +75,10 @@ GPUS = {gpu.name: gpu for gpu in (
     # 8 TB/s per GPU, NVLink 5 1.8 TB/s per GPU; DGX B200: 8x ConnectX-7 400 Gb/s.
     GPU("B200", 2250 * TFLOPS, 4500 * TFLOPS, 180 * GB, 8000 * GB, 900 * GB, 50 * GB,
         "NVIDIA DGX B200 / HGX B200 datasheets (8x 400Gb/s NDR)"),
+    # NVIDIA L40S datasheet (PCIe card): BF16 362.05 / FP8 733 TFLOPS dense (733 / 1,466 with
+    # sparsity), 48GB GDDR6 at 864 GB/s, no NVLink: PCIe Gen4 x16 64 GB/s, 32 per direction.
+    GPU("L40S", 362.05 * TFLOPS, 733 * TFLOPS, 48 * GB, 864 * GB, 32 * GB, 25 * GB,
+        "NVIDIA L40S datasheet (PCIe); Enterprise RA 2-8-5-200 (200Gb/s per GPU)", "PCIe Gen4 x16"),
 )}
 
 
@@ -63,7 +91,7 @@ def get_gpu(name: str) -> GPU:
     near = [known for known in GPUS if name.upper().startswith(known.split("-")[0])]
     near = near or [upper[n].name for n in difflib.get_close_matches(name.upper(), upper, n=1,
                                                                      cutoff=0.7)]
-    hint = f"; did you mean {near[0]}?" if near else ""
+    hint = f"; did you mean {' or '.join(near)}?" if near else ""
     raise ConfigError(f"--gpu {name!r} is not a GPU the planner knows (known: "
                       f"{', '.join(GPUS)}){hint}")
 
