@@ -139,11 +139,16 @@ def hook_checkpoint_loading() -> None:
     on a pipeline stage of dense layers only) report the others' step, as dsmoe-train does:
     Megatron's distributed optimizer asserted on the step it lacks. A save creates the state
     first too, as dsmoe-train's does: before any update was applied (an fp16 run skips its
-    first steps while the loss scale comes down) there was none, and the save asserted."""
+    first steps while the loss scale comes down) there was none, and the save asserted. Saves
+    not in the background collect the torch_dist writer's results in the process, as
+    dsmoe-train's do: the Manager process Megatron started for them at the first save got
+    torchrun's or the scheduler's SIGTERM too, and the ``--exit-signal-handler`` save after it
+    failed ('Broken pipe'), losing the steps since the last checkpoint."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import get_args, training
 
-    from dsmoe_megatron.checkpoint import (adam_steps_from_groups, create_adam_state,
+    from dsmoe_megatron.checkpoint import (_collect_write_results_in_process,
+                                           adam_steps_from_groups, create_adam_state,
                                            empty_adams_report_a_step)
 
     original = training.load_checkpoint
@@ -152,6 +157,8 @@ def hook_checkpoint_loading() -> None:
     original_save = training.save_checkpoint
 
     def save_checkpoint(iteration, model, optimizer, *args, **kwargs):
+        if not get_args().async_save:  # --async-save's writer process needs the Manager
+            _collect_write_results_in_process()
         if optimizer is not None:  # no step taken yet (fp16 skips its first ones): no state
             create_adam_state(optimizer)
         with empty_adams_report_a_step(optimizer):

@@ -9,8 +9,10 @@
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -72,16 +74,20 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data_cache"))
 
 
-def run(command: list[str], world_size: int = 1, timeout: float = 240, returncode: int = 0) -> str:
+def launch(command: list[str], world_size: int = 1) -> tuple[list[str], dict]:
+    """The command line and environment of ``command`` on ``world_size`` processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1" if world_size > 1 else "2",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if world_size == 1:  # a plain process, without torchrun's variables
         for name in TORCHRUN_VARIABLES:
             env.pop(name, None)
-        command = [sys.executable, *command]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
-                   f"--master-port={free_port()}", *command]
+        return [sys.executable, *command], env
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
+            f"--master-port={free_port()}", *command], env
+
+
+def run(command: list[str], world_size: int = 1, timeout: float = 240, returncode: int = 0) -> str:
+    command, env = launch(command, world_size)
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     log = proc.stdout + proc.stderr
@@ -485,6 +491,47 @@ def test_a_pipeline_stage_without_moe_layers_saves_and_resumes(cache, tmp_path):
     again = run([*pipeline, "--load", str(first), "--save", str(second)], world_size=2)
     assert ITERATION.findall(again)[0] == ITERATION.findall(whole)[2]
     assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
+
+
+@pytest.mark.distributed
+def test_a_torchrun_job_sent_sigterm_after_a_checkpoint_saves_and_resumes(cache, tmp_path):
+    """--exit-signal-handler after a checkpoint: Megatron-core's torch_dist writer passed its
+    results through a multiprocessing Manager, a process the first save started in the rank's
+    process group, which torchrun's SIGTERM (a scheduler's, passed on) ended too. The save on the
+    signal failed ('Broken pipe'; a rank could also stop with exit code 141 and no message), and
+    the steps since the last checkpoint were lost. Now the job saves where it stopped, and the
+    run resumed from there (on one process) trains as the uninterrupted run does."""
+    save, log = tmp_path / "save", tmp_path / "log"
+    flags = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--train-iters", "200", "--eval-iters", "0",
+             "--eval-interval", "200", "--data-cache-path", cache]
+    command, env = launch([*flags, "--save", str(save), "--save-interval", "2",
+                           "--exit-signal-handler"], world_size=2)
+    # The log goes to a file: Megatron-LM's arguments alone fill a pipe read only at the end.
+    with log.open("w") as out:
+        job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while (not (save / "latest_checkpointed_iteration.txt").exists()
+                   and job.poll() is None and time.monotonic() < deadline):
+                time.sleep(0.2)
+            job.send_signal(signal.SIGTERM)  # as a scheduler sends it
+            job.wait(timeout=120)
+        finally:
+            job.kill()
+    interrupted = log.read_text()
+    stopped = int(ITERATION.findall(interrupted)[-1][0])
+    assert "exiting program after receiving SIGTERM" in interrupted, interrupted[-4000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == str(stopped)
+    assert 2 < stopped < 200
+
+    # Two more iterations resumed, against the run straight through them.
+    end = ["--exit-interval", str(stopped + 2)]
+    resumed = ITERATION.findall(run([*flags, *end, "--load", str(save)]))
+    straight = ITERATION.findall(run([*flags, *end]))
+    assert [int(i) for i, _, _ in resumed] == [stopped + 1, stopped + 2]
+    # (Megatron-LM logs the mean of the first two iterations after a resume as the second's.)
+    assert float(resumed[0][1]) == pytest.approx(float(straight[stopped][1]), rel=1e-5)
+    assert math.isfinite(float(resumed[1][1]))
 
 
 def test_a_megatron_lm_checkpoint_exports_to_hugging_face(first_run, tmp_path, capsys):
