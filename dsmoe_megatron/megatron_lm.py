@@ -503,6 +503,9 @@ def yaml_to_megatron_flags(path: str, parser, given: list[str] = ()) -> list[str
     model_keys = {k for s in ("language_model", "model_parallel", "deepseekmoe")
                   for k in run.source.get(s, {})}
     model_keys |= {k for k in deepseek_defaults() if "fusion" not in k} - {"activation_func"}
+    # Megatron-core's default, which dsmoe-train keeps; Megatron-LM's flag defaults to a softmax
+    # in the activations' precision (bf16) where attention is not fused.
+    model_keys.add("attention_softmax_in_fp32")
     values = {key: getattr(run.model, key) for key in sorted(model_keys)}
     values.update(dataclasses.asdict(run.train))
     values["exit_signal"] = signal.Signals[run.train.exit_signal]  # Megatron-LM's type

@@ -6,6 +6,7 @@
     `python -m dsmoe_megatron.megatron_lm`.
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -225,6 +226,39 @@ def test_yaml_exit_settings_become_megatron_lms(tmp_path):
     flags = dict(zip(argv, argv[1:]))
     assert (flags["--exit-duration-in-mins"], flags["--exit-signal"]) == ("30", "SIGUSR1")
     assert "--exit-signal-handler" in argv
+
+
+# TransformerConfig fields in which Megatron-LM's run of a --dsmoe-yaml file may differ from
+# dsmoe-train's: how it runs, not what the model computes.
+_HOW_IT_RUNS = {
+    "transformer_impl", "use_cpu_initialization", "deallocate_pipeline_outputs",
+    "tensor_parallel_num_weight_shards", "expert_tensor_parallel_num_weight_shards",
+    "cp_comm_type", "inference_sampling_seed", "hetereogenous_dist_checkpoint",
+    # Given as our moe_num_shared_experts, and as a list of layers: compared below.
+    "moe_shared_expert_intermediate_size", "moe_layer_freq",
+}
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_gshard", "deepseekmoe_16b"])
+def test_yaml_gives_megatron_lm_the_model_of_dsmoe_train(parse_args, name):
+    """The TransformerConfig Megatron-LM builds from a --dsmoe-yaml file is dsmoe-train's but for
+    how it runs. Attention's softmax ran in the activations' precision on Megatron-LM's unfused
+    path (its flag's default) and in fp32 in dsmoe-train."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from dsmoe_megatron.megatron_lm import CPU_FLAGS
+    from dsmoe_megatron.yaml_config import load_run_config
+
+    path = str(ROOT / "yaml_configs" / f"{name}.yaml")
+    ours = load_run_config(path).model
+    theirs = core_transformer_config_from_args(parse_args(
+        [*CPU_FLAGS, "--dsmoe-yaml", path, "--lr-decay-style", "cosine"]))
+    differ = {field.name: (getattr(theirs, field.name), getattr(ours, field.name))
+              for field in dataclasses.fields(theirs) if field.name not in _HOW_IT_RUNS
+              and not callable(getattr(theirs, field.name))
+              and getattr(theirs, field.name) != getattr(ours, field.name)}
+    assert differ == {}
+    assert theirs.moe_layer_freq == ours.moe_layer_pattern()
 
 
 def test_config_from_megatron_reads_widths_and_environment(monkeypatch):
