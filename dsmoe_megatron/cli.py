@@ -16,6 +16,7 @@ import errno
 import importlib
 import logging
 import os
+import select
 import shutil
 import signal
 import sys
@@ -213,6 +214,16 @@ def _free_space(path) -> str | None:
     return f"{free / 2**20:,.0f} MiB free on the filesystem of {where}"
 
 
+def _stdout_reader_gone() -> bool:
+    """stdout is a pipe or socket whose reader has closed it."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):  # no file descriptor (captured), or closed
+        return False
+
+
 def _run(tool: str, module: str) -> int:
     sys.argv[1:] = quiet_warnings()
 
@@ -237,6 +248,8 @@ def _run(tool: str, module: str) -> int:
         print(f"{tool}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket (a process that died): not a reason to stop quietly
         # The reader of stdout left (`dsmoe-plan ... | head`): stop as SIGPIPE would stop a C
         # tool. stdout goes to /dev/null, or the interpreter's last flush raises again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -115,6 +115,19 @@ def test_a_reader_that_leaves_early_is_no_traceback(tool):
     assert proc.returncode == 141 and "Traceback" not in err and "Exception" not in err, err[-3000:]
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_not_silenced(monkeypatch):
+    """A BrokenPipeError from another pipe (the results queue of a process that died) was taken
+    for `| head` leaving: the tool exited 141 without a word."""
+    from dsmoe_megatron import cli, plan
+
+    def lost_peer():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(plan, "main", lost_peer)
+    with pytest.raises(BrokenPipeError):
+        cli.plan()
+
+
 @pytest.mark.parametrize("module", ["data", "synthetic", "train"])
 def test_ctrl_c_at_the_start_of_python_m_is_one_line(module, tmp_path):
     """``python -m dsmoe_megatron.X`` runs as the console scripts do: Ctrl-C while the libraries
