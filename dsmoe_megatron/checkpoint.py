@@ -91,7 +91,7 @@ def _read_tensor_metadata_without_strides() -> None:
 _read_tensor_metadata_without_strides()
 
 
-def _collect_write_results_in_process() -> None:
+def collect_write_results_in_process() -> None:
     """Megatron's torch_dist writer hands its writing threads' results over the queue of a
     multiprocessing Manager, a process of its own started at the first save (made for saves in
     the background, which are not used here). A scheduler's or torchrun's SIGTERM reaches that
@@ -157,7 +157,7 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
         write_text_atomic(Path(save_dir) / LATEST_NAME, str(iteration))
 
     _on_rank0_for_all(start, save_dir, iteration, partial)
-    _collect_write_results_in_process()
+    collect_write_results_in_process()
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:

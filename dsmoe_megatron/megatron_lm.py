@@ -147,7 +147,7 @@ def hook_checkpoint_loading() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import get_args, training
 
-    from dsmoe_megatron.checkpoint import (_collect_write_results_in_process,
+    from dsmoe_megatron.checkpoint import (collect_write_results_in_process,
                                            adam_steps_from_groups, create_adam_state,
                                            empty_adams_report_a_step)
 
@@ -158,7 +158,7 @@ def hook_checkpoint_loading() -> None:
 
     def save_checkpoint(iteration, model, optimizer, *args, **kwargs):
         if not get_args().async_save:  # --async-save's writer process needs the Manager
-            _collect_write_results_in_process()
+            collect_write_results_in_process()
         if optimizer is not None:  # no step taken yet (fp16 skips its first ones): no state
             create_adam_state(optimizer)
         with empty_adams_report_a_step(optimizer):
