@@ -22,6 +22,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,9 +57,6 @@ from dsmoe_megatron.tokenizer import ByteTokenizer  # noqa: E402
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 # Paragraphs are merged up to this size so that a training sequence mostly sees coherent text.
 DEFAULT_MIN_DOCUMENT_CHARS = 2000
-_PREPROCESS_HINT = (
-    "create it with: dsmoe-preprocess --input TEXT_FILE [...] --output-prefix {prefix}"
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,9 +384,7 @@ def default_corpus_prefix(
 
 def open_indexed_dataset(prefix: str) -> IndexedDataset:
     """Open ``prefix.bin/.idx`` after checking that both exist and agree with each other."""
-    fix = _PREPROCESS_HINT.format(prefix=prefix)
-    if prefix.endswith((".bin", ".idx")):
-        fix += f" (data_path takes the prefix without the extension: {prefix[:-4]})"
+    fix = _preprocess_hint(prefix)
     for path in (get_idx_path(prefix), get_bin_path(prefix)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"indexed dataset file {path} not found; {fix}")
@@ -419,6 +415,28 @@ def open_indexed_dataset(prefix: str) -> IndexedDataset:
         return IndexedDataset(prefix)
     except Exception as err:
         raise ValueError(f"{corrupt} ({type(err).__name__}: {err}); re-{fix}") from err
+
+
+def _preprocess_hint(prefix: str) -> str:
+    """What makes ``prefix`` a dataset, as a command to paste: ``dsmoe-preprocess``, or for a
+    prefix that names a text file or a .bin / .idx, the prefix to give instead."""
+    pair = (get_bin_path(prefix), get_idx_path(prefix))
+    if not any(map(os.path.exists, pair)):
+        if prefix.endswith((".bin", ".idx")):
+            stem = prefix[:-4]
+            return (f"data_path takes the prefix without the extension: {stem}"
+                    + ("" if os.path.isfile(get_idx_path(stem)) else
+                       f"; {_preprocess_hint(stem)}"))
+        if os.path.isfile(prefix):  # data_path=[data/a.txt]
+            name, compression = os.path.splitext(prefix)  # data/a.jsonl.gz -> data/a
+            stem = os.path.splitext(name if compression.lower() in COMPRESSED_OPENERS
+                                    else prefix)[0]
+            make = ("" if os.path.isfile(get_idx_path(stem)) else
+                    f"tokenize it with: dsmoe-preprocess --input {shlex.quote(prefix)} "
+                    f"--output-prefix {shlex.quote(stem)}, then ")
+            return f"{prefix} is a text file, not a dataset; {make}set data_path to {stem}"
+    return ("create it with: dsmoe-preprocess --input TEXT_FILE [...] --output-prefix "
+            f"{shlex.quote(prefix)}")
 
 
 def _split_samples(prefix: str, dataset: IndexedDataset, split: str, seq_length: int,

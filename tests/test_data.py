@@ -11,6 +11,7 @@ import os
 import random
 import re
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -575,6 +576,29 @@ def test_missing_and_corrupt_dataset_errors(tmp_path):
         f.truncate(100)
     with pytest.raises(ValueError, match=r"truncated\.bin.*corrupt.*dsmoe-preprocess"):
         data.build_gpt_datasets([prefix], 16, seed=0)
+
+
+@pytest.mark.parametrize("name", ["my corpus.txt", "shard.jsonl.gz"])
+def test_data_path_naming_the_text_file_gives_the_command_that_makes_its_dataset(tmp_path,
+                                                                               name):
+    """The command in the error, pasted into a shell, makes the dataset it then names."""
+    text = tmp_path / name
+    with (gzip.open if name.endswith(".gz") else open)(text, "wt") as f:
+        f.write(json.dumps({"text": "some text"}) + "\n" if ".jsonl" in name else "some text\n")
+    with pytest.raises(FileNotFoundError) as err:
+        data.open_indexed_dataset(str(text))
+    message = str(err.value)
+    command = re.search(r"tokenize it with: (dsmoe-preprocess .*), then set data_path to (.*)$",
+                        message)
+    assert command, message
+    argv = shlex.split(command.group(1))
+    assert data.main(argv[1:]) == 0
+    assert len(data.open_indexed_dataset(command.group(2))) == 1
+    assert command.group(2) == str(tmp_path / name.split(".")[0])
+    # Once made, the error names the dataset beside the text file.
+    with pytest.raises(FileNotFoundError, match=r"is a text file, not a dataset; set data_path "
+                                                f"to {re.escape(command.group(2))}$"):
+        data.open_indexed_dataset(str(text))
 
 
 def test_corpus_too_small_for_seq_length(tmp_path):
