@@ -418,8 +418,9 @@ def open_indexed_dataset(prefix: str) -> IndexedDataset:
 
 
 def _preprocess_hint(prefix: str) -> str:
-    """What makes ``prefix`` a dataset, as a command to paste: ``dsmoe-preprocess``, or for a
-    prefix that names a text file or a .bin / .idx, the prefix to give instead."""
+    """What makes ``prefix`` a dataset, as a command to paste: ``dsmoe-preprocess`` (with
+    --force where a file of the pair is in its way), or for a prefix that names a text file
+    or a .bin / .idx, the prefix to give instead."""
     pair = (get_bin_path(prefix), get_idx_path(prefix))
     if not any(map(os.path.exists, pair)):
         if prefix.endswith((".bin", ".idx")):
@@ -435,8 +436,9 @@ def _preprocess_hint(prefix: str) -> str:
                     f"tokenize it with: dsmoe-preprocess --input {shlex.quote(prefix)} "
                     f"--output-prefix {shlex.quote(stem)}, then ")
             return f"{prefix} is a text file, not a dataset; {make}set data_path to {stem}"
+    force = " --force" if any(map(os.path.exists, pair)) else ""
     return ("create it with: dsmoe-preprocess --input TEXT_FILE [...] --output-prefix "
-            f"{shlex.quote(prefix)}")
+            f"{shlex.quote(prefix)}{force}")
 
 
 def _split_samples(prefix: str, dataset: IndexedDataset, split: str, seq_length: int,

@@ -601,6 +601,24 @@ def test_data_path_naming_the_text_file_gives_the_command_that_makes_its_dataset
         data.open_indexed_dataset(str(text))
 
 
+@pytest.mark.parametrize("damage", ["no .idx", "truncated .bin"])
+def test_the_command_to_recreate_a_damaged_dataset_replaces_it(tmp_path, damage):
+    """Without --force, dsmoe-preprocess would refuse the file of the pair that is left."""
+    prefix = make_prefix(tmp_path, "corpus", numbered_paragraphs("x", 5))
+    if damage == "no .idx":
+        os.remove(prefix + ".idx")
+    else:
+        with open(prefix + ".bin", "r+b") as f:
+            f.truncate(100)
+    with pytest.raises((FileNotFoundError, ValueError)) as err:
+        data.open_indexed_dataset(prefix)
+    command = re.search(r"create it with: (dsmoe-preprocess .*)$", str(err.value))
+    assert command, str(err.value)
+    argv = shlex.split(command.group(1).replace("TEXT_FILE [...]", str(tmp_path / "corpus.txt")))
+    assert data.main(argv[1:]) == 0
+    data.open_indexed_dataset(prefix)  # whole again
+
+
 def test_corpus_too_small_for_seq_length(tmp_path):
     prefix = make_prefix(tmp_path, "tiny", ["just a few words"] * 10)
     with pytest.raises(ValueError, match=r"too small for seq_length=512.*train split"):
