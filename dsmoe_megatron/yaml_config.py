@@ -239,7 +239,8 @@ class TrainingArgs:
             raise YamlConfigError("data_path: is an empty list; use null for the shipped corpus")
         for item in blend:  # Megatron-LM's --data-path form: "0.7 a 0.3 b" is one string here
             words = item.split()
-            if len(words) > 1 and not os.path.exists(f"{item}.idx"):
+            # A dataset or text file (data.py names the prefix to make of it) is one path.
+            if len(words) > 1 and not (os.path.exists(f"{item}.idx") or os.path.isfile(item)):
                 raise YamlConfigError(
                     f"data_path: {item!r} is one prefix with spaces, not a blend; list its "
                     f"parts: data_path=[{', '.join(w for i in blend for w in i.split())}]")

@@ -541,6 +541,9 @@ def test_a_blend_written_as_one_string_is_refused(tmp_path):
     spaced = tmp_path / "my data"
     Path(f"{spaced}.idx").touch()  # a prefix that holds a space is still one
     assert load_run_config(TINY, [f"data_path=['{spaced}']"]).train.data_path == [str(spaced)]
+    text = tmp_path / "my text.txt"  # so is a text file, which the data error then handles
+    text.touch()
+    assert load_run_config(TINY, [f"data_path=['{text}']"]).train.data_path == [str(text)]
 
 
 def test_vocab_size_may_exceed_the_tokenizers():
