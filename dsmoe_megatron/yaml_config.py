@@ -244,7 +244,7 @@ class TrainingArgs:
                 raise YamlConfigError(
                     f"data_path: {item!r} is one prefix with spaces, not a blend; list its "
                     f"parts: data_path=[{', '.join(w for i in blend for w in i.split())}]")
-        if not _is_number(blend[0]):
+        if not any(map(_is_number, blend)):  # [a, 0.7, b] lacks a weight, not a dataset 0.7
             return
         if len(blend) % 2 or not all(_is_number(w) for w in blend[::2]):
             raise YamlConfigError(f"data_path: {blend} looks like a weighted blend but is not "

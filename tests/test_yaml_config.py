@@ -529,6 +529,15 @@ def test_blend_weights_must_be_positive(blend, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("blend", ["[a, 0.7, b]", "[a, b, 0.3]", "[0.3, a, 0.7]"])
+def test_a_blend_with_a_missing_weight_is_refused(blend):
+    """Megatron reads a blend whose first item is a prefix as prefixes only: 0.7 would be
+    looked for as the dataset 0.7.idx."""
+    with pytest.raises(YamlConfigError, match=r"looks like a weighted blend but is not "
+                                              r"'weight, prefix' pairs"):
+        load_run_config(TINY, [f"data_path={blend}"])
+
+
 def test_a_blend_written_as_one_string_is_refused(tmp_path):
     """Megatron-LM's --data-path takes '0.7 a 0.3 b'; here that string is one prefix. The list
     to write holds every item's parts (it held the first item's only, dropping '0.3 b')."""
