@@ -299,12 +299,16 @@ def preprocess(
 
 
 def check_output_prefix(output_prefix: str, force: bool = False) -> None:
-    """Refuse a prefix that names a directory, and one of an existing dataset without
-    ``force``."""
+    """Refuse a prefix that names a directory or ends in .bin / .idx, and one of an existing
+    dataset without ``force``."""
     if not os.path.basename(output_prefix):  # "data/" would write the hidden data/.bin
         raise ValueError(
             f"--output-prefix {output_prefix!r} names a directory; add the dataset's name, e.g. "
             f"{os.path.join(output_prefix, 'my_corpus')} (writes my_corpus.bin and .idx there)")
+    if output_prefix.endswith((".bin", ".idx")):  # would write data/a.bin.bin
+        raise ValueError(
+            f"--output-prefix {output_prefix} ends in {output_prefix[-4:]}; give the prefix "
+            f"without it, {output_prefix[:-4]} (writes its .bin and .idx)")
     for path in (get_bin_path(output_prefix), get_idx_path(output_prefix)):
         if os.path.exists(path) and not force:
             raise FileExistsError(

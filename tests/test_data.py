@@ -367,6 +367,17 @@ def test_preprocess_output_prefix_must_name_a_dataset(tmp_path, monkeypatch, pre
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "out"] and not os.listdir("out")
 
 
+@pytest.mark.parametrize("suffix", [".bin", ".idx"])
+def test_preprocess_output_prefix_with_the_extension_is_refused(tmp_path, suffix):
+    """--output-prefix out/a.bin would write out/a.bin.bin, which data_path=[out/a] misses."""
+    source = write_paragraphs(tmp_path / "in.txt", ["one"])
+    with pytest.raises(ValueError) as err:
+        data.preprocess([source], tmp_path / f"a{suffix}")
+    assert str(err.value) == (f"--output-prefix {tmp_path}/a{suffix} ends in {suffix}; give the "
+                              f"prefix without it, {tmp_path}/a (writes its .bin and .idx)")
+    assert sorted(os.listdir(tmp_path)) == ["in.txt"]
+
+
 def test_preprocess_output_prefix_under_a_file_names_it(tmp_path):
     """--output-prefix in.txt/x: os.makedirs says only "File exists" of the file in the way."""
     source = write_paragraphs(tmp_path / "in.txt", ["one"])
