@@ -240,6 +240,10 @@ def preprocess(
         raise ValueError(f"--min-document-chars must be >= 1 (got {min_document_chars})")
     seen: dict[str, str] = {}  # real path -> as given
     for path in input_paths:
+        if os.path.isdir(path):
+            raise ValueError(
+                f"input {path} is a directory; pass its files, e.g. --input "
+                f"{shlex.quote(os.path.join(path, '*.jsonl'))} (a quoted pattern)")
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"input file {path} does not exist or is not a file"

@@ -367,6 +367,16 @@ def test_preprocess_output_prefix_must_name_a_dataset(tmp_path, monkeypatch, pre
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "out"] and not os.listdir("out")
 
 
+def test_preprocess_input_directory_is_refused_with_a_pattern_of_its_files(tmp_path):
+    shards = tmp_path / "my shards"
+    shards.mkdir()
+    (shards / "0.jsonl").write_text('{"text": "one"}\n')
+    with pytest.raises(ValueError) as err:
+        data.preprocess([shards], tmp_path / "out")
+    pattern = shlex.split(re.search(r"--input (.*) \(a quoted", str(err.value)).group(1))
+    assert len(data.open_indexed_dataset(data.preprocess(pattern, tmp_path / "out"))) == 1
+
+
 @pytest.mark.parametrize("suffix", [".bin", ".idx"])
 def test_preprocess_output_prefix_with_the_extension_is_refused(tmp_path, suffix):
     """--output-prefix out/a.bin would write out/a.bin.bin, which data_path=[out/a] misses."""
