@@ -26,6 +26,7 @@ flag it would set is given explicitly.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import enum
@@ -144,6 +145,7 @@ def hook_checkpoint_loading() -> None:
     dsmoe-train's do: the Manager process Megatron started for them at the first save got
     torchrun's or the scheduler's SIGTERM too, and the ``--exit-signal-handler`` save after it
     failed ('Broken pipe'), losing the steps since the last checkpoint."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import get_args, training
 
@@ -165,6 +167,10 @@ def hook_checkpoint_loading() -> None:
             return original_save(iteration, model, optimizer, *args, **kwargs)
 
     training.save_checkpoint = save_checkpoint
+    # --async-save --use-persistent-ckpt-worker: its writer process, and a kill at exit for it.
+    PersistentAsyncCaller.async_loop = staticmethod(partial(_async_save_worker, _state.cpu))
+    atexit.register(lambda: PersistentAsyncCaller._persistent_process
+                    and PersistentAsyncCaller._persistent_process.kill())
     # Each --ckpt-format's way of loading the distributed optimizer's state (torch_dist:
     # fully_reshardable or dp_reshardable; torch: dp_zero).
     for kind in ("fully_reshardable", "dp_reshardable", "dp_zero"):
@@ -186,6 +192,23 @@ def hook_checkpoint_loading() -> None:
 
     load_checkpoint.dsmoe = True
     training.load_checkpoint = load_checkpoint
+
+
+def _async_save_worker(cpu: bool, *args, **kwargs):
+    """The process that writes ``--async-save --use-persistent-ckpt-worker``'s checkpoints. It
+    is started in the rank's process group, so the SIGTERM of torchrun (or a scheduler's, sent
+    to every process) ended it too, and the ``--exit-signal-handler`` save handed to it never
+    completed: the ranks hung until killed, losing the steps since the last checkpoint. It
+    ignores SIGTERM now and ends when the rank closes or kills it (at exit; SIGKILL still ends
+    it). On CPU it gets the CPU shim: it started with ``torch.cuda.set_device(rank %
+    torch.cuda.device_count())``, a ZeroDivisionError, and the rank hung at its first save."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if cpu:
+        enable_cpu_training()
+    # This process imported Megatron-core afresh: async_loop is Megatron's own here.
+    return PersistentAsyncCaller.async_loop(*args, **kwargs)
 
 
 def _without_adam_steps(load_param_state):

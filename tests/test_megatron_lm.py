@@ -6,6 +6,7 @@
     `python -m dsmoe_megatron.megatron_lm`.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -17,6 +18,7 @@ import time
 import types
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -528,18 +530,23 @@ def test_a_pipeline_stage_without_moe_layers_saves_and_resumes(cache, tmp_path):
 
 
 @pytest.mark.distributed
-def test_a_torchrun_job_sent_sigterm_after_a_checkpoint_saves_and_resumes(cache, tmp_path):
+@pytest.mark.parametrize("saving", [[], ["--async-save", "--use-persistent-ckpt-worker",
+                                         "--async-strategy", "mcore"]], ids=["sync", "async"])
+def test_a_torchrun_job_sent_sigterm_after_a_checkpoint_saves_and_resumes(saving, cache,
+                                                                          tmp_path):
     """--exit-signal-handler after a checkpoint: Megatron-core's torch_dist writer passed its
     results through a multiprocessing Manager, a process the first save started in the rank's
     process group, which torchrun's SIGTERM (a scheduler's, passed on) ended too. The save on the
     signal failed ('Broken pipe'; a rank could also stop with exit code 141 and no message), and
-    the steps since the last checkpoint were lost. Now the job saves where it stopped, and the
-    run resumed from there (on one process) trains as the uninterrupted run does."""
+    the steps since the last checkpoint were lost. With --async-save's persistent writer process
+    the ranks hung in that save, the writer ended by the signal (and on CPU at the first save:
+    the writer did not start). Now the job saves where it stopped, and the run resumed from
+    there (on one process) trains as the uninterrupted run does."""
     save, log = tmp_path / "save", tmp_path / "log"
     flags = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--train-iters", "200", "--eval-iters", "0",
              "--eval-interval", "200", "--data-cache-path", cache]
     command, env = launch([*flags, "--save", str(save), "--save-interval", "2",
-                           "--exit-signal-handler"], world_size=2)
+                           "--exit-signal-handler", *saving], world_size=2)
     # The log goes to a file: Megatron-LM's arguments alone fill a pipe read only at the end.
     with log.open("w") as out:
         job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -550,7 +557,10 @@ def test_a_torchrun_job_sent_sigterm_after_a_checkpoint_saves_and_resumes(cache,
                 time.sleep(0.2)
             job.send_signal(signal.SIGTERM)  # as a scheduler sends it
             job.wait(timeout=120)
-        finally:
+        finally:  # torchrun starts each rank in a session of its own: a hung rank outlives it
+            with contextlib.suppress(psutil.NoSuchProcess):  # (torchrun has ended)
+                for rank in psutil.Process(job.pid).children(recursive=True):
+                    rank.kill()
             job.kill()
     interrupted = log.read_text()
     stopped = int(ITERATION.findall(interrupted)[-1][0])
