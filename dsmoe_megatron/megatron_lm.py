@@ -34,6 +34,8 @@ import os
 import runpy
 import signal
 import sys
+import threading
+import time
 import traceback
 import types
 from functools import partial
@@ -168,7 +170,8 @@ def hook_checkpoint_loading() -> None:
 
     training.save_checkpoint = save_checkpoint
     # --async-save --use-persistent-ckpt-worker: its writer process, and a kill at exit for it.
-    PersistentAsyncCaller.async_loop = staticmethod(partial(_async_save_worker, _state.cpu))
+    PersistentAsyncCaller.async_loop = staticmethod(partial(_async_save_worker, _state.cpu,
+                                                            os.getpid()))
     atexit.register(lambda: PersistentAsyncCaller._persistent_process
                     and PersistentAsyncCaller._persistent_process.kill())
     # Each --ckpt-format's way of loading the distributed optimizer's state (torch_dist:
@@ -194,21 +197,34 @@ def hook_checkpoint_loading() -> None:
     training.load_checkpoint = load_checkpoint
 
 
-def _async_save_worker(cpu: bool, *args, **kwargs):
+def _async_save_worker(cpu: bool, rank_pid: int, *args, **kwargs):
     """The process that writes ``--async-save --use-persistent-ckpt-worker``'s checkpoints. It
     is started in the rank's process group, so the SIGTERM of torchrun (or a scheduler's, sent
     to every process) ended it too, and the ``--exit-signal-handler`` save handed to it never
     completed: the ranks hung until killed, losing the steps since the last checkpoint. It
-    ignores SIGTERM now and ends when the rank closes or kills it (at exit; SIGKILL still ends
-    it). On CPU it gets the CPU shim: it started with ``torch.cuda.set_device(rank %
+    ignores SIGTERM now and ends when the rank closes or kills it (at exit), or when the rank
+    dies without running its exit handlers (SIGTERM without ``--exit-signal-handler``,
+    SIGKILL), where it would live on, waiting for saves. On CPU it gets the CPU shim: it started with ``torch.cuda.set_device(rank %
     torch.cuda.device_count())``, a ZeroDivisionError, and the rank hung at its first save."""
     from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_process, args=(rank_pid,), daemon=True).start()
     if cpu:
         enable_cpu_training()
     # This process imported Megatron-core afresh: async_loop is Megatron's own here.
     return PersistentAsyncCaller.async_loop(*args, **kwargs)
+
+
+def _exit_with_process(pid: int) -> None:
+    """End this process once process ``pid`` has ended (it is not our parent: Megatron starts
+    the writer from a forkserver, so neither the parent's death signal nor getppid tells)."""
+    while True:
+        time.sleep(1)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
 
 
 def _without_adam_steps(load_param_state):

@@ -776,3 +776,42 @@ def test_dsmoe_train_starts_from_a_megatron_lm_checkpoint_with_finetune_only(fir
     log = run(["-m", "dsmoe_megatron.train", *small, "finetune=true", "train_iters=1",
                f"save={tmp_path / 'finetuned'}"])
     assert f"loaded the weights of {save / 'iter_0000002'}" in log, log[-3000:]
+
+
+WRITER_RANK = '''
+import os, signal, sys, time
+from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+from dsmoe_megatron.megatron_lm import enable_cpu_training, hook_checkpoint_loading
+
+enable_cpu_training()
+hook_checkpoint_loading()
+writer = PersistentAsyncCaller._get_process(0)
+print(writer.pid, flush=True)
+time.sleep(600)
+'''
+
+
+def test_the_persistent_async_writer_ends_with_a_rank_killed_without_exiting(tmp_path):
+    """--async-save --use-persistent-ckpt-worker's writer ignores SIGTERM (the rank's
+    --exit-signal-handler save goes on in it). A rank that SIGTERM ended at once (no
+    --exit-signal-handler), or SIGKILL, runs no atexit to kill it: the writer lived on, an
+    orphan waiting for saves forever. It now ends with its rank."""
+    rank = subprocess.Popen([sys.executable, "-c", WRITER_RANK], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, start_new_session=True)
+    writer = None
+    try:
+        writer = psutil.Process(int(rank.stdout.readline()))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until it has set SIGTERM aside (imports first)
+            status = Path(f"/proc/{writer.pid}/status").read_text()
+            if int(re.search(r"SigIgn:\s*(\w+)", status)[1], 16) & 1 << signal.SIGTERM - 1:
+                break
+            time.sleep(0.2)
+        assert writer.is_running()
+        os.killpg(rank.pid, signal.SIGTERM)  # as torchrun passes it on: to the rank's group
+        assert rank.wait(timeout=60) == -signal.SIGTERM
+        writer.wait(timeout=30)  # psutil.TimeoutExpired while it lives on
+    finally:
+        rank.kill()
+        if writer is not None and writer.is_running():
+            writer.kill()
