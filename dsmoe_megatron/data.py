@@ -429,13 +429,12 @@ def _preprocess_hint(prefix: str) -> str:
     """What makes ``prefix`` a dataset, as a command to paste: ``dsmoe-preprocess`` (with
     --force where a file of the pair is in its way), or for a prefix that names a text file
     or a .bin / .idx, the prefix to give instead."""
+    if prefix.endswith((".bin", ".idx")):  # dsmoe-preprocess refuses such an --output-prefix
+        stem = prefix[:-4]
+        return (f"data_path takes the prefix without the extension: {stem}"
+                + ("" if os.path.isfile(get_idx_path(stem)) else f"; {_preprocess_hint(stem)}"))
     pair = (get_bin_path(prefix), get_idx_path(prefix))
     if not any(map(os.path.exists, pair)):
-        if prefix.endswith((".bin", ".idx")):
-            stem = prefix[:-4]
-            return (f"data_path takes the prefix without the extension: {stem}"
-                    + ("" if os.path.isfile(get_idx_path(stem)) else
-                       f"; {_preprocess_hint(stem)}"))
         if os.path.isfile(prefix):  # data_path=[data/a.txt]
             name, compression = os.path.splitext(prefix)  # data/a.jsonl.gz -> data/a
             stem = os.path.splitext(name if compression.lower() in COMPRESSED_OPENERS

@@ -640,6 +640,23 @@ def test_the_command_to_recreate_a_damaged_dataset_replaces_it(tmp_path, damage)
     data.open_indexed_dataset(prefix)  # whole again
 
 
+def test_a_damaged_dataset_named_with_its_extension_is_recreated_under_the_prefix(tmp_path):
+    """data_path=[corpus.bin], a pair corpus.bin.bin / .idx (as dsmoe-preprocess --output-prefix
+    corpus.bin wrote it) with its .idx gone: the command given, --output-prefix corpus.bin
+    --force, is one dsmoe-preprocess refuses."""
+    prefix = make_prefix(tmp_path, "corpus", numbered_paragraphs("x", 5))
+    os.rename(prefix + ".bin", prefix + ".bin.bin")
+    os.remove(prefix + ".idx")
+    with pytest.raises(FileNotFoundError) as err:
+        data.open_indexed_dataset(prefix + ".bin")
+    command = re.search(r"create it with: (dsmoe-preprocess .*)$", str(err.value))
+    assert command, str(err.value)
+    argv = shlex.split(command.group(1).replace("TEXT_FILE [...]", str(tmp_path / "corpus.txt")))
+    assert data.main(argv[1:]) == 0
+    assert f"data_path takes the prefix without the extension: {prefix};" in str(err.value)
+    data.open_indexed_dataset(prefix)
+
+
 def test_corpus_too_small_for_seq_length(tmp_path):
     prefix = make_prefix(tmp_path, "tiny", ["just a few words"] * 10)
     with pytest.raises(ValueError, match=r"too small for seq_length=512.*train split"):
