@@ -832,6 +832,10 @@ def test_hf_config_reads_linear_scaling_from_rope_parameters():
     assert config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ValueError, match="only 'linear'"):
         DeepseekConfig(rope_parameters={"rope_type": "yarn", "factor": 2.0})
+    # null, as a config.json may write an unset field, is no base of its own.
+    assert DeepseekConfig(rope_theta=None, rope_parameters={"rope_theta": 5e5}).rope_theta == 5e5
+    with pytest.raises(ValueError, match="two RoPE bases"):
+        DeepseekConfig(rope_theta=1e4, rope_parameters={"rope_theta": 5e5})
 
 
 def test_top_1_routing_with_norm_topk_prob_imports_unrenormalised(rt, tmp_path):

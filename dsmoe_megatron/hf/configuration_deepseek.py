@@ -71,7 +71,11 @@ class DeepseekConfig(PretrainedConfig):
         # A config.json written in transformers 5's style keeps the RoPE settings in rope_parameters only.
         rope = kwargs.get("rope_parameters") or {}
         if "rope_theta" in rope:
-            kwargs.setdefault("rope_theta", rope["rope_theta"])
+            if kwargs.get("rope_theta") is None:
+                kwargs["rope_theta"] = rope["rope_theta"]
+            elif kwargs["rope_theta"] != rope["rope_theta"]:
+                raise ValueError(f"rope_theta={kwargs['rope_theta']} and rope_parameters.rope_theta="
+                                 f"{rope['rope_theta']}: two RoPE bases; keep the one the model was trained with")
         if rope.get("rope_type", "default") != "default":
             kwargs.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
         for name in self._FIELDS:

@@ -529,7 +529,7 @@ def model_fields_from_hf(hf: Mapping) -> dict:
     """
     rope = hf.get("rope_parameters") if isinstance(hf, Mapping) else None
     if isinstance(rope, Mapping) and "rope_theta" in rope:  # a config.json in transformers 5's style
-        if hf.get("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
+        if hf.get("rope_theta") not in (None, rope["rope_theta"]):
             raise ConversionError(
                 f"config.json sets rope_theta={hf['rope_theta']!r} and rope_parameters.rope_theta="
                 f"{rope['rope_theta']!r}, two RoPE bases; keep the one the model was trained with")
