@@ -73,7 +73,7 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
             f"{save_dir} is a save directory of Megatron-LM's training loop ("
             f"{checkpoint.MEGATRON_LM_TRACKER}); start from it with load: {save_dir} and "
             "finetune: true in another save directory, or continue it with Megatron-LM's --load")
-    if mode != "never" and latest is None and complete \
+    if mode != "never" and latest is None and len(complete) == 1 \
             and name_unnamed_checkpoint(save_dir, complete[-1]):
         latest = complete[-1]
     if latest is None and complete and not overwrite:
@@ -107,7 +107,7 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
 
 
 def name_unnamed_checkpoint(save_dir: Path, newest: int) -> bool:
-    """Make a missing ``latest`` name ``newest``, the newest complete checkpoint: the run was
+    """Make a missing ``latest`` name ``newest``, the only complete checkpoint: the run was
     killed between committing its first checkpoint (the rename from ``.partial``, once every
     rank had written) and writing ``latest``. Returns whether it did; a damaged one is not
     taken. (A ``latest`` naming an older checkpoint is followed: it may have been set back by
