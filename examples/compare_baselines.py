@@ -572,6 +572,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"compare_baselines: eval_interval={train.eval_interval} must divide "
                          f"train_iters={train.train_iters}: the models are compared by their "
                          "validation loss at the last step")
+    if train.train_iters < 2 * train.eval_interval:
+        # The report also gives how much each loss still fell over the last quarter of training.
+        raise SystemExit(f"compare_baselines: eval_interval={train.eval_interval} leaves one "
+                         f"evaluation in train_iters={train.train_iters}; the report needs two "
+                         "or more (how much the validation loss fell at the end): give an "
+                         "eval_interval that divides train_iters at least twice")
     model_list = models(run)
     if args.models:
         model_list = [m for m in model_list if m.key in args.models]

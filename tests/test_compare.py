@@ -215,6 +215,8 @@ def test_bad_options_and_paths_stop_with_one_line_before_any_work(tmp_path, monk
             (["train_iters=1650", *runs, *results], "eval_interval=100 must divide "
                                                     "train_iters=1650"),
             (["eval_interval=null", *runs, *results], "eval_interval=None must divide"),
+            (["train_iters=100", *runs, *results], "eval_interval=100 leaves one evaluation "
+                                                   "in train_iters=100"),
             ([*runs, *results, "--data-path", str(tmp_path / "none")],
              f"--data-path: indexed dataset file {tmp_path / 'none'}.idx not found")):
         with pytest.raises(SystemExit) as stop:
