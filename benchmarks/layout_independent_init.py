@@ -11,6 +11,7 @@ benchmarks/results/layout_independent_init.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -49,7 +50,8 @@ def measure(layers, hidden, heads, ffn, experts, width, shared, topk) -> dict:
             "redraw_over_build": round((redrawn - built) / (built - start), 3)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
     from dsmoe_megatron import runtime
 
     rt = runtime.initialize()

@@ -11,6 +11,7 @@ permute), not the optimised Megatron-core path the measurements used.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -158,7 +159,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
     rows = [estimate(case) for case in CASES]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "plan_vs_published.json").write_text(json.dumps(rows, indent=1) + "\n")

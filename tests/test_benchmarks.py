@@ -123,3 +123,17 @@ def test_bench_block_copies_weights_into_te_experts(single_rank_runtime):
     torch.testing.assert_close(block.router.weight, source.router.weight)
     torch.testing.assert_close(block.shared_experts.linear_fc1.weight,
                                source.shared_experts.linear_fc1.weight)
+
+
+@pytest.mark.parametrize("script, work", [("plan_vs_published", "estimate"),
+                                          ("layout_independent_init", "measure")])
+def test_help_prints_usage_and_measures_nothing(script, work, monkeypatch, capsys):
+    """--help (or a stray argument) must not run the benchmark, which replaces the recorded
+    results in benchmarks/results."""
+    module = __import__(script)
+    monkeypatch.setattr(module, work, lambda *a: pytest.fail("the benchmark ran"))
+    for argv, code in ((["--help"], 0), (["--out", "x"], 2)):
+        with pytest.raises(SystemExit) as stop:
+            module.main(argv)
+        assert stop.value.code == code
+    assert "usage:" in capsys.readouterr().out
