@@ -433,8 +433,8 @@ def _preprocess_hint(prefix: str) -> str:
         stem = prefix[:-4]
         return (f"data_path takes the prefix without the extension: {stem}"
                 + ("" if os.path.isfile(get_idx_path(stem)) else f"; {_preprocess_hint(stem)}"))
-    pair = (get_bin_path(prefix), get_idx_path(prefix))
-    if not any(map(os.path.exists, pair)):
+    present = any(map(os.path.exists, (get_bin_path(prefix), get_idx_path(prefix))))
+    if not present:
         if os.path.isfile(prefix):  # data_path=[data/a.txt]
             name, compression = os.path.splitext(prefix)  # data/a.jsonl.gz -> data/a
             stem = os.path.splitext(name if compression.lower() in COMPRESSED_OPENERS
@@ -443,7 +443,7 @@ def _preprocess_hint(prefix: str) -> str:
                     f"tokenize it with: dsmoe-preprocess --input {shlex.quote(prefix)} "
                     f"--output-prefix {shlex.quote(stem)}, then ")
             return f"{prefix} is a text file, not a dataset; {make}set data_path to {stem}"
-    force = " --force" if any(map(os.path.exists, pair)) else ""
+    force = " --force" if present else ""
     return ("create it with: dsmoe-preprocess --input TEXT_FILE [...] --output-prefix "
             f"{shlex.quote(prefix)}{force}")
 

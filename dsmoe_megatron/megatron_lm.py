@@ -151,9 +151,9 @@ def hook_checkpoint_loading() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import get_args, training
 
-    from dsmoe_megatron.checkpoint import (collect_write_results_in_process,
-                                           adam_steps_from_groups, create_adam_state,
-                                           empty_adams_report_a_step)
+    from dsmoe_megatron.checkpoint import (adam_steps_from_groups,
+                                           collect_write_results_in_process,
+                                           create_adam_state, empty_adams_report_a_step)
 
     original = training.load_checkpoint
     if getattr(original, "dsmoe", False):
@@ -204,8 +204,9 @@ def _async_save_worker(cpu: bool, rank_pid: int, *args, **kwargs):
     completed: the ranks hung until killed, losing the steps since the last checkpoint. It
     ignores SIGTERM now and ends when the rank closes or kills it (at exit), or when the rank
     dies without running its exit handlers (SIGTERM without ``--exit-signal-handler``,
-    SIGKILL), where it would live on, waiting for saves. On CPU it gets the CPU shim: it started with ``torch.cuda.set_device(rank %
-    torch.cuda.device_count())``, a ZeroDivisionError, and the rank hung at its first save."""
+    SIGKILL), where it would live on, waiting for saves. On CPU it gets the CPU shim: it
+    started with ``torch.cuda.set_device(rank % torch.cuda.device_count())``, a
+    ZeroDivisionError, and the rank hung at its first save."""
     from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

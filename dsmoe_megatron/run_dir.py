@@ -4,11 +4,11 @@ A save directory belongs to one run. Starting without ``--resume`` in one that h
 files (checkpoints, ``latest``, ``run.yaml``, ``metrics.jsonl``) is refused unless
 ``--overwrite`` asks to delete them first; ``--resume`` needs a checkpoint there;
 ``--resume auto`` resumes when there is one and starts otherwise (for cluster jobs that restart
-the same command). Both resume from the newest complete checkpoint when a run killed between
-renaming its first one into place and writing ``latest`` left no ``latest``.
-When a run continues from iteration k, metrics logged after k by the attempt that crashed are
-moved to ``metrics.discarded.jsonl``, so ``metrics.jsonl`` is one history, and checkpoints past
-k (``latest`` set back by hand) are renamed ``iter_XXXXXXX.discarded``.
+the same command). Both resume from a run's first checkpoint when the run was killed between
+renaming it into place and writing ``latest``. When a run continues from iteration k, metrics
+logged after k by the attempt that crashed are moved to ``metrics.discarded.jsonl``, so
+``metrics.jsonl`` is one history, and checkpoints past k (``latest`` set back by hand) are
+renamed ``iter_XXXXXXX.discarded``.
 
 One live run per save directory: rank 0 holds an ``flock`` on ``.dsmoe-train.lock`` there while
 it trains, and a second run is refused with the first one's host and pid. A killed torchrun can
@@ -74,8 +74,8 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
             f"{checkpoint.MEGATRON_LM_TRACKER}); start from it with load: {save_dir} and "
             "finetune: true in another save directory, or continue it with Megatron-LM's --load")
     if mode != "never" and latest is None and len(complete) == 1 \
-            and name_unnamed_checkpoint(save_dir, complete[-1]):
-        latest = complete[-1]
+            and name_unnamed_checkpoint(save_dir, complete[0]):
+        latest = complete[0]
     if latest is None and complete and not overwrite:
         # Without 'latest', --resume auto would start over and set every checkpoint aside.
         raise RunDirError(
@@ -106,18 +106,18 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
     return False, existing
 
 
-def name_unnamed_checkpoint(save_dir: Path, newest: int) -> bool:
-    """Make a missing ``latest`` name ``newest``, the only complete checkpoint: the run was
+def name_unnamed_checkpoint(save_dir: Path, iteration: int) -> bool:
+    """Make a missing ``latest`` name ``iteration``, the only complete checkpoint: the run was
     killed between committing its first checkpoint (the rename from ``.partial``, once every
     rank had written) and writing ``latest``. Returns whether it did; a damaged one is not
     taken. (A ``latest`` naming an older checkpoint is followed: it may have been set back by
     hand, and the newer ones are set aside, not lost.)"""
-    marker, ckpt = save_dir / checkpoint.LATEST_NAME, checkpoint.iteration_dir(save_dir, newest)
+    marker, ckpt = save_dir / checkpoint.LATEST_NAME, checkpoint.iteration_dir(save_dir, iteration)
     try:
         checkpoint.check_readable(ckpt)
     except checkpoint.CheckpointError:
         return False
-    checkpoint.write_text_atomic(marker, str(newest))
+    checkpoint.write_text_atomic(marker, str(iteration))
     print(f"{marker} was missing: the run stopped after saving {ckpt} and before naming it "
           "there; it names it now and the run continues from it", flush=True)
     return True
