@@ -399,6 +399,9 @@ class Trainer:
         lr = learning_rate(self.run.train, self.updates)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            # As Megatron's lr scheduler does: biases and 1-D weights (the norms) are in groups
+            # of wd_mult 0, which the optimizer alone would decay like the matrices.
+            group["weight_decay"] = self.run.train.weight_decay * group["wd_mult"]
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()

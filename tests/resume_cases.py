@@ -69,7 +69,7 @@ def run_job(tasks: list[tuple]) -> list:
              "damage": damage, "listing": listing, "killed_during_save": killed_during_save,
              "killed_before_latest": killed_before_latest,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
-             "resumed_checkpoint": resumed_checkpoint,
+             "resumed_checkpoint": resumed_checkpoint, "weight_decays": weight_decays,
              "experts_on_gpu_rng": experts_on_gpu_rng,
              "extra_state_round_trip": extra_state_round_trip,
              "damaged_tensor_data": damaged_tensor_data}
@@ -271,6 +271,17 @@ def resumed_checkpoint(argv: list[str], directory: str) -> None:
     trainer = _trainer(argv, resume="always")
     checkpoint.save(directory, trainer.iteration, trainer.model, trainer.optimizer)
     runtime.shutdown(destroy_process_group=False)
+
+
+def weight_decays(argv: list[str]) -> list[tuple[float, float]]:
+    """Single rank: each optimizer group's (wd_mult, weight_decay) after one step."""
+    from dsmoe_megatron import runtime
+
+    trainer = _trainer([*argv, "save=null"])
+    trainer.train_step()
+    groups = [(g["wd_mult"], g["weight_decay"]) for g in trainer.optimizer.param_groups]
+    runtime.shutdown(destroy_process_group=False)
+    return groups
 
 
 def initial_weights(argv: list[str], directory: str) -> None:

@@ -543,6 +543,20 @@ def test_fp16_trains_like_fp32(cli):
         assert "loss_scale" not in fp32[it] and "skipped_steps" not in fp32[it]
 
 
+def test_biases_and_norm_weights_are_not_decayed(tmp_path):
+    """Megatron's optimizer puts biases and 1-D weights (the norms) in groups of wd_mult 0 and
+    leaves applying it to its lr scheduler; the trainer, which sets the lr itself, left every
+    group at weight_decay, so the norms decayed like the matrices (and on resume with another
+    weight_decay, at the new value)."""
+    from dsmoe_megatron.data import default_corpus_prefix
+
+    argv = train_argv(default_corpus_prefix(tmp_path / "data"), "1", tmp_path / "run",
+                      "weight_decay=0.5")
+    groups = run_on_ranks(run_job, 1, args=([("weight_decays", argv)],))[0][0]
+    assert {wd_mult for wd_mult, _ in groups} == {0.0, 1.0}
+    assert all(decay == 0.5 * wd_mult for wd_mult, decay in groups), groups
+
+
 def test_stop_at_must_be_positive(capsys):
     from dsmoe_megatron.train import parse_args
 
