@@ -695,7 +695,8 @@ def _resume_mode(text: str) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="dsmoe-train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dsmoe-train",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("config", help="a YAML file from yaml_configs/ or your own")
     parser.add_argument("overrides", nargs="*", default=[], help="key=value, dotted for sections "
                         "(e.g. train_iters=50 language_model.num_layers=2)")

@@ -557,6 +557,16 @@ def test_biases_and_norm_weights_are_not_decayed(tmp_path):
     assert all(decay == 0.5 * wd_mult for wd_mult, decay in groups), groups
 
 
+def test_help_says_what_it_does_in_full(capsys):
+    """--help printed the module docstring's first line, cut off at "pretrain a"."""
+    from dsmoe_megatron.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert ": pretrain a DeepSeekMoE model on Megatron-core." in " ".join(
+        capsys.readouterr().out.split())
+
+
 def test_stop_at_must_be_positive(capsys):
     from dsmoe_megatron.train import parse_args
 
