@@ -297,7 +297,7 @@ class Trainer:
             return
         ckpt = checkpoint.resolve(source)
         finetune = train.finetune and not resume
-        self._check_same_model(ckpt, resume)
+        trained_with = self._check_same_model(ckpt, resume)
         extra = checkpoint.load(ckpt, self.model, self.optimizer, weights_only=finetune)
         if finetune:  # iteration, samples, optimizer and lr schedule start anew
             _log(f"loaded the weights of {ckpt} (iteration {extra.get('iteration', 0)}) to "
@@ -307,6 +307,11 @@ class Trainer:
         self.updates = int(extra.get("updates", self.iteration))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
         _log(f"loaded {ckpt} (iteration {self.iteration})")
+        if trained_with is not None and self.iteration < train.train_iters:
+            was, now = learning_rate(trained_with, self.updates), learning_rate(train, self.updates)
+            if not math.isclose(was, now):  # e.g. a finished cosine schedule extended
+                _log(f"the lr schedule changes: the next step (iteration {self.iteration + 1}) "
+                     f"trains at lr {now:.4g}, where the checkpoint's settings give {was:.4g}")
         was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
         if was is not None and was != now:
             _log(f"the global batch changes from {was} to {now} samples per step"
@@ -322,15 +327,16 @@ class Trainer:
             _log(f"the run is complete: iteration {self.iteration} of train_iters="
                  f"{train.train_iters}; raise train_iters to train on")
 
-    def _check_same_model(self, ckpt: Path, resume: bool) -> None:
+    def _check_same_model(self, ckpt: Path, resume: bool):
         """A checkpoint resumes (or starts a run: ``load``) under any layout and
         hyper-parameters, but only into the model it was saved from: name the first field of
-        its run.yaml that differs."""
+        its run.yaml that differs. Returns the training settings it was saved with when a
+        resume changes them (else None)."""
         from dsmoe_megatron.checkpoint import iteration_of, model_difference, saved_run_config
 
         saved = saved_run_config(ckpt)
         if saved is None:
-            return  # not written by the trainer: the tensor shapes are still checked on load
+            return None  # not written by the trainer: the tensor shapes are still checked on load
         difference = model_difference(saved, self.config, self.vocab_size)
         if difference is not None:
             raise different_model(ckpt, difference, resume)
@@ -339,6 +345,7 @@ class Trainer:
                  f"{_describe_layout(self.run.layout)}")
         # A resume without the first run's key=value overrides takes the YAML's (a checkpoint
         # at iteration 0, from-hf's, was trained with nothing).
+        trained_with = None
         if resume and iteration_of(ckpt):
             changed = [f"{name} {getattr(saved.train, name)} -> {getattr(self.run.train, name)}"
                        for name in _TRAINED_WITH
@@ -347,11 +354,13 @@ class Trainer:
                 _log(f"the config changes what {ckpt} was trained with: {', '.join(changed)}; "
                      "the run continues with the new values (to keep the old ones, give the "
                      "key=value overrides the run was started with again)")
+                trained_with = saved.train
         if (resume or not self.run.train.finetune) \
                 and saved.train.seq_length != self.run.train.seq_length:
             _log(f"seq_length changes from {saved.train.seq_length} to "
                  f"{self.run.train.seq_length}: the data is cut into other samples, so the run "
                  "does not continue the sample stream it was reading")
+        return trained_with
 
     # ---- one step -------------------------------------------------------------------------
     def _batches(self, dataset, consumed: int):

@@ -368,9 +368,14 @@ def test_a_resume_names_the_settings_its_config_changes(tmp_path):
              ("train", train_argv(data, "1", save, "lr=1e-3", "--stop-at", "3", "--resume"))]
     first, same, changed = run_on_ranks(run_job, 1, args=(tasks,))[0]
     assert "changes what" not in ok(same)["stdout"]
+    assert "lr schedule" not in same["stdout"]
     assert (f"the config changes what {save / 'iter_0000002'} was trained with: train_iters 4 "
             "-> 200, lr 0.003 -> 0.001; the run continues with the new values") in ok(
                 changed)["stdout"]
+    # What that does to the lr, said rather than left to be found in the logs (a cosine
+    # schedule extended by a larger train_iters goes back up).
+    assert ("the lr schedule changes: the next step (iteration 3) trains at lr 0.001, where the "
+            "checkpoint's settings give 0.002325") in changed["stdout"]
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume_auto(tmp_path):
