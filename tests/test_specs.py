@@ -86,3 +86,26 @@ def test_block_spec_and_megatron_lm_layer_place_dense_and_moe_layers(single_rank
 
 def test_moe_layer_spec_for_every_layer_of_an_all_moe_config(single_rank):
     assert built(get_dsmoe_layer_spec(use_te=False), moe_first_k_dense=0) == ["moe"] * 4
+
+
+def test_local_norms_are_zero_centered_as_transformer_engines(single_rank):
+    """layernorm_zero_centered_gamma (Megatron-LM's --apply-layernorm-1p): Transformer Engine's
+    norms start their weight at 0 and scale by 1 + weight; the local RMSNorm started at 1 and
+    scaled by the weight, so the same config built another model without TE, and a checkpoint
+    trained with TE (weights near 0) scaled every normalised activation by about 0 without it."""
+    import torch
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from dsmoe_megatron.norm import RMSNorm
+
+    cfg = tiny_config(layernorm_zero_centered_gamma=True)
+    block = TransformerBlock(cfg, get_dsmoe_block_spec(cfg, use_te=False))
+    norms = [m for m in block.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) == 2 * cfg.num_layers + 1  # input and pre-MLP norms, and the final one
+    assert all(torch.equal(norm.weight, torch.zeros(32)) for norm in norms)
+    norm, x = norms[0], torch.randn(4, 32)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(norm(x), normed)
+    with torch.no_grad():
+        norm.weight.fill_(0.5)
+    torch.testing.assert_close(norm(x), normed * 1.5)
