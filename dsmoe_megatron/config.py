@@ -487,10 +487,15 @@ def machine_fusions() -> dict[str, bool]:
     )
 
 
+@functools.cache
 def _importable(module: str) -> bool:
-    import importlib.util
+    """Whether a compiled kernel extension imports: one built against another torch or CUDA is
+    found but fails to import, and Megatron then refuses the fusion (gradient accumulation: at
+    model build) or fails at its first use (softmax)."""
+    from dsmoe_megatron.backends import _importable as imports
 
-    return importlib.util.find_spec(module) is not None
+    return imports(module, module, "The fusion that needs it stays off; rebuild the package that "
+                   "provides it (apex, Megatron-LM's fused kernels) for this torch and CUDA.")
 
 
 def _mcore_fused_permute() -> bool:

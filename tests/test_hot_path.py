@@ -332,6 +332,33 @@ def test_fusions_follow_the_machine():
         assert not any(allowed.values())
 
 
+def test_a_kernel_extension_that_fails_to_import_leaves_its_fusion_off(monkeypatch, tmp_path,
+                                                                       capsys):
+    """On a GPU machine, apex's fused_weight_gradient_mlp_cuda built for another torch is found
+    but does not import. It counted as there: gradient_accumulation_fusion was on, and Megatron's
+    ColumnParallelLinear refused to build the model ('fused_weight_gradient_mlp_cuda module is
+    not found'). An extension that imports still turns its fusion on."""
+    import sys
+
+    from dsmoe_megatron import backends, config
+
+    broken, working = "fused_weight_gradient_mlp_cuda", "scaled_masked_softmax_cuda"
+    (tmp_path / f"{broken}.py").write_text("raise ImportError('undefined symbol: _ZN3c10')")
+    (tmp_path / f"{working}.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "te_available", lambda: False)
+    config._importable.cache_clear()
+    try:
+        fusions = config.machine_fusions()
+    finally:
+        config._importable.cache_clear()
+        sys.modules.pop(working, None)
+    assert fusions["bias_activation_fusion"] and fusions["masked_softmax_fusion"]
+    assert not fusions["gradient_accumulation_fusion"]
+    assert f"{broken} is installed but `import {broken}` fails" in capsys.readouterr().err
+
+
 def test_plain_silu_mlp_runs_without_the_swiglu_fusion(monkeypatch):
     """A dense model without gated_linear_unit on a GPU machine: Megatron's MLP fuses silu only
     as SwiGLU and raised at the first forward; the fusion stays off for it."""
