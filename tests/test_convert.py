@@ -915,6 +915,8 @@ def test_import_ignores_rotary_buffers(rt, tmp_path):
 
 @pytest.mark.parametrize("changes, field", [
     (dict(scoring_func="sigmoid"), "scoring_func"),
+    (dict(topk_method="noaux_tc", n_group=2, topk_group=1), "topk_method"),  # DeepSeek-V3's
+    (dict(routed_scaling_factor=2.5), "routed_scaling_factor"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(rope_scaling={"type": "dynamic", "factor": 1.0}), "rope_scaling"),  # not a no-op

@@ -481,6 +481,7 @@ _HF_FIELDS = {
     "norm_topk_prob": ("bool", False), "seq_aux": ("bool", False),
     "attention_bias": ("bool", False), "tie_word_embeddings": ("bool", False),
     "scoring_func": ("string", False), "hidden_act": ("string", False),
+    "topk_method": ("string", True), "routed_scaling_factor": ("number", True),
     "model_type": ("string", True), "rope_scaling": ("object", True),
     "rope_parameters": ("object", True), "bos_token_id": ("token ids", True),
     "eos_token_id": ("token ids", True), "pad_token_id": ("token ids", True),
@@ -546,6 +547,13 @@ def model_fields_from_hf(hf: Mapping) -> dict:
                            "only DeepSeekMoE ('deepseek', deepseek-moe-16b layout) is supported")
     if c["scoring_func"] != "softmax":
         raise _unsupported("scoring_func", c["scoring_func"], "only 'softmax' routing is supported")
+    # Routing fields of later DeepSeek models (V2, V3), which the deepseek code ignores.
+    if c.get("topk_method") not in (None, "greedy"):
+        raise _unsupported("topk_method", c["topk_method"],
+                           "only plain top-k routing ('greedy') is supported")
+    if c.get("routed_scaling_factor") not in (None, 1):
+        raise _unsupported("routed_scaling_factor", c["routed_scaling_factor"],
+                           "the routed experts' output is not scaled (only 1 is supported)")
     if c["hidden_act"] != "silu":
         raise _unsupported("hidden_act", c["hidden_act"], "only SwiGLU (silu) is supported")
     if c["attention_bias"]:
