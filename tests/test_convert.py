@@ -1135,6 +1135,24 @@ def test_export_of_a_checkpoint_with_a_damaged_run_yaml_points_to_an_earlier_one
             convert.read_checkpoint_run(ckpt)
 
 
+@pytest.mark.parametrize("name", ["model.layers.9.mlp.gate.weight", "lm_head.weight"],
+                         ids=["unknown", "moved"])
+def test_import_names_an_index_entry_its_shard_does_not_hold(tmp_path, capsys, name):
+    """An index placing a tensor in a shard without it stopped from-hf with safetensors' 'File
+    does not contain tensor', naming neither the index nor what to do."""
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=2)
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    entries = json.loads(index.read_text())
+    entries["weight_map"][name] = "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps(entries))
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")],
+                        capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert (f"{index} places tensor {name} in model-00001-of-00002.safetensors, which does not "
+            "hold it" in err and "download them again" in err), err
+    assert not (tmp_path / "m").exists()
+
+
 def test_import_names_an_index_that_is_not_text(tmp_path, capsys):
     """A model.safetensors.index.json of bytes that are not UTF-8 (a damaged download) stopped
     from-hf with a UnicodeDecodeError traceback."""

@@ -52,7 +52,7 @@ class SafetensorsReader:
             for path in set(files.values()):
                 if not path.exists():
                     raise ConversionError(f"{path.name}, listed in the index, is missing from "
-                                          f"{hf_dir}")
+                                          f"{hf_dir}: download it again")
         else:
             candidates = sorted(hf_dir.glob("*.safetensors"))
             if not candidates:
@@ -67,7 +67,12 @@ class SafetensorsReader:
         self.dtypes: dict[str, str] = {}  # safetensors' names: "BF16", "F32", ...
         for path in dict.fromkeys(files.values()):
             handle = self._open(path)
+            held = set(handle.keys())
             for name in (n for n, p in files.items() if p == path):
+                if name not in held:
+                    raise ConversionError(
+                        f"{index} places tensor {name} in {path.name}, which does not hold it: "
+                        "the index and the shards are not of the same model; download them again")
                 try:
                     tensor = handle.get_slice(name)
                     self.shapes[name] = tuple(tensor.get_shape())
