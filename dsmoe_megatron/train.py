@@ -63,6 +63,29 @@ def different_model(ckpt: Path, difference: tuple, resume: bool) -> CheckpointEr
         f"{override_text(now)} here; {fix}")
 
 
+def check_corpus_tokenizer(train) -> None:
+    """``data_path: null`` trains on the shipped corpus in the byte tokenizer's ids: refused for
+    a run from a from-hf import with a tokenizer of its own, to which those ids are other
+    tokens."""
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.config import ConfigError
+    from dsmoe_megatron.convert import kept_source, tokenizer_files
+    from dsmoe_megatron.tokenizer import ByteTokenizer
+
+    if train.vocab_size in (None, ByteTokenizer().vocab_size):
+        return
+    kept = kept_source(checkpoint.resolve(train.load), train.vocab_size)
+    files = tokenizer_files(kept) if kept is not None else []
+    if files:
+        raise ConfigError(
+            f"data_path is null, which trains on the corpus shipped with dsmoe_megatron in the "
+            f"byte tokenizer's ids, but load: {train.load} was imported from a Hugging Face "
+            f"model with a tokenizer of its own ({', '.join(files)} in {kept}), for which those "
+            "ids are other tokens; tokenize your text with that tokenizer into a Megatron "
+            "indexed dataset (Megatron-LM's tools/preprocess_data.py --tokenizer-type "
+            f"HuggingFaceTokenizer --tokenizer-model {kept}) and set data_path to its prefix")
+
+
 def learning_rate(train, updates: int) -> float:
     """The lr of the update after ``updates`` applied ones: linear warmup, then step decay (x
     factor at each fraction of train_iters), cosine or constant."""
@@ -127,6 +150,8 @@ class Trainer:
 
             check_blend(train.data_path, train.split, train.seq_length,
                         valid=bool(train.eval_interval))
+        elif train.load is not None:
+            check_corpus_tokenizer(train)
         resume = self._claim_save_dir(resume, overwrite)
         self.config = run.model
         self.config.pipeline_dtype = self.config.params_dtype

@@ -711,6 +711,30 @@ def test_a_run_from_a_bf16_import_trains_the_imported_weights(rt, tmp_path, prec
                                    atol=1e-8, msg=name)
 
 
+def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt, tmp_path):
+    """data_path: null fine-tuned an import on the shipped corpus in the byte tokenizer's ids,
+    which the model's own tokenizer reads as other tokens, and to-hf then paired the result
+    with that tokenizer. The run is refused before anything is written; an import without
+    tokenizer files, or with the byte tokenizer's vocabulary, still trains on it."""
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "import")
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        train_from(save, tmp_path / "run")
+    err = refused.value.stderr.decode()
+    assert refused.value.returncode == 1 and "Traceback" not in err, err
+    assert (f"data_path is null, which trains on the corpus shipped with dsmoe_megatron in the "
+            f"byte tokenizer's ids, but load: {save} was imported from a Hugging Face model with "
+            f"a tokenizer of its own (tokenizer.json in {save / convert.HF_SOURCE_DIR})" in err
+            and "set data_path to its prefix" in err), err
+    assert not (tmp_path / "run").exists()
+    from dsmoe_megatron.train import check_corpus_tokenizer
+
+    check_corpus_tokenizer(SimpleNamespace(load=str(save), vocab_size=VOCAB))
+    (save / convert.HF_SOURCE_DIR / "tokenizer.json").unlink()
+    check_corpus_tokenizer(SimpleNamespace(load=str(save), vocab_size=300))
+
+
 def test_from_hf_dtype_auto_is_the_source_weights_dtype(rt, tmp_path, capsys):
     """The released model is bf16: from-hf stored it in fp32 (twice the files of a 16B import)
     unless told --dtype bf16. Now the import and the export back keep the source's dtype, and
