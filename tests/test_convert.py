@@ -1177,6 +1177,24 @@ def test_import_names_an_index_entry_its_shard_does_not_hold(tmp_path, capsys, n
     assert not (tmp_path / "m").exists()
 
 
+def test_import_refuses_a_tensor_in_two_files_without_an_index(tmp_path, capsys):
+    """A stray copy next to model.safetensors (model_old.safetensors) was read for the tensors
+    both hold, without a word: transformers loads model.safetensors, the import the other."""
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    (tmp_path / "hf" / "model.safetensors.index.json").unlink()
+    [shard] = (tmp_path / "hf").glob("*.safetensors")
+    shard.rename(tmp_path / "hf" / "model.safetensors")
+    save_file({"lm_head.weight": torch.zeros(300, 64)},
+              str(tmp_path / "hf" / "model_old.safetensors"))
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m")],
+                        capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert ("lm_head.weight is in both model.safetensors and model_old.safetensors, and "
+            f"{tmp_path / 'hf'} has no model.safetensors.index.json" in err
+            and "move the other file out" in err), err
+    assert not (tmp_path / "m").exists()
+
+
 def test_import_names_an_index_that_is_not_text(tmp_path, capsys):
     """A model.safetensors.index.json of bytes that are not UTF-8 (a damaged download) stopped
     from-hf with a UnicodeDecodeError traceback."""

@@ -61,7 +61,15 @@ class SafetensorsReader:
                 hint = (f" (found {pickles}: pickle checkpoints are not read; convert them to "
                         "safetensors first)") if pickles else ""
                 raise ConversionError(f"no safetensors weights in {hf_dir}{hint}")
-            files = {name: path for path in candidates for name in self._open(path).keys()}
+            files = {}
+            for path in candidates:
+                for name in self._open(path).keys():
+                    if name in files:
+                        raise ConversionError(
+                            f"{name} is in both {files[name].name} and {path.name}, and {hf_dir} "
+                            "has no model.safetensors.index.json to say which is the model's; "
+                            f"move the other file out of {hf_dir}")
+                    files[name] = path
         self.files = files
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}  # safetensors' names: "BF16", "F32", ...
