@@ -52,7 +52,7 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: E402
 )
 from megatron.core.datasets.utils import Split, get_blend_from_list  # noqa: E402
 
-from dsmoe_megatron.tokenizer import ByteTokenizer  # noqa: E402
+from dsmoe_megatron.tokenizer import ByteTokenizer, HFTokenizer  # noqa: E402
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 # Paragraphs are merged up to this size so that a training sequence mostly sees coherent text.
@@ -219,7 +219,7 @@ def _nul_error(path: str, line: int) -> ValueError:
 def preprocess(
     input_paths: Sequence[str | os.PathLike],
     output_prefix: str | os.PathLike,
-    tokenizer: ByteTokenizer | None = None,
+    tokenizer: ByteTokenizer | HFTokenizer | None = None,
     append_eod: bool = True,
     min_document_chars: int = DEFAULT_MIN_DOCUMENT_CHARS,
     force: bool = False,
@@ -238,6 +238,9 @@ def preprocess(
         raise ValueError("preprocess needs at least one input file")
     if min_document_chars < 1:
         raise ValueError(f"--min-document-chars must be >= 1 (got {min_document_chars})")
+    if append_eod and tokenizer.eod is None:
+        raise ValueError(f"{tokenizer} has no end-of-document (eos) token to end each document "
+                         "with; add --no-append-eod, or give it an eos_token")
     seen: dict[str, str] = {}  # real path -> as given
     for path in input_paths:
         if os.path.isdir(path):
@@ -645,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dsmoe-preprocess",
         description="Tokenize text into a Megatron indexed dataset (PREFIX.bin / PREFIX.idx) "
-        "with the byte-level tokenizer.",
+        "with the byte-level tokenizer, or a model's Hugging Face tokenizer.",
     )
     parser.add_argument(
         "--input", nargs="+", required=True, metavar="FILE",
@@ -666,12 +669,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="merge consecutive paragraphs of a .txt file into documents of at least this size",
     )
     parser.add_argument(
+        "--tokenizer", metavar="DIR",
+        help="a Hugging Face tokenizer directory (e.g. SAVE/hf_source of a from-hf import): "
+        "its ids, documents ended by its eos token (default: the byte-level tokenizer)",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="replace an existing PREFIX.bin / PREFIX.idx",
     )
     args = parser.parse_args(quiet_warnings(argv))
     try:
+        tokenizer = HFTokenizer(args.tokenizer) if args.tokenizer else None
         prefix = preprocess(
-            args.input, args.output_prefix, append_eod=args.append_eod,
+            args.input, args.output_prefix, tokenizer, append_eod=args.append_eod,
             min_document_chars=args.min_document_chars, force=args.force,
             json_key=args.json_key,
         )

@@ -1,4 +1,5 @@
-"""A UTF-8 byte-level tokenizer that needs no vocabulary file, plus its Hugging Face export.
+"""A UTF-8 byte-level tokenizer that needs no vocabulary file, plus its Hugging Face export, and
+a Hugging Face tokenizer directory for preprocessing the text of an imported model.
 
 Ids 0-255 are the raw bytes; the special tokens follow them. It exposes the attributes that
 Megatron-core's GPTDataset and indexed-dataset code read from a tokenizer (``vocab_size``,
@@ -50,6 +51,42 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer directory (``tokenizer.json`` and its config, as from-hf keeps
+    them in ``SAVE/hf_source``), for text a model imported with its own tokenizer is to read:
+    the ids of ``encode(text, add_special_tokens=False)``, documents ended by its eos token, as
+    Megatron-LM's ``preprocess_data.py`` makes them. Needs the optional ``transformers``."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        directory = os.fspath(directory)
+        if not any(os.path.isfile(os.path.join(directory, name))
+                   for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise ValueError(
+                f"--tokenizer {directory} holds no Hugging Face tokenizer (tokenizer.json, "
+                "tokenizer_config.json or tokenizer.model); pass the directory of the model's "
+                "tokenizer files (from-hf keeps them in SAVE/hf_source)")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ValueError("--tokenizer needs the optional 'transformers' package: "
+                             "pip install 'dsmoe-megatron[hf]'") from None
+        try:
+            self._hf = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - transformers and tokenizers raise many kinds
+            raise ValueError(f"--tokenizer {directory}: transformers cannot load its tokenizer "
+                             f"({type(err).__name__}: {err}); replace the files with a complete "
+                             "copy") from None
+        self.directory = directory
+        self.vocab_size = len(self._hf)
+        self.eod = self._hf.eos_token_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.directory!r}, vocab_size={self.vocab_size}, eod={self.eod})"
 
 
 def _bytes_to_visible_chars() -> list[str]:

@@ -81,9 +81,9 @@ def check_corpus_tokenizer(train) -> None:
             f"data_path is null, which trains on the corpus shipped with dsmoe_megatron in the "
             f"byte tokenizer's ids, but load: {train.load} was imported from a Hugging Face "
             f"model with a tokenizer of its own ({', '.join(files)} in {kept}), for which those "
-            "ids are other tokens; tokenize your text with that tokenizer into a Megatron "
-            "indexed dataset (Megatron-LM's tools/preprocess_data.py --tokenizer-type "
-            f"HuggingFaceTokenizer --tokenizer-model {kept}) and set data_path to its prefix")
+            "ids are other tokens; tokenize your text with that tokenizer (dsmoe-preprocess "
+            f"--tokenizer {kept} --input FILE ... --output-prefix PREFIX) and set data_path "
+            "to its prefix")
 
 
 def learning_rate(train, updates: int) -> float:

@@ -850,3 +850,71 @@ def test_preprocess_removes_what_a_killed_run_left_and_nothing_of_a_live_one(tmp
         for process in (killed, live):
             process.kill()
             process.wait()
+
+
+def _word_level_tokenizer(directory, eos: str | None = "</s>"):
+    """A word-level Hugging Face tokenizer (no byte ids in common with ByteTokenizer), saved as
+    transformers saves one; returns the `tokenizers` object as the reference encoder."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    words = ["<unk>", "</s>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "."]
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {word: i + 7 for i, word in enumerate(words)}, unk_token="<unk>"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, unk_token="<unk>",
+                                                **({"eos_token": eos} if eos else {}))
+    fast.save_pretrained(directory)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["word_level", "byte_level_export"])
+def test_preprocess_with_a_hugging_face_tokenizer_writes_its_ids(tmp_path, capsys, kind):
+    """A model imported with its own tokenizer trains on text in that tokenizer's ids:
+    --tokenizer DIR writes encode(text, add_special_tokens=False) + its eos id per document,
+    compared with the `tokenizers` library's own encoding and with ByteTokenizer."""
+    documents = ["the cat sat on the mat .", "a dog ran .", "the zebra sat ."]  # zebra: unknown
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents))
+    if kind == "word_level":
+        hf = _word_level_tokenizer(tmp_path / "tok")
+        expected = [hf.encode(t, add_special_tokens=False).ids + [hf.token_to_id("</s>")]
+                    for t in documents]
+        assert expected[2][1] == hf.token_to_id("<unk>") != 0
+    else:
+        pytest.importorskip("transformers")
+        write_hf_tokenizer(tmp_path / "tok")
+        expected = [TOKENIZER.tokenize(t) + [TOKENIZER.eod] for t in documents]
+    code = data.main(["--tokenizer", str(tmp_path / "tok"), "--input", str(source),
+                      "--output-prefix", str(tmp_path / "ds")])
+    assert code == 0, capsys.readouterr().err
+    dataset = data.open_indexed_dataset(str(tmp_path / "ds"))
+    assert [dataset[i].tolist() for i in range(len(dataset))] == expected
+
+
+def test_preprocess_tokenizer_problems_are_one_line_and_write_nothing(tmp_path, capsys):
+    source = write_paragraphs(tmp_path / "in.txt", ["the cat"])
+    (tmp_path / "empty").mkdir()
+    assert data.main(["--tokenizer", str(tmp_path / "empty"), "--input", source,
+                      "--output-prefix", str(tmp_path / "ds")]) == 1
+    assert capsys.readouterr().err == (
+        f"dsmoe-preprocess: error: --tokenizer {tmp_path}/empty holds no Hugging Face tokenizer "
+        "(tokenizer.json, tokenizer_config.json or tokenizer.model); pass the directory of the "
+        "model's tokenizer files (from-hf keeps them in SAVE/hf_source)\n")
+
+    _word_level_tokenizer(tmp_path / "no_eos", eos=None)
+    argv = ["--tokenizer", str(tmp_path / "no_eos"), "--input", source,
+            "--output-prefix", str(tmp_path / "ds")]
+    assert data.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "has no end-of-document (eos) token" in err and "add --no-append-eod" in err, err
+    assert not (tmp_path / "ds.bin").exists()
+    assert data.main([*argv, "--no-append-eod"]) == 0
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text('{"model": ')
+    assert data.main(["--tokenizer", str(tmp_path / "broken"), "--input", source,
+                      "--output-prefix", str(tmp_path / "ds2")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsmoe-preprocess: error: --tokenizer {tmp_path}/broken: transformers "
+                          "cannot load its tokenizer (") and err.count("\n") == 1, err
+    assert not (tmp_path / "ds2.bin").exists()
