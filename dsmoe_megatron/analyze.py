@@ -369,10 +369,33 @@ def _make_dirs(out: Path) -> list[Path]:
     return missing
 
 
+def _refuse_the_corpus_for_an_own_tokenizer(source: Path) -> None:
+    """Without data of its own the analysis reads the shipped corpus, in byte-tokenizer ids:
+    refused, before any import or load, for a model with a tokenizer of its own."""
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.convert import byte_corpus_mismatch, kept_source, read_hf_config
+
+    if _is_hf_dir(source):
+        directory, vocab_size = source, read_hf_config(source).get("vocab_size")
+    else:
+        ckpt = checkpoint.resolve(source)
+        run = checkpoint.saved_run_config(ckpt)
+        if run is None or run.train.data_path is not None:
+            return
+        vocab_size = run.train.vocab_size
+        directory = kept_source(ckpt, vocab_size)
+    problem = byte_corpus_mismatch(directory, vocab_size, "Without --data-path the analysis "
+                                   "evaluates", str(source), "pass --data-path PREFIX")
+    if problem:
+        raise AnalysisError(problem)
+
+
 def _evaluate(source: Path, settings: EvalSettings, max_disabled_fraction: float) -> dict:
     """The analysis of the model in ``source`` (a checkpoint or an HF export)."""
     from dsmoe_megatron.convert import import_from_hf, single_rank_runtime
 
+    if settings.data_path is None:
+        _refuse_the_corpus_for_an_own_tokenizer(source)
     with contextlib.ExitStack() as stack:
         checkpoint_dir = source
         if _is_hf_dir(source):

@@ -318,6 +318,25 @@ def kept_source(ckpt: Path, vocab_size: int) -> Path | None:
     return None
 
 
+def byte_corpus_mismatch(directory: Path | None, vocab_size: int | None, reads: str,
+                         model: str, fix: str) -> str | None:
+    """Why ``model``, whose Hugging Face files are in ``directory``, may not read the corpus
+    shipped with dsmoe_megatron (``reads`` says what would): it has a tokenizer of its own, to
+    which the corpus's byte-tokenizer ids are other tokens. None when it has none, or when its
+    vocabulary is the byte tokenizer's (an export of a model trained here)."""
+    from dsmoe_megatron.tokenizer import ByteTokenizer
+
+    if directory is None or vocab_size in (None, ByteTokenizer().vocab_size):
+        return None
+    files = tokenizer_files(directory)
+    if not files:
+        return None
+    return (f"{reads} the corpus shipped with dsmoe_megatron in the byte tokenizer's ids, but "
+            f"{model} has a tokenizer of its own ({', '.join(files)} in {directory}), for which "
+            "those ids are other tokens; tokenize your text with it (dsmoe-preprocess "
+            f"--tokenizer {directory} --input FILE ... --output-prefix PREFIX) and {fix}")
+
+
 def generation_defaults(kept: Path | None) -> dict:
     """generation_config.json without its special-token ids (the tokenizer's go in): the one of
     the source from-hf ``kept``, so that a chat model's sampling settings (do_sample,

@@ -65,25 +65,17 @@ def different_model(ckpt: Path, difference: tuple, resume: bool) -> CheckpointEr
 
 def check_corpus_tokenizer(train) -> None:
     """``data_path: null`` trains on the shipped corpus in the byte tokenizer's ids: refused for
-    a run from a from-hf import with a tokenizer of its own, to which those ids are other
-    tokens."""
+    a run from a from-hf import with a tokenizer of its own."""
     from dsmoe_megatron import checkpoint
     from dsmoe_megatron.config import ConfigError
-    from dsmoe_megatron.convert import kept_source, tokenizer_files
-    from dsmoe_megatron.tokenizer import ByteTokenizer
+    from dsmoe_megatron.convert import byte_corpus_mismatch, kept_source
 
-    if train.vocab_size in (None, ByteTokenizer().vocab_size):
-        return
-    kept = kept_source(checkpoint.resolve(train.load), train.vocab_size)
-    files = tokenizer_files(kept) if kept is not None else []
-    if files:
-        raise ConfigError(
-            f"data_path is null, which trains on the corpus shipped with dsmoe_megatron in the "
-            f"byte tokenizer's ids, but load: {train.load} was imported from a Hugging Face "
-            f"model with a tokenizer of its own ({', '.join(files)} in {kept}), for which those "
-            "ids are other tokens; tokenize your text with that tokenizer (dsmoe-preprocess "
-            f"--tokenizer {kept} --input FILE ... --output-prefix PREFIX) and set data_path "
-            "to its prefix")
+    problem = byte_corpus_mismatch(
+        kept_source(checkpoint.resolve(train.load), train.vocab_size), train.vocab_size,
+        "data_path is null, which trains on", f"load: {train.load} (a Hugging Face import)",
+        "set data_path to its prefix")
+    if problem:
+        raise ConfigError(problem)
 
 
 def learning_rate(train, updates: int) -> float:

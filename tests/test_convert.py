@@ -711,7 +711,8 @@ def test_a_run_from_a_bf16_import_trains_the_imported_weights(rt, tmp_path, prec
                                    atol=1e-8, msg=name)
 
 
-def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt, tmp_path):
+def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt, tmp_path,
+                                                                             capsys):
     """data_path: null fine-tuned an import on the shipped corpus in the byte tokenizer's ids,
     which the model's own tokenizer reads as other tokens, and to-hf then paired the result
     with that tokenizer. The run is refused before anything is written; an import without
@@ -723,11 +724,29 @@ def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt,
         train_from(save, tmp_path / "run")
     err = refused.value.stderr.decode()
     assert refused.value.returncode == 1 and "Traceback" not in err, err
+    kept = save / convert.HF_SOURCE_DIR
     assert (f"data_path is null, which trains on the corpus shipped with dsmoe_megatron in the "
-            f"byte tokenizer's ids, but load: {save} was imported from a Hugging Face model with "
-            f"a tokenizer of its own (tokenizer.json in {save / convert.HF_SOURCE_DIR})" in err
-            and "set data_path to its prefix" in err), err
+            f"byte tokenizer's ids, but load: {save} (a Hugging Face import) has a tokenizer of "
+            f"its own (tokenizer.json in {kept}), for which those ids are other tokens; tokenize "
+            f"your text with it (dsmoe-preprocess --tokenizer {kept} --input FILE ... "
+            "--output-prefix PREFIX) and set data_path to its prefix" in err), err
     assert not (tmp_path / "run").exists()
+    # dsmoe-analyze without --data-path evaluated such a model on the same corpus: refused too,
+    # on the HF directory and on the import
+    from dsmoe_megatron import analyze
+
+    capsys.readouterr()
+    for source, files in ((tmp_path / "hf", tmp_path / "hf"), (save, kept)):
+        out = tmp_path / f"analysis_{source.name}"
+        assert analyze.main([str(source), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "[dsmoe-convert]" not in err, err  # refused before importing anything
+        assert err.startswith(
+            "dsmoe-analyze: Without --data-path the analysis evaluates the corpus shipped with "
+            f"dsmoe_megatron in the byte tokenizer's ids, but {source} has a tokenizer of its "
+            f"own (tokenizer.json in {files})") and err.endswith(
+            "and pass --data-path PREFIX\n"), err
+        assert not (out / "analysis.json").exists()
     from dsmoe_megatron.train import check_corpus_tokenizer
 
     check_corpus_tokenizer(SimpleNamespace(load=str(save), vocab_size=VOCAB))
