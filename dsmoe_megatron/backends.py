@@ -20,7 +20,7 @@ import torch
 DISABLE_TE_ENV = "DSMOE_DISABLE_TE"
 
 
-def _importable(package: str, module: str, consequence: str) -> bool:
+def importable(package: str, module: str, consequence: str) -> bool:
     """Whether ``module`` imports; False without a word when ``package`` is not installed."""
     if importlib.util.find_spec(package) is None:
         return False
@@ -40,7 +40,7 @@ def te_available() -> bool:
         return False
     if not torch.cuda.is_available():
         return False
-    return _importable(
+    return importable(
         "transformer_engine", "transformer_engine.pytorch",
         "Falling back to Megatron-core's local modules: no FP8, no TE expert backend, and "
         "checkpoints with the local layer layout instead of TE's. Fix the install (README, "
@@ -51,7 +51,7 @@ def te_available() -> bool:
 def apex_available() -> bool:
     if not torch.cuda.is_available():
         return False
-    return _importable("apex", "apex", "Falling back to torch's fused-op replacements.")
+    return importable("apex", "apex", "Falling back to torch's fused-op replacements.")
 
 
 @functools.cache

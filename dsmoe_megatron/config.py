@@ -480,21 +480,21 @@ def machine_fusions() -> dict[str, bool]:
     return dict(
         bias_activation_fusion=gpu,
         bias_dropout_fusion=gpu,
-        masked_softmax_fusion=gpu and _importable("scaled_masked_softmax_cuda"),
+        masked_softmax_fusion=gpu and _extension_imports("scaled_masked_softmax_cuda"),
         apply_rope_fusion=te,
-        gradient_accumulation_fusion=gpu and _importable("fused_weight_gradient_mlp_cuda"),
+        gradient_accumulation_fusion=gpu and _extension_imports("fused_weight_gradient_mlp_cuda"),
         moe_permute_fusion=te and _mcore_fused_permute(),
     )
 
 
 @functools.cache
-def _importable(module: str) -> bool:
+def _extension_imports(module: str) -> bool:
     """Whether a compiled kernel extension imports: one built against another torch or CUDA is
     found but fails to import, and Megatron then refuses the fusion (gradient accumulation: at
     model build) or fails at its first use (softmax)."""
-    from dsmoe_megatron.backends import _importable as imports
+    from dsmoe_megatron.backends import importable
 
-    return imports(module, module, "The fusion that needs it stays off; rebuild the package that "
+    return importable(module, module, "The fusion that needs it stays off; rebuild the package that "
                    "provides it (apex, Megatron-LM's fused kernels) for this torch and CUDA.")
 
 

@@ -348,11 +348,11 @@ def test_a_kernel_extension_that_fails_to_import_leaves_its_fusion_off(monkeypat
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backends, "te_available", lambda: False)
-    config._importable.cache_clear()
+    config._extension_imports.cache_clear()
     try:
         fusions = config.machine_fusions()
     finally:
-        config._importable.cache_clear()
+        config._extension_imports.cache_clear()
         sys.modules.pop(working, None)
     assert fusions["bias_activation_fusion"] and fusions["masked_softmax_fusion"]
     assert not fusions["gradient_accumulation_fusion"]
