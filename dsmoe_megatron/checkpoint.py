@@ -587,10 +587,16 @@ def _check_optimizer_format(ckpt: Path, common: dict, optimizer) -> None:
 
 
 def create_adam_state(optimizer) -> None:
-    """Create torch Adam's per-parameter state (step, moments) that it otherwise creates on its
-    first step. Without Transformer Engine or apex, Megatron's distributed optimizer reads the
-    per-parameter `step` to build the state dict it loads into, so a fresh optimizer cannot
-    load. The zeros are what Adam would create; the load overwrites them."""
+    """Create Adam's per-parameter state (the moments; torch's Adam: and step) that it otherwise
+    creates on its first step. Megatron's optimizers save and load the state Adam has: before
+    its first update (fp16 skips the steps whose gradients overflow) the distributed optimizer
+    failed to save, the standard one saved no moments, and without Transformer Engine or apex
+    the distributed one could not load (it reads torch Adam's per-parameter `step` to build the
+    state dict it loads into). The zeros are what Adam would create; a load overwrites them.
+    TE's and apex's FusedAdam get theirs from the ``init_state_fn`` Megatron gives them."""
+    for sub in _sub_optimizers(optimizer):
+        if _is_fused_adam(getattr(sub, "optimizer", None)):
+            sub.init_state_fn(sub.optimizer, sub.config)
     for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
@@ -602,12 +608,21 @@ def create_adam_state(optimizer) -> None:
 
 @contextlib.contextmanager
 def empty_adams_report_a_step(optimizer):
-    """Without Transformer Engine or apex, Megatron's optimizers read torch Adam's step from
-    the per-parameter state, which a sub-optimizer holding no parameter on this rank lacks: the
-    expert one on a pipeline stage of dense layers only (moe_first_k_dense). The distributed
-    optimizer then fails to save; the standard one saves no step, and when that stage is rank
-    0, whose copy of the common state every rank loads, the expert parameters resume without
-    one. Such an Adam reports the step of the others here (it has no state of its own)."""
+    """An Adam holding no parameter on this rank (the expert one on a pipeline stage of dense
+    layers only: moe_first_k_dense) reports the step of the others here. When that stage is
+    rank 0, whose copy of the common state every rank loads, the expert parameters resumed
+    without a step otherwise: with TE's or apex's FusedAdam, which keep it in each parameter
+    group and advance only the groups holding parameters, silently from step 1 (every group gets
+    the rank's step, 0 before the first update). Megatron's optimizers read torch Adam's from
+    the per-parameter state, which such an Adam lacks: the distributed optimizer failed to
+    save, the standard one saved no step (it reports a state of its own, saved and dropped on
+    load)."""
+    fused = [inner for inner in _adams(optimizer) if _is_fused_adam(inner)]
+    group_steps = [group["step"] for inner in fused for group in inner.param_groups
+                   if group["params"] and "step" in group]
+    for group in (group for inner in fused for group in inner.param_groups):
+        if not group["params"] or "step" not in group:
+            group["step"] = group_steps[0] if group_steps else 0
     adams = _torch_adams(optimizer)
     steps = [state["step"] for inner in adams for state in inner.state.values()
              if "step" in state]
@@ -651,18 +666,16 @@ def _adopt_current_hyperparameters(ckpt: Path, optimizer, optimizer_state) -> No
 
 
 def _load_optimizer_state(optimizer, optimizer_state) -> None:
-    """``optimizer.load_state_dict``, working around two faults of Megatron's distributed
-    optimizer with torch's Adam (no Transformer Engine or apex):
-
-    - it copies every tensor of torch Adam's per-parameter state from the loaded one, which
-      holds no ``step`` (the step is kept in the parameter groups): the per-parameter state is
-      loaded here with the ``step`` tensors set aside;
-    - it gives every parameter the same ``step`` tensor object (``untie_adam_steps``).
-    """
+    """``optimizer.load_state_dict`` with Adam's step where this run's Adam keeps it
+    (``adam_steps_where_kept``). Megatron's distributed optimizer copies every tensor of torch
+    Adam's per-parameter state from the loaded one, which holds no ``step`` (the step is kept in
+    the parameter groups): the per-parameter state is loaded here with the ``step`` tensors set
+    aside."""
     param_states = [sub_state.pop("param_state", None)
                     for sub_state in _sub_states(optimizer, optimizer_state)]
-    optimizer.load_state_dict(optimizer_state)
-    for inner in _torch_adams(optimizer):  # what an Adam without parameters reported on save
+    with adam_steps_where_kept(optimizer):
+        optimizer.load_state_dict(optimizer_state)
+    for inner in _adams(optimizer):  # what an Adam without parameters reported on save
         for key in [k for k in inner.state if not torch.is_tensor(k)]:
             del inner.state[key]
     for sub, param_state in zip(_sub_optimizers(optimizer), param_states):
@@ -670,7 +683,6 @@ def _load_optimizer_state(optimizer, optimizer_state) -> None:
             continue
         with adam_steps_set_aside(sub):
             sub.load_parameter_state_from_fully_reshardable(param_state)
-    untie_adam_steps(optimizer)
 
 
 @contextlib.contextmanager
@@ -686,33 +698,59 @@ def adam_steps_set_aside(distributed_optimizer):
             state[param]["step"] = step
 
 
-def adam_steps_from_groups(optimizer) -> None:
-    """Set torch Adam's per-parameter ``step`` from its parameter group's, where Megatron's
-    distributed optimizer keeps it in a checkpoint (each parameter its own tensor)."""
-    for inner in _torch_adams(optimizer):
-        for group in inner.param_groups:
-            if group.get("step") is None:
-                continue
-            for param in group["params"]:
-                if "step" in inner.state.get(param, {}):
-                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
+@contextlib.contextmanager
+def adam_steps_where_kept(optimizer):
+    """While loading: each Adam gets the loaded step count where it keeps it, whichever Adam
+    saved it. torch's Adam / AdamW keeps it per parameter, a tensor in each one's state (Megatron
+    saves it once, its distributed optimizer as a float in the groups); Transformer Engine's
+    and apex's FusedAdam keep it in each parameter group, an int. As loaded, a float failed
+    FusedAdam's first step (its kernel takes an int), a per-parameter one failed TE's
+    load_state_dict (KeyError 'step') and apex dropped it (bias correction started over), and
+    torch's Adam found none in a FusedAdam checkpoint (KeyError 'step' at its first step).
+    Each parameter gets its own tensor: Megatron's distributed optimizer loads one object into
+    all of them, which Adam then advanced once per parameter and step. No step in the
+    checkpoint (saved before any update was applied): 0."""
+    handles = [inner.register_load_state_dict_pre_hook(_put_adam_steps_where_kept)
+               for inner in _adams(optimizer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def untie_adam_steps(optimizer) -> None:
-    """Give each parameter its own torch Adam ``step`` tensor. Megatron's distributed optimizer
-    loads one tensor object into every parameter's state, which Adam then increments once per
-    parameter and step (its bias correction then runs far ahead)."""
-    for inner in _torch_adams(optimizer):
-        for state in inner.state.values():
-            if "step" in state:
-                state["step"] = state["step"].clone()
+def _put_adam_steps_where_kept(inner, state_dict) -> None:
+    """The pre-hook of ``adam_steps_where_kept``: changes ``state_dict``'s dicts in place (TE's
+    FusedAdam.load_state_dict reads the state from the dict it was given, not the hook's)."""
+    steps = [state.pop("step") for state in state_dict["state"].values() if "step" in state]
+    steps += [g["step"] for g in state_dict["param_groups"] if g.get("step") is not None]
+    step = int(steps[0]) if steps else 0
+    if isinstance(inner, torch.optim.Adam):
+        for state in state_dict["state"].values():
+            if state:
+                state["step"] = torch.tensor(float(step))
+    else:
+        for group in state_dict["param_groups"]:
+            group["step"] = step
 
 
 def _torch_adams(optimizer) -> list:
-    """The torch Adam optimizers inside Megatron's (TE / apex FusedAdam keep the step per group
-    and need none of the above)."""
-    return [sub.optimizer for sub in _sub_optimizers(optimizer)
-            if isinstance(getattr(sub, "optimizer", None), torch.optim.Adam)]
+    """The torch Adam / AdamW optimizers inside Megatron's."""
+    return [inner for inner in _adams(optimizer) if isinstance(inner, torch.optim.Adam)]
+
+
+def _adams(optimizer) -> list:
+    """The Adam optimizers inside Megatron's: torch's Adam / AdamW (without Transformer Engine
+    and apex), else TE's or apex's FusedAdam."""
+    inners = [getattr(sub, "optimizer", None) for sub in _sub_optimizers(optimizer)]
+    return [inner for inner in inners
+            if isinstance(inner, torch.optim.Adam) or _is_fused_adam(inner)]
+
+
+def _is_fused_adam(inner) -> bool:
+    """TE's or apex's FusedAdam, told by its class's name, which both give theirs: importing
+    either to compare fails where it is not installed."""
+    return any(cls.__name__ == "FusedAdam" for cls in type(inner).__mro__)
 
 
 def read_run_config_yaml(path: str | Path) -> str:

@@ -132,11 +132,11 @@ def hook_checkpoint_loading() -> None:
     2. Resuming into torch's Adam (no TE or apex: on CPU, and on GPUs without them). Megatron
        builds the state dict to load into from Adam's per-parameter ``step``, which torch creates
        only on the first step, so ``--load`` of any checkpoint failed (``assert len(steps) ==
-       1``). The state is created first, as Adam would, and each parameter's ``step`` is set after
-       from the one its group was saved with (Megatron leaves the created zeros, so Adam's bias
-       correction started over). Loading runs without autograd: in fp32 the optimizer's main
-       parameters are views of the model's, which Megatron's ``copy_`` into them refuses
-       otherwise.
+       1``). The state is created first, as Adam would, and the loaded step goes where this
+       run's Adam keeps it (``checkpoint.adam_steps_where_kept``: torch's Adam per parameter,
+       TE's / apex's FusedAdam per group), whichever Adam saved it. Loading runs without
+       autograd: in fp32 the optimizer's main parameters are views of the model's, which
+       Megatron's ``copy_`` into them refuses otherwise.
 
     Saving and loading also let a torch Adam holding no parameter on this rank (the expert one
     on a pipeline stage of dense layers only) report the others' step, as dsmoe-train does:
@@ -151,7 +151,7 @@ def hook_checkpoint_loading() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.training import get_args, training
 
-    from dsmoe_megatron.checkpoint import (adam_steps_from_groups,
+    from dsmoe_megatron.checkpoint import (adam_steps_where_kept,
                                            collect_write_results_in_process,
                                            create_adam_state, empty_adams_report_a_step)
 
@@ -187,11 +187,8 @@ def hook_checkpoint_loading() -> None:
         if optimizer is not None:
             create_adam_state(optimizer)
         with (_one_line_errors("Megatron-LM cannot resume from --load"), torch.no_grad(),
-              empty_adams_report_a_step(optimizer)):
-            loaded = original(model, optimizer, *args, **kwargs)
-        if optimizer is not None:
-            adam_steps_from_groups(optimizer)
-        return loaded
+              empty_adams_report_a_step(optimizer), adam_steps_where_kept(optimizer)):
+            return original(model, optimizer, *args, **kwargs)
 
     load_checkpoint.dsmoe = True
     training.load_checkpoint = load_checkpoint

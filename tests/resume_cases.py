@@ -72,8 +72,23 @@ def run_job(tasks: list[tuple]) -> list:
              "resumed_checkpoint": resumed_checkpoint, "weight_decays": weight_decays,
              "experts_on_gpu_rng": experts_on_gpu_rng,
              "extra_state_round_trip": extra_state_round_trip,
-             "damaged_tensor_data": damaged_tensor_data}
+             "damaged_tensor_data": damaged_tensor_data, "with_adam": with_adam}
     return [kinds[kind](*args) for kind, *args in tasks]
+
+
+def with_adam(adam: str, kind: str, *args):
+    """Another task, with torch's AdamW (adam="torch") or with Megatron-core as it runs with
+    Transformer Engine: TE's FusedAdam (adam="fused", its stand-in, tests/fused_adam.py). A
+    task that raises returns the traceback as its stderr (code None): the next tasks go on."""
+    import traceback
+
+    from fused_adam import as_with_transformer_engine
+
+    try:
+        with as_with_transformer_engine() if adam == "fused" else contextlib.nullcontext():
+            return run_job([(kind, *args)])[0]
+    except Exception:  # noqa: BLE001 - the test reports it
+        return {"code": None, "stderr": traceback.format_exc()}
 
 
 def train(argv: list[str]) -> dict:
