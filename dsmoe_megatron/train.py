@@ -43,7 +43,9 @@ _TRAINED_WITH = ("train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_decay_sty
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    def __init__(self, message: str, step: StepStats | None = None):
+        super().__init__(message)
+        self.step = step  # the step that diverged, when it ran to the end: logged before stopping
 
 
 def different_model(ckpt: Path, difference: tuple, resume: bool) -> CheckpointError:
@@ -438,16 +440,17 @@ class Trainer:
         if not (math.isfinite(loss) and loss > 0.0):
             self._diverged("the loss", loss)
         updated, grad_norm, _ = self.optimizer.step()
-        # fp16 skips a step with inf/NaN gradients itself (updated False) and lowers the scale.
-        if updated and grad_norm is not None and not math.isfinite(grad_norm):
-            self._diverged("the gradient norm", grad_norm, weights_changed=True)
         self.iteration += 1
         self.updates += bool(updated)
         global_batch = self.run.train.global_batch(self.dp_size)
         self.consumed_samples += global_batch
-        aux = self._aux_losses()
-        return StepStats(loss, aux, grad_norm, global_batch * self.run.train.seq_length,
-                         time.perf_counter() - start, lr, updated)
+        stats = StepStats(loss, self._aux_losses(), grad_norm,
+                          global_batch * self.run.train.seq_length, time.perf_counter() - start,
+                          lr, updated)
+        # fp16 skips a step with inf/NaN gradients itself (updated False) and lowers the scale.
+        if updated and grad_norm is not None and not math.isfinite(grad_norm):
+            self._diverged("the gradient norm", grad_norm, weights_changed=True, step=stats)
+        return stats
 
     def _reduce_loss(self, outputs) -> float:
         """Token-weighted mean LM loss over micro-batches and data-parallel ranks (last stage)."""
@@ -463,7 +466,10 @@ class Trainer:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return float(total[0] / total[1].clamp(min=1))
 
-    def _diverged(self, what: str, value: float, weights_changed: bool = False) -> None:
+    def _diverged(self, what: str, value: float, weights_changed: bool = False,
+                  step: StepStats | None = None) -> None:
+        """Stop: ``what`` became ``value`` in the step after ``self.iteration``, or in ``step``,
+        the one that took the run to it."""
         from dsmoe_megatron import checkpoint
 
         save = self.run.train.save
@@ -471,13 +477,12 @@ class Trainer:
         where = (f"the last good checkpoint is {checkpoint.iteration_dir(save, last)} "
                  "(untouched)" if last is not None else "no checkpoint was saved yet")
         kind = "not finite" if not math.isfinite(value) else "exactly 0, a collapse"
-        step = self.iteration + 1
         raise TrainingDiverged(
-            f"training stopped at iteration {step}: {what} became {value} ({kind})"
+            f"training stopped at iteration {self.iteration + (step is None)}: {what} became "
+            f"{value} ({kind})"
             f"{'; the update was applied, nothing was saved' if weights_changed else ''}; "
             f"{where}. Lower lr, raise lr_warmup_iters or check the data, then resume from that "
-            "checkpoint (hyper-parameters may change on --resume)."
-        )
+            "checkpoint (hyper-parameters may change on --resume).", step)
 
     def _aux_losses(self) -> dict[str, float]:
         from megatron.core import parallel_state as ps
@@ -598,7 +603,12 @@ class Trainer:
         window: list[StepStats] = []
         with EarlyExit(train, self.rt.device, self.started) as early_exit:
             while self.iteration < end:
-                stats = self.train_step()
+                try:
+                    stats = self.train_step()
+                except TrainingDiverged as err:
+                    if err.step is not None:  # its record: how it diverged
+                        self._log_window([*window, err.step], bar)
+                    raise
                 window.append(stats)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}")
