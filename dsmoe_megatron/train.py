@@ -72,8 +72,12 @@ def check_corpus_tokenizer(train) -> None:
     from dsmoe_megatron.config import ConfigError
     from dsmoe_megatron.convert import byte_corpus_mismatch, kept_source
 
+    try:
+        ckpt = checkpoint.resolve(train.load)
+    except CheckpointError:  # removed since the run started from it: a resume does not read it,
+        return  # and a new run's load names the problem
     problem = byte_corpus_mismatch(
-        kept_source(checkpoint.resolve(train.load), train.vocab_size), train.vocab_size,
+        kept_source(ckpt, train.vocab_size), train.vocab_size,
         "data_path is null, which trains on", f"load: {train.load} (a Hugging Face import)",
         "set data_path to its prefix")
     if problem:

@@ -754,6 +754,22 @@ def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt,
     check_corpus_tokenizer(SimpleNamespace(load=str(save), vocab_size=300))
 
 
+def test_a_run_from_an_import_resumes_after_the_import_is_removed(rt, tmp_path):
+    """A resume reads its own save directory, not load:. The check of the import's tokenizer
+    resolved load: first, so a run whose import's weights were deleted after it started (tens
+    of GB for a 16B model) no longer resumed."""
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "import")
+    trained = train_from(save, tmp_path / "run")
+    shutil.rmtree(checkpoint.resolve(save))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    resumed = subprocess.run([sys.executable, "-m", "dsmoe_megatron.train",
+                              str(trained / checkpoint.RUN_CONFIG_NAME), "train_iters=2",
+                              "--resume"], env=env, timeout=600, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert checkpoint.resolve(tmp_path / "run").name == "iter_0000002"
+
+
 def test_from_hf_dtype_auto_is_the_source_weights_dtype(rt, tmp_path, capsys):
     """The released model is bf16: from-hf stored it in fp32 (twice the files of a 16B import)
     unless told --dtype bf16. Now the import and the export back keep the source's dtype, and
