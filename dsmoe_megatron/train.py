@@ -754,6 +754,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     from dsmoe_megatron import runtime
     from dsmoe_megatron.config import ConfigError
+    from dsmoe_megatron.hf.mapping import ConversionError
     from dsmoe_megatron.run_dir import unlock_save_dir
     from dsmoe_megatron.yaml_config import YamlConfigError, load_run_config
 
@@ -785,7 +786,7 @@ def main(argv=None) -> int:
                  + ("continue with --resume" if saved is not None else
                     "no save directory, nothing was written"))
         return 0
-    except (TrainingDiverged, CheckpointError, ConfigError, ValueError,
+    except (TrainingDiverged, CheckpointError, ConfigError, ConversionError, ValueError,
             FileNotFoundError) as error:
         print_error("dsmoe-train", error)
         return 1

@@ -750,6 +750,12 @@ def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt,
     from dsmoe_megatron.train import check_corpus_tokenizer
 
     check_corpus_tokenizer(SimpleNamespace(load=str(save), vocab_size=VOCAB))
+    # a damaged copy of the files is named in a line (it was a traceback)
+    (kept / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        train_from(save, tmp_path / "run")
+    err = refused.value.stderr.decode()
+    assert "Traceback" not in err and f"{kept / 'tokenizer.json'} is not valid JSON" in err, err
     (save / convert.HF_SOURCE_DIR / "tokenizer.json").unlink()
     check_corpus_tokenizer(SimpleNamespace(load=str(save), vocab_size=300))
 
