@@ -480,11 +480,16 @@ def machine_fusions() -> dict[str, bool]:
     return dict(
         bias_activation_fusion=gpu,
         bias_dropout_fusion=gpu,
-        masked_softmax_fusion=gpu and _extension_imports("scaled_masked_softmax_cuda"),
+        masked_softmax_fusion=gpu and all(map(_extension_imports, _SOFTMAX_KERNELS)),
         apply_rope_fusion=te,
         gradient_accumulation_fusion=gpu and _extension_imports("fused_weight_gradient_mlp_cuda"),
         moe_permute_fusion=te and _mcore_fused_permute(),
     )
+
+
+# Megatron's fused softmax imports each where its mask calls for it (causal: upper-triangular).
+_SOFTMAX_KERNELS = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
+                    "scaled_softmax_cuda")
 
 
 @functools.cache
@@ -494,8 +499,9 @@ def _extension_imports(module: str) -> bool:
     model build) or fails at its first use (softmax)."""
     from dsmoe_megatron.backends import importable
 
-    return importable(module, module, "The fusion that needs it stays off; rebuild the package that "
-                   "provides it (apex, Megatron-LM's fused kernels) for this torch and CUDA.")
+    return importable(module, module, "The fusion that needs it stays off; rebuild the package "
+                      "that provides it (apex, Megatron-LM's fused kernels) for this torch and "
+                      "CUDA.")
 
 
 def _mcore_fused_permute() -> bool:

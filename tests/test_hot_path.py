@@ -342,21 +342,33 @@ def test_a_kernel_extension_that_fails_to_import_leaves_its_fusion_off(monkeypat
 
     from dsmoe_megatron import backends, config
 
-    broken, working = "fused_weight_gradient_mlp_cuda", "scaled_masked_softmax_cuda"
-    (tmp_path / f"{broken}.py").write_text("raise ImportError('undefined symbol: _ZN3c10')")
-    (tmp_path / f"{working}.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(backends, "te_available", lambda: False)
-    config._extension_imports.cache_clear()
-    try:
-        fusions = config.machine_fusions()
-    finally:
-        config._extension_imports.cache_clear()
-        sys.modules.pop(working, None)
+    def fusions_with(working: tuple[str, ...], broken: str) -> dict:
+        folder = tmp_path / broken
+        folder.mkdir()
+        (folder / f"{broken}.py").write_text("raise ImportError('undefined symbol: _ZN3c10')")
+        for name in working:
+            (folder / f"{name}.py").write_text("")
+        with monkeypatch.context() as patch:
+            patch.syspath_prepend(str(folder))
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            patch.setattr(backends, "te_available", lambda: False)
+            config._extension_imports.cache_clear()
+            try:
+                return config.machine_fusions()
+            finally:
+                config._extension_imports.cache_clear()
+                for name in (*working, broken):
+                    sys.modules.pop(name, None)
+
+    fusions = fusions_with(config._SOFTMAX_KERNELS, "fused_weight_gradient_mlp_cuda")
     assert fusions["bias_activation_fusion"] and fusions["masked_softmax_fusion"]
     assert not fusions["gradient_accumulation_fusion"]
-    assert f"{broken} is installed but `import {broken}` fails" in capsys.readouterr().err
+    assert ("fused_weight_gradient_mlp_cuda is installed but `import "
+            "fused_weight_gradient_mlp_cuda` fails") in capsys.readouterr().err
+    # Causal attention uses the upper-triangular kernel: the fusion needs every softmax kernel.
+    fusions = fusions_with(("scaled_masked_softmax_cuda", "scaled_softmax_cuda"),
+                           "scaled_upper_triang_masked_softmax_cuda")
+    assert not fusions["masked_softmax_fusion"]
 
 
 def test_plain_silu_mlp_runs_without_the_swiglu_fusion(monkeypatch):
