@@ -330,16 +330,6 @@ class Trainer:
         self.updates = int(extra.get("updates", self.iteration))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
         _log(f"loaded {ckpt} (iteration {self.iteration})")
-        if trained_with is not None and self.iteration < train.train_iters:
-            was, now = learning_rate(trained_with, self.updates), learning_rate(train, self.updates)
-            if not math.isclose(was, now):  # e.g. a finished cosine schedule extended
-                _log(f"the lr schedule changes: the next step (iteration {self.iteration + 1}) "
-                     f"trains at lr {now:.4g}, where the checkpoint's settings give {was:.4g}")
-        was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
-        if was is not None and was != now:
-            _log(f"the global batch changes from {was} to {now} samples per step"
-                 + (" (global_batch_size: null follows the data-parallel size; set it to keep "
-                    f"{was})" if train.global_batch_size is None else ""))
         if self.iteration >= train.train_iters:
             if not resume:  # a new run from a checkpoint that would train nothing
                 raise CheckpointError(
@@ -349,6 +339,17 @@ class Trainer:
                     "from its weights at iteration 0")
             _log(f"the run is complete: iteration {self.iteration} of train_iters="
                  f"{train.train_iters}; raise train_iters to train on")
+            return  # what would change for the next step is moot
+        if trained_with is not None:
+            was, now = learning_rate(trained_with, self.updates), learning_rate(train, self.updates)
+            if not math.isclose(was, now):  # e.g. a finished cosine schedule extended
+                _log(f"the lr schedule changes: the next step (iteration {self.iteration + 1}) "
+                     f"trains at lr {now:.4g}, where the checkpoint's settings give {was:.4g}")
+        was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
+        if was is not None and was != now:
+            _log(f"the global batch changes from {was} to {now} samples per step"
+                 + (" (global_batch_size: null follows the data-parallel size; set it to keep "
+                    f"{was})" if train.global_batch_size is None else ""))
 
     def _check_same_model(self, ckpt: Path, resume: bool):
         """A checkpoint resumes (or starts a run: ``load``) under any layout and
@@ -369,7 +370,7 @@ class Trainer:
         # A resume without the first run's key=value overrides takes the YAML's (a checkpoint
         # at iteration 0, from-hf's, was trained with nothing).
         trained_with = None
-        if resume and iteration_of(ckpt):
+        if resume and 0 < (iteration_of(ckpt) or 0) < self.run.train.train_iters:
             changed = [f"{name} {getattr(saved.train, name)} -> {getattr(self.run.train, name)}"
                        for name in _TRAINED_WITH
                        if getattr(saved.train, name) != getattr(self.run.train, name)]

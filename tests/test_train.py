@@ -365,8 +365,9 @@ def test_a_resume_names_the_settings_its_config_changes(tmp_path):
     started = ["train_iters=4", "--stop-at"]
     tasks = [("train", train_argv(data, "1", save, *started, "1")),
              ("train", train_argv(data, "1", save, *started, "2", "--resume")),
-             ("train", train_argv(data, "1", save, "lr=1e-3", "--stop-at", "3", "--resume"))]
-    first, same, changed = run_on_ranks(run_job, 1, args=(tasks,))[0]
+             ("train", train_argv(data, "1", save, "lr=1e-3", "--stop-at", "3", "--resume")),
+             ("train", train_argv(data, "1", save, "train_iters=2", "lr=1e-3", "--resume"))]
+    first, same, changed, complete = run_on_ranks(run_job, 1, args=(tasks,))[0]
     assert "changes what" not in ok(same)["stdout"]
     assert "lr schedule" not in same["stdout"]
     assert (f"the config changes what {save / 'iter_0000002'} was trained with: train_iters 4 "
@@ -376,6 +377,11 @@ def test_a_resume_names_the_settings_its_config_changes(tmp_path):
     # schedule extended by a larger train_iters goes back up).
     assert ("the lr schedule changes: the next step (iteration 3) trains at lr 0.001, where the "
             "checkpoint's settings give 0.002325") in changed["stdout"]
+    # A resume that finds the run complete trains nothing: it says so, and not what the new
+    # settings would change.
+    said = ok(complete)["stdout"]
+    assert "the run is complete: iteration 3 of train_iters=2" in said
+    assert "changes what" not in said and "lr schedule" not in said
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume_auto(tmp_path):
