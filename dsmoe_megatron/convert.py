@@ -258,14 +258,14 @@ class TokenizerExport:
         return []
 
 
-def tokenizer_files(directory: Path) -> list[str]:
+def tokenizer_files(directory: Path, fix: str = "replace it with a complete copy, or pass "
+                    "--no-tokenizer to convert without the tokenizer files") -> list[str]:
     """The tokenizer files in ``directory``; one of JSON that does not parse (a truncated copy,
-    which AutoTokenizer would fail on) raises ConversionError."""
+    which AutoTokenizer would fail on) raises ConversionError, which says ``fix``."""
     names = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
     for name in names:
         if name.endswith(".json"):
-            read_json(directory / name, "replace it with a complete copy, or pass "
-                      "--no-tokenizer to convert without the tokenizer files", "tokenizer file ")
+            read_json(directory / name, fix, "tokenizer file ")
     return names
 
 
@@ -328,7 +328,8 @@ def byte_corpus_mismatch(directory: Path | None, vocab_size: int | None, reads: 
 
     if directory is None or vocab_size in (None, ByteTokenizer().vocab_size):
         return None
-    files = tokenizer_files(directory)
+    files = tokenizer_files(directory,
+                            "replace it with a complete copy of the model's original file")
     if not files:
         return None
     return (f"{reads} the corpus shipped with dsmoe_megatron in the byte tokenizer's ids, but "

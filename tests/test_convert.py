@@ -758,6 +758,8 @@ def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt,
         train_from(save, tmp_path / "run")
     err = refused.value.stderr.decode()
     assert "Traceback" not in err and f"{kept / 'tokenizer.json'} is not valid JSON" in err, err
+    assert "replace it with a complete copy of the model's original file" in err, err
+    assert "--no-tokenizer" not in err, err  # dsmoe-convert's option, not dsmoe-train's
     (save / convert.HF_SOURCE_DIR / "tokenizer.json").unlink()
     check_corpus_tokenizer(SimpleNamespace(load=str(save), vocab_size=300))
 
