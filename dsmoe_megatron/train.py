@@ -349,7 +349,10 @@ class Trainer:
         if was is not None and was != now:
             _log(f"the global batch changes from {was} to {now} samples per step"
                  + (" (global_batch_size: null follows the data-parallel size; set it to keep "
-                    f"{was})" if train.global_batch_size is None else ""))
+                    f"{was})" if train.global_batch_size is None else "")
+                 + (f"; valid_loss now averages the first {train.eval_iters * now} "
+                    "validation samples (eval_iters x global batch), where it averaged "
+                    f"{train.eval_iters * was}" if train.eval_interval else ""))
 
     def _check_same_model(self, ckpt: Path, resume: bool):
         """A checkpoint resumes (or starts a run: ``load``) under any layout and

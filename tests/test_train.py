@@ -116,7 +116,7 @@ def cli(tmp_path_factory) -> Cli:
                                       "--resume"))
     c.add("batch 4", "train", c.argv("batch", "train_iters=2", "global_batch_size=4"))
     c.add("batch 8", "train", c.argv("batch", "train_iters=3", "global_batch_size=8",
-                                     "--resume"))
+                                     "eval_interval=3", "eval_iters=1", "--resume"))
     c.add("load past train_iters", "train", c.argv("load past", "train_iters=2",
                                                     f"load={root / 'extended'}"))
     diverging = ["train_iters=30", "save_interval=1", "lr=1e6", "clip_grad=0",
@@ -325,7 +325,9 @@ def test_extending_train_iters_keeps_the_sample_stream(cli):
 @pytest.mark.distributed
 def test_a_resume_says_when_the_global_batch_changes(cli):
     records(ok(cli.results["batch 4"]))
-    assert "global batch changes from 4 to 8 samples per step" in ok(
+    # valid_loss reads eval_iters global batches: not comparable with the one logged before
+    assert ("global batch changes from 4 to 8 samples per step; valid_loss now averages the "
+            "first 8 validation samples (eval_iters x global batch), where it averaged 4") in ok(
         cli.results["batch 8"])["stdout"]
     assert "global batch changes" not in cli.results["extended"]["stdout"]
 
