@@ -704,23 +704,27 @@ def test_presets_fit_with_headroom_near_the_top_of_the_search(name, gpus):
 SLURM = ROOT / "examples" / "slurm_145b.sbatch"
 
 
+def fake_slurm(tmp_path: Path, squeue: str = "echo 1-23:59:30") -> dict:
+    """The environment of a job on gpu-node-[07-08], with scontrol and squeue (that bash line)
+    stubbed; the default time left: 1 day, 23:59:30."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, line in [("scontrol", "printf 'gpu-node-07\\ngpu-node-08\\n'"), ("squeue", squeue)]:
+        (bin_dir / name).write_text(f"#!/bin/bash\n{line}\n")
+        (bin_dir / name).chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DRY_RUN="1",
+                SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
+                SLURM_JOB_ID="4242")
+
+
 def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     from torch.distributed.run import get_args_parser
 
     from dsmoe_megatron import train
 
     subprocess.run(["bash", "-n", str(SLURM)], check=True)
+    env = fake_slurm(tmp_path)
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text("#!/bin/bash\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
-    scontrol.chmod(0o755)
-    squeue = bin_dir / "squeue"  # the time left: 1 day, 23:59:30
-    squeue.write_text("#!/bin/bash\necho 1-23:59:30\n")
-    squeue.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DRY_RUN="1",
-               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
-               SLURM_JOB_ID="4242")
     out = subprocess.run(["bash", str(SLURM), "save_interval=250", "data_path=[/data/x]"], env=env,
                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
     argv = shlex.split(out.stdout)
@@ -759,6 +763,44 @@ def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     failed = subprocess.run(["bash", str(SLURM)], env=bare, cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert failed.returncode != 0 and "run this under sbatch" in failed.stderr
+
+
+@pytest.mark.parametrize("squeue, minutes, said", [
+    ("echo 1-02:03:04", 1563, None), ("echo 47:59:00", 2879, None), ("echo 05:00", 5, None),
+    ("echo 0:59", 0, None), ("echo 1-00:08:09", 1448, None),  # 08 and 09 are not octal
+    ("echo UNLIMITED", None, None),  # no limit to stop before
+    ("echo INVALID", None, "(INVALID)"), ("echo NOT_SET", None, "(NOT_SET)"),
+    ("echo 'slurm_load_jobs error: Socket timed out' >&2; exit 1", None, "(nothing)")])
+def test_slurm_launcher_reads_the_time_left_from_squeue(tmp_path, squeue, minutes, said):
+    """minutes_left, sourced alone: a time left squeue gave in a form it did not read (or
+    squeue failing) left the run without its stop before the time limit, and said nothing."""
+    function = re.search(r"^minutes_left\(\) \{.*?^\}$", SLURM.read_text(), re.M | re.S)[0]
+    got = subprocess.run(["bash", "-c", f"{function}\nminutes_left"],
+                         env=fake_slurm(tmp_path, squeue), capture_output=True, text=True,
+                         timeout=60)
+    assert (got.returncode, got.stdout.strip()) == ((0, str(minutes)) if minutes is not None
+                                                    else (1, ""))
+    if said is None:
+        assert got.stderr == ""
+    else:
+        line = got.stderr.splitlines()[-1]  # after squeue's own word, if any
+        assert said in line and "does not stop SAVE_MINUTES before the time limit" in line
+
+
+def test_a_job_with_less_time_left_than_a_save_takes_says_so(tmp_path):
+    """15 minutes left, SAVE_MINUTES 20: the run went on without exit_duration_in_mins, to be
+    killed at the time limit with the steps since its last save lost."""
+    env = fake_slurm(tmp_path, "echo 15:00")
+    failed = subprocess.run(["bash", str(SLURM)], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr == ("dsmoe-145b: job 4242 has 15 minutes left, no more than "
+                             "SAVE_MINUTES=20 to save in before its time limit: submit it with "
+                             "a longer --time, or set a smaller SAVE_MINUTES\n")
+    env["SAVE_MINUTES"] = "14"
+    out = subprocess.run(["bash", str(SLURM)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    assert "exit_duration_in_mins=1 " in out
 
 
 # ---------------------------------------------------------------------------------------------
