@@ -728,8 +728,9 @@ def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     out = subprocess.run(["bash", str(SLURM), "save_interval=250", "data_path=[/data/x]"], env=env,
                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
     argv = shlex.split(out.stdout)
-    assert argv[0] == "torchrun"
-    launch = get_args_parser().parse_args(argv[1:])
+    assert argv[:5] == ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1200", "srun", "--ntasks-per-node=1",
+                        "--kill-on-bad-exit=1", "torchrun"]
+    launch = get_args_parser().parse_args(argv[5:])
     assert (launch.nnodes, launch.nproc_per_node) == ("2", "8")
     assert (launch.rdzv_backend, launch.rdzv_endpoint, launch.rdzv_id) == (
         "c10d", "gpu-node-07:29500", "4242")
@@ -745,14 +746,24 @@ def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     assert (loaded.exit_signal_handler, loaded.exit_duration_in_mins) == (True, 2859)
     # Run for real (srun stubbed): torchrun waits as long for its ranks to save after passing a
     # SIGTERM on.
-    srun = bin_dir / "srun"
-    srun.write_text('#!/bin/bash\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT $1 $2"\n')
-    srun.chmod(0o755)
+    for name in "srun", "torchrun":
+        stub = f'#!/bin/bash\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT {name} $*"\n'
+        (bin_dir / name).write_text(stub)
+        (bin_dir / name).chmod(0o755)
     real = dict(env, SAVE_MINUTES="5")
     del real["DRY_RUN"]
-    ran = subprocess.run(["bash", str(SLURM)], env=real, cwd=ROOT, capture_output=True,
-                         text=True, check=True, timeout=60)
-    assert ran.stdout.splitlines()[-1] == "300 --ntasks-per-node=1 --kill-on-bad-exit=1"
+    ran = subprocess.run(["bash", str(SLURM), "data_path=[/data/x y]"], env=real, cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=60)
+    srun = ran.stdout.splitlines()[-1]
+    assert srun.startswith("300 srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 ")
+    # DRY_RUN's command, pasted into a shell in the allocation, runs what the job runs (it
+    # printed torchrun alone: one node's, which waits for the others' rendezvous)
+    dry = subprocess.run(["bash", str(SLURM), "data_path=[/data/x y]"],
+                         env=dict(real, DRY_RUN="1"), cwd=ROOT, capture_output=True, text=True,
+                         check=True, timeout=60)
+    pasted = subprocess.run(["bash", "-c", dry.stdout], env=real, capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert pasted.stdout.splitlines() == [srun]
     try:
         resumed = train.parse_args([args.config, "--resume", "auto"])
     except SystemExit:
