@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -812,6 +813,74 @@ def test_a_job_with_less_time_left_than_a_save_takes_says_so(tmp_path):
     out = subprocess.run(["bash", str(SLURM)], env=env, cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=60).stdout
     assert "exit_duration_in_mins=1 " in out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_slurm_jobs_resume_stop_on_sigterm_and_end_a_complete_run(tmp_path):
+    """The launcher's jobs on 2 CPU ranks (srun runs its command here, the head node is this
+    one): a job stopped early and its requeue train as one uninterrupted job does, a job that
+    finds the run complete exits 0 at once, and one sent SIGTERM saves and the next resumes."""
+    import json
+    import signal
+    import time
+
+    from resume_cases import MODEL
+
+    env = fake_slurm(tmp_path, "echo UNLIMITED")
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (tmp_path / "bin" / "srun").write_text(
+        '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    env.pop("DRY_RUN")
+    env.update(SLURM_JOB_NUM_NODES="1", CONFIG="yaml_configs/tiny.yaml", GPUS_PER_NODE="2",
+               RDZV_PORT="29617", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               PATH=f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{env['PATH']}")
+
+    def job(save, *args, **popen):
+        argv = ["bash", str(SLURM), *MODEL, f"save={tmp_path / save}", "save_interval=100",
+                "train_iters=6", *args]
+        out = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # the job's log
+        if popen:
+            return subprocess.Popen(argv, env=env, cwd=ROOT, text=True, **out)
+        return subprocess.run(argv, env=env, cwd=ROOT, text=True, timeout=300, **out)
+
+    def losses(save):
+        lines = (tmp_path / save / "metrics.jsonl").read_text().splitlines()
+        return {r["iteration"]: r["lm_loss"] for r in map(json.loads, lines) if "lm_loss" in r}
+
+    straight = job("straight")
+    assert straight.returncode == 0, straight.stdout[-3000:]
+    first = job("run", "--stop-at", "3")
+    assert first.returncode == 0 and "stopped at iteration 3 of 6: --stop-at 3" in first.stdout
+    requeued = job("run")
+    assert requeued.returncode == 0, requeued.stdout[-3000:]
+    assert "loaded" in requeued.stdout and "iter_0000003 (iteration 3)" in requeued.stdout
+    assert losses("run") == pytest.approx(losses("straight"), rel=1e-5, abs=1e-6)
+    assert sorted(losses("run")) == list(range(1, 7))
+    chained = job("run")  # a singleton chain's next job
+    assert chained.returncode == 0, chained.stdout[-3000:]
+    assert "the run is complete: iteration 6 of train_iters=6" in chained.stdout
+    assert sorted(losses("run")) == list(range(1, 7))
+
+    # Preempted: SIGTERM to what srun runs (the script exec'd it), after a save.
+    preempted = job("pre", "save_interval=2", "train_iters=400", popen=True)
+    try:
+        while not (tmp_path / "pre" / "latest").exists() and preempted.poll() is None:
+            time.sleep(0.2)
+        preempted.send_signal(signal.SIGTERM)
+        out = preempted.communicate(timeout=300)[0]
+    finally:
+        preempted.kill()
+    stopped = int((tmp_path / "pre" / "latest").read_text())
+    assert f"stopped at iteration {stopped} of 400: SIGTERM received" in out, out[-3000:]
+    before = losses("pre")
+    assert sorted(before) == list(range(1, stopped + 1))
+    resumed = job("pre", "save_interval=2", "train_iters=400", "--stop-at", str(stopped + 2))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    after = losses("pre")
+    assert sorted(after) == list(range(1, stopped + 3))
+    assert {i: after[i] for i in before} == before and all(map(math.isfinite, after.values()))
 
 
 # ---------------------------------------------------------------------------------------------
