@@ -37,7 +37,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dsmoe_megatron import optimizer_precision as precision
-from dsmoe_megatron.cli import describe_os_error, first_sentence, root_cause
+from dsmoe_megatron.cli import (PEER_EXITED, describe_os_error, first_sentence, peer_exited,
+                                root_cause)
 
 RUN_CONFIG_NAME = "run.yaml"
 LATEST_NAME = "latest"
@@ -221,8 +222,10 @@ def _save_failed(save_dir, iteration: int, error: BaseException, partial: Path) 
     kept = (f"the last complete checkpoint, {iteration_dir(save_dir, latest)}, is untouched and "
             "--resume continues from it once the cause is fixed" if latest is not None else
             "there is no complete checkpoint in it yet")
-    return (describe_os_error(f"saving iteration {iteration} to {save_dir} failed", error,
-                              save_dir)
+    what = f"saving iteration {iteration} to {save_dir} failed"
+    # A rank killed mid-save (OOM, a scheduler) leaves its peers Gloo's word, not a cause.
+    return ((f"{what}: {PEER_EXITED}" if peer_exited(error)
+             else describe_os_error(what, error, save_dir))
             + f" ({written / 2**20:,.1f} MiB of it had been written). Nothing was lost: "
             + kept)
 

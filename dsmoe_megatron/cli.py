@@ -166,6 +166,17 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
     return text + (f"; {free}" if free else "")
 
 
+# What a rank says when Gloo reports that a peer process of the job went away.
+PEER_EXITED = "another process of the job exited (its message is above)"
+
+
+def peer_exited(error: BaseException) -> bool:
+    """``error`` is Gloo's word that another rank's process exited (its own error, a kill):
+    'Connection closed by peer' or, where it was reading, 'Connection reset by peer'."""
+    return any(f"Connection {how} by peer" in str(e) for e in _causes(error)
+               for how in ("closed", "reset"))
+
+
 def first_sentence(error: BaseException, limit: int = 300) -> str:
     """The gist of ``error``'s message: its first line, cut at its first sentence when long
     (torch's unpickling errors run on for paragraphs, advice to load untrusted files included)."""

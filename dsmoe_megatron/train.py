@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsmoe_megatron.cli import (describe_os_error, positive_int, print_error, quiet_warnings,
-                                quiet_when_run_as_main)
+from dsmoe_megatron.cli import (PEER_EXITED, describe_os_error, peer_exited, positive_int,
+                                print_error, quiet_warnings, quiet_when_run_as_main)
 
 quiet_when_run_as_main(__name__)
 
@@ -802,11 +802,11 @@ def main(argv=None) -> int:
     except RuntimeError as error:
         # Gloo's word on a rank whose peer exited (rank 0 alone writes the logs, ...): that
         # rank printed why; this one says so in a line instead of a traceback.
-        if "Connection closed by peer" not in str(error):
+        if not peer_exited(error):
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
-        print_error("dsmoe-train", f"rank {rank} stopped: another process of the job exited "
-                                   f"(its message is above); {_where_to_continue(run)}")
+        print_error("dsmoe-train", f"rank {rank} stopped: {PEER_EXITED}; "
+                                   f"{_where_to_continue(run)}")
         return 1
     except KeyboardInterrupt as stop:
         if _rank0():

@@ -102,3 +102,32 @@ def test_a_damaged_run_yaml_in_a_checkpoint_is_named(tmp_path):
         message = str(error.value)
         assert message.startswith(f"{ckpt / 'run.yaml'} cannot be read ({reason}"), message
         assert "\n" not in message and "resume from an earlier checkpoint" in message
+
+
+@pytest.mark.parametrize("gloo", [
+    "[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:7301. This is "
+    "typically caused by a remote worker crashing. Check the logs of the remote worker before "
+    "reporting an error. GLHF!",
+    "[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:13724: Connection reset by "
+    "peer. This is typically caused by a remote worker hanging or bugs in the application."])
+def test_a_save_whose_peer_exited_says_so(tmp_path, monkeypatch, gloo):
+    """A rank killed while the ranks saved (the OOM killer, a scheduler) left the others Gloo's
+    message as the cause of the failed save, with the free space as if the disk were to blame."""
+    from types import SimpleNamespace
+
+    from dsmoe_megatron import checkpoint
+
+    def peer_gone(state, directory, **kwargs):
+        raise RuntimeError(gloo)
+
+    (tmp_path / checkpoint.LATEST_NAME).write_text("2")
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", peer_gone)
+    chunk = SimpleNamespace(sharded_state_dict=dict)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.save(tmp_path, 4, [chunk])
+    assert str(error.value) == (
+        f"saving iteration 4 to {tmp_path} failed: another process of the job exited (its "
+        "message is above) (0.0 MiB of it had been written). Nothing was lost: the last "
+        f"complete checkpoint, {tmp_path / 'iter_0000002'}, is untouched and --resume "
+        "continues from it once the cause is fixed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LATEST_NAME]
