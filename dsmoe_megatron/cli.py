@@ -147,8 +147,8 @@ def print_error(tool: str, message: object) -> None:
 def describe_os_error(what: str, error: BaseException, path: str | Path | None = None) -> str:
     """One line for a failed file operation: what failed, why, the file, and the free space of
     the filesystem it was writing to (the error's file, else ``path``). Megatron's checkpoint
-    writer runs in worker processes and may report a full disk only as a worker failure; the
-    free space then says it."""
+    writer reports a full disk as a worker failure that names no OSError (torch's stream writer
+    fails with "unexpected pos"): without a named cause, under 1 MiB free is said to be one."""
     causes = list(_causes(error))
     cause = next((e for e in causes if isinstance(e, OSError)), causes[-1])
     why = ((cause.strerror if isinstance(cause, OSError) else None)
@@ -162,8 +162,13 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
     # whole story; otherwise the free space may be.
     if code not in (None, errno.ENOSPC, errno.EDQUOT):
         return text
-    free = _free_space(filename or path)
-    return text + (f"; {free}" if free else "")
+    space = _free_space(filename or path)
+    if space is None:
+        return text
+    free, where = space
+    if code is None and free < 2**20:  # a worker failure of a full disk: say it
+        text = f"{what}: No space left on device (the error said: {why})"
+    return text + f"; {free / 2**20:,.0f} MiB free on the filesystem of {where}"
 
 
 # What a rank says when Gloo reports that a peer process of the job went away.
@@ -212,17 +217,17 @@ def _causes(error: BaseException):
             return
 
 
-def _free_space(path) -> str | None:
+def _free_space(path) -> tuple[int, Path] | None:
+    """(bytes free to this user, the existing directory of ``path`` they were measured at)."""
     if path is None:
         return None
     where = Path(path).absolute()
     while not where.exists() and where != where.parent:
         where = where.parent
     try:
-        free = shutil.disk_usage(where).free
+        return shutil.disk_usage(where).free, where
     except OSError:
         return None
-    return f"{free / 2**20:,.0f} MiB free on the filesystem of {where}"
 
 
 def _stdout_reader_gone() -> bool:

@@ -1,6 +1,6 @@
 """Checkpoints move between machines with and without Transformer Engine, whose modules keep
 FP8 metadata in `_extra_state` objects that a CPU model neither writes nor reads; damaged tensor
-data is refused on every rank."""
+data is refused on every rank; a failed save says why (a full disk, another rank that exited)."""
 
 import pytest
 
@@ -131,3 +131,34 @@ def test_a_save_whose_peer_exited_says_so(tmp_path, monkeypatch, gloo):
         f"complete checkpoint, {tmp_path / 'iter_0000002'}, is untouched and --resume "
         "continues from it once the cause is fixed")
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LATEST_NAME]
+
+
+def test_a_full_disk_the_writer_does_not_name_is_said_to_be_one(tmp_path, monkeypatch):
+    """Megatron's writer reports a real full disk as a worker failure naming no OSError (torch's
+    stream writer fails with "unexpected pos"): the message gave that failure and '0 MiB free'
+    and left the conclusion to the user."""
+    import shutil
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dsmoe_megatron import checkpoint
+
+    worker = RuntimeError("Worker failure: An error is caught while starting worker 0, error: "
+                          "<class 'RuntimeError'>")
+
+    def fill_the_disk(state, directory, **kwargs):
+        raise CheckpointException("write", {0: (worker, None)})
+
+    (tmp_path / checkpoint.LATEST_NAME).write_text("2")
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", fill_the_disk)
+    chunk = SimpleNamespace(sharded_state_dict=dict)
+    for free, said in [(0, True), (2**30, False)]:
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            checkpoint.save(tmp_path, 4, [chunk])
+        assert str(error.value).startswith(
+            f"saving iteration 4 to {tmp_path} failed: "
+            + ("No space left on device (the error said: Worker failure: " if said else
+               "Worker failure: ")), str(error.value)
+        assert f"{free // 2**20:,} MiB free on the filesystem of {tmp_path}" in str(error.value)
