@@ -17,7 +17,6 @@ east-west network per GPU).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 from dsmoe_megatron.config import ConfigError
@@ -86,14 +85,13 @@ def get_gpu(name: str) -> GPU:
     upper = {known.upper(): gpu for known, gpu in GPUS.items()}
     if name.upper() in upper:
         return upper[name.upper()]
-    # the same model ('h200', 'H100-SXM'), else a close spelling of a known name: spelling
-    # alone took 'H200' and 'V100' for B200
+    # the same model ('h200', 'H100-SXM') only: a name a letter or a digit away from a known
+    # one is often another card (the L40 has half the L40S's BF16 rate; B100, B200)
     near = [known for known in GPUS if name.upper().startswith(known.split("-")[0])]
-    near = near or [upper[n].name for n in difflib.get_close_matches(name.upper(), upper, n=1,
-                                                                     cutoff=0.7)]
     hint = f"; did you mean {' or '.join(near)}?" if near else ""
     raise ConfigError(f"--gpu {name!r} is not a GPU the planner knows (known: "
-                      f"{', '.join(GPUS)}){hint}")
+                      f"{', '.join(GPUS)}){hint}; for another GPU, add its datasheet figures "
+                      "to GPUS in dsmoe_megatron/planning/hardware.py")
 
 
 @dataclass(frozen=True)
