@@ -124,8 +124,8 @@ def make_plan(run: RunConfig, world_size: int | None = None, gpu: str = DEFAULT_
         "memory": memory,
         "fit": {"gpu": cluster.gpu.name, "gpu_memory": est.gpu_memory, "fits": est.fits,
                 "headroom": est.headroom},
-        "step_time": dict(est.time, assumptions=rates.describe(bool(cfg.fp8)
-                                                               and options.impl == "te")),
+        "step_time": dict(est.time, assumptions=rates.describe(
+            bool(cfg.fp8) and options.impl == "te", cluster.gpu.link)),
     })
     plan["flops_per_step"] = plan["flops_per_token"] * plan["tokens_per_step"]
     return plan
@@ -176,8 +176,8 @@ def search_plan(run: RunConfig, world_size: int, gpu: str = DEFAULT_GPU, gpus_pe
     plan["search"] = dict(result, ranked=ranked, min_headroom=min_headroom,
                           memory_assumptions=memory_assumptions(
                               run.model, options.distributed_optimizer, options),
-                          time_assumptions=rates.describe(bool(run.model.fp8)
-                                                          and options.impl == "te"))
+                          time_assumptions=rates.describe(
+                              bool(run.model.fp8) and options.impl == "te", cluster.gpu.link))
     return plan
 
 
@@ -261,18 +261,20 @@ def format_time(time: dict) -> list[str]:
              f"{time['model_tflops_per_gpu']:.0f} model TFLOP/s/GPU, MFU "
              f"{time['mfu']:.1%} (of the BF16 peak)"]
     gpu = GPUS[time["gpu"]]
-    if gpu.intra_node_link != "NVLink":
-        lines += _wrap(f"{gpu.name} has no NVLink across the node: \"NVLink\" below is its "
-                       f"{gpu.intra_node_link} link, {_gb(gpu.nvlink_bandwidth)} GB/s per "
+    link = gpu.link  # the keys say NVLink (JSON); the text names the node's link
+    if link != "NVLink":
+        lines += _wrap(f"{gpu.name} has no NVLink across the node: its GPUs talk over "
+                       f"{gpu.intra_node_link}, {_gb(gpu.nvlink_bandwidth)} GB/s per "
                        "direction", "  ", "  ")
     for key in COMPONENTS:
         value = time["breakdown"].get(key, 0.0)
         if value:
-            lines.append(f"  {key:<26}{value:>9.3f} s  {value / step:>6.1%}")
+            lines.append(f"  {key.replace('NVLink', link):<26}{value:>9.3f} s  "
+                         f"{value / step:>6.1%}")
     a2a = time["ep_alltoall_bytes_per_step"]
     if a2a["nvlink"] or a2a["network"]:
         lines.append(f"  EP all-to-all bytes per GPU and step: {_gb(a2a['nvlink'])} GB over "
-                     f"NVLink, {_gb(a2a['network'])} GB over the network (slowest stage "
+                     f"{link}, {_gb(a2a['network'])} GB over the network (slowest stage "
                      f"{time['slowest_stage']})")
     return lines
 

@@ -37,6 +37,11 @@ class GPU:
     source: str
     intra_node_link: str = "NVLink"  # what nvlink_bandwidth is: NVLink, or PCIe without it
 
+    @property
+    def link(self) -> str:
+        """The link inside a node in a word (NVLink, PCIe), as the plan's text names it."""
+        return self.intra_node_link.split()[0]
+
 
 GPUS = {gpu.name: gpu for gpu in (
     # NVIDIA A100 Tensor Core GPU datasheet (SXM4 40GB): BF16 312 TFLOPS dense, no FP8, 40GB

@@ -61,7 +61,8 @@ class Rates:
     """Megatron DDP's overlap of the gradient reduction with the last backward; None: on, as
     dsmoe-train runs on GPUs unless the run sets overlap_grad_reduce: false."""
 
-    def describe(self, fp8: bool) -> list[str]:
+    def describe(self, fp8: bool, link: str) -> list[str]:
+        """The rates in words; ``link``: the node's link (GPU.link)."""
         gemm = (f"FP8 GEMMs at {self.fp8_gemm:.0%} of the FP8 peak" if fp8
                 else f"GEMMs at {self.gemm:.0%} of the BF16 peak")
         return [
@@ -70,9 +71,9 @@ class Rates:
             "attention FLOPs), backward = 2 x forward",
             f"element-wise work: {self.memory_passes:g} x the activation bytes kept, at the HBM "
             "bandwidth",
-            f"collectives at {self.nvlink:.0%} of NVLink / {self.network:.0%} of the network "
+            f"collectives at {self.nvlink:.0%} of {link} / {self.network:.0%} of the network "
             f"bandwidth + {self.latency * 1e6:g} us each; ring algorithms; TP inside a node; "
-            "EP all-to-all: NVLink and network bytes in parallel, balanced routing",
+            f"EP all-to-all: {link} and network bytes in parallel, balanced routing",
             "not overlapped with compute: TP, EP and PP communication (as dsmoe_megatron runs "
             "them); gradient reduction "
             + ("overlapped with the last backward (dsmoe-train's default on GPUs)"
