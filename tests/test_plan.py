@@ -561,6 +561,19 @@ def test_search_returns_only_layouts_the_config_validation_accepts(toy_search):
     assert all(r.estimate.fits for r in ranked)
 
 
+def test_overrides_set_recompute_modules_for_selective_recompute_only(toy_search):
+    """Megatron fills recompute_modules in (['core_attn']) and reads it under selective recompute
+    only: every "Train it" line said language_model.recompute_modules=null, to no effect."""
+    run, result = toy_search
+    kinds = set()
+    for r in result["ranked"]:
+        kinds.add(r.layout.recompute)
+        modules = [o for o in r.layout.overrides(run) if ".recompute_modules=" in o]
+        assert modules == (["language_model.recompute_modules=[mlp]"]
+                           if r.layout.recompute == "selective-mlp" else []), r.layout
+    assert {"none", "full", "selective-mlp"} <= kinds
+
+
 def test_search_ranks_each_split_of_the_layers_once(toy_search):
     # PP 2 counting the embedding and the loss as layers splits 8 layers 4 + 4, as PP 2 does
     _, result = toy_search

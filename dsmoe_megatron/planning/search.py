@@ -81,9 +81,15 @@ class Layout:
             **{k: list(v) if isinstance(v, tuple) else v for k, v in self.recompute_fields})
 
     def overrides(self, run: RunConfig) -> list[str]:
-        """key=value overrides that turn ``run`` into this layout (the fields that differ)."""
-        out = [f"{section_of(k)}.{k}={_yaml(v)}" for k, v in self.model_fields().items()
-               if k != "microbatch_group_size_per_vp_stage" and getattr(run.model, k) != v]
+        """key=value overrides that turn ``run`` into this layout (the fields that differ;
+        recompute_modules only for selective recompute: Megatron fills it in, ['core_attn'],
+        and reads it under nothing else)."""
+        fields = self.model_fields()
+        skip = {"microbatch_group_size_per_vp_stage"}
+        if fields["recompute_granularity"] != "selective":
+            skip.add("recompute_modules")
+        out = [f"{section_of(k)}.{k}={_yaml(v)}" for k, v in fields.items()
+               if k not in skip and getattr(run.model, k) != v]
         if run.train.micro_batch_size != self.micro_batch_size:
             out.append(f"micro_batch_size={self.micro_batch_size}")
         return out
