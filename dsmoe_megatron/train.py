@@ -48,6 +48,10 @@ class TrainingDiverged(RuntimeError):
         self.step = step  # the step that diverged, when it ran to the end: logged before stopping
 
 
+class RunComplete(Exception):
+    """A resume found the run in ``save`` at train_iters already: nothing to build or load."""
+
+
 def different_model(ckpt: Path, difference: tuple, resume: bool) -> CheckpointError:
     """The error for a checkpoint of another model (checkpoint.model_difference's field, saved
     and current value), with the override that loads it."""
@@ -151,6 +155,8 @@ class Trainer:
         elif train.load is not None:
             check_corpus_tokenizer(train)
         resume = self._claim_save_dir(resume, overwrite)
+        if resume:
+            self._stop_if_complete()
         self.config = run.model
         self.config.pipeline_dtype = self.config.params_dtype
         self.tokenizer = ByteTokenizer()
@@ -330,16 +336,12 @@ class Trainer:
         self.updates = int(extra.get("updates", self.iteration))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
         _log(f"loaded {ckpt} (iteration {self.iteration})")
-        if self.iteration >= train.train_iters:
-            if not resume:  # a new run from a checkpoint that would train nothing
-                raise CheckpointError(
-                    f"load: {ckpt} is at iteration {self.iteration}, and train_iters="
-                    f"{train.train_iters} leaves nothing to train (the iteration carries over); "
-                    f"raise train_iters above {self.iteration}, or set finetune: true to start "
-                    "from its weights at iteration 0")
-            _log(f"the run is complete: iteration {self.iteration} of train_iters="
-                 f"{train.train_iters}; raise train_iters to train on")
-            return  # what would change for the next step is moot
+        if self.iteration >= train.train_iters:  # a new run that would train nothing
+            raise CheckpointError(
+                f"load: {ckpt} is at iteration {self.iteration}, and train_iters="
+                f"{train.train_iters} leaves nothing to train (the iteration carries over); "
+                f"raise train_iters above {self.iteration}, or set finetune: true to start "
+                "from its weights at iteration 0")
         if trained_with is not None:
             was, now = learning_rate(trained_with, self.updates), learning_rate(train, self.updates)
             if not math.isclose(was, now):  # e.g. a finished cosine schedule extended
@@ -353,6 +355,17 @@ class Trainer:
                  + (f"; valid_loss now averages the first {train.eval_iters * now} "
                     "validation samples (eval_iters x global batch), where it averaged "
                     f"{train.eval_iters * was}" if train.eval_interval else ""))
+
+    def _stop_if_complete(self) -> None:
+        """A chained job (sbatch --dependency=singleton) that finds the run complete ends before
+        building the model and loading the checkpoint, minutes at scale."""
+        from dsmoe_megatron.checkpoint import iteration_of, resolve
+
+        train = self.run.train
+        done = iteration_of(resolve(train.save)) or 0
+        if done >= train.train_iters:
+            raise RunComplete(f"the run is complete: iteration {done} of train_iters="
+                              f"{train.train_iters}; raise train_iters to train on")
 
     def _check_same_model(self, ckpt: Path, resume: bool):
         """A checkpoint resumes (or starts a run: ``load``) under any layout and
@@ -373,7 +386,7 @@ class Trainer:
         # A resume without the first run's key=value overrides takes the YAML's (a checkpoint
         # at iteration 0, from-hf's, was trained with nothing).
         trained_with = None
-        if resume and 0 < (iteration_of(ckpt) or 0) < self.run.train.train_iters:
+        if resume and iteration_of(ckpt):
             changed = [f"{name} {getattr(saved.train, name)} -> {getattr(self.run.train, name)}"
                        for name in _TRAINED_WITH
                        if getattr(saved.train, name) != getattr(self.run.train, name)]
@@ -789,6 +802,9 @@ def main(argv=None) -> int:
             _log(f"stopped at iteration {trainer.iteration} of {end}: {why}; "
                  + ("continue with --resume" if saved is not None else
                     "no save directory, nothing was written"))
+        return 0
+    except RunComplete as complete:
+        _log(str(complete))
         return 0
     except (TrainingDiverged, CheckpointError, ConfigError, ConversionError, ValueError,
             FileNotFoundError) as error:
