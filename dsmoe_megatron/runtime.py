@@ -46,8 +46,9 @@ class ParallelLayout:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size()
 
-    def check(self, world_size: int) -> None:
-        """Raise a clear error when the layout does not divide the world."""
+    def check(self, world_size: int, num_experts: int | None = None) -> None:
+        """Raise a clear error when the layout does not divide the world (``num_experts``: the
+        routed experts, which the expert-parallel size must divide too)."""
         mp = self.model_parallel_size()
         if world_size % mp:
             raise ValueError(
@@ -58,11 +59,17 @@ class ParallelLayout:
         etp = self.expert_tensor or self.tensor
         expert_mp = etp * self.expert * self.pipeline
         if world_size % expert_mp:
+            rest = 0 if world_size % (etp * self.pipeline) else world_size // (etp * self.pipeline)
+            fits = [ep for ep in range(1, rest + 1)
+                    if rest % ep == 0 and (num_experts is None or num_experts % ep == 0)]
+            fix = (f"choose an expert_model_parallel_size in {fits}" + (
+                f" (it must divide {rest} and the {num_experts} routed experts)"
+                if num_experts is not None else "") if fits else
+                f"change the expert tensor or pipeline size to divide {world_size}")
             raise ValueError(
                 f"model_parallel: expert_model_parallel_size ({self.expert}) x expert tensor "
                 f"parallel size ({etp}) x pipeline size ({self.pipeline}) = {expert_mp} does not "
-                f"divide the world size {world_size}; choose an expert_model_parallel_size that "
-                f"divides {world_size // (etp * self.pipeline)}"
+                f"divide the world size {world_size}; {fix}"
             )
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError(

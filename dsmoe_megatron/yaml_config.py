@@ -757,7 +757,7 @@ def check_world_size(cfg: RunConfig, world_size: int) -> int:
     if world_size < 1:
         raise YamlConfigError(f"world size must be >= 1 (got {world_size})")
     try:
-        cfg.layout.check(world_size)
+        cfg.layout.check(world_size, cfg.model.num_moe_experts)
     except ValueError as err:
         raise YamlConfigError(str(err)) from None
     dp = cfg.layout.data_parallel_size(world_size)

@@ -830,3 +830,23 @@ def test_an_error_between_the_file_and_an_override_names_both():
         load_run_config(TINY, ["train_iters=10", "lr=1e-3"])
     assert str(err.value) == (f"{TINY} with train_iters=10 lr=1e-3: lr_warmup_iters: must be "
                               "between 0 and train_iters=10 (got 20)")
+
+
+@pytest.mark.parametrize("world, overrides, fix", [
+    # EP 16 x PP 16 on 96 GPUs: EP must divide 96 / 16 = 6 and the 128 experts; 3 and 6 do not
+    (96, (), "choose an expert_model_parallel_size in [1, 2] (it must divide 6 and the 128 "
+             "routed experts)"),
+    # expert tensor x pipeline (4 x 16) does not divide 96: no expert size fits
+    (96, ("expert_tensor_parallel_size=4",),
+     "change the expert tensor or pipeline size to divide 96"),
+])
+def test_an_expert_size_that_does_not_divide_the_world_names_the_sizes_that_do(
+        world, overrides, fix):
+    """The suggestion was 'an expert_model_parallel_size that divides 6', which 3 and 6 do but
+    the 128 experts do not, and a floored quotient where expert tensor x pipeline does not
+    divide the world."""
+    cfg = load_run_config(CONFIGS / "deepseekmoe_145b.yaml",
+                          ["expert_model_parallel_size=16", *overrides])
+    with pytest.raises(YamlConfigError) as refused:
+        check_world_size(cfg, world)
+    assert str(refused.value).endswith(fix), refused.value
