@@ -356,7 +356,15 @@ def add_dsmoe_args(parser):
             formatter._expand_help(action)
         except (ValueError, TypeError, KeyError):
             action.help = action.help.replace("%", "%%")
+    parser.error = _argument_error
     return parser
+
+
+def _argument_error(message: str):
+    """argparse's error (a flag unknown, without its value, of the wrong type) without the usage
+    it prints first: Megatron-LM's is some 600 lines, above the one that says what was wrong."""
+    print_error(LAUNCHER, f"{message} (--help lists the flags)")
+    raise SystemExit(2)
 
 
 def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False,

@@ -346,6 +346,10 @@ def test_the_launcher_without_a_script_is_one_line(argv, capsys):
     # An assert without a message: its own line says what is needed.
     (["--dsmoe-yaml", TINY, "--save", "/nonexistent/save"],
      "Megatron-LM refused the arguments: assert args.save_interval is not None (arguments.py:"),
+    # argparse's own errors came after its usage: Megatron-LM's, some 600 lines.
+    (["--dsmoe-yaml", TINY, "--num-layerz", "2"], "unrecognized arguments: --num-layerz 2 ("),
+    (["--dsmoe-yaml", TINY, "--num-layers", "two"], "--num-layers: invalid int value: 'two'"),
+    (["--dsmoe-yaml"], "argument --dsmoe-yaml: expected one argument"),
 ])
 def test_bad_arguments_are_one_line(argv, says, parse_args, capsys):
     with pytest.raises(SystemExit) as stop:
