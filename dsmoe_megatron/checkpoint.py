@@ -712,7 +712,10 @@ def adam_steps_where_kept(optimizer):
     torch's Adam found none in a FusedAdam checkpoint (KeyError 'step' at its first step).
     Each parameter gets its own tensor: Megatron's distributed optimizer loads one object into
     all of them, which Adam then advanced once per parameter and step. No step in the
-    checkpoint (saved before any update was applied): 0."""
+    checkpoint (saved before any update was applied): 0. Each loaded group also gets the
+    settings only this run's Adam has: torch loads the saved groups in place of its own, and
+    FusedAdam resuming a checkpoint of torch's AdamW in Megatron-LM's loop failed its first step
+    (KeyError 'bias_correction')."""
     handles = [inner.register_load_state_dict_pre_hook(_put_adam_steps_where_kept)
                for inner in _adams(optimizer)]
     try:
@@ -725,6 +728,8 @@ def adam_steps_where_kept(optimizer):
 def _put_adam_steps_where_kept(inner, state_dict) -> None:
     """The pre-hook of ``adam_steps_where_kept``: changes ``state_dict``'s dicts in place (TE's
     FusedAdam.load_state_dict reads the state from the dict it was given, not the hook's)."""
+    for saved, current in zip(state_dict["param_groups"], inner.param_groups):
+        saved.update({k: v for k, v in current.items() if k not in saved})
     steps = [state.pop("step") for state in state_dict["state"].values() if "step" in state]
     steps += [g["step"] for g in state_dict["param_groups"] if g.get("step") is not None]
     step = int(steps[0]) if steps else 0

@@ -503,6 +503,51 @@ def test_resume_continues_the_run_with_dropout(cache, tmp_path):
     assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
 
 
+FUSED_ADAM = f"""
+\"\"\"Our example with Transformer Engine's FusedAdam (tests/fused_adam.py's stand-in), as on a
+GPU machine; each of its steps says so.\"\"\"
+import runpy, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import fused_adam
+
+step = fused_adam.FusedAdam.step
+
+
+def step_and_say(self, closure=None):
+    print("FusedAdam step", flush=True)
+    return step(self, closure)
+
+
+fused_adam.FusedAdam.step = step_and_say
+with fused_adam.as_with_transformer_engine():
+    runpy.run_path({EXAMPLE!r}, run_name="__main__")
+"""
+
+
+def test_a_checkpoint_resumes_with_the_other_adam(first_run, cache, tmp_path):
+    """A checkpoint of torch's AdamW (CPU, no Transformer Engine) resumed with TE's FusedAdam (a
+    GPU machine), and the other way round: torch loads the saved parameter groups in place of
+    FusedAdam's own, which lacked its bias_correction, and its first step failed (KeyError).
+    Now each run goes on as the uninterrupted run of the Adam that saved it went."""
+    script = tmp_path / "pretrain_fused_adam.py"
+    script.write_text(FUSED_ADAM)
+    fused = [str(script), *RESUMABLE[1:], "--data-cache-path", cache]
+    torch_save, torch_whole = first_run
+    fused_save = tmp_path / "fused"
+    fused_whole = run([*fused, "--save", str(fused_save)])
+    (fused_save / "latest_checkpointed_iteration.txt").write_text("2")
+    to_fused = run([*fused, "--load", str(torch_save), "--save", str(tmp_path / "to_fused")])
+    to_torch = run([*RESUMABLE, "--data-cache-path", cache, "--load", str(fused_save),
+                    "--save", str(tmp_path / "to_torch")])
+    assert "FusedAdam step" in fused_whole and "FusedAdam step" in to_fused
+    assert "FusedAdam step" not in to_torch
+    for resumed, whole in ((to_fused, torch_whole), (to_torch, fused_whole)):
+        loss, loss_then = ITERATION.findall(resumed)[0][1], ITERATION.findall(whole)[2][1]
+        assert float(loss) == pytest.approx(float(loss_then), rel=1e-5)
+        assert float(VALIDATION.findall(resumed)[0]) == pytest.approx(
+            float(VALIDATION.findall(whole)[0]), rel=1e-5)
+
+
 @pytest.mark.distributed
 def test_resume_on_another_layout(first_run, cache, tmp_path):
     """The same checkpoint resumed under TP2 on two ranks (the optimizer state is saved fully
