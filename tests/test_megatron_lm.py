@@ -654,6 +654,44 @@ def test_a_megatron_lm_checkpoint_exports_to_hugging_face(first_run, tmp_path, c
                        saved["embedding.word_embeddings.weight"][:259])
 
 
+def test_the_export_of_a_megatron_lm_checkpoint_computes_what_it_trained(first_run, parse_args,
+                                                                         monkeypatch, tmp_path):
+    """transformers with the export's remote code gives the logits of the model Megatron-LM's loop
+    trained (our model_provider's, with the checkpoint loaded by Megatron-core) on the same
+    tokens."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+    from transformers import AutoModelForCausalLM
+
+    from dsmoe_megatron import convert, runtime
+    from dsmoe_megatron.megatron_lm import CPU_FLAGS, model_provider
+
+    save, _ = first_run
+    out = tmp_path / "hf"
+    model = ["num_layers=2", "hidden_size=64", "seq_length=64", "max_position_embeddings=64"]
+    assert convert.main(["to-hf", "--checkpoint", str(save), "--out", str(out), "--config", TINY,
+                         *[a for m in model for a in ("--set", m)]]) == 0
+    args = parse_args([*CPU_FLAGS, *RESUMABLE[1:]])
+    args.padded_vocab_size = vocab_size_with_padding(259, args, logging_enabled=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # parse_args parses as rank 0 of 2; build on one
+    monkeypatch.delenv("MASTER_PORT")
+    runtime.initialize()
+    try:
+        trained = model_provider()
+        state = dist_checkpointing.load(trained.sharded_state_dict(), str(save / "iter_0000002"))
+        assert trained.load_state_dict(state, strict=False).missing_keys == []
+        tokens = torch.randint(0, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            reference = trained.eval()(tokens, torch.arange(32).expand(2, 32), None)[..., :259]
+    finally:
+        runtime.shutdown()
+    exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
+                                                    dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = exported(tokens).logits
+    assert (logits - reference).abs().max().item() <= 1e-5
+
+
 def test_an_export_of_another_model_than_megatron_lm_trained_is_refused(first_run, tmp_path,
                                                                         capsys):
     """The checkpoint keeps the arguments Megatron-LM trained it with (3 experts per token, from
