@@ -464,6 +464,18 @@ RESUMABLE = [EXAMPLE, "--dsmoe-yaml", TINY, *SMALL, "--train-iters", "4", "--eva
 VALIDATION = re.compile(r"validation loss at iteration 4 \| lm loss value: (\S+)")
 
 
+def assert_goes_on_alike(resumed: str, whole: str) -> None:
+    """The first iteration a run resumed at iteration 2 logs (the 3rd), and its validation loss
+    after two updates, are the uninterrupted run's, up to the order of sums of another layout or
+    Adam."""
+    (_, loss, balance), (_, loss_then, balance_then) = (ITERATION.findall(resumed)[0],
+                                                        ITERATION.findall(whole)[2])
+    assert float(loss) == pytest.approx(float(loss_then), rel=1e-5)
+    assert float(balance) == pytest.approx(float(balance_then), rel=1e-4)
+    assert float(VALIDATION.findall(resumed)[0]) == pytest.approx(
+        float(VALIDATION.findall(whole)[0]), rel=1e-5)
+
+
 def test_resume_continues_the_run(first_run, cache, tmp_path):
     """Megatron-LM's --load of its own checkpoint with torch's Adam (no TE / apex) continues
     the run exactly: the next iteration's loss and the validation loss after two more updates
@@ -541,11 +553,8 @@ def test_a_checkpoint_resumes_with_the_other_adam(first_run, cache, tmp_path):
                     "--save", str(tmp_path / "to_torch")])
     assert "FusedAdam step" in fused_whole and "FusedAdam step" in to_fused
     assert "FusedAdam step" not in to_torch
-    for resumed, whole in ((to_fused, torch_whole), (to_torch, fused_whole)):
-        loss, loss_then = ITERATION.findall(resumed)[0][1], ITERATION.findall(whole)[2][1]
-        assert float(loss) == pytest.approx(float(loss_then), rel=1e-5)
-        assert float(VALIDATION.findall(resumed)[0]) == pytest.approx(
-            float(VALIDATION.findall(whole)[0]), rel=1e-5)
+    assert_goes_on_alike(to_fused, torch_whole)
+    assert_goes_on_alike(to_torch, fused_whole)
 
 
 @pytest.mark.distributed
@@ -556,12 +565,20 @@ def test_resume_on_another_layout(first_run, cache, tmp_path):
     save, whole = first_run
     again = run([*RESUMABLE, "--data-cache-path", cache, "--load", str(save),
                  "--save", str(tmp_path), "--tensor-model-parallel-size", "2"], world_size=2)
-    (_, loss, balance), = ITERATION.findall(again)[:1]
-    (_, loss_then, balance_then) = ITERATION.findall(whole)[2]
-    assert float(loss) == pytest.approx(float(loss_then), rel=1e-5)
-    assert float(balance) == pytest.approx(float(balance_then), rel=1e-4)
-    assert float(VALIDATION.findall(again)[0]) == pytest.approx(
-        float(VALIDATION.findall(whole)[0]), rel=1e-5)
+    assert_goes_on_alike(again, whole)
+
+
+@pytest.mark.distributed
+def test_an_expert_parallel_checkpoint_resumes_on_one_process(cache, tmp_path):
+    """Saved under EP2 on two ranks (each holding half the experts and their optimizer state),
+    resumed on one process holding all of them: the same losses, up to the order of sums."""
+    first = tmp_path / "first"
+    experts = [*RESUMABLE, "--num-experts", "16", "--data-cache-path", cache]
+    whole = run([*experts, "--expert-model-parallel-size", "2", "--save", str(first)],
+                world_size=2)
+    (first / "latest_checkpointed_iteration.txt").write_text("2")
+    again = run([*experts, "--load", str(first), "--save", str(tmp_path / "second")])
+    assert_goes_on_alike(again, whole)
 
 
 @pytest.mark.distributed
