@@ -393,7 +393,9 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
     """The RunConfig saved with a checkpoint, or for one without (written by Megatron-LM's
     training loop) the ``config`` YAML; ``overrides`` apply to either (machine checks off: the
     converter runs on CPU). Where the checkpoint has its run.yaml, ``config`` and ``overrides``
-    may change settings (max_position_embeddings...) but not the model it was trained as."""
+    may change settings (max_position_embeddings...) but not the model it was trained as; where
+    it has Megatron-LM's arguments instead, its context length is theirs unless ``overrides``
+    set it."""
     from dsmoe_megatron import checkpoint
 
     run_yaml = ckpt / checkpoint.RUN_CONFIG_NAME
@@ -415,7 +417,13 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
                           *(f"--set {o}" for o in overrides)])
         _check_same_model(run, saved, given, run_yaml)
     else:
-        _check_megatron_lm_arguments(run, ckpt)
+        trained_with = _check_megatron_lm_arguments(run, ckpt)
+        # The context length it was trained with, as a run.yaml gives it: the YAML's went into
+        # config.json (tiny.yaml's 128 for a run of --seq-length 64) without a word.
+        overridden = {o.partition("=")[0].strip() for o in overrides}
+        for key in ("seq_length", "max_position_embeddings"):
+            if trained_with.get(key) is not None and key not in overridden:
+                setattr(run.train, key, trained_with[key])
     return run
 
 
@@ -424,10 +432,11 @@ _NOT_EXPORTED_ARGS = {"window_size": None, "softmax_type": "vanilla",
                       "experimental_attention_variant": None, "use_mup": False}
 
 
-def _check_megatron_lm_arguments(run, ckpt: Path) -> None:
+def _check_megatron_lm_arguments(run, ckpt: Path) -> dict:
     """A checkpoint of Megatron-LM's loop keeps the arguments it was trained with: --config and
     --set must give its model. A flag given beside --dsmoe-yaml and left out of --set (another
-    top-k, say) was exported as the YAML's value, a different model, without a word."""
+    top-k, say) was exported as the YAML's value, a different model, without a word. Returns
+    those arguments ({} where the checkpoint has none)."""
     from megatron.core import dist_checkpointing
 
     from dsmoe_megatron.megatron_lm import _ARG_NAMES, other_rope_flags
@@ -436,7 +445,7 @@ def _check_megatron_lm_arguments(run, ckpt: Path) -> None:
     try:
         saved = dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
     except Exception:  # noqa: BLE001 - reading the tensors next reports a damaged checkpoint
-        return
+        return {}
     trained_with = dict(vars(saved)) if saved is not None else {}
     # Settings without tensors that Megatron-LM's loop trains with and a --dsmoe-yaml file does
     # not give: the export (another RoPE, attention) was another model without a word.
@@ -463,6 +472,7 @@ def _check_megatron_lm_arguments(run, ckpt: Path) -> None:
             raise ConversionError(
                 f"{ckpt} was trained with {key}={trained!r} (the Megatron-LM arguments it "
                 f"keeps), but --config and --set give {given!r}: use --set {key}={trained}")
+    return trained_with
 
 
 def _load_run_config(path: str | Path, overrides: Sequence[str] = ()):

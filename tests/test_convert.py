@@ -1399,6 +1399,28 @@ def test_a_config_that_does_not_fit_a_megatron_lm_checkpoint_names_both_shapes(
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_megatron_lm_checkpoint_exports_the_context_length_it_was_trained_with(
+        trained, tmp_path, monkeypatch):
+    """Megatron-LM keeps --seq-length and --max-position-embeddings in its checkpoint, but the
+    export wrote the --config YAML's (tiny.yaml's 128 for a run trained at 64) into config.json
+    and the tokenizer's model_max_length without a word. Now the trained ones, unless --set
+    gives another (as for a checkpoint with its run.yaml)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = tmp_path / "megatron_lm"
+    shutil.copytree(checkpoint.resolve(trained.save), ckpt)
+    (ckpt / checkpoint.RUN_CONFIG_NAME).rename(tmp_path / "run.yaml")  # seq_length 16
+    args = SimpleNamespace(seq_length=8, max_position_embeddings=8)
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda _: {"args": args})
+    for sets, length in (([], 8), (["--set", "max_position_embeddings=64"], 64)):
+        out = tmp_path / f"hf{length}"
+        assert convert.main(["to-hf", "--checkpoint", str(ckpt), "--out", str(out), "--config",
+                             str(tmp_path / "run.yaml"), *sets]) == 0
+        assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == length
+        tokenizer = json.loads((out / "tokenizer_config.json").read_text())
+        assert tokenizer["model_max_length"] == length
+
+
 @pytest.mark.distributed
 def test_from_hf_checkpoint_loads_on_tp2_pp2_ep2_and_exports_from_there(exported, tmp_path):
     """from-hf's streamed checkpoint loads on 8 ranks (TP2 x PP2 x EP2); saved from there and

@@ -8,6 +8,7 @@
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -646,8 +647,9 @@ def test_a_torchrun_job_sent_sigterm_after_a_checkpoint_saves_and_resumes(saving
 
 def test_a_megatron_lm_checkpoint_exports_to_hugging_face(first_run, tmp_path, capsys):
     """dsmoe-convert to-hf of a checkpoint of Megatron-LM's loop (no run.yaml; its iteration
-    in latest_checkpointed_iteration.txt): the run config from --config and --set; the exported
-    embedding is the checkpoint's, read back by torch.distributed.checkpoint itself."""
+    in latest_checkpointed_iteration.txt): the run config from --config and --set, its context
+    length from the arguments Megatron-LM kept (64, not tiny.yaml's 128); the exported embedding
+    is the checkpoint's, read back by torch.distributed.checkpoint itself."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader, load
 
@@ -657,11 +659,11 @@ def test_a_megatron_lm_checkpoint_exports_to_hugging_face(first_run, tmp_path, c
     out = tmp_path / "hf"
     assert convert.main(["to-hf", "--checkpoint", str(save), "--out", str(out)]) == 2
     assert "pass the --dsmoe-yaml file it was trained with as --config" in capsys.readouterr().err
-    model = ["language_model.num_layers=2", "language_model.hidden_size=64", "seq_length=64",
-             "max_position_embeddings=64"]
+    model = ["language_model.num_layers=2", "language_model.hidden_size=64"]
     assert convert.main(["to-hf", "--checkpoint", str(save), "--out", str(out), "--config", TINY,
                          *[a for m in model for a in ("--set", m)]]) == 0
     assert "iter_0000002" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 64
     saved = {"embedding.word_embeddings.weight": torch.empty(1024, 64)}
     load(saved, storage_reader=FileSystemReader(str(save / "iter_0000002")), no_dist=True)
     exported = {}
