@@ -420,9 +420,8 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
         trained_with = _check_megatron_lm_arguments(run, ckpt)
         # The context length it was trained with, as a run.yaml gives it: the YAML's went into
         # config.json (tiny.yaml's 128 for a run of --seq-length 64) without a word.
-        overridden = {o.partition("=")[0].strip() for o in overrides}
         for key in ("seq_length", "max_position_embeddings"):
-            if trained_with.get(key) is not None and key not in overridden:
+            if trained_with.get(key) is not None and key not in _keys_set(overrides):
                 setattr(run.train, key, trained_with[key])
     return run
 
@@ -430,6 +429,11 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
 # Megatron-LM arguments (with the value that means "off") of models the export cannot write.
 _NOT_EXPORTED_ARGS = {"window_size": None, "softmax_type": "vanilla",
                       "experimental_attention_variant": None, "use_mup": False}
+
+
+def _keys_set(overrides: Iterable[str]) -> set[str]:
+    """The keys ``key=value`` overrides set."""
+    return {o.partition("=")[0].strip() for o in overrides}
 
 
 def _check_megatron_lm_arguments(run, ckpt: Path) -> dict:
@@ -615,7 +619,7 @@ def build_run_config(hf: Mapping, overrides: Iterable[str] = ()):
     c = {**hf_defaults(), **hf}
     positions = int(c["max_position_embeddings"])
     overrides = tuple(overrides)
-    seq_override = any(o.split("=", 1)[0].strip() == "seq_length" for o in overrides)
+    seq_override = "seq_length" in _keys_set(overrides)
     return make_run_config(model_fields_from_hf(hf), c["vocab_size"],
                            None if seq_override else positions, overrides,
                            max_position_embeddings=positions)
