@@ -183,8 +183,10 @@ def _limit_cuda_connections(layout: ParallelLayout) -> None:
             "script", stacklevel=3)
 
 
-def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> Runtime:
-    """Initialise torch.distributed (if needed), Megatron parallel state and the RNG tracker."""
+def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234,
+               num_experts: int | None = None) -> Runtime:
+    """Initialise torch.distributed (if needed), Megatron parallel state and the RNG tracker
+    (``num_experts``: the routed experts, for ``ParallelLayout.check``)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -217,7 +219,7 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> R
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             dist.init_process_group(backend, rank=rank, world_size=world_size)
     world_size = dist.get_world_size()
-    layout.check(world_size)
+    layout.check(world_size, num_experts)
     _destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,

@@ -145,7 +145,8 @@ class Trainer:
         self.stopped_early: str | None = None
         self.run = run
         train = run.train
-        self.rt = runtime.initialize(run.layout, seed=train.seed)
+        self.rt = runtime.initialize(run.layout, seed=train.seed,
+                                     num_experts=run.model.num_moe_experts)
         check_world_size(run, self.rt.world_size)
         if train.data_path is not None:  # before --overwrite deletes anything
             from dsmoe_megatron.data import check_blend

@@ -850,3 +850,19 @@ def test_an_expert_size_that_does_not_divide_the_world_names_the_sizes_that_do(
     with pytest.raises(YamlConfigError) as refused:
         check_world_size(cfg, world)
     assert str(refused.value).endswith(fix), refused.value
+
+
+def test_dsmoe_train_names_the_expert_sizes_the_experts_allow(monkeypatch):
+    """dsmoe-train checks the layout against the world when it starts the processes, before the
+    config's check: that first check suggested 3 and 6 for the 128 routed experts as well."""
+    from dsmoe_megatron import train
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 96)
+    cfg = load_run_config(CONFIGS / "deepseekmoe_145b.yaml", ["expert_model_parallel_size=16",
+                                                              "save=null"])
+    with pytest.raises(ValueError) as refused:
+        train.Trainer(cfg)
+    assert str(refused.value).endswith(
+        "choose an expert_model_parallel_size in [1, 2] (it must divide 6 and the 128 routed "
+        "experts)"), refused.value
