@@ -114,7 +114,8 @@ def cli(tmp_path_factory) -> Cli:
     c.add("short", "train", c.argv("extended", "train_iters=3", *constant))
     c.add("extended", "train", c.argv("extended", "train_iters=1000", *constant, *stop,
                                       "--resume"))
-    c.add("batch 4", "train", c.argv("batch", "train_iters=2", "global_batch_size=4"))
+    c.add("batch 4", "train", c.argv("batch", "train_iters=2", "global_batch_size=4",
+                                     "eval_iters=1"))
     c.add("batch 8", "train", c.argv("batch", "train_iters=3", "global_batch_size=8",
                                      "eval_interval=3", "eval_iters=1", "--resume"))
     c.add("load past train_iters", "train", c.argv("load past", "train_iters=2",
@@ -386,6 +387,27 @@ def test_a_resume_names_the_settings_its_config_changes(tmp_path):
     said = ok(complete)["stdout"]
     assert "the run is complete: iteration 3 of train_iters=2" in said
     assert "changes what" not in said and "lr schedule" not in said
+
+
+@pytest.mark.distributed
+def test_the_valid_loss_note_of_a_batch_change_counts_the_checkpoint_eval_iters(tmp_path):
+    """A resume that changes the global batch and eval_iters said valid_loss 'averaged' the new
+    eval_iters x the old batch before, and that it changed where it read the same samples."""
+    from dsmoe_megatron.data import default_corpus_prefix
+
+    data, save = default_corpus_prefix(tmp_path / "data"), tmp_path / "run"
+    every = ["train_iters=3", "eval_interval=1"]
+    tasks = [("train", train_argv(data, "1", save, *every, "global_batch_size=4", "eval_iters=2",
+                                  "--stop-at", "1")),
+             ("train", train_argv(data, "1", save, *every, "global_batch_size=8", "eval_iters=1",
+                                  "--stop-at", "2", "--resume")),
+             ("train", train_argv(data, "1", save, *every, "global_batch_size=4", "eval_iters=3",
+                                  "--resume"))]
+    _, same, more = (ok(result)["stdout"] for result in run_on_ranks(run_job, 1, args=(tasks,))[0])
+    assert "global batch changes from 4 to 8 samples per step" in same
+    assert "valid_loss now" not in same  # eval_iters x global batch: 8 samples, as before
+    assert ("global batch changes from 8 to 4 samples per step; valid_loss now averages the "
+            "first 12 validation samples (eval_iters x global batch), where it averaged 8") in more
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume_auto(tmp_path):
