@@ -218,10 +218,11 @@ def test_cli_overrides_world_size_and_table(capsys):
     assert "(known: A100-40GB, A100-80GB, H100-80GB, H100-PCIe, H100-NVL, H200-141GB, B200, " \
         "L40S)" in err
     # the hint names the same model (spelling alone named B200 for all four), or nothing: the
-    # L40 is not the L40S (half its BF16 rate), nor the B100 the B200
+    # L40 is not the L40S (half its BF16 rate), nor the B100 the B200, nor the RTX A1000 an A100
     for typed, hint in [("H200", "H200-141GB"), ("a100", "A100-40GB or A100-80GB"),
-                        ("A100-SXM4-40GB", "A100-40GB or A100-80GB"), ("V100", None),
-                        ("L40", None), ("B100", None)]:
+                        ("A100-SXM4-40GB", "A100-40GB or A100-80GB"), ("H100SXM", "H100-80GB or "
+                        "H100-PCIe or H100-NVL"), ("V100", None), ("L40", None), ("B100", None),
+                        ("A1000", None)]:
         assert plan.main(["yaml_configs/tiny.yaml", "--gpu", typed]) == 2
         err = capsys.readouterr().err
         assert (f"did you mean {hint}?" in err) if hint else "did you mean" not in err, err

@@ -17,6 +17,7 @@ east-west network per GPU).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from dsmoe_megatron.config import ConfigError
@@ -91,8 +92,9 @@ def get_gpu(name: str) -> GPU:
     if name.upper() in upper:
         return upper[name.upper()]
     # the same model ('h200', 'H100-SXM') only: a name a letter or a digit away from a known
-    # one is often another card (the L40 has half the L40S's BF16 rate; B100, B200)
-    near = [known for known in GPUS if name.upper().startswith(known.split("-")[0])]
+    # one is often another card (the L40 has half the L40S's BF16 rate; B100, B200; A1000)
+    near = [known for known in GPUS
+            if re.match(re.escape(known.split("-")[0]) + "(?![0-9])", name.upper())]
     hint = f"; did you mean {' or '.join(near)}?" if near else ""
     raise ConfigError(f"--gpu {name!r} is not a GPU the planner knows (known: "
                       f"{', '.join(GPUS)}){hint}; for another GPU, add its datasheet figures "
