@@ -225,7 +225,7 @@ def _save_failed(save_dir, iteration: int, error: BaseException, partial: Path) 
     what = f"saving iteration {iteration} to {save_dir} failed"
     # A rank killed mid-save (OOM, a scheduler) leaves its peers Gloo's word, not a cause.
     return ((f"{what}: {PEER_EXITED}" if peer_exited(error)
-             else describe_os_error(what, error, save_dir))
+             else describe_os_error(what, error, save_dir, writer=True))
             + f" ({written / 2**20:,.1f} MiB of it had been written). Nothing was lost: "
             + kept)
 

@@ -144,11 +144,14 @@ def print_error(tool: str, message: object) -> None:
     sys.stderr.flush()
 
 
-def describe_os_error(what: str, error: BaseException, path: str | Path | None = None) -> str:
+def describe_os_error(what: str, error: BaseException, path: str | Path | None = None,
+                      writer: bool = False) -> str:
     """One line for a failed file operation: what failed, why, the file, and the free space of
-    the filesystem it was writing to (the error's file, else ``path``). Megatron's checkpoint
-    writer reports a full disk as a worker failure that names no OSError (torch's stream writer
-    fails with "unexpected pos"): without a named cause, under 1 MiB free is said to be one."""
+    the filesystem it was writing to (the error's file, else ``path``). ``writer``: the error is
+    Megatron's checkpoint writer's, which reports a full disk as a worker failure that names no
+    OSError (torch's stream writer fails with "unexpected pos"): without a named cause, under 1
+    MiB free is then said to be one (elsewhere such an error is not the disk's, e.g. a damaged
+    checkpoint that dsmoe-convert read)."""
     causes = list(_causes(error))
     cause = next((e for e in causes if isinstance(e, OSError)), causes[-1])
     why = ((cause.strerror if isinstance(cause, OSError) else None)
@@ -166,7 +169,7 @@ def describe_os_error(what: str, error: BaseException, path: str | Path | None =
     if space is None:
         return text
     free, where = space
-    if code is None and free < 2**20:  # a worker failure of a full disk: say it
+    if writer and code is None and free < 2**20:  # a worker failure of a full disk: say it
         text = f"{what}: No space left on device (the error said: {why})"
     return text + f"; {free / 2**20:,.0f} MiB free on the filesystem of {where}"
 

@@ -340,3 +340,19 @@ def test_tensor_parallel_runs_on_a_cpu_hide_the_cuda_connections_advice():
         for message in advice:
             warnings.warn(message)
     assert not caught, [str(w.message) for w in caught]
+
+
+def test_only_a_failed_save_is_taken_for_a_full_disk(monkeypatch, tmp_path):
+    """A failure that names no OSError met with under 1 MiB free was said to be a full disk
+    wherever it came from: dsmoe-convert's damaged checkpoint (read, not written) as well as
+    Megatron's checkpoint writer, which names no OSError for a full disk."""
+    import shutil
+    from types import SimpleNamespace
+
+    from dsmoe_megatron.checkpoint import CheckpointError
+    from dsmoe_megatron.cli import describe_os_error
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    damaged = CheckpointError("the checkpoint is damaged: a tensor's data does not match")
+    assert describe_os_error("to-hf stopped", damaged, tmp_path) == (
+        f"to-hf stopped: {damaged}; 0 MiB free on the filesystem of {tmp_path}")
