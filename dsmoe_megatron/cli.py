@@ -182,6 +182,7 @@ def peer_exited(error: BaseException) -> bool:
     """``error`` is Gloo's word that another rank's process exited (its own error, a kill):
     'Connection closed by peer' or, where it was reading, 'Connection reset by peer'."""
     return any(f"Connection {how} by peer" in str(e) for e in _causes(error)
+               if not isinstance(e, OSError)  # a file's (a network share's), not Gloo's
                for how in ("closed", "reset"))
 
 

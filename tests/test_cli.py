@@ -356,3 +356,12 @@ def test_only_a_failed_save_is_taken_for_a_full_disk(monkeypatch, tmp_path):
     damaged = CheckpointError("the checkpoint is damaged: a tensor's data does not match")
     assert describe_os_error("to-hf stopped", damaged, tmp_path) == (
         f"to-hf stopped: {damaged}; 0 MiB free on the filesystem of {tmp_path}")
+
+
+def test_a_connection_reset_of_a_file_is_not_a_peer_that_exited():
+    """Gloo says 'Connection reset by peer' in a RuntimeError when another rank's process went
+    away; the same words in an OSError (a save to a network share) are the file's error."""
+    from dsmoe_megatron.cli import peer_exited
+
+    assert peer_exited(RuntimeError("[pair.cc:545] Read error: Connection reset by peer."))
+    assert not peer_exited(ConnectionResetError(104, "Connection reset by peer"))
