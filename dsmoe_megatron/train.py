@@ -351,14 +351,15 @@ class Trainer:
         was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
         if was is not None and was != now:
             saved = checkpoint.saved_run_config(ckpt)  # its eval_iters may change too
-            evaluated = (saved.train if saved is not None else train).eval_iters * was
+            before = saved.train if saved is not None else train
+            evaluated = before.eval_iters * was if before.eval_interval else None
             _log(f"the global batch changes from {was} to {now} samples per step"
                  + (" (global_batch_size: null follows the data-parallel size; set it to keep "
                     f"{was})" if train.global_batch_size is None else "")
                  + (f"; valid_loss now averages the first {train.eval_iters * now} "
-                    "validation samples (eval_iters x global batch), where it averaged "
-                    f"{evaluated}" if train.eval_interval and evaluated != train.eval_iters * now
-                    else ""))
+                    "validation samples (eval_iters x global batch)"
+                    + (f", where it averaged {evaluated}" if evaluated else "")
+                    if train.eval_interval and evaluated != train.eval_iters * now else ""))
 
     def _stop_if_complete(self) -> None:
         """A chained job (sbatch --dependency=singleton) that finds the run complete ends before

@@ -402,12 +402,20 @@ def test_the_valid_loss_note_of_a_batch_change_counts_the_checkpoint_eval_iters(
              ("train", train_argv(data, "1", save, *every, "global_batch_size=8", "eval_iters=1",
                                   "--stop-at", "2", "--resume")),
              ("train", train_argv(data, "1", save, *every, "global_batch_size=4", "eval_iters=3",
-                                  "--resume"))]
-    _, same, more = (ok(result)["stdout"] for result in run_on_ranks(run_job, 1, args=(tasks,))[0])
+                                  "--resume")),
+             # evaluation was off before: nothing was averaged
+             ("train", train_argv(data, "1", tmp_path / "off", "train_iters=3",
+                                  "eval_interval=null", "global_batch_size=4", "--stop-at", "1")),
+             ("train", train_argv(data, "1", tmp_path / "off", *every, "global_batch_size=8",
+                                  "eval_iters=1", "--resume"))]
+    _, same, more, _, was_off = (ok(result)["stdout"]
+                                 for result in run_on_ranks(run_job, 1, args=(tasks,))[0])
     assert "global batch changes from 4 to 8 samples per step" in same
     assert "valid_loss now" not in same  # eval_iters x global batch: 8 samples, as before
     assert ("global batch changes from 8 to 4 samples per step; valid_loss now averages the "
             "first 12 validation samples (eval_iters x global batch), where it averaged 8") in more
+    assert ("global batch changes from 4 to 8 samples per step; valid_loss now averages the "
+            "first 8 validation samples (eval_iters x global batch)\n") in was_off
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume_auto(tmp_path):
