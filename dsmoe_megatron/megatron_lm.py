@@ -146,10 +146,13 @@ def hook_checkpoint_loading() -> None:
     not in the background collect the torch_dist writer's results in the process, as
     dsmoe-train's do: the Manager process Megatron started for them at the first save got
     torchrun's or the scheduler's SIGTERM too, and the ``--exit-signal-handler`` save after it
-    failed ('Broken pipe'), losing the steps since the last checkpoint."""
+    failed ('Broken pipe'), losing the steps since the last checkpoint.
+
+    A resume that pads the vocabulary to another size than the checkpoint's is refused
+    (``_check_padded_vocabulary``)."""
     from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.training import get_args, training
+    from megatron.training import checkpointing, get_args, training
 
     from dsmoe_megatron.checkpoint import (adam_steps_where_kept,
                                            collect_write_results_in_process,
@@ -169,6 +172,8 @@ def hook_checkpoint_loading() -> None:
             return original_save(iteration, model, optimizer, *args, **kwargs)
 
     training.save_checkpoint = save_checkpoint
+    checkpointing.check_checkpoint_args = _check_padded_vocabulary(
+        checkpointing.check_checkpoint_args)
     # --async-save --use-persistent-ckpt-worker: its writer process, and a kill at exit for it.
     PersistentAsyncCaller.async_loop = staticmethod(partial(_async_save_worker, _state.cpu,
                                                             os.getpid()))
@@ -192,6 +197,35 @@ def hook_checkpoint_loading() -> None:
 
     load_checkpoint.dsmoe = True
     training.load_checkpoint = load_checkpoint
+
+
+def _check_padded_vocabulary(check_checkpoint_args):
+    """Megatron-LM's checks of a resume's arguments, and the size of the padded vocabulary.
+    Megatron-LM pads it to a multiple of --make-vocab-size-divisible-by x TP and compares the
+    sizes only for a --vocab-file run in the torch format: a resume on another TP size (or
+    with another --make-vocab-size-divisible-by) loaded the checkpoint's embedding and output
+    layer cut, or with zero rows added (its distributed checkpoints let those shapes differ), a
+    model with another loss, without a word. (--finetune is not checked, as in Megatron-LM.)"""
+    from megatron.training import get_args
+
+    from dsmoe_megatron.checkpoint import CheckpointError
+
+    def check(checkpoint_args, *args, **kwargs):
+        run = get_args()
+        saved, now = getattr(checkpoint_args, "padded_vocab_size", None), run.padded_vocab_size
+        if None not in (saved, now) and saved != now:
+            tp = run.tensor_model_parallel_size
+            fix = (f"pass --make-vocab-size-divisible-by {saved // tp} (which pads it to {saved} "
+                   f"under TP {tp})" if saved % tp == 0 else
+                   f"resume on a TP size that divides {saved}")
+            raise CheckpointError(
+                f"{run.load} holds a vocabulary padded to {saved} rows and this run pads it to "
+                f"{now} (--make-vocab-size-divisible-by {run.make_vocab_size_divisible_by} x "
+                f"--tensor-model-parallel-size {tp}): the embedding and output layer would load "
+                f"{'cut' if now < saved else 'with zero rows added'}, another model; {fix}")
+        return check_checkpoint_args(checkpoint_args, *args, **kwargs)
+
+    return check
 
 
 def _async_save_worker(cpu: bool, rank_pid: int, *args, **kwargs):
@@ -442,7 +476,7 @@ def _failed_assert(error: AssertionError) -> str:
 def _layout_independent_flags(argv: list[str]) -> list[str]:
     """With --dsmoe-yaml, checkpoints that resume on another layout as dsmoe-train's do: the
     vocabulary padded to a multiple of 1024 on every TP size (Megatron-LM: 128 x TP, so a resume
-    on another TP size got randomly initialised rows), and the optimizer state in the
+    on another TP size is refused, ``_check_padded_vocabulary``), and the optimizer state in the
     ``fully_reshardable`` format (Megatron-LM's ``dp_reshardable`` refuses another TP / PP).
     Flags given explicitly come later and win."""
     from dsmoe_megatron.model import VOCAB_PAD_MULTIPLE

@@ -489,6 +489,21 @@ def test_resume_continues_the_run(first_run, cache, tmp_path):
     assert VALIDATION.findall(again) == VALIDATION.findall(whole) != []
 
 
+def test_a_resume_that_pads_the_vocabulary_otherwise_is_refused(first_run, cache, tmp_path):
+    """Megatron-LM pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP (a
+    stock --spec run: 384 rows on TP1, 512 on TP2) and loads a checkpoint padded otherwise cut or
+    with zero rows added: the loss changed without a word. Now one line names both sizes and the
+    --make-vocab-size-divisible-by that keeps the checkpoint's (here 1024, --dsmoe-yaml's)."""
+    save, _ = first_run
+    log = run([*RESUMABLE, "--data-cache-path", cache, "--load", str(save), "--save",
+               str(tmp_path), "--make-vocab-size-divisible-by", "128"], returncode=2)
+    refusals = [line for line in log.splitlines()
+                if line.startswith("dsmoe_megatron.megatron_lm: ")]
+    assert len(refusals) == 1 and "Traceback" not in log, log[-4000:]
+    assert "padded to 1024 rows and this run pads it to 384" in refusals[0]
+    assert "pass --make-vocab-size-divisible-by 1024" in refusals[0]
+
+
 def test_resume_continues_the_run_in_the_torch_checkpoint_format(cache, tmp_path):
     """--ckpt-format torch keeps the distributed optimizer's state in one file (loaded as
     "dp_zero"), which lacks the per-parameter Adam step torch's Adam is given before a load: the
