@@ -51,8 +51,16 @@ _GROUP_STRUCTURE = ("is_expert_parallel", "wd_mult", "lr_mult", "is_decoupled_lr
 # load= works only for a new run: in the run's own save directory --resume reads `latest`.
 _EARLIER_DIR = ("or name its iter_ directory: --checkpoint DIR to dsmoe-convert, or load=DIR with "
                 "a new save directory to dsmoe-train")
-_RECOVERY_HINT = ("resume from an earlier checkpoint: write its iteration number into {latest}, "
-                  + _EARLIER_DIR)
+
+
+def _recovery_hint(ckpt: Path, latest: Path | None = None) -> str:
+    """How to resume from a checkpoint earlier than the damaged or missing ``ckpt``, naming
+    those beside it (a requeued job that stops on it needs one); ``latest``: the file that
+    names it (``latest`` in its directory, else Megatron-LM's tracker)."""
+    earlier = [i for i in complete_iterations(ckpt.parent) if i != iteration_of(ckpt)]
+    return (f"resume from an earlier checkpoint (complete ones beside it: "
+            f"{describe_iterations(earlier)}): write its iteration number into "
+            f"{latest or ckpt.parent / LATEST_NAME}, " + _EARLIER_DIR)
 
 
 class CheckpointError(RuntimeError):
@@ -274,7 +282,7 @@ def saved_run_config(ckpt: Path):
                                     origin=str(path))
     except (YamlConfigError, strict_yaml.YamlSyntaxError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} cannot be read ({error}); restore it, or "
-                              + _RECOVERY_HINT.format(latest=path.parent.parent / LATEST_NAME)
+                              + _recovery_hint(path.parent)
                               ) from None
 
 
@@ -368,11 +376,8 @@ def resolve(path: str | Path) -> Path:
             f"with a 'latest' file{hint}; check the path (load: / --checkpoint)")
     found = iteration_dir(path, iteration)
     if not found.is_dir():
-        complete = complete_iterations(path)
-        raise CheckpointError(
-            f"{marker} names iteration {iteration}, but {found} does not exist "
-            f"(complete checkpoints here: {describe_iterations(complete)}); "
-            + _RECOVERY_HINT.format(latest=marker))
+        raise CheckpointError(f"{marker} names iteration {iteration}, but {found} does not "
+                              f"exist; {_recovery_hint(found, marker)}")
     check_readable(found)
     return found
 
@@ -382,7 +387,7 @@ def check_readable(ckpt: Path) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
     latest = ckpt.parent / LATEST_NAME
-    hint = _RECOVERY_HINT.format(latest=latest)
+    hint = _recovery_hint(ckpt)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist; check the path (load: / "
                               "--checkpoint)")
@@ -517,7 +522,7 @@ def _check_finite(ckpt: Path, chunks, optimizer) -> None:
     if bad is not None:
         raise CheckpointError(
             f"{ckpt} holds NaN or inf values ({bad}); saves write finite values only, so its "
-            f"files are damaged; {_RECOVERY_HINT.format(latest=ckpt.parent / LATEST_NAME)}")
+            f"files are damaged; {_recovery_hint(ckpt)}")
 
 
 def _read(ckpt: Path, reader):
@@ -532,7 +537,7 @@ def _read(ckpt: Path, reader):
         cause = root_cause(err)
         raise CheckpointError(
             f"{ckpt} could not be read ({type(cause).__name__}: {first_sentence(cause, 200)}); the "
-            f"checkpoint is damaged; {_RECOVERY_HINT.format(latest=ckpt.parent / LATEST_NAME)}"
+            f"checkpoint is damaged; {_recovery_hint(ckpt)}"
         ) from None
 
 

@@ -162,3 +162,25 @@ def test_a_full_disk_the_writer_does_not_name_is_said_to_be_one(tmp_path, monkey
             + ("No space left on device (the error said: Worker failure: " if said else
                "Worker failure: ")), str(error.value)
         assert f"{free // 2**20:,} MiB free on the filesystem of {tmp_path}" in str(error.value)
+
+
+def test_a_damaged_checkpoint_names_the_complete_ones_beside_it(tmp_path):
+    """The advice to resume from an earlier checkpoint named none: a requeued job that stops on
+    a damaged newest checkpoint needs the iteration to write into 'latest'."""
+    from dsmoe_megatron import checkpoint
+
+    for iteration in (2, 4, 6):
+        (tmp_path / f"iter_000000{iteration}").mkdir()
+        (tmp_path / f"iter_000000{iteration}" / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000008.partial").mkdir()  # an unfinished save is not one
+    (tmp_path / checkpoint.LATEST_NAME).write_text("6")
+    with pytest.raises(checkpoint.CheckpointError) as damaged:  # iter_0000006 has no .metadata
+        checkpoint.resolve(tmp_path)
+    assert (f"resume from an earlier checkpoint (complete ones beside it: 2, 4): write its "
+            f"iteration number into {tmp_path / 'latest'}, ") in str(damaged.value)
+    (tmp_path / checkpoint.LATEST_NAME).write_text("7")
+    with pytest.raises(checkpoint.CheckpointError) as missing:
+        checkpoint.resolve(tmp_path)
+    assert str(missing.value).startswith(
+        f"{tmp_path / 'latest'} names iteration 7, but {tmp_path / 'iter_0000007'} does not exist; "
+        "resume from an earlier checkpoint (complete ones beside it: 2, 4, 6)"), missing.value

@@ -1200,7 +1200,8 @@ def test_export_of_a_checkpoint_with_a_damaged_run_yaml_points_to_an_earlier_one
         (ckpt / "run.yaml").write_bytes(damage)
         with pytest.raises(ConversionError,
                            match=r"^\S+run.yaml cannot be read .*; restore it, or resume from an "
-                                 r"earlier checkpoint: .*--checkpoint DIR to dsmoe-convert"):
+                                 r"earlier checkpoint \(complete ones beside it: none\): .*"
+                                 r"--checkpoint DIR to dsmoe-convert"):
             convert.read_checkpoint_run(ckpt)
 
 
