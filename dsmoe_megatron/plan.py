@@ -330,7 +330,10 @@ def format_search(plan: dict, config_path: str, overrides: list[str]) -> str:
                      f"{nearby}, or another global_batch_size")
         return "\n".join(lines)
     if not result["ranked"]:
-        lines.append("  none fits: more GPUs, a larger GPU, or a smaller global batch / model")
+        free = result["most_free"]
+        lines.append("  none fits" + need + ": more GPUs, a larger GPU, or a smaller model" + (
+            f"; the roomiest layout leaves {math.floor(free * 100)}% free, so a --min-headroom "
+            "up to that finds it" if result["min_headroom"] and free is not None and free >= 0 else ""))
         return "\n".join(lines)
     lines.append(f"  {'#':>2}  {'layout':<60}{'step s':>8}{'tok/s/GPU':>11}{'MFU':>7}"
                  f"{'peak GB':>9}{'free':>6}")

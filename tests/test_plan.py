@@ -463,7 +463,18 @@ def test_16b_on_one_node_of_a100_40gb(capsys):
     # paper's count), 36.9 GB a GPU, and the allowance of 3 GB + 10% (README) takes it past 40
     assert 18 * 16.4e9 / 8 * 1.1 + 3e9 > 40e9
     assert plan.main([*args, "--gpu", "A100-40GB", "--search"]) == 1
-    assert "none fits: more GPUs, a larger GPU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "none fits: more GPUs, a larger GPU, or a smaller model\n" in out
+    # Layouts that fit, but not with the headroom asked for: said, with how much there is (the
+    # advice was a smaller global batch, which hardly changes the memory)
+    assert plan.main([*args, "--gpu", "A100-80GB", "--search", "--min-headroom", "0.9"]) == 1
+    out = capsys.readouterr().out
+    best = re.search(r"none fits with >= 90% headroom: more GPUs, a larger GPU, or a smaller "
+                     r"model; the roomiest layout leaves (\d+)% free, so a --min-headroom "
+                     r"up to that finds it\n", out)
+    assert best, out
+    assert plan.main([*args, "--gpu", "A100-80GB", "--search", "--min-headroom",
+                      str(int(best[1]) / 100), "--json"]) == 0
 
 
 def test_search_on_a100_40gb_keeps_every_layout_under_40_gb():

@@ -195,11 +195,13 @@ def search(run: RunConfig, cluster: Cluster, top: int = 10, min_headroom: float 
         global_batch = train.micro_batch_size * world
     groups = candidates(cfg, world, cluster.gpus_per_node, global_batch)
     per_token = flops_per_token(cfg, params.padded_vocab_size, train.seq_length)
-    fitting = []
+    fitting, most_free = [], None
     for group in groups:
         for i, layout in enumerate(group):
             est = _estimate(cfg, params, cluster, train.seq_length, layout, global_batch,
                             options, rates, per_token)
+            if est is not None:
+                most_free = max(est.headroom, most_free if most_free is not None else -1.0)
             if est is not None and est.headroom >= min_headroom:
                 fitting.append((est.time["step_time"], est.peak, layout, est))
             elif i == 0:
@@ -216,7 +218,7 @@ def search(run: RunConfig, cluster: Cluster, top: int = 10, min_headroom: float 
             break
     return {"gpu": cluster.gpu.name, "num_gpus": world, "gpus_per_node": cluster.gpus_per_node,
             "global_batch_size": global_batch, "candidates": sum(map(len, groups)),
-            "fit": len(fitting),
+            "fit": len(fitting), "most_free": most_free,
             "rejected_by_validation": rejected, "ranked": ranked,
             "nearby_gpus": [] if groups else nearby_worlds(cfg, world, cluster.gpus_per_node,
                                                            global_batch)}
