@@ -180,9 +180,13 @@ PEER_EXITED = "another process of the job exited (its message is above)"
 
 def peer_exited(error: BaseException) -> bool:
     """``error`` is Gloo's word that another rank's process exited (its own error, a kill):
-    'Connection closed by peer' or, where it was reading, 'Connection reset by peer'."""
-    return any(f"Connection {how} by peer" in str(e) for e in _causes(error)
-               if not isinstance(e, OSError)  # a file's (a network share's), not Gloo's
+    'Connection closed by peer' or, where it was reading, 'Connection reset by peer'. A file's
+    (a network share's) OSError says the latter too: not in itself, nor where the checkpoint
+    writer repeats it in its own error ('Worker failure: [Errno 104] ...', torch's per-rank
+    failures), which names its errno as Gloo does not."""
+    file_reset = f"[Errno {errno.ECONNRESET}] {os.strerror(errno.ECONNRESET)}"
+    return any(f"Connection {how} by peer" in str(e).replace(file_reset, "")
+               for e in _causes(error) if not isinstance(e, OSError)
                for how in ("closed", "reset"))
 
 

@@ -2,6 +2,7 @@
 CPU install; ``-v`` or DSMOE_SHOW_WARNINGS=1 shows them. ``python -m dsmoe_megatron.synthetic``
 names each bad setting."""
 
+import errno
 import inspect
 import os
 import re
@@ -360,8 +361,23 @@ def test_only_a_failed_save_is_taken_for_a_full_disk(monkeypatch, tmp_path):
 
 def test_a_connection_reset_of_a_file_is_not_a_peer_that_exited():
     """Gloo says 'Connection reset by peer' in a RuntimeError when another rank's process went
-    away; the same words in an OSError (a save to a network share) are the file's error."""
+    away; the same words in an OSError (a save to a network share) are the file's error, also
+    where the checkpoint writer repeats them in its own errors."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from dsmoe_megatron.cli import peer_exited
 
-    assert peer_exited(RuntimeError("[pair.cc:545] Read error: Connection reset by peer."))
-    assert not peer_exited(ConnectionResetError(104, "Connection reset by peer"))
+    gloo = RuntimeError("[pair.cc:545] Read error: Connection reset by peer.")
+    assert peer_exited(gloo)
+    reset = ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+    assert not peer_exited(reset)
+    # as a failed save reports it: Megatron's writer repeats it in a RuntimeError, whose cause
+    # is lost when torch gathers the ranks' failures into a CheckpointException
+    try:
+        raise RuntimeError(f"Worker failure: {reset}") from reset
+    except RuntimeError as worker:
+        assert not peer_exited(worker)
+        gathered = RuntimeError(str(worker))
+    for failure in (reset, gathered):
+        assert not peer_exited(CheckpointException("write", {0: (failure, None)}))
+    assert peer_exited(CheckpointException("write", {0: (gloo, None)}))
