@@ -331,9 +331,13 @@ def format_search(plan: dict, config_path: str, overrides: list[str]) -> str:
         return "\n".join(lines)
     if not result["ranked"]:
         free = result["most_free"]
-        lines.append("  none fits" + need + ": more GPUs, a larger GPU, or a smaller model" + (
-            f"; the roomiest layout leaves {math.floor(free * 100)}% free, so a --min-headroom "
-            "up to that finds it" if result["min_headroom"] and free is not None and free >= 0 else ""))
+        lines.append(
+            "  none fits" + need
+            + (f" that the config validation accepts (it refused the {result['fit']} that do)"
+               if result["fit"] else "")
+            + ": more GPUs, a larger GPU, or a smaller model"
+            + (f"; the roomiest layout it accepts leaves {math.floor(free * 100)}% free, so a "
+               "--min-headroom up to that finds it" if free is not None else ""))
         return "\n".join(lines)
     lines.append(f"  {'#':>2}  {'layout':<60}{'step s':>8}{'tok/s/GPU':>11}{'MFU':>7}"
                  f"{'peak GB':>9}{'free':>6}")

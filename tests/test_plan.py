@@ -470,11 +470,28 @@ def test_16b_on_one_node_of_a100_40gb(capsys):
     assert plan.main([*args, "--gpu", "A100-80GB", "--search", "--min-headroom", "0.9"]) == 1
     out = capsys.readouterr().out
     best = re.search(r"none fits with >= 90% headroom: more GPUs, a larger GPU, or a smaller "
-                     r"model; the roomiest layout leaves (\d+)% free, so a --min-headroom "
-                     r"up to that finds it\n", out)
+                     r"model; the roomiest layout it accepts leaves (\d+)% free, so a "
+                     r"--min-headroom up to that finds it\n", out)
     assert best, out
     assert plan.main([*args, "--gpu", "A100-80GB", "--search", "--min-headroom",
                       str(int(best[1]) / 100), "--json"]) == 0
+
+
+def test_none_fits_names_the_layouts_the_config_validation_refused(capsys):
+    """5 heads: TP 1 alone is valid, and leaves 1-4% free of an A100-80GB. The layouts that fit
+    with 5% headroom (TP 2-8) were all refused by the config validation, and the line said none
+    fitted with it and that a --min-headroom up to the roomiest of them (69%) found one."""
+    args = ["yaml_configs/tiny.yaml", "--gpus", "8", "--gpu", "A100-80GB", "--search",
+            "num_layers=1", "hidden_size=10240", "num_attention_heads=5",
+            "ffn_hidden_size=262144", "seq_length=1024", "global_batch_size=8",
+            "micro_batch_size=1", "bf16=true"]
+    for headroom, refused in (("0.05", " that the config validation accepts (it refused the 96 "
+                                        "that do)"), ("0.7", "")):
+        assert plan.main([*args, "--min-headroom", headroom]) == 1
+        assert (f"none fits with >= {float(headroom):.0%} headroom{refused}: more GPUs, a larger "
+                "GPU, or a smaller model; the roomiest layout it accepts leaves 4% free, so a "
+                "--min-headroom up to that finds it\n") in capsys.readouterr().out
+    assert plan.main([*args, "--min-headroom", "0.04"]) == 0
 
 
 def test_search_on_a100_40gb_keeps_every_layout_under_40_gb():

@@ -195,16 +195,17 @@ def search(run: RunConfig, cluster: Cluster, top: int = 10, min_headroom: float 
         global_batch = train.micro_batch_size * world
     groups = candidates(cfg, world, cluster.gpus_per_node, global_batch)
     per_token = flops_per_token(cfg, params.padded_vocab_size, train.seq_length)
-    fitting, most_free = [], None
+    fitting, short = [], []  # short: those that fit without the headroom asked for
     for group in groups:
         for i, layout in enumerate(group):
             est = _estimate(cfg, params, cluster, train.seq_length, layout, global_batch,
                             options, rates, per_token)
-            if est is not None:
-                most_free = max(est.headroom, most_free if most_free is not None else -1.0)
             if est is not None and est.headroom >= min_headroom:
                 fitting.append((est.time["step_time"], est.peak, layout, est))
-            elif i == 0:
+                continue
+            if est is not None and est.headroom >= 0:
+                short.append((est.headroom, layout))
+            if i == 0:
                 break  # not even its least memory-hungry member fits
     fitting.sort(key=lambda item: item[:2])
     ranked, rejected = [], 0
@@ -216,6 +217,11 @@ def search(run: RunConfig, cluster: Cluster, top: int = 10, min_headroom: float 
         ranked.append(Ranked(layout, est, candidate_run))
         if len(ranked) == top:
             break
+    # None ranked: the roomiest layout that fits without the headroom and that the validation
+    # accepts (a smaller --min-headroom finds it)
+    most_free = None if ranked else next(
+        (free for free, layout in sorted(short, key=lambda s: -s[0])
+         if _validated(run, layout, world, global_batch) is not None), None)
     return {"gpu": cluster.gpu.name, "num_gpus": world, "gpus_per_node": cluster.gpus_per_node,
             "global_batch_size": global_batch, "candidates": sum(map(len, groups)),
             "fit": len(fitting), "most_free": most_free,
