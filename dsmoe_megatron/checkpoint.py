@@ -307,9 +307,11 @@ def iteration_of(path: Path) -> int | None:
 
 
 def complete_iterations(save_dir: Path) -> list[int]:
-    """The iterations of the finished (renamed, not .partial) checkpoints in ``save_dir``."""
+    """The iterations of the finished (renamed, not .partial) checkpoints in ``save_dir``; one
+    that cannot be read (another user's) is not counted, and does not stop the caller."""
     found = [(iteration_of(path), path) for path in save_dir.glob("iter_*")]
-    return sorted(i for i, path in found if i is not None and (path / "metadata.json").exists())
+    return sorted(i for i, path in found
+                  if i is not None and os.path.exists(path / "metadata.json"))
 
 
 def latest_iteration(save_dir: str | Path) -> int | None:

@@ -184,3 +184,33 @@ def test_a_damaged_checkpoint_names_the_complete_ones_beside_it(tmp_path):
     assert str(missing.value).startswith(
         f"{tmp_path / 'latest'} names iteration 7, but {tmp_path / 'iter_0000007'} does not exist; "
         "resume from an earlier checkpoint (complete ones beside it: 2, 4, 6)"), missing.value
+
+
+def test_a_checkpoint_beside_one_that_cannot_be_read_loads(tmp_path, monkeypatch):
+    """The complete checkpoints named beside a damaged one were counted on every load: an
+    iteration directory that cannot be read (another user's) stopped the load of a sound
+    checkpoint with a PermissionError, and hid the refusal of a damaged one."""
+    import os
+
+    import torch
+    from torch.distributed.checkpoint import save
+
+    from dsmoe_megatron import checkpoint
+
+    save({"w": torch.zeros(2)}, checkpoint_id=str(tmp_path / "iter_0000002"), no_dist=True)
+    (tmp_path / "iter_0000002" / "metadata.json").write_text("{}")
+    for iteration in (4, 6):
+        (tmp_path / f"iter_000000{iteration}").mkdir()
+    (tmp_path / checkpoint.LATEST_NAME).write_text("2")
+    other_users, stat = tmp_path / "iter_0000004", os.stat
+
+    def refused(path, *args, **kwargs):
+        if str(path).startswith(f"{other_users}{os.sep}"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refused)
+    assert checkpoint.resolve(tmp_path) == tmp_path / "iter_0000002"
+    (tmp_path / checkpoint.LATEST_NAME).write_text("6")  # iter_0000006 has no metadata.json
+    with pytest.raises(checkpoint.CheckpointError, match=r"complete ones beside it: 2\)"):
+        checkpoint.resolve(tmp_path)
