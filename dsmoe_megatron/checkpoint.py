@@ -60,7 +60,7 @@ def _recovery_hint(ckpt: Path, latest: Path | None = None) -> str:
     earlier = [i for i in complete_iterations(ckpt.parent) if i != iteration_of(ckpt)]
     return (f"resume from an earlier checkpoint (complete ones beside it: "
             f"{describe_iterations(earlier)}): write its iteration number into "
-            f"{latest or ckpt.parent / LATEST_NAME}, " + _EARLIER_DIR)
+            f"{latest or _marker(ckpt.parent)}, " + _EARLIER_DIR)
 
 
 class CheckpointError(RuntimeError):
@@ -349,6 +349,14 @@ def describe_iterations(iterations: list[int]) -> str:
     return shown if len(iterations) <= 5 else f"..., {shown}"
 
 
+def _marker(save_dir: Path) -> Path:
+    """The file that names ``save_dir``'s iteration to resume: ``latest``, or in a save
+    directory of Megatron-LM's loop without one, its tracker."""
+    if not (save_dir / LATEST_NAME).is_file() and (save_dir / MEGATRON_LM_TRACKER).is_file():
+        return save_dir / MEGATRON_LM_TRACKER
+    return save_dir / LATEST_NAME
+
+
 def resolve(path: str | Path) -> Path:
     """A save dir (-> its latest iteration; Megatron-LM's: its tracker's) or an iteration dir ->
     the iteration dir, checked to be complete and readable (CheckpointError names the file and
@@ -360,9 +368,7 @@ def resolve(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist; check the path "
                               "(load: / --checkpoint)")
-    marker = path / LATEST_NAME
-    if not marker.is_file():
-        marker = path / MEGATRON_LM_TRACKER  # a save directory of Megatron-LM's loop
+    marker = _marker(path)
     iteration = _iteration_named_by(marker)
     if iteration is None:
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):

@@ -214,3 +214,19 @@ def test_a_checkpoint_beside_one_that_cannot_be_read_loads(tmp_path, monkeypatch
     (tmp_path / checkpoint.LATEST_NAME).write_text("6")  # iter_0000006 has no metadata.json
     with pytest.raises(checkpoint.CheckpointError, match=r"complete ones beside it: 2\)"):
         checkpoint.resolve(tmp_path)
+
+
+def test_a_damaged_checkpoint_of_megatron_lm_names_its_tracker(tmp_path):
+    """A damaged newest checkpoint of Megatron-LM's loop was advised to write an earlier
+    iteration into 'latest', which Megatron-LM's resume does not read (a missing one named
+    its latest_checkpointed_iteration.txt)."""
+    from dsmoe_megatron import checkpoint
+
+    for iteration in (2, 4):
+        (tmp_path / f"iter_000000{iteration}").mkdir()
+        (tmp_path / f"iter_000000{iteration}" / "metadata.json").write_text("{}")
+    (tmp_path / checkpoint.MEGATRON_LM_TRACKER).write_text("4")
+    with pytest.raises(checkpoint.CheckpointError) as damaged:  # iter_0000004 has no .metadata
+        checkpoint.resolve(tmp_path)
+    assert (f"(complete ones beside it: 2): write its iteration number into "
+            f"{tmp_path / checkpoint.MEGATRON_LM_TRACKER}, ") in str(damaged.value)
