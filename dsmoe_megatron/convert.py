@@ -420,9 +420,16 @@ def read_checkpoint_run(ckpt: Path, config: str | Path | None = None,
         trained_with = _check_megatron_lm_arguments(run, ckpt)
         # The context length it was trained with, as a run.yaml gives it: the YAML's went into
         # config.json (tiny.yaml's 128 for a run of --seq-length 64) without a word.
+        given = _keys_set(overrides)
         for key in ("seq_length", "max_position_embeddings"):
-            if trained_with.get(key) is not None and key not in _keys_set(overrides):
+            if trained_with.get(key) is not None and key not in given:
                 setattr(run.train, key, trained_with[key])
+        positions, length = run.train.max_position_embeddings, run.train.seq_length
+        if "seq_length" not in given and positions < length:  # exported as the longer, silently
+            raise ConversionError(
+                f"{ckpt} was trained with seq_length={length} (the Megatron-LM arguments it "
+                f"keeps), but --set gives max_position_embeddings={positions}, fewer positions: "
+                f"give at least {length}, or --set seq_length too")
     return run
 
 

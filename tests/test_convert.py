@@ -1420,6 +1420,12 @@ def test_a_megatron_lm_checkpoint_exports_the_context_length_it_was_trained_with
         assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == length
         tokenizer = json.loads((out / "tokenizer_config.json").read_text())
         assert tokenizer["model_max_length"] == length
+    # fewer positions than it was trained on were exported as the trained ones, without a word
+    args.seq_length = args.max_position_embeddings = 32
+    with pytest.raises(ConversionError, match=r"was trained with seq_length=32 \(the Megatron-LM "
+                       r"arguments it keeps\), but --set gives max_position_embeddings=20, fewer "
+                       r"positions: give at least 32, or --set seq_length too$"):
+        convert.read_checkpoint_run(ckpt, tmp_path / "run.yaml", ["max_position_embeddings=20"])
 
 
 @pytest.mark.distributed
