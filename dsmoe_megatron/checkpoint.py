@@ -395,7 +395,10 @@ def check_readable(ckpt: Path) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
     latest = ckpt.parent / LATEST_NAME
-    hint = _recovery_hint(ckpt)
+
+    def hint() -> str:  # lists the save directory: only for an error
+        return _recovery_hint(ckpt)
+
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist; check the path (load: / "
                               "--checkpoint)")
@@ -416,14 +419,14 @@ def check_readable(ckpt: Path) -> None:
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"{marker} is missing or unreadable ({type(err).__name__}), so {ckpt} is not a "
-            f"complete checkpoint; {hint}") from None
+            f"complete checkpoint; {hint()}") from None
     index = ckpt / ".metadata"
     try:
         storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
     except Exception as err:  # noqa: BLE001 - a truncated pickle raises almost anything
         raise CheckpointError(
             f"{index} (the index of the checkpoint's tensors) is missing, truncated or corrupt "
-            f"({type(err).__name__}: {first_sentence(err)}); {ckpt} cannot be loaded; {hint}"
+            f"({type(err).__name__}: {first_sentence(err)}); {ckpt} cannot be loaded; {hint()}"
         ) from None
     needed: dict[str, int] = {}
     for item in storage.values():
@@ -432,11 +435,11 @@ def check_readable(ckpt: Path) -> None:
     for name, size in sorted(needed.items()):
         data_file = ckpt / name
         if not data_file.exists():
-            raise CheckpointError(f"{data_file} is missing, so {ckpt} is incomplete; {hint}")
+            raise CheckpointError(f"{data_file} is missing, so {ckpt} is incomplete; {hint()}")
         if data_file.stat().st_size < size:
             raise CheckpointError(
                 f"{data_file} is truncated ({data_file.stat().st_size} bytes, its index needs "
-                f"{size}), so {ckpt} is incomplete; {hint}")
+                f"{size}), so {ckpt} is incomplete; {hint()}")
 
 
 # ---- loading ------------------------------------------------------------------------------------
