@@ -115,7 +115,7 @@ def cli(tmp_path_factory) -> Cli:
     c.add("extended", "train", c.argv("extended", "train_iters=1000", *constant, *stop,
                                       "--resume"))
     c.add("batch 4", "train", c.argv("batch", "train_iters=2", "global_batch_size=4",
-                                     "eval_iters=1"))
+                                     "eval_interval=2", "eval_iters=1"))
     c.add("batch 8", "train", c.argv("batch", "train_iters=3", "global_batch_size=8",
                                      "eval_interval=3", "eval_iters=1", "--resume"))
     c.add("load past train_iters", "train", c.argv("load past", "train_iters=2",
