@@ -327,7 +327,7 @@ class Trainer:
             return
         ckpt = checkpoint.resolve(source)
         finetune = train.finetune and not resume
-        trained_with = self._check_same_model(ckpt, resume)
+        saved = self._check_same_model(ckpt, resume)
         extra = checkpoint.load(ckpt, self.model, self.optimizer, weights_only=finetune)
         if finetune:  # iteration, samples, optimizer and lr schedule start anew
             _log(f"loaded the weights of {ckpt} (iteration {extra.get('iteration', 0)}) to "
@@ -343,15 +343,15 @@ class Trainer:
                 f"{train.train_iters} leaves nothing to train (the iteration carries over); "
                 f"raise train_iters above {self.iteration}, or set finetune: true to start "
                 "from its weights at iteration 0")
-        if trained_with is not None:
-            was, now = learning_rate(trained_with, self.updates), learning_rate(train, self.updates)
+        # the lr schedule a resume changes (not the one of an import at iteration 0)
+        if resume and saved is not None and checkpoint.iteration_of(ckpt):
+            was, now = learning_rate(saved.train, self.updates), learning_rate(train, self.updates)
             if not math.isclose(was, now):  # e.g. a finished cosine schedule extended
                 _log(f"the lr schedule changes: the next step (iteration {self.iteration + 1}) "
                      f"trains at lr {now:.4g}, where the checkpoint's settings give {was:.4g}")
         was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
         if was is not None and was != now:
-            saved = checkpoint.saved_run_config(ckpt)  # its eval_iters may change too
-            before = saved.train if saved is not None else train
+            before = saved.train if saved is not None else train  # eval_iters may change too
             evaluated = before.eval_iters * was if before.eval_interval else None
             _log(f"the global batch changes from {was} to {now} samples per step"
                  + (" (global_batch_size: null follows the data-parallel size; set it to keep "
@@ -375,8 +375,8 @@ class Trainer:
     def _check_same_model(self, ckpt: Path, resume: bool):
         """A checkpoint resumes (or starts a run: ``load``) under any layout and
         hyper-parameters, but only into the model it was saved from: name the first field of
-        its run.yaml that differs. Returns the training settings it was saved with when a
-        resume changes them (else None)."""
+        its run.yaml that differs. Returns the run config it was saved with (None without
+        one)."""
         from dsmoe_megatron.checkpoint import iteration_of, model_difference, saved_run_config
 
         saved = saved_run_config(ckpt)
@@ -390,7 +390,6 @@ class Trainer:
                  f"{_describe_layout(self.run.layout)}")
         # A resume without the first run's key=value overrides takes the YAML's (a checkpoint
         # at iteration 0, from-hf's, was trained with nothing).
-        trained_with = None
         if resume and iteration_of(ckpt):
             changed = [f"{name} {getattr(saved.train, name)} -> {getattr(self.run.train, name)}"
                        for name in _TRAINED_WITH
@@ -399,13 +398,12 @@ class Trainer:
                 _log(f"the config changes what {ckpt} was trained with: {', '.join(changed)}; "
                      "the run continues with the new values (to keep the old ones, give the "
                      "key=value overrides the run was started with again)")
-                trained_with = saved.train
         if (resume or not self.run.train.finetune) \
                 and saved.train.seq_length != self.run.train.seq_length:
             _log(f"seq_length changes from {saved.train.seq_length} to "
                  f"{self.run.train.seq_length}: the data is cut into other samples, so the run "
                  "does not continue the sample stream it was reading")
-        return trained_with
+        return saved
 
     # ---- one step -------------------------------------------------------------------------
     def _batches(self, dataset, consumed: int):
