@@ -53,14 +53,14 @@ _EARLIER_DIR = ("or name its iter_ directory: --checkpoint DIR to dsmoe-convert,
                 "a new save directory to dsmoe-train")
 
 
-def _recovery_hint(ckpt: Path, latest: Path | None = None) -> str:
+def _recovery_hint(ckpt: Path) -> str:
     """How to resume from a checkpoint earlier than the damaged or missing ``ckpt``, naming
-    those beside it (a requeued job that stops on it needs one); ``latest``: the file that
-    names it (``latest`` in its directory, else Megatron-LM's tracker)."""
+    those beside it (a requeued job that stops on it needs one) and the file that names the
+    one to resume (``_marker``)."""
     earlier = [i for i in complete_iterations(ckpt.parent) if i != iteration_of(ckpt)]
     return (f"resume from an earlier checkpoint (complete ones beside it: "
             f"{describe_iterations(earlier)}): write its iteration number into "
-            f"{latest or _marker(ckpt.parent)}, " + _EARLIER_DIR)
+            f"{_marker(ckpt.parent)}, " + _EARLIER_DIR)
 
 
 class CheckpointError(RuntimeError):
@@ -385,7 +385,7 @@ def resolve(path: str | Path) -> Path:
     found = iteration_dir(path, iteration)
     if not found.is_dir():
         raise CheckpointError(f"{marker} names iteration {iteration}, but {found} does not "
-                              f"exist; {_recovery_hint(found, marker)}")
+                              f"exist; {_recovery_hint(found)}")
     check_readable(found)
     return found
 
