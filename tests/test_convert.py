@@ -1000,9 +1000,19 @@ def test_import_refuses_unsupported_configs(tmp_path, changes, field):
     directory = tmp_path / "hf"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(small_hf_config(**changes)))
-    with pytest.raises(ConversionError, match=f"unsupported config: {field}="):
+    # The file's path: a user converting several models learns which one is refused.
+    config_path = re.escape(str(directory / "config.json"))
+    with pytest.raises(ConversionError, match=f"^{config_path}: unsupported config: {field}="):
         convert.import_from_hf(directory, tmp_path / "megatron")
     assert not (tmp_path / "megatron").exists()
+
+
+def test_import_notes_pretraining_tp_once(rt, tmp_path, capsys):
+    write_hf_model(tmp_path / "hf", small_hf_config(pretraining_tp=2), dtype=torch.float32)
+    convert.import_from_hf(tmp_path / "hf", tmp_path / "megatron", tokenizer=False)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "pretraining_tp" in line]
+    assert notes == [f"[dsmoe-convert] note: {tmp_path / 'hf' / 'config.json'}: pretraining_tp=2 "
+                     "only split matmuls; ignored"]
 
 
 def test_import_path_errors(tmp_path, capsys):

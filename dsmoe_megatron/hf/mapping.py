@@ -523,59 +523,61 @@ def _no_op_rope_scaling(scaling: Mapping) -> bool:
             and factor == 1)
 
 
-def model_fields_from_hf(hf: Mapping) -> dict:
+def model_fields_from_hf(hf: Mapping, where: str = "config.json") -> dict:
     """config.json of a DeepSeekMoE model -> DeepSeekMoEConfig fields (beyond deepseek_defaults).
 
-    Raises ConversionError for what the Megatron model cannot represent.
+    Raises ConversionError for what the Megatron model cannot represent, naming ``where`` (the
+    file's path, which a user with several model directories needs).
     """
+    def unsupported(field: str, value, why: str) -> ConversionError:
+        return ConversionError(f"{where}: unsupported config: {field}={value!r}: {why}")
+
     rope = hf.get("rope_parameters") if isinstance(hf, Mapping) else None
     if isinstance(rope, Mapping) and "rope_theta" in rope:  # a config.json in transformers 5's style
         if hf.get("rope_theta") not in (None, rope["rope_theta"]):
             raise ConversionError(
-                f"config.json sets rope_theta={hf['rope_theta']!r} and rope_parameters.rope_theta="
+                f"{where} sets rope_theta={hf['rope_theta']!r} and rope_parameters.rope_theta="
                 f"{rope['rope_theta']!r}, two RoPE bases; keep the one the model was trained with")
         hf = {**hf, "rope_theta": rope["rope_theta"]}
-    check_hf_config(hf)
+    check_hf_config(hf, where)
     c = {**hf_defaults(), **{k: v for k, v in hf.items()}}
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "intermediate_size"):
         if c.get(key) is None:
-            raise ConversionError(f"config.json has no {key!r}")
+            raise ConversionError(f"{where} has no {key!r}")
     model_type = hf.get("model_type")
     if model_type not in (None, "deepseek"):
-        raise _unsupported("model_type", model_type,
+        raise unsupported("model_type", model_type,
                            "only DeepSeekMoE ('deepseek', deepseek-moe-16b layout) is supported")
     if c["scoring_func"] != "softmax":
-        raise _unsupported("scoring_func", c["scoring_func"], "only 'softmax' routing is supported")
+        raise unsupported("scoring_func", c["scoring_func"], "only 'softmax' routing is supported")
     # Routing fields of later DeepSeek models (V2, V3), which the deepseek code ignores.
     if c.get("topk_method") not in (None, "greedy"):
-        raise _unsupported("topk_method", c["topk_method"],
+        raise unsupported("topk_method", c["topk_method"],
                            "only plain top-k routing ('greedy') is supported")
     if c.get("routed_scaling_factor") not in (None, 1):
-        raise _unsupported("routed_scaling_factor", c["routed_scaling_factor"],
+        raise unsupported("routed_scaling_factor", c["routed_scaling_factor"],
                            "the routed experts' output is not scaled (only 1 is supported)")
     if c["hidden_act"] != "silu":
-        raise _unsupported("hidden_act", c["hidden_act"], "only SwiGLU (silu) is supported")
+        raise unsupported("hidden_act", c["hidden_act"], "only SwiGLU (silu) is supported")
     if c["attention_bias"]:
-        raise _unsupported("attention_bias", True, "the Megatron model has no attention biases")
+        raise unsupported("attention_bias", True, "the Megatron model has no attention biases")
     if c["rope_scaling"] and not _no_op_rope_scaling(c["rope_scaling"]):
-        raise _unsupported("rope_scaling", c["rope_scaling"], "RoPE scaling is not supported")
+        raise unsupported("rope_scaling", c["rope_scaling"], "RoPE scaling is not supported")
     rope = c.get("rope_parameters")
     if rope and rope.get("rope_type", "default") != "default" and not _no_op_rope_scaling(rope):
-        raise _unsupported("rope_parameters", rope, "RoPE scaling is not supported")
+        raise unsupported("rope_parameters", rope, "RoPE scaling is not supported")
     if c["tie_word_embeddings"]:
-        raise _unsupported("tie_word_embeddings", True, "the Megatron model has untied embeddings")
+        raise unsupported("tie_word_embeddings", True, "the Megatron model has untied embeddings")
     hidden, heads = c["hidden_size"], c["num_attention_heads"]
     if hidden % heads:
-        raise _unsupported("num_attention_heads", heads, f"does not divide hidden_size={hidden}")
+        raise unsupported("num_attention_heads", heads, f"does not divide hidden_size={hidden}")
     if c.get("head_dim") not in (None, hidden // heads):
-        raise _unsupported("head_dim", c["head_dim"], "must be hidden_size / num_attention_heads")
+        raise unsupported("head_dim", c["head_dim"], "must be hidden_size / num_attention_heads")
     kv = c.get("num_key_value_heads") or heads
     if heads % kv:
-        raise _unsupported("num_key_value_heads", kv,
+        raise unsupported("num_key_value_heads", kv,
                            f"must divide num_attention_heads={heads}")
-    if c.get("pretraining_tp", 1) not in (None, 1):
-        log(f"note: pretraining_tp={c['pretraining_tp']} only split matmuls; ignored")
     fields = dict(
         num_layers=c["num_hidden_layers"],
         hidden_size=hidden,
@@ -590,9 +592,9 @@ def model_fields_from_hf(hf: Mapping) -> dict:
     if c.get("n_routed_experts"):
         freq = c["moe_layer_freq"]
         if not isinstance(freq, int) or freq < 1:
-            raise _unsupported("moe_layer_freq", freq, "must be a positive integer")
+            raise unsupported("moe_layer_freq", freq, "must be a positive integer")
         if not c.get("num_experts_per_tok") or not c.get("moe_intermediate_size"):
-            raise ConversionError("config.json sets n_routed_experts but not "
+            raise ConversionError(f"{where} sets n_routed_experts but not "
                                   "num_experts_per_tok / moe_intermediate_size")
         fields.update(
             num_moe_experts=c["n_routed_experts"],
