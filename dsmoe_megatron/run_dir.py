@@ -35,7 +35,8 @@ METRICS_NAME = "metrics.jsonl"
 DISCARDED_METRICS_NAME = "metrics.discarded.jsonl"
 RESUME_MODES = ("never", "always", "auto")
 LOCK_NAME = ".dsmoe-train.lock"
-_held_locks: dict[Path, int] = {}  # save dir -> the lock file this process holds
+# save dir -> (the lock file this process holds, whether taking the lock created the directory)
+_held_locks: dict[Path, tuple[int, bool]] = {}
 
 
 class RunDirError(ValueError):
@@ -129,6 +130,7 @@ def lock_save_dir(save: str | Path) -> None:
     save_dir = Path(save).resolve()
     if save_dir in _held_locks:
         return
+    created = not save_dir.exists()
     save_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(save_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -153,20 +155,22 @@ def lock_save_dir(save: str | Path) -> None:
                   since=datetime.datetime.now().isoformat(timespec="seconds"))
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
-    _held_locks[save_dir] = fd
+    _held_locks[save_dir] = fd, created
 
 
 def unlock_save_dir(save: str | Path, remove: bool = False) -> None:
     """Drop the lock this process holds on ``save`` (if any); ``remove``: also delete the lock
-    file, and ``save`` if that leaves it empty (a start that did not happen leaves no trace)."""
+    file, and ``save`` if taking the lock created it and it is still empty (a start that did not
+    happen leaves no trace)."""
     save_dir = Path(save).resolve()
-    fd = _held_locks.pop(save_dir, None)
+    fd, created = _held_locks.pop(save_dir, (None, False))
     if fd is None:
         return
     if remove:
         (save_dir / LOCK_NAME).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            save_dir.rmdir()
+        if created:
+            with contextlib.suppress(OSError):
+                save_dir.rmdir()
     os.close(fd)  # closing drops the flock
 
 

@@ -225,7 +225,6 @@ class Trainer:
 
         outcome, save = [None], self.run.train.save
         if _rank0():
-            existed = save is None or Path(save).exists()
             try:
                 if save is not None:
                     lock_save_dir(save)
@@ -237,7 +236,7 @@ class Trainer:
             except (RunDirError, CheckpointError) as error:
                 outcome[0] = error
             if isinstance(outcome[0], Exception) and save is not None:
-                unlock_save_dir(save, remove=not existed)
+                unlock_save_dir(save, remove=True)
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
@@ -835,8 +834,8 @@ def main(argv=None) -> int:
     finally:
         if on_sigterm is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
-        if run.train.save is not None:
-            unlock_save_dir(run.train.save)
+        if run.train.save is not None:  # a start refused while setting up leaves no trace
+            unlock_save_dir(run.train.save, remove=trainer is None)
         runtime.shutdown(destroy_process_group=started_process_group)
 
 

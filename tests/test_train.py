@@ -59,6 +59,9 @@ def cli(tmp_path_factory) -> Cli:
     two = ["train_iters=2", "save_interval=1"]
     c.add("first", "train", c.argv("run", *two))
     c.add("again", "train", c.argv("run", *two))
+    # A new run refused while it sets up (its load= holds another model) creates no save dir.
+    c.add("load other model", "train", c.argv("refused", *two, f"load={root / 'run'}",
+                                             "language_model.moe_ffn_hidden_size=64"))
     c.add("resume empty", "train", c.argv("empty", *two, "--resume"))
     c.add("auto starts", "train", c.argv("auto", *two, "--resume", "auto"))
     c.add("auto continues", "train", c.argv("auto", "train_iters=3", "--resume", "auto"))
@@ -195,6 +198,8 @@ def test_resume_takes_hyper_parameters_from_the_config(cli):
 @pytest.mark.distributed
 def test_resume_into_another_model_names_the_field(cli):
     refused(cli.results["other model"], "language_model.moe_ffn_hidden_size is 96 there and 64")
+    refused(cli.results["load other model"], "moe_ffn_hidden_size is 96 there and 64")
+    assert not (cli.root / "refused").exists()  # no directory holding a lone lock file
     # Not a shape, but the function the weights were trained for (and the export's rms_norm_eps).
     refused(cli.results["other norm epsilon"],
             "language_model.layernorm_epsilon is 1e-05 there and 0.1 here")
@@ -463,6 +468,11 @@ def test_run_lock_is_reentrant_and_a_failed_start_leaves_no_trace(tmp_path):
     unlock_save_dir(save, remove=True)  # never deletes a run's files
     assert sorted(p.name for p in save.iterdir()) == ["latest"]
     assert not (save / LOCK_NAME).exists()
+    mine = tmp_path / "made by the user"
+    mine.mkdir()
+    lock_save_dir(mine)
+    unlock_save_dir(mine, remove=True)  # nor a directory it did not create
+    assert mine.is_dir() and not any(mine.iterdir())
 
 
 @pytest.mark.distributed
