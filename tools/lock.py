@@ -12,6 +12,7 @@ pyproject.toml allows; the files are copied into requirements/ once the suite pa
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import subprocess
@@ -20,6 +21,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,16 +46,38 @@ def header(what: str) -> str:
             f"{platform.system()} {platform.machine()}); do not edit by hand.\n")
 
 
+def dry_run(*requirements: str) -> list[dict]:
+    """What ``pip install`` of ``requirements`` would install or change here (pip's report)."""
+    return json.loads(pip("install", "--dry-run", "--quiet", "--report", "-",
+                          *requirements))["install"]
+
+
+def oldest_transformers(version: str) -> list[dict]:
+    """What installing transformers ``version`` here changes. A package it names only in an
+    extra is still imported whenever it is installed (kernels: the newest transformers needs
+    0.19, which transformers 5.0 fails to import with): held to that extra's range when this
+    environment has it at another version."""
+    install = dry_run(f"transformers=={version}")
+    transformers = next(i["metadata"] for i in install if i["metadata"]["name"] == "transformers")
+    installed = {canonicalize_name(d.metadata["Name"]): d.version
+                 for d in importlib.metadata.distributions()}
+    held = set()
+    for req in map(Requirement, transformers["requires_dist"]):
+        have = installed.get(canonicalize_name(req.name))
+        if req.marker is not None and "extra" in str(req.marker) and have \
+                and have not in req.specifier:
+            held.add(f"{req.name}{req.specifier}")
+    return dry_run(f"transformers=={version}", *sorted(held)) if held else install
+
+
 def main(out: str) -> None:
     out_dir = Path(out)
     frozen = pip("freeze", "--exclude-editable")
     (out_dir / "lock.txt").write_text(
         header("pip constraints: the versions CI last passed with.") + frozen)
     version = lower_bound("transformers")
-    report = json.loads(pip("install", "--dry-run", "--quiet", "--report", "-",
-                            f"transformers=={version}"))
     pins = sorted(f"{item['metadata']['name']}=={item['metadata']['version']}"
-                  for item in report["install"])
+                  for item in oldest_transformers(version))
     (out_dir / "transformers-oldest.txt").write_text(
         header(f"transformers {version} (pyproject's lower bound) and what it needs beyond the lock.")
         + "\n".join(pins) + "\n")
