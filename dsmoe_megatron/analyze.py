@@ -69,6 +69,13 @@ def load_checkpoint_state(checkpoint_dir: str | Path):
     from dsmoe_megatron.model import build_model
 
     ckpt = _resolve_checkpoint(checkpoint_dir)
+    if not (ckpt / checkpoint.RUN_CONFIG_NAME).exists():  # to-hf takes the model as --config
+        raise AnalysisError(
+            f"{ckpt / checkpoint.RUN_CONFIG_NAME} is missing; the checkpoint does not say its "
+            "model (a checkpoint of Megatron-LM's training loop?): export it with dsmoe-convert "
+            f"to-hf --checkpoint {checkpoint_dir} --out HF_DIR --config YAML (the --dsmoe-yaml "
+            "file it was trained with, and --set KEY=VALUE for each model flag given beside it) "
+            "and analyse HF_DIR, with --data-path and --split as the run had them")
     run = read_checkpoint_run(ckpt)
     embedding = "embedding.word_embeddings.weight"
     reader = DistCheckpointReader(ckpt)

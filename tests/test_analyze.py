@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # a mistyped checkpoint leaves no empty --out
+
+
+def test_a_checkpoint_without_run_yaml_says_how_to_analyse_it(tiny, tmp_path, capsys):
+    """A checkpoint of Megatron-LM's training loop keeps no run.yaml: the line says to export it
+    with the YAML it was trained with (to-hf's --config) and analyse the export; dsmoe-analyze
+    itself has no --config."""
+    save = tmp_path / "megatron_lm"
+    shutil.copytree(tiny.save, save)
+    (checkpoint.resolve(save) / checkpoint.RUN_CONFIG_NAME).unlink()
+    assert analyze.main([str(save), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"dsmoe-convert to-hf --checkpoint {save} --out HF_DIR --config" in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_unusable_out_is_refused_before_the_evaluation(tiny, tmp_path, capsys, monkeypatch):
