@@ -41,6 +41,10 @@ class AnalysisError(ValueError):
     pass
 
 
+OUTPUTS = ("analysis.json", "expert_load.png", "redundancy.png")
+"""What the analysis writes into --out: the result, then its plots."""
+
+
 @dataclass
 class EvalSettings:
     eval_iters: int = 16
@@ -357,9 +361,9 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
         raise
-    (out / "analysis.json").write_text(text + "\n")
-    written = [out / "analysis.json"]
-    for plot, name in ((plot_expert_load, "expert_load.png"), (plot_redundancy, "redundancy.png")):
+    (out / OUTPUTS[0]).write_text(text + "\n")
+    written = [out / OUTPUTS[0]]
+    for plot, name in zip((plot_expert_load, plot_redundancy), OUTPUTS[1:]):
         if plot(result, out / name):
             written.append(out / name)
     result["written"] = [str(p) for p in written]
@@ -459,7 +463,8 @@ def main(argv=None) -> int:
                         "Hugging Face export directory")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: analysis/<checkpoint name>)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier analysis.json")
+    parser.add_argument("--force", action="store_true", help="replace an earlier analysis.json "
+                        "and plots")
     parser.add_argument("--data-path", nargs="+", default=None, metavar="PREFIX",
                         help="indexed dataset prefix(es) (default: the run's data)")
     parser.add_argument("--split", type=split_weights, default=None, help="train,valid,test "
@@ -472,9 +477,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(quiet_warnings(argv))
     source = Path(args.checkpoint)
     out = args.out or Path("analysis") / source.resolve().name
-    if (out / "analysis.json").exists() and not args.force:
-        print(f"dsmoe-analyze: {out / 'analysis.json'} exists; pass --force to replace it or "
-              "choose another --out", file=sys.stderr)
+    kept = [name for name in OUTPUTS if (out / name).exists()]
+    if kept and not args.force:
+        print(f"dsmoe-analyze: {out} holds {', '.join(kept)} already; pass --force to replace "
+              "them or choose another --out", file=sys.stderr)
         return 2
     for name in ("eval_iters", "micro_batch_size", "seq_length"):
         value = getattr(args, name)

@@ -173,6 +173,21 @@ def test_cli_writes_json_and_plots_and_keeps_earlier_results(tiny, tmp_path, cap
     assert (out / "analysis.json").read_text() == before
 
 
+def test_a_plot_kept_in_out_is_not_replaced_without_force(tiny, tmp_path, capsys):
+    """Each file the analysis writes, not only analysis.json, is replaced only with --force."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "redundancy.png").write_bytes(b"a user's figure")
+    args = [str(tiny.save), "--out", str(out), "--eval-iters", "1", "--micro-batch-size", "2"]
+    assert analyze.main(args) == 2
+    err = capsys.readouterr().err
+    assert "redundancy.png" in err and "--force" in err and len(err.splitlines()) == 1, err
+    assert (out / "redundancy.png").read_bytes() == b"a user's figure"
+    assert not (out / "analysis.json").exists()
+    assert analyze.main([*args, "--force"]) == 0
+    assert (out / "redundancy.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_validation_split_smaller_than_asked_is_evaluated_whole_each_sample_once(
         tiny, tmp_path, capsys):
     """--eval-iters x --micro-batch-size past the split's samples evaluated some of them twice
