@@ -548,16 +548,16 @@ def model_fields_from_hf(hf: Mapping, where: str = "config.json") -> dict:
     model_type = hf.get("model_type")
     if model_type not in (None, "deepseek"):
         raise unsupported("model_type", model_type,
-                           "only DeepSeekMoE ('deepseek', deepseek-moe-16b layout) is supported")
+                          "only DeepSeekMoE ('deepseek', deepseek-moe-16b layout) is supported")
     if c["scoring_func"] != "softmax":
         raise unsupported("scoring_func", c["scoring_func"], "only 'softmax' routing is supported")
     # Routing fields of later DeepSeek models (V2, V3), which the deepseek code ignores.
     if c.get("topk_method") not in (None, "greedy"):
         raise unsupported("topk_method", c["topk_method"],
-                           "only plain top-k routing ('greedy') is supported")
+                          "only plain top-k routing ('greedy') is supported")
     if c.get("routed_scaling_factor") not in (None, 1):
         raise unsupported("routed_scaling_factor", c["routed_scaling_factor"],
-                           "the routed experts' output is not scaled (only 1 is supported)")
+                          "the routed experts' output is not scaled (only 1 is supported)")
     if c["hidden_act"] != "silu":
         raise unsupported("hidden_act", c["hidden_act"], "only SwiGLU (silu) is supported")
     if c["attention_bias"]:
@@ -577,7 +577,7 @@ def model_fields_from_hf(hf: Mapping, where: str = "config.json") -> dict:
     kv = c.get("num_key_value_heads") or heads
     if heads % kv:
         raise unsupported("num_key_value_heads", kv,
-                           f"must divide num_attention_heads={heads}")
+                          f"must divide num_attention_heads={heads}")
     fields = dict(
         num_layers=c["num_hidden_layers"],
         hidden_size=hidden,
