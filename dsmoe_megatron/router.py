@@ -18,10 +18,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
-from megatron.core.transformer.moe.moe_utils import (
-    router_gating_linear,
-    save_to_aux_losses_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker, router_gating_linear
 
 from dsmoe_megatron.config import DeepSeekMoEConfig
 from dsmoe_megatron.experts import init_device, rng_stream
@@ -135,6 +132,5 @@ class TopKRouter(torch.nn.Module):
     def _log(self, name: str, value: torch.Tensor) -> None:
         if self.layer_number is None:
             return
-        save_to_aux_losses_tracker(
-            name, value.detach(), self.layer_number, self.config.num_layers,
-        )
+        get_moe_metrics_tracker().record(
+            name, value.detach(), self.layer_number, self.config.num_layers)

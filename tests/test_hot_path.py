@@ -236,14 +236,14 @@ def test_selective_recompute_same_gradients_less_memory():
 def _model_step(config, state=None):
     from megatron.core.transformer.moe.moe_utils import (
         MoEAuxLossAutoScaler,
-        clear_aux_losses_tracker,
+        get_moe_metrics_tracker,
     )
 
     [model] = build_chunks(config)
     if state is not None:
         model.load_state_dict(state)
     model.train()
-    clear_aux_losses_tracker()
+    get_moe_metrics_tracker().clear()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     batch = make_batches(1, micro_batch_size=2)[0]
     losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
