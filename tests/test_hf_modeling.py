@@ -243,6 +243,27 @@ def test_left_padding_matches_unpadded():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_packed_sequences_attend_only_within_themselves():
+    """Sequences packed in one row as transformers' DataCollatorWithFlattening packs them (no attention mask,
+    positions restarting at each sequence) give each sequence's own logits and loss, as transformers' models do:
+    they attended to the sequences before them."""
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(3, 64, (n,), generator=generator).tolist() for n in (5, 3, 6)]
+    batch = DataCollatorWithFlattening()([{"input_ids": s} for s in sequences])
+    assert "attention_mask" not in batch and batch["position_ids"][0, 5] == 0
+    with torch.no_grad():
+        packed = model(**batch)
+        alone = [model(torch.tensor([s]), labels=torch.tensor([s])) for s in sequences]
+    expected = torch.cat([out.logits[0] for out in alone])
+    torch.testing.assert_close(packed.logits[0], expected, rtol=1e-5, atol=1e-5)
+    tokens = [len(s) - 1 for s in sequences]  # the label tokens of each sequence
+    loss = sum(out.loss * n for out, n in zip(alone, tokens)) / sum(tokens)
+    torch.testing.assert_close(packed.loss, loss, rtol=1e-5, atol=1e-6)
+
 # ---------------------------------------------------------------------------------------------
 # Generation with the KV cache. The reference is the model without a cache run once on each prompt alone
 # (unpadded) followed by the generated tokens (teacher forcing): generate's per-step logits must match it and

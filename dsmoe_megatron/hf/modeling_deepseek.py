@@ -89,12 +89,14 @@ def build_attention_bias(
     past_len: int,
     dtype: torch.dtype,
     device: torch.device,
+    sequence_ids: torch.Tensor | None,
     key_len: int,
 ) -> torch.Tensor | None:
     """Additive [batch|1, 1, query, key] bias from causality and a [batch, key] padding mask (1 = real token).
 
     ``key_len`` is the length of the keys the cache returns: past + query for a DynamicCache, the whole
-    preallocated buffer for a StaticCache (whose unfilled tail causality masks). None means plain causal
+    preallocated buffer for a StaticCache (whose unfilled tail causality masks). ``sequence_ids`` [batch, query]
+    (see ``packed_sequence_ids``): a token attends only to the tokens of its own sequence. None means plain causal
     attention. A 4D mask is used as given (a boolean one, True = attend, made additive). Masked entries get the
     dtype's minimum instead of -inf so that all-padding query rows (left-padded prompts) stay finite, not NaN.
     """
@@ -103,11 +105,14 @@ def build_attention_bias(
         if attention_mask.dtype != torch.bool:
             return attention_mask
         return torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(~attention_mask, min_value)
-    if attention_mask is None and past_len == 0:
+    if attention_mask is None and past_len == 0 and sequence_ids is None:
         return None
     query_pos = torch.arange(past_len, past_len + query_len, device=device)[:, None]
     key_pos = torch.arange(key_len, device=device)[None, :]
     allowed = (key_pos <= query_pos)[None, None]
+    if sequence_ids is not None:  # the keys past the query are masked by causality: any id will do
+        key_ids = F.pad(sequence_ids, (0, key_len - query_len), value=-1)
+        allowed = allowed & (sequence_ids[:, None, :, None] == key_ids[:, None, None, :])
     if attention_mask is not None:
         if attention_mask.shape[-1] > key_len:
             raise ValueError(
@@ -117,6 +122,14 @@ def build_attention_bias(
         allowed = allowed & padding[:, None, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return bias.masked_fill(~allowed, min_value)
+
+
+def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """For rows packing several sequences, as transformers' ``DataCollatorWithFlattening`` packs them (no attention
+    mask, the positions restarting at each sequence), the [batch, seq] index of each token's sequence; None when
+    each row is one sequence. transformers' own models detect packing the same way."""
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    return starts.cumsum(-1) if starts[:, 1:].any() else None
 
 
 class DeepseekAttention(nn.Module):
@@ -352,12 +365,15 @@ class DeepseekModel(DeepseekPreTrainedModel):
         batch, seq = hidden.shape[:2]
 
         cache_position = torch.arange(past_len, past_len + seq, device=hidden.device)
+        sequence_ids = None
         if position_ids is None:
             position_ids = cache_position.expand(batch, -1)
+        elif attention_mask is None and past_len == 0:
+            sequence_ids = packed_sequence_ids(position_ids.expand(batch, -1))
         cos, sin = rotary_cos_sin(self.config, position_ids, hidden.dtype)
         # Built once per key length (all layers share it) when the first layer knows it.
         attention_bias = memoize(
-            partial(build_attention_bias, attention_mask, seq, past_len, hidden.dtype, hidden.device)
+            partial(build_attention_bias, attention_mask, seq, past_len, hidden.dtype, hidden.device, sequence_ids)
         )
 
         all_hidden = [] if output_hidden_states else None
