@@ -243,7 +243,6 @@ def test_left_padding_matches_unpadded():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-
 def test_packed_sequences_attend_only_within_themselves():
     """Sequences packed in one row as transformers' DataCollatorWithFlattening packs them (no attention mask,
     positions restarting at each sequence) give each sequence's own logits and loss, as transformers' models do:
@@ -263,6 +262,7 @@ def test_packed_sequences_attend_only_within_themselves():
     tokens = [len(s) - 1 for s in sequences]  # the label tokens of each sequence
     loss = sum(out.loss * n for out, n in zip(alone, tokens)) / sum(tokens)
     torch.testing.assert_close(packed.loss, loss, rtol=1e-5, atol=1e-6)
+
 
 # ---------------------------------------------------------------------------------------------
 # Generation with the KV cache. The reference is the model without a cache run once on each prompt alone
