@@ -132,7 +132,11 @@ def lock_save_dir(save: str | Path) -> None:
         return
     created = not save_dir.exists()
     save_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(save_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = save_dir / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # a start refused meanwhile removed the directory it created
+        return lock_save_dir(save)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -151,6 +155,9 @@ def lock_save_dir(save: str | Path) -> None:
         print(f"warning: {save_dir} does not support file locks ({error.strerror}); nothing "
               "stops a second run from writing into it at the same time", file=sys.stderr)
         return
+    if not _names(lock, fd):  # a refused start removed the file after this one opened it:
+        os.close(fd)  # that lock keeps out no other run; take the file there now
+        return lock_save_dir(save)
     holder = dict(host=socket.gethostname(), pid=os.getpid(),
                   since=datetime.datetime.now().isoformat(timespec="seconds"))
     os.ftruncate(fd, 0)
@@ -172,6 +179,14 @@ def unlock_save_dir(save: str | Path, remove: bool = False) -> None:
             with contextlib.suppress(OSError):
                 save_dir.rmdir()
     os.close(fd)  # closing drops the flock
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 def _read_holder(fd: int) -> str:

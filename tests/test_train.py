@@ -475,6 +475,40 @@ def test_run_lock_is_reentrant_and_a_failed_start_leaves_no_trace(tmp_path):
     assert mine.is_dir() and not any(mine.iterdir())
 
 
+@pytest.mark.parametrize("removed_after", ["mkdir", "open"])
+def test_a_refused_start_removing_its_lock_file_lets_no_two_runs_in(tmp_path, monkeypatch,
+                                                                   removed_after):
+    """A start refused while it set up removes the lock file and the directory it created. A
+    start that made the directory or opened the file just before then takes the lock on the
+    file there now: it locked the removed one (or failed to open it), and a third start got in."""
+    import fcntl
+
+    from dsmoe_megatron import run_dir
+
+    save = tmp_path / "run"
+    run_dir.lock_save_dir(save)  # the start that is refused
+    refused = run_dir._held_locks.pop(save.resolve())
+    patched = run_dir.os if removed_after == "mkdir" else run_dir.fcntl
+    name = "open" if removed_after == "mkdir" else "flock"
+    original = getattr(patched, name)
+
+    def refused_start_cleans_up(*args):  # between this start's mkdir/open and its open/flock
+        monkeypatch.setattr(patched, name, original)
+        run_dir._held_locks[save.resolve()] = refused
+        run_dir.unlock_save_dir(save, remove=True)
+        return original(*args)
+
+    monkeypatch.setattr(patched, name, refused_start_cleans_up)
+    run_dir.lock_save_dir(save)  # this start
+    held = run_dir._held_locks.pop(save.resolve())
+    try:
+        with pytest.raises(run_dir.RunDirError, match="in use by another dsmoe-train run"):
+            run_dir.lock_save_dir(save)  # a third
+    finally:
+        run_dir._held_locks[save.resolve()] = held
+        run_dir.unlock_save_dir(save)
+
+
 @pytest.mark.distributed
 def test_a_resume_from_a_set_back_latest_keeps_the_later_checkpoints(cli):
     """With `latest` set back to 1 (a bad checkpoint 2, a loss spike), the run deleted the
