@@ -35,8 +35,8 @@ METRICS_NAME = "metrics.jsonl"
 DISCARDED_METRICS_NAME = "metrics.discarded.jsonl"
 RESUME_MODES = ("never", "always", "auto")
 LOCK_NAME = ".dsmoe-train.lock"
-# save dir -> (the lock file this process holds, whether taking the lock created the directory)
-_held_locks: dict[Path, tuple[int, bool]] = {}
+# save dir -> (the lock file this process holds, the directories taking the lock created)
+_held_locks: dict[Path, tuple[int, list[Path]]] = {}
 
 
 class RunDirError(ValueError):
@@ -130,7 +130,7 @@ def lock_save_dir(save: str | Path) -> None:
     save_dir = Path(save).resolve()
     if save_dir in _held_locks:
         return
-    created = not save_dir.exists()
+    created = [p for p in (save_dir, *save_dir.parents) if not p.exists()]  # innermost first
     save_dir.mkdir(parents=True, exist_ok=True)
     lock = save_dir / LOCK_NAME
     try:
@@ -167,17 +167,17 @@ def lock_save_dir(save: str | Path) -> None:
 
 def unlock_save_dir(save: str | Path, remove: bool = False) -> None:
     """Drop the lock this process holds on ``save`` (if any); ``remove``: also delete the lock
-    file, and ``save`` if taking the lock created it and it is still empty (a start that did not
-    happen leaves no trace)."""
+    file, and ``save`` and its parents where taking the lock created them and they are still
+    empty (a start that did not happen leaves no trace)."""
     save_dir = Path(save).resolve()
-    fd, created = _held_locks.pop(save_dir, (None, False))
+    fd, created = _held_locks.pop(save_dir, (None, []))
     if fd is None:
         return
     if remove:
         (save_dir / LOCK_NAME).unlink(missing_ok=True)
-        if created:
+        for directory in created:
             with contextlib.suppress(OSError):
-                save_dir.rmdir()
+                directory.rmdir()
     os.close(fd)  # closing drops the flock
 
 
