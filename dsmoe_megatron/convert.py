@@ -590,8 +590,6 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     hf = read_json(path, "replace it with a complete copy",
                    holding=' of model settings ("hidden_size": 2048, ...)')
     model_fields_from_hf(hf, where=str(path))  # what the Megatron model cannot represent
-    if hf.get("pretraining_tp", 1) not in (None, 1):
-        log(f"note: {path}: pretraining_tp={hf['pretraining_tp']} only split matmuls; ignored")
     return hf
 
 
@@ -708,6 +706,9 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
 
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)
+    if hf.get("pretraining_tp", 1) not in (None, 1):  # not in read_hf_config: analyze reads twice
+        log(f"note: {hf_dir / 'config.json'}: pretraining_tp={hf['pretraining_tp']} only split "
+            "matmuls; ignored")
     tok_files = tokenizer_files(hf_dir) if tokenizer else []
     if (hf_dir / "generation_config.json").is_file():  # kept for to-hf, which reads it
         read_json(hf_dir / "generation_config.json",

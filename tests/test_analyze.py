@@ -268,6 +268,17 @@ def test_an_hf_export_is_analysed_with_the_defaults_from_hf_gives_it(tiny, tmp_p
             f"split {split} (seed ") in capsys.readouterr().err
 
 
+def test_an_hf_export_notes_its_pretraining_tp_once(tiny, tmp_path, capsys):
+    """config.json is read twice (the corpus check, then from-hf): the note is printed once."""
+    hf = convert.export_to_hf(tiny.save, tmp_path / "hf", dtype="fp32")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "pretraining_tp": 2}))
+    assert analyze.main([str(hf), "--out", str(tmp_path / "out"), "--eval-iters", "1",
+                         "--micro-batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("pretraining_tp=2 only split matmuls; ignored") == 1, err
+
+
 def test_an_hf_export_with_a_broken_tokenizer_file_is_analysed(tiny, tmp_path):
     """The analysis reads no tokenizer files, so from-hf's check of them does not stop it."""
     hf = convert.export_to_hf(tiny.save, tmp_path / "hf", dtype="fp32")
