@@ -530,7 +530,7 @@ def model_fields_from_hf(hf: Mapping, where: str = "config.json") -> dict:
     file's path, which a user with several model directories needs).
     """
     def unsupported(field: str, value, why: str) -> ConversionError:
-        return ConversionError(f"{where}: unsupported config: {field}={value!r}: {why}")
+        return ConversionError(f"{where}: {_unsupported(field, value, why)}")
 
     rope = hf.get("rope_parameters") if isinstance(hf, Mapping) else None
     if isinstance(rope, Mapping) and "rope_theta" in rope:  # a config.json in transformers 5's style
