@@ -52,11 +52,15 @@ def dry_run(*requirements: str) -> list[dict]:
                           *requirements))["install"]
 
 
+# Packages transformers imports whenever they are installed, whatever extras were asked for:
+# the oldest transformers must find them in the range its extras declare.
+IMPORTED_WHEN_INSTALLED = ("kernels",)
+
+
 def oldest_transformers(version: str) -> list[dict]:
-    """What installing transformers ``version`` here changes. A package it names only in an
-    extra is still imported whenever it is installed (kernels: the newest transformers needs
-    0.19, which transformers 5.0 fails to import with): held to that extra's range when this
-    environment has it at another version."""
+    """What installing transformers ``version`` here changes. kernels (the newest transformers
+    needs 0.19, which transformers 5.0 fails to import with) is held to the range the oldest
+    transformers' extras declare when this environment has it at another version."""
     install = dry_run(f"transformers=={version}")
     transformers = next(i["metadata"] for i in install if i["metadata"]["name"] == "transformers")
     installed = {canonicalize_name(d.metadata["Name"]): d.version
@@ -64,7 +68,7 @@ def oldest_transformers(version: str) -> list[dict]:
     held = set()
     for req in map(Requirement, transformers["requires_dist"]):
         have = installed.get(canonicalize_name(req.name))
-        if req.marker is not None and "extra" in str(req.marker) and have \
+        if canonicalize_name(req.name) in IMPORTED_WHEN_INSTALLED and have \
                 and have not in req.specifier:
             held.add(f"{req.name}{req.specifier}")
     return dry_run(f"transformers=={version}", *sorted(held)) if held else install
