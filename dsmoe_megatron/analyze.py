@@ -480,7 +480,7 @@ def main(argv=None) -> int:
     kept = [name for name in OUTPUTS if (out / name).exists()]
     if kept and not args.force:
         print(f"dsmoe-analyze: {out} holds {', '.join(kept)} already; pass --force to replace "
-              "them or choose another --out", file=sys.stderr)
+              f"{'them' if len(kept) > 1 else 'it'} or choose another --out", file=sys.stderr)
         return 2
     for name in ("eval_iters", "micro_batch_size", "seq_length"):
         value = getattr(args, name)
