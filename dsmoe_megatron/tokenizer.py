@@ -72,8 +72,9 @@ class HFTokenizer:
         except ImportError:
             raise ValueError("--tokenizer needs the optional 'transformers' package: "
                              "pip install 'dsmoe-megatron[hf]'") from None
-        try:
-            self._hf = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        try:  # from-hf's hf_source holds the model's config.json without its remote code
+            self._hf = AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                                     trust_remote_code=False)
         except Exception as err:  # noqa: BLE001 - transformers and tokenizers raise many kinds
             raise ValueError(f"--tokenizer {directory}: transformers cannot load its tokenizer "
                              f"({type(err).__name__}: {err}); replace the files with a complete "

@@ -867,11 +867,13 @@ def _word_level_tokenizer(directory, eos: str | None = "</s>"):
     return hf
 
 
-@pytest.mark.parametrize("kind", ["word_level", "byte_level_export"])
+@pytest.mark.parametrize("kind", ["word_level", "byte_level_export", "hf_source"])
 def test_preprocess_with_a_hugging_face_tokenizer_writes_its_ids(tmp_path, capsys, kind):
     """A model imported with its own tokenizer trains on text in that tokenizer's ids:
     --tokenizer DIR writes encode(text, add_special_tokens=False) + its eos id per document,
-    compared with the `tokenizers` library's own encoding and with ByteTokenizer."""
+    compared with the `tokenizers` library's own encoding and with ByteTokenizer. In from-hf's
+    SAVE/hf_source the tokenizer lies beside the model's config.json, whose remote code is not
+    there: transformers must not stop to ask whether to run it."""
     documents = ["the cat sat on the mat .", "a dog ran .", "the zebra sat ."]  # zebra: unknown
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents))
@@ -884,9 +886,15 @@ def test_preprocess_with_a_hugging_face_tokenizer_writes_its_ids(tmp_path, capsy
         pytest.importorskip("transformers")
         write_hf_tokenizer(tmp_path / "tok")
         expected = [TOKENIZER.tokenize(t) + [TOKENIZER.eod] for t in documents]
+        if kind == "hf_source":
+            (tmp_path / "tok" / "config.json").write_text(json.dumps({
+                "model_type": "deepseek", "architectures": ["DeepseekForCausalLM"],
+                "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig"}}))
     code = data.main(["--tokenizer", str(tmp_path / "tok"), "--input", str(source),
                       "--output-prefix", str(tmp_path / "ds")])
-    assert code == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Do you wish to run the custom code" not in out, out
     dataset = data.open_indexed_dataset(str(tmp_path / "ds"))
     assert [dataset[i].tolist() for i in range(len(dataset))] == expected
 
