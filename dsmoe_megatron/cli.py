@@ -54,6 +54,9 @@ HARMLESS_WARNINGS = (
     # CUDA_DEVICE_MAX_CONNECTIONS=1 (and says when it is too late), on a CPU it means nothing.
     "When using (async grad allreduce|sequence parallelism) it is recommended to set the "
     "environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+    # transformers reading the config.json beside a tokenizer (dsmoe-preprocess --tokenizer
+    # SAVE/hf_source), which the tokenizer does not use.
+    "`rope_scaling` is deprecated",
 )
 # Logged messages (prefixes), by logger.
 HARMLESS_LOG_RECORDS = {
@@ -62,6 +65,8 @@ HARMLESS_LOG_RECORDS = {
     "megatron.core.dist_checkpointing.strategies.torch": ("MCore's async save is deprecated",),
     "megatron.core.distributed.distributed_data_parallel": (
         "DistributedDataParallel: full_param_layout not provided",),  # it computes the layout
+    # The same config.json, of a model type whose code is not there, read as a generic config.
+    "transformers.configuration_utils": ("You are using a model of type",),
 }
 
 

@@ -190,6 +190,23 @@ def test_preprocess_hides_megatrons_unknown_rank_warning(tmp_path):
     assert "wrote" in proc.stdout and "Could not determine rank" not in proc.stderr, proc.stderr
 
 
+def test_preprocess_with_the_tokenizer_from_hf_keeps_is_silent_about_its_model_config(tmp_path):
+    # SAVE/hf_source holds the model's config.json beside the tokenizer; transformers reads it as
+    # a generic config (its remote code is not there) and warns about the model type and the
+    # config's rope_scaling, neither of which the tokenizer uses.
+    from dsmoe_megatron.tokenizer import write_hf_tokenizer
+
+    write_hf_tokenizer(tmp_path / "hf_source")
+    (tmp_path / "hf_source" / "config.json").write_text(
+        '{"model_type": "deepseek", "rope_scaling": null, '
+        '"auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig"}}')
+    corpus = ROOT / "dsmoe_megatron" / "corpus" / "aesop_fables.txt"
+    proc = run_tool("preprocess", ["--tokenizer", str(tmp_path / "hf_source"), "--input",
+                                   str(corpus), "--output-prefix", str(tmp_path / "a")])
+    assert "wrote" in proc.stdout, proc.stderr
+    assert "model of type" not in proc.stderr and "rope_scaling" not in proc.stderr, proc.stderr
+
+
 def test_plan_hides_the_fp32_routing_advice_our_router_does_not_need():
     # Megatron's advice is about its own router's moe_router_dtype; ours computes the logits and
     # the softmax in fp32 whatever the parameters' dtype (router.py), so it does not apply.
