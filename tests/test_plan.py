@@ -780,9 +780,10 @@ def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     out = subprocess.run(["bash", str(SLURM), "save_interval=250", "data_path=[/data/x]"], env=env,
                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
     argv = shlex.split(out.stdout)
-    assert argv[:5] == ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1200", "srun", "--ntasks-per-node=1",
-                        "--kill-on-bad-exit=1", "torchrun"]
-    launch = get_args_parser().parse_args(argv[5:])
+    # Megatron's one CUDA queue for the preset's TP2 + SP, set before anything touches CUDA
+    assert argv[:6] == ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1200", "CUDA_DEVICE_MAX_CONNECTIONS=1",
+                        "srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "torchrun"]
+    launch = get_args_parser().parse_args(argv[6:])
     assert (launch.nnodes, launch.nproc_per_node) == ("2", "8")
     assert (launch.rdzv_backend, launch.rdzv_endpoint, launch.rdzv_id) == (
         "c10d", "gpu-node-07:29500", "4242")
@@ -799,7 +800,8 @@ def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     # Run for real (srun stubbed): torchrun waits as long for its ranks to save after passing a
     # SIGTERM on.
     for name in "srun", "torchrun":
-        stub = f'#!/bin/bash\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT {name} $*"\n'
+        stub = (f'#!/bin/bash\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT $CUDA_DEVICE_MAX_CONNECTIONS '
+                f'{name} $*"\n')
         (bin_dir / name).write_text(stub)
         (bin_dir / name).chmod(0o755)
     real = dict(env, SAVE_MINUTES="5")
@@ -807,7 +809,8 @@ def test_slurm_launcher_builds_a_torchrun_command_dsmoe_train_accepts(tmp_path):
     ran = subprocess.run(["bash", str(SLURM), "data_path=[/data/x y]"], env=real, cwd=ROOT,
                          capture_output=True, text=True, check=True, timeout=60)
     srun = ran.stdout.splitlines()[-1]
-    assert srun.startswith("300 srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 ")
+    assert srun.startswith("300 1 srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun "
+                           "--nnodes 2 ")
     # DRY_RUN's command, pasted into a shell in the allocation, runs what the job runs (it
     # printed torchrun alone: one node's, which waits for the others' rendezvous)
     dry = subprocess.run(["bash", str(SLURM), "data_path=[/data/x y]"],
