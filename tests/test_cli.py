@@ -190,7 +190,7 @@ def test_preprocess_hides_megatrons_unknown_rank_warning(tmp_path):
     assert "wrote" in proc.stdout and "Could not determine rank" not in proc.stderr, proc.stderr
 
 
-def test_preprocess_with_the_tokenizer_from_hf_keeps_is_silent_about_its_model_config(tmp_path):
+def test_preprocess_with_the_tokenizer_from_hf_is_silent_about_its_model_config(tmp_path):
     # SAVE/hf_source holds the model's config.json beside the tokenizer; transformers reads it as
     # a generic config (its remote code is not there) and warns about the model type and the
     # config's rope_scaling, neither of which the tokenizer uses.
