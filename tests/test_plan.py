@@ -410,6 +410,25 @@ def test_step_time_accounts_for_every_second():
             t["breakdown"][key] * 989 / 2250)
 
 
+
+@pytest.mark.parametrize("ep, memory_bound", [(1, True), (8, False)])
+def test_expert_gemms_are_no_faster_than_reading_the_experts_weights(ep, memory_bound):
+    # 145B at TP4 (SP) x PP32 on 256 H100s: 2 MoE layers per middle stage, 1024 tokens per GPU
+    # and micro-batch. With all 128 experts on each GPU (EP1) that is 96 rows per expert: the
+    # weights' HBM bytes, not the FLOPs, set the time. With 16 (EP8) the FLOPs do.
+    p = make("deepseekmoe_145b.yaml", ["model_parallel.tensor_model_parallel_size=4",
+                                       "model_parallel.pipeline_model_parallel_size=32",
+                                       f"model_parallel.expert_model_parallel_size={ep}"], 256)
+    micro_batches = 4608 // (256 // (4 * 32))
+    flops = 1024 * 12 * 2 * 3 * 4096 * 1408 / (989e12 * 0.7 * 0.8)
+    params = 128 // ep * 3 * 4096 * 1408
+    reads = params * 2 / 3350e9                  # bf16 weights
+    accumulates = params * (4 + 4) / 3350e9      # fp32 main_grad read and written
+    forward, backward = max(flops, reads), max(2 * flops, reads + accumulates)
+    assert (forward == reads and backward > 2 * flops) == memory_bound
+    assert p["step_time"]["breakdown"]["expert GEMMs"] == pytest.approx(
+        micro_batches * 2 * (forward + backward))
+
 def test_a_pcie_node_times_the_all_to_all_at_pcie_speed(capsys):
     """H100 PCIe: the H100's bytes on the same layout (EP 8 inside the node) at 64 GB/s instead
     of NVLink's 450: the all-to-all takes 450 / 64 times as long, and the plan says which link

@@ -1,7 +1,7 @@
 """Estimated time of one optimizer step, with its breakdown.
 
 Per micro-batch and pipeline rank: the GEMMs at a stated fraction of the GPU's peak (FP8 peak
-under ``fp8``), flash attention at another (the causal mask halves the work the FLOPs
+under ``fp8``), or at the HBM bandwidth their weights take where that is slower, flash attention at another (the causal mask halves the work the FLOPs
 convention counts), element-wise and memory-bound work as HBM traffic, and the communication
 dsmoe_megatron does without overlapping it: TP/SP collectives inside the node, the EP
 all-to-alls (dispatch and combine, forward and backward) split into the bytes that stay on the
@@ -21,6 +21,7 @@ from functools import lru_cache
 
 from dsmoe_megatron.config import ConfigError, DeepSeekMoEConfig
 from dsmoe_megatron.planning.activations import (
+    FP32,
     Micro,
     head_activations,
     layer_activations,
@@ -68,7 +69,8 @@ class Rates:
         return [
             f"{gemm}, routed-expert grouped GEMMs at {self.grouped_gemm:.0%} of that, flash "
             f"attention at {self.attention:.0%} of the BF16 peak (causal: half the counted "
-            "attention FLOPs), backward = 2 x forward",
+            "attention FLOPs), backward = 2 x forward; no GEMM faster than reading its weights "
+            "from HBM (forward), and again with the fp32 gradient accumulation (backward)",
             f"element-wise work: {self.memory_passes:g} x the activation bytes kept, at the HBM "
             "bandwidth",
             f"collectives at {self.nvlink:.0%} of {link} / {self.network:.0%} of the network "
@@ -117,6 +119,18 @@ class _Context:
 
 def _add(out: dict, key: str, value: float) -> None:
     out[key] = out.get(key, 0.0) + value
+
+
+def _gemm_time(ctx: _Context, flops: float, params: float, rate: float) -> tuple[float, float]:
+    """(forward, backward) seconds of GEMMs of ``flops`` forward FLOPs at ``rate`` FLOP/s over
+    ``params`` weights on this GPU. Neither pass is faster than its HBM traffic of the weights:
+    the forward reads them; the backward reads them again (input gradient) and accumulates
+    their gradient into the fp32 main_grad (read and write). With few tokens per weight (a GPU
+    holding many experts, a small micro-batch), those bytes, not the FLOPs, set the time."""
+    bandwidth = ctx.cluster.gpu.memory_bandwidth
+    weights = params * ctx.m.act / bandwidth
+    grads = params * 2 * FP32 / bandwidth
+    return max(flops / rate, weights), max(2 * flops / rate, weights + grads)
 
 
 def _tp_time(ctx: _Context, n_gather_scatter: int, n_all_reduce: int) -> float:
@@ -171,13 +185,18 @@ def layer_time(ctx: _Context, moe: bool, f: LayerFlops) -> tuple[dict, dict]:
     T, t = m.tokens, m.tp
     gemm = ctx.gemm_rate()
     attention_fwd = T * f.attention / t / 2 / (gpu.bf16_flops * r.attention)
-    proj_fwd = T * f.projections / t / gemm
-    mlp_fwd = T * f.dense / t / gemm
-    routed_fwd = T * f.routed / t / (gemm * r.grouped_gemm)
+    # 2 FLOPs per multiply-add: a weight matrix's FLOPs per token are twice its parameters
+    proj_fwd, proj_bwd = _gemm_time(ctx, T * f.projections / t, f.projections / 2 / t, gemm)
+    mlp_fwd, mlp_bwd = _gemm_time(ctx, T * f.dense / t, f.dense / 2 / t, gemm)
+    local_experts = m.experts // m.ep if moe else 0
+    routed_fwd, routed_bwd = _gemm_time(
+        ctx, T * f.routed / t, f.routed / (2 * m.topk) * local_experts / m.etp if moe else 0,
+        gemm * r.grouped_gemm)
     plain = replace(m, recompute=frozenset())
     elementwise = r.memory_passes * sum(layer_activations(plain, moe).values()) \
         / gpu.memory_bandwidth
-    out = {"GEMMs": 3 * (proj_fwd + mlp_fwd), "expert GEMMs": 3 * routed_fwd,
+    out = {"GEMMs": proj_fwd + proj_bwd + mlp_fwd + mlp_bwd,
+           "expert GEMMs": routed_fwd + routed_bwd,
            "attention": 3 * attention_fwd, "element-wise": elementwise}
 
     attn_tp = _tp_block(ctx)
@@ -219,7 +238,8 @@ def _head_time(ctx: _Context, hidden: int, vocab_rows: int) -> dict[str, float]:
     m, gpu = ctx.m, ctx.cluster.gpu
     forward = m.tokens * 2 * vocab_rows * hidden / m.tp
     fwd, bwd = _tp_block(ctx)
-    return {"GEMMs": 3 * forward / (gpu.bf16_flops * ctx.rates.gemm),
+    return {"GEMMs": sum(_gemm_time(ctx, forward, vocab_rows * hidden / m.tp,
+                                    gpu.bf16_flops * ctx.rates.gemm)),
             "element-wise": ctx.rates.memory_passes * head_activations(m, vocab_rows)
             / gpu.memory_bandwidth,
             "TP/SP collectives": (fwd + bwd) / 2}  # one column-parallel linear
