@@ -686,8 +686,15 @@ class Trainer:
                 self.writer.flush()
         if self.metrics_file is not None:
             with _naming(self.metrics_file.name):
-                self.metrics_file.write(json.dumps(record) + "\n")
+                self.metrics_file.write(json.dumps(_strict_json(record)) + "\n")
                 self.metrics_file.flush()
+
+
+def _strict_json(record: dict) -> dict:
+    """Non-finite floats as null: strict JSON (jq, most JSON libraries) has no NaN or Infinity,
+    which json.dumps writes; the console and TensorBoard keep the value."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
 
 
 @contextlib.contextmanager

@@ -104,9 +104,14 @@ def train(argv: list[str]) -> dict:
     metrics = save / "metrics.jsonl"
     records = None
     if dist.get_rank() == 0 and metrics.exists():
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        records = [json.loads(line, parse_constant=_not_json)
+                   for line in metrics.read_text().splitlines()]
     return {"code": code, "stderr": stderr.getvalue(), "stdout": stdout.getvalue(),
             "records": records}
+
+
+def _not_json(constant: str):
+    raise ValueError(f"metrics.jsonl holds {constant}, which strict JSON readers (jq) refuse")
 
 
 def resume_copy(source: str, argv: list[str], iteration: int) -> dict:
