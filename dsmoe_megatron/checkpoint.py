@@ -250,6 +250,24 @@ def remove_partial_checkpoints(save_dir: str | Path) -> list[Path]:
     return removed
 
 
+def prune_checkpoints(save_dir: str | Path, keep: int) -> list[int]:
+    """Delete the complete checkpoints older than the ``keep`` newest up to ``latest``
+    (``keep_checkpoints``); returns their iterations. Each is renamed ``.deleting`` first, so
+    that one whose deletion is cut short is never taken for a checkpoint; what such a cut left
+    is deleted here too."""
+    save_dir = Path(save_dir)
+    latest = latest_iteration(save_dir)
+    if latest is None:
+        return []
+    older = [i for i in complete_iterations(save_dir) if i <= latest][:-keep]
+    for i in older:
+        path = iteration_dir(save_dir, i)
+        os.replace(path, path.with_name(path.name + ".deleting"))
+    for path in sorted(save_dir.glob("iter_*.deleting")):
+        shutil.rmtree(path)
+    return older
+
+
 # ---- finding and checking a checkpoint --------------------------------------------------------
 
 # Fields of a checkpoint's model that must match the model it is loaded into: its shapes and

@@ -73,7 +73,8 @@ _BY_RANGE = {
         "num_layers_in_last_pipeline_stage", "fp8_interval", "fp8_amax_history_len",
         # training
         "micro_batch_size", "global_batch_size", "seq_length", "max_position_embeddings",
-        "vocab_size", "train_iters", "save_interval", "eval_interval", "log_interval",
+        "vocab_size", "train_iters", "save_interval", "keep_checkpoints",
+        "eval_interval", "log_interval",
         "ddp_bucket_size",
     ),
     # Counts that may be zero, loss coefficients, rates.

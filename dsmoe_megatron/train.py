@@ -602,13 +602,25 @@ class Trainer:
                            "weights", loss, weights_changed=True)
         save = Path(self.run.train.save)
         run_yaml = (save / checkpoint.RUN_CONFIG_NAME).read_text() if _rank0() else None
-        return checkpoint.save(
+        final = checkpoint.save(
             save, self.iteration, self.model, self.optimizer,
             extra_state={"iteration": self.iteration, "updates": self.updates,
                          "consumed_samples": self.consumed_samples,
                          "global_batch": self.run.train.global_batch(self.dp_size)},
             run_config_yaml=run_yaml,
         )
+        keep = self.run.train.keep_checkpoints
+        if keep and _rank0():
+            try:
+                deleted = checkpoint.prune_checkpoints(save, keep)
+            except OSError as error:  # a week's run does not stop for an old checkpoint
+                _log(describe_os_error(f"keep_checkpoints={keep}: deleting an older checkpoint "
+                                       "failed; training goes on", error, save))
+            else:
+                names = ", ".join(checkpoint.iteration_dir(save, i).name for i in deleted)
+                if names:
+                    _log(f"deleted {names} (keep_checkpoints={keep})")
+        return final
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> Path | None:

@@ -124,6 +124,9 @@ class TrainingArgs:
     stream (Megatron-LM's name); the model must be the same, any layout or precision."""
     save_interval: int | None = None
     """None: save only at the end of training (when ``save`` is set)."""
+    keep_checkpoints: int | None = None
+    """Keep the newest this many checkpoints in ``save``: each save deletes the older ones (a
+    145B checkpoint with its optimizer state takes about 2 TB). None: keep every one."""
     exit_duration_in_mins: float | None = None
     """Save and stop once the run has taken this long (from its start, setup included): a job's
     time limit less what a step and a save take. None: no limit (Megatron-LM's name)."""

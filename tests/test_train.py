@@ -548,6 +548,52 @@ def test_a_run_killed_before_latest_names_its_checkpoint_resumes_from_it(tmp_pat
                                                                         rel=1e-6)
 
 
+@pytest.mark.distributed
+def test_keep_checkpoints_deletes_the_older_ones_and_the_run_resumes_as_uninterrupted(tmp_path):
+    """keep_checkpoints=2 on 2 ranks: after each save only the 2 newest are left, and a resume
+    from them continues the losses of a run that kept every checkpoint."""
+    from dsmoe_megatron.data import default_corpus_prefix
+
+    data = default_corpus_prefix(tmp_path / "data")
+
+    def argv(name, iters, *extra):
+        return train_argv(data, "EP2", tmp_path / name, f"train_iters={iters}",  # extended
+                          "save_interval=1", "lr_decay_style=constant", "lr_warmup_iters=0",
+                          *extra)
+
+    tasks = [("train", argv("every", 6)),
+             ("train", argv("kept", 4, "keep_checkpoints=2")),
+             ("listing", str(tmp_path / "kept")),
+             ("train", argv("kept", 6, "keep_checkpoints=2", "--resume"))]
+    every, first, listed, resumed = run_on_ranks(run_job, 2, args=(tasks,))[0]
+    checkpoints = sorted(p.name for p in (tmp_path / "every").glob("iter_*"))
+    assert checkpoints == [f"iter_000000{i}" for i in range(1, 7)]
+    assert sorted(n for n in listed if n.startswith("iter_")) == ["iter_0000003", "iter_0000004"]
+    assert "deleted iter_0000002 (keep_checkpoints=2)" in ok(first)["stdout"]
+    assert sorted(p.name for p in (tmp_path / "kept").glob("iter_*")) == [
+        "iter_0000005", "iter_0000006"]
+    assert (tmp_path / "kept" / "latest").read_text() == "6"
+    for iteration in (5, 6):
+        assert records(ok(resumed))[iteration]["lm_loss"] == pytest.approx(
+            records(every)[iteration]["lm_loss"], rel=1e-6)
+
+
+def test_prune_keeps_the_newest_up_to_latest_and_finishes_a_cut_short_deletion(tmp_path):
+    from dsmoe_megatron.checkpoint import prune_checkpoints
+
+    for name in ("iter_0000002", "iter_0000004", "iter_0000006", "iter_0000008",
+                 "iter_0000001.deleting", "iter_0000003.discarded", "iter_0000009.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000010").mkdir()  # not complete: no metadata.json
+    (tmp_path / "latest").write_text("6")  # set back by hand: 8 is not the run's
+    assert prune_checkpoints(tmp_path, 2) == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000003.discarded", "iter_0000004", "iter_0000006", "iter_0000008",
+        "iter_0000009.partial", "iter_0000010", "latest"]
+    assert prune_checkpoints(tmp_path, 2) == []
+
+
 def test_checkpoints_past_the_resumed_one_are_renamed_not_replaced(tmp_path):
     from dsmoe_megatron.run_dir import set_aside_newer_checkpoints
 

@@ -762,7 +762,7 @@ def test_schema_sections_are_disjoint_and_cover_the_brief():
             "vocab_size", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "lr_step_decay_at",
             "lr_step_decay_factor", "train_iters", "weight_decay", "adam_beta1", "adam_beta2",
             "adam_eps", "clip_grad", "seed", "save", "load", "finetune", "save_interval",
-            "eval_interval", "eval_iters", "log_interval", "data_path", "split", "tensorboard_dir",
+            "keep_checkpoints", "eval_interval", "eval_iters", "log_interval", "data_path", "split", "tensorboard_dir",
             "use_distributed_optimizer", "overlap_grad_reduce", "ddp_bucket_size", "loss_scale",
             "initial_loss_scale", "exit_duration_in_mins", "exit_signal_handler",
             "exit_signal"} == set(TRAINING_KEYS)
