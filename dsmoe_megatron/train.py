@@ -611,15 +611,18 @@ class Trainer:
         )
         keep = self.run.train.keep_checkpoints
         if keep and _rank0():
+            from tqdm import tqdm  # its write keeps the progress bar whole
+
             try:
                 deleted = checkpoint.prune_checkpoints(save, keep)
             except OSError as error:  # a week's run does not stop for an old checkpoint
-                _log(describe_os_error(f"keep_checkpoints={keep}: deleting an older checkpoint "
-                                       "failed; training goes on", error, save))
+                tqdm.write(describe_os_error(f"keep_checkpoints={keep}: deleting an older "
+                                             "checkpoint failed", error, save)
+                           + "; training goes on, and the next save tries again")
             else:
                 names = ", ".join(checkpoint.iteration_dir(save, i).name for i in deleted)
                 if names:
-                    _log(f"deleted {names} (keep_checkpoints={keep})")
+                    tqdm.write(f"deleted {names} (keep_checkpoints={keep})")
         return final
 
     # ---- the loop -------------------------------------------------------------------------
