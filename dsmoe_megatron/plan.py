@@ -36,6 +36,7 @@ from dsmoe_megatron.planning.params import (  # noqa: E402
     FLOPS_CONVENTION,
     NOMINAL_CONVENTION,
     TOKENS_4K,
+    bytes_per_weight,
     count_params,
     flops_per_token,
     nominal_flops_per_token,
@@ -84,7 +85,13 @@ def model_summary(run: RunConfig) -> dict:
         "nominal_flops_per_4k_tokens": nominal * TOKENS_4K,
         "flops_convention": FLOPS_CONVENTION,
         "nominal_flops_convention": NOMINAL_CONVENTION,
+        "checkpoint_bytes": params.total * (bytes_per_weight(cfg) + CHECKPOINT_OPTIMIZER_BYTES),
     }
+
+
+# What a dsmoe-train checkpoint holds per parameter besides the weights: Adam's fp32 master
+# weights and two moments (Megatron's fully_reshardable optimizer state), fp32 models too.
+CHECKPOINT_OPTIMIZER_BYTES = 12
 
 
 def _run_settings(run: RunConfig, options: MemoryOptions,
@@ -224,6 +231,10 @@ def format_model(plan: dict, config_path: str) -> list[str]:
         f"({plan['total_params']:,} total, {plan['activated_params']:,} activated; untied "
         "embedding and output layer, padded vocabulary rows included; activated = all but the "
         "routed experts a token does not visit)", "  ", "   ")
+    lines += _wrap(f"checkpoint: {_si(plan['checkpoint_bytes'], 'B')} on disk, all ranks' "
+                   f"shards together ({plan['checkpoint_bytes'] // plan['total_params']} bytes "
+                   "per parameter: the weights, and Adam's fp32 master weights and moments; "
+                   "keep_checkpoints bounds how many stay)", "  ", "   ")
     lines.append("")
     lines.append("Training compute")
     lines.append(f"  per token            {_si(plan['flops_per_token'], 'FLOPs')}")

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 from dsmoe_megatron.config import DeepSeekMoEConfig
 from dsmoe_megatron.planning.activations import Micro, head_activations, layer_activations
 from dsmoe_megatron.planning.hardware import GB
-from dsmoe_megatron.planning.params import ParamCount
+from dsmoe_megatron.planning.params import ParamCount, bytes_per_weight
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def estimate_memory(cfg: DeepSeekMoEConfig, params: ParamCount, world_size: int,
     etp = cfg.expert_tensor_parallel_size or t
     dp = world_size // (t * p)
     edp = world_size // (etp * ep * p)
-    weight_bytes = 2 if cfg.bf16 or cfg.fp16 else 4
+    weight_bytes = bytes_per_weight(cfg)
     distributed = (world_size > 1 if options.distributed_optimizer is None
                    else options.distributed_optimizer)
     # Adam: fp32 main params (not for fp32 models) + two fp32 moments
@@ -271,7 +271,7 @@ def estimate_memory(cfg: DeepSeekMoEConfig, params: ParamCount, world_size: int,
 def memory_assumptions(cfg: DeepSeekMoEConfig, distributed: bool,
                        options: MemoryOptions = MemoryOptions()) -> list[str]:
     """What estimate_memory assumed, in words."""
-    weight_bytes = 2 if cfg.bf16 or cfg.fp16 else 4
+    weight_bytes = bytes_per_weight(cfg)
     granularity = cfg.recompute_granularity
     if granularity == "full":
         recompute = (f"full recompute, {cfg.recompute_method} over {cfg.recompute_num_layers} "

@@ -166,6 +166,11 @@ class LayerFlops:
         return self.projections + self.attention + self.dense + self.routed
 
 
+def bytes_per_weight(cfg: DeepSeekMoEConfig) -> int:
+    """Bytes per weight: 2 for bf16 and fp16 models, 4 for fp32."""
+    return 2 if cfg.bf16 or cfg.fp16 else 4
+
+
 def layer_flops(cfg: DeepSeekMoEConfig, moe: bool, seq_length: int) -> LayerFlops:
     h = cfg.hidden_size
     q_width = cfg.num_attention_heads * cfg.kv_channels

@@ -30,7 +30,7 @@ from dsmoe_megatron.planning.activations import (
 )
 from dsmoe_megatron.planning.hardware import Cluster
 from dsmoe_megatron.planning.memory import recompute_modules, stage_chunks
-from dsmoe_megatron.planning.params import LayerFlops, ParamCount, layer_flops
+from dsmoe_megatron.planning.params import LayerFlops, ParamCount, bytes_per_weight, layer_flops
 
 COMPONENTS = ("GEMMs", "expert GEMMs", "attention", "element-wise", "recompute",
               "TP/SP collectives", "EP all-to-all (NVLink)", "EP all-to-all (network)",
@@ -300,7 +300,7 @@ def estimate_step_time(cfg: DeepSeekMoEConfig, params: ParamCount, cluster: Clus
     breakdown = {key: microbatches * micro.get(key, 0.0) for key in COMPONENTS}
     breakdown["pipeline bubble"] = (p - 1) / vpp * per_micro
 
-    weight_bytes = 2 if cfg.bf16 or cfg.fp16 else 4
+    weight_bytes = bytes_per_weight(cfg)
     distributed = memory["distributed_optimizer"]
     tails = []
     for s, stage in enumerate(memory["stages"]):
