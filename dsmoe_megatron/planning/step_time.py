@@ -1,9 +1,10 @@
 """Estimated time of one optimizer step, with its breakdown.
 
 Per micro-batch and pipeline rank: the GEMMs at a stated fraction of the GPU's peak (FP8 peak
-under ``fp8``), or at the HBM bandwidth their weights take where that is slower, flash attention at another (the causal mask halves the work the FLOPs
-convention counts), element-wise and memory-bound work as HBM traffic, and the communication
-dsmoe_megatron does without overlapping it: TP/SP collectives inside the node, the EP
+under ``fp8``) or, where that is slower, at the HBM bandwidth their weights take, flash
+attention at another (the causal mask halves the work the FLOPs convention counts),
+element-wise and memory-bound work as HBM traffic, and the communication dsmoe_megatron does
+without overlapping it: TP/SP collectives inside the node, the EP
 all-to-alls (dispatch and combine, forward and backward) split into the bytes that stay on the
 node's NVLink and those that cross the network, pipeline sends. Recompute runs the recomputed
 forward (and its collectives) again. The step is the slowest rank's micro-batches plus the
