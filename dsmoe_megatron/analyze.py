@@ -411,8 +411,10 @@ def _evaluate(source: Path, settings: EvalSettings, max_disabled_fraction: float
         checkpoint_dir = source
         if _is_hf_dir(source):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dsmoe-analyze-")))
-            # The analysis reads its own data: the export's tokenizer files are not needed.
-            checkpoint_dir = import_from_hf(source, tmp / "checkpoint", tokenizer=False)
+            # The analysis reads its own data: the export's tokenizer files are not needed. The
+            # checkpoint is gone when the analysis ends: from-hf's line naming it is left out.
+            checkpoint_dir = import_from_hf(source, tmp / "checkpoint", tokenizer=False,
+                                            quiet=True)
         with single_rank_runtime():
             run, model = load_model(checkpoint_dir)  # refuses NaN / inf weights
             if checkpoint_dir is not source and settings.split is None:

@@ -688,7 +688,8 @@ def _sets_precision(overrides: Iterable[str]) -> bool:
 
 
 def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[str] = (),
-                   force: bool = False, dtype: str = "auto", tokenizer: bool = True) -> Path:
+                   force: bool = False, dtype: str = "auto", tokenizer: bool = True,
+                   quiet: bool = False) -> Path:
     """Hugging Face directory -> save directory with an iteration-0 dist checkpoint + run.yaml.
 
     ``overrides``: yaml_config overrides for the run (``model_parallel.tensor_model_parallel_size
@@ -699,7 +700,8 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     The vocabulary is padded for the run's tensor-parallel size, as the trainer builds it.
     The source's config.json and (unless ``tokenizer`` is False) tokenizer files are kept in
     ``out_dir/hf_source`` so a later to-hf can include them; a tokenizer file of broken JSON is
-    refused. Returns ``out_dir`` (the trainer's ``load:``).
+    refused. ``quiet``: no line naming ``out_dir`` (a temporary directory of the caller's).
+    Returns ``out_dir`` (the trainer's ``load:``).
     """
     from dsmoe_megatron import checkpoint
     from dsmoe_megatron.model import build_model, padded_vocab_size
@@ -763,9 +765,10 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
                 if cause is None:
                     raise
                 raise cause from None
-    log(f"wrote {out}: iteration 0, {DTYPE_NAMES[params_dtype]}, vocab {dims.vocab} padded to "
-        f"{padded} for tensor parallel size {run.layout.tensor}; tokenizer: "
-        f"{', '.join(tok_files) if tok_files else 'none'}")
+    if not quiet:
+        log(f"wrote {out}: iteration 0, {DTYPE_NAMES[params_dtype]}, vocab {dims.vocab} padded "
+            f"to {padded} for tensor parallel size {run.layout.tensor}; tokenizer: "
+            f"{', '.join(tok_files) if tok_files else 'none'}")
     return out
 
 

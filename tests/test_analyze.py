@@ -252,7 +252,8 @@ def test_an_hf_export_is_analysed_with_the_defaults_from_hf_gives_it(tiny, tmp_p
     """An HF export gets from-hf's defaults: the shipped corpus and split 969,30,1, whose test
     share holds no document of that corpus. The analysis evaluates the validation split only,
     so the empty test share must not stop it. It says which split it took: not the run's, so
-    the loss is not its checkpoint's."""
+    the loss is not its checkpoint's. Its output names the export, never the temporary
+    directory it converts it into (gone when it ends)."""
     from dsmoe_megatron.data import default_corpus_prefix, open_indexed_dataset
     from dsmoe_megatron.synthetic import split_documents
 
@@ -265,8 +266,10 @@ def test_an_hf_export_is_analysed_with_the_defaults_from_hf_gives_it(tiny, tmp_p
     assert analyze.main([str(hf), "--out", str(out), "--eval-iters", "2",
                          "--micro-batch-size", "2"]) == 0
     assert json.loads((out / "analysis.json").read_text())["eval_tokens"] == 2 * 2 * SEQ
+    captured = capsys.readouterr()
     assert (f"dsmoe-analyze: {hf} carries no data settings: evaluating the validation part of "
-            f"split {split} (seed ") in capsys.readouterr().err
+            f"split {split} (seed ") in captured.err
+    assert "dsmoe-analyze-" not in captured.out + captured.err, captured
 
 
 def test_an_hf_export_notes_its_pretraining_tp_once(tiny, tmp_path, capsys):
