@@ -423,6 +423,14 @@ def _evaluate(source: Path, settings: EvalSettings, max_disabled_fraction: float
                       f"validation part of split {run.train.split} (seed {run.train.seed}); pass "
                       "--split (and --data-path) as the run had them to compare with its "
                       "checkpoint", file=sys.stderr)
+            trained = run.train.seq_length  # RoPE runs at any length, past it untrained
+            if (settings.seq_length or trained) > trained:
+                field = ("config.json's max_position_embeddings" if checkpoint_dir is not source
+                         else "run.yaml's seq_length")
+                print(f"dsmoe-analyze: note: --seq-length {settings.seq_length} is longer than "
+                      f"the {trained} tokens {source} was trained on ({field}): its RoPE "
+                      f"positions past {trained} were never trained, so the losses are those of "
+                      "the model run past its length", file=sys.stderr)
             return analyze(model, eval_batches(run, settings), run.train.vocab_size,
                            max_disabled_fraction)
 

@@ -218,6 +218,23 @@ def test_a_validation_split_smaller_than_asked_is_evaluated_whole_each_sample_on
             f"the {3 * samples} of --eval-iters x --micro-batch-size)") in capsys.readouterr().out
 
 
+def test_a_seq_length_past_the_trained_one_is_noted(tiny, tmp_path, capsys):
+    """RoPE runs at any length, so a --seq-length past the run's is evaluated, with a note that
+    the positions past it were never trained; the run's own length gets no note."""
+    args = ["--eval-iters", "1", "--micro-batch-size", "2"]
+    assert analyze.main([str(tiny.save), "--out", str(tmp_path / "long"), "--seq-length",
+                         str(2 * SEQ), *args]) == 0
+    assert json.loads((tmp_path / "long" / "analysis.json").read_text())["eval_tokens"] == 4 * SEQ
+    err = capsys.readouterr().err
+    assert err == (f"dsmoe-analyze: note: --seq-length {2 * SEQ} is longer than the {SEQ} tokens "
+                   f"{tiny.save} was trained on (run.yaml's seq_length): its RoPE positions past "
+                   f"{SEQ} were never trained, so the losses are those of the model run past its "
+                   "length\n"), err
+    assert analyze.main([str(tiny.save), "--out", str(tmp_path / "own"), "--seq-length",
+                         str(SEQ), *args]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def hf_loss(hf_dir: Path, batches) -> float:
     """The exported model's loss in the Hugging Face modeling code (no Megatron involved)."""
     from dsmoe_megatron.hf.modeling_deepseek import DeepseekForCausalLM
