@@ -340,7 +340,8 @@ def _is_hf_dir(path: Path) -> bool:
 
 def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
                  max_disabled_fraction: float = 0.25) -> dict:
-    """Analyse a checkpoint (or HF export) and write analysis.json and the plots into ``out``."""
+    """Analyse a checkpoint (or HF export) and write analysis.json and the plots into ``out``;
+    without matplotlib, plots of an earlier analysis there are deleted (``result["removed"]``)."""
     source = Path(source)
     if not source.exists():
         raise AnalysisError(f"{source} does not exist; pass a checkpoint save directory, an "
@@ -362,11 +363,15 @@ def run_analysis(source: str | Path, out: Path, settings: EvalSettings,
                 folder.rmdir()  # only if still empty
         raise
     (out / OUTPUTS[0]).write_text(text + "\n")
-    written = [out / OUTPUTS[0]]
+    written, removed = [out / OUTPUTS[0]], []
     for plot, name in zip((plot_expert_load, plot_redundancy), OUTPUTS[1:]):
         if plot(result, out / name):
             written.append(out / name)
+        elif (out / name).exists():  # an earlier analysis's plot (--force): not this one's
+            (out / name).unlink()
+            removed.append(name)
     result["written"] = [str(p) for p in written]
+    result["removed"] = removed
     return result
 
 
@@ -517,7 +522,9 @@ def main(argv=None) -> int:
     print(_summary(result))
     print(f"wrote {', '.join(result['written'])}")
     if len(result["written"]) == 1:
-        print("no plots: matplotlib is not installed (pip install matplotlib)")
+        removed = result["removed"]
+        print("no plots: matplotlib is not installed (pip install matplotlib)" + (
+            f"; deleted the earlier analysis's {' and '.join(removed)}" if removed else ""))
     return 0
 
 

@@ -189,6 +189,24 @@ def test_a_plot_kept_in_out_is_not_replaced_without_force(tiny, tmp_path, capsys
     assert (out / "redundancy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_force_without_matplotlib_deletes_the_earlier_plots(tiny, tmp_path, capsys,
+                                                              monkeypatch):
+    """The plots of an earlier analysis would sit beside the new analysis.json looking like
+    its own: --force without matplotlib deletes them and says so."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in analyze.OUTPUTS:
+        (out / name).write_bytes(b"an earlier analysis")
+    monkeypatch.setattr(analyze, "pyplot", lambda: None)
+    assert analyze.main([str(tiny.save), "--out", str(out), "--eval-iters", "1",
+                         "--micro-batch-size", "2", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json"]
+    assert json.loads((out / "analysis.json").read_text())["eval_tokens"] == 2 * SEQ
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "no plots: matplotlib is not installed (pip install matplotlib); deleted the earlier "
+        "analysis's expert_load.png and redundancy.png")
+
+
 def test_a_validation_split_smaller_than_asked_is_evaluated_whole_each_sample_once(
         tiny, tmp_path, capsys):
     """--eval-iters x --micro-batch-size past the split's samples evaluated some of them twice
