@@ -424,6 +424,11 @@ def check_readable(ckpt: Path) -> None:
         raise CheckpointError(
             f"{ckpt} is the unfinished save of an interrupted run, not a checkpoint; pass the "
             f"save directory {ckpt.parent} for its newest complete one (named by {latest})")
+    if ckpt.name.endswith(".deleting"):
+        raise CheckpointError(
+            f"{ckpt} is an older checkpoint that keep_checkpoints is deleting (or whose deletion "
+            f"a killed run cut short), not a checkpoint; pass the save directory {ckpt.parent} "
+            f"for its newest complete one (named by {latest}), or one of its iter_ directories")
     marker = ckpt / "metadata.json"
     if not marker.exists() and any(ckpt.glob("mp_rank_*/model_optim_rng.pt")):
         raise CheckpointError(

@@ -230,3 +230,23 @@ def test_a_damaged_checkpoint_of_megatron_lm_names_its_tracker(tmp_path):
         checkpoint.resolve(tmp_path)
     assert (f"(complete ones beside it: 2): write its iteration number into "
             f"{tmp_path / checkpoint.MEGATRON_LM_TRACKER}, ") in str(damaged.value)
+
+
+def test_a_checkpoint_being_deleted_is_not_loaded(tmp_path):
+    """keep_checkpoints renames an older checkpoint iter_XXXXXXX.deleting before it deletes it;
+    named by hand (--checkpoint, load:), one still whole, or half deleted by another process,
+    was read as a checkpoint."""
+    import torch
+    from torch.distributed.checkpoint import save
+
+    from dsmoe_megatron import checkpoint
+
+    save({"w": torch.zeros(2)}, checkpoint_id=str(tmp_path / "iter_0000002"), no_dist=True)
+    (tmp_path / "iter_0000002" / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000002").rename(tmp_path / "iter_0000002.deleting")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.resolve(tmp_path / "iter_0000002.deleting")
+    assert str(error.value).startswith(
+        f"{tmp_path / 'iter_0000002.deleting'} is an older checkpoint that keep_checkpoints is "
+        f"deleting"), error.value
+    assert f"pass the save directory {tmp_path} for its newest complete one" in str(error.value)
