@@ -263,8 +263,14 @@ def prune_checkpoints(save_dir: str | Path, keep: int) -> list[int]:
     for i in older:
         path = iteration_dir(save_dir, i)
         os.replace(path, path.with_name(path.name + ".deleting"))
+    failed = None
     for path in sorted(save_dir.glob("iter_*.deleting")):
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as error:  # one that cannot go yet (a file open over NFS) keeps no other
+            failed = failed or error
+    if failed:
+        raise failed
     return older
 
 

@@ -594,6 +594,32 @@ def test_prune_keeps_the_newest_up_to_latest_and_finishes_a_cut_short_deletion(t
     assert prune_checkpoints(tmp_path, 2) == []
 
 
+def test_prune_keeps_deleting_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeypatch):
+    """A .deleting directory that could not be deleted (a file of it held open over NFS, where
+    the directory then stays non-empty) stopped the deletion of every newer one, at every save:
+    the disk filled while keep_checkpoints was set."""
+    import shutil
+
+    from dsmoe_megatron.checkpoint import prune_checkpoints
+
+    for name in ("iter_0000001.deleting", "iter_0000002", "iter_0000004", "iter_0000006"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metadata.json").write_text("{}")
+    (tmp_path / "latest").write_text("6")
+    rmtree, stuck = shutil.rmtree, tmp_path / "iter_0000001.deleting"
+
+    def held_open(path, *args, **kwargs):
+        if path == stuck:
+            raise OSError(39, "Directory not empty", str(path))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", held_open)
+    with pytest.raises(OSError, match="Directory not empty"):
+        prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000001.deleting", "iter_0000004", "iter_0000006", "latest"]
+
+
 def test_checkpoints_past_the_resumed_one_are_renamed_not_replaced(tmp_path):
     from dsmoe_megatron.run_dir import set_aside_newer_checkpoints
 
