@@ -242,12 +242,13 @@ def partial_dir(final: Path) -> Path:
     return final.with_name(final.name + ".partial")
 
 
-def remove_partial_checkpoints(save_dir: str | Path) -> list[Path]:
-    """Delete the ``.partial`` directories of interrupted saves (never named by ``latest``)."""
-    removed = sorted(Path(save_dir).glob("iter_*.partial"))
+def remove_partial_checkpoints(save_dir: str | Path, suffix: str = ".partial") -> list[Path]:
+    """Delete the ``.partial`` directories of interrupted saves (never named by ``latest``);
+    ``suffix=".deleting"``: what a run killed while ``prune_checkpoints`` deleted left."""
+    removed = sorted(Path(save_dir).glob(f"iter_*{suffix}"))
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
-    return removed
+    return [path for path in removed if not path.exists()]
 
 
 def prune_checkpoints(save_dir: str | Path, keep: int) -> list[int]:

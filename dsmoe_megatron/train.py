@@ -218,7 +218,8 @@ class Trainer:
     def _claim_save_dir(self, resume: str, overwrite: bool) -> bool:
         """Rank 0 takes the save directory's run lock, then decides (and with --overwrite
         clears) for all ranks: one view of the files. Holding the lock, it removes what a run
-        killed mid-save left (``.partial`` directories: no live run writes them)."""
+        killed mid-save left (``.partial`` directories: no live run writes them) or while
+        keep_checkpoints deleted (``.deleting`` ones)."""
         from dsmoe_megatron.checkpoint import remove_partial_checkpoints
         from dsmoe_megatron.run_dir import (RunDirError, decide_resume, lock_save_dir,
                                             unlock_save_dir)
@@ -229,8 +230,10 @@ class Trainer:
                 if save is not None:
                     lock_save_dir(save)
                 resumed, removed = decide_resume(save, resume, overwrite)
-                unfinished = remove_partial_checkpoints(save) if save is not None else []
-                outcome[0] = resumed, removed, [p.name for p in unfinished]
+                unfinished, cut_short = ([p.name for p in remove_partial_checkpoints(save, suffix)]
+                                         if save is not None else []
+                                         for suffix in (".partial", ".deleting"))
+                outcome[0] = resumed, removed, unfinished, cut_short
             except OSError as error:  # read-only, under a file, ...
                 outcome[0] = RunDirError(describe_os_error(f"cannot use save={save}", error))
             except (RunDirError, CheckpointError) as error:
@@ -240,12 +243,15 @@ class Trainer:
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
-        resumed, removed, unfinished = outcome[0]
+        resumed, removed, unfinished, cut_short = outcome[0]
         if removed:
             _log(f"--overwrite: deleted the previous run's {len(removed)} files in "
                  f"{self.run.train.save}")
         if unfinished:
             _log(f"removed the unfinished save of an interrupted run: {', '.join(unfinished)}")
+        if cut_short:  # 2 TB each at 145B: the first save would not fit beside them
+            _log(f"finished deleting {', '.join(cut_short)}, older checkpoints whose deletion "
+                 "(keep_checkpoints) a killed run cut short")
         return resumed
 
     # ---- construction ---------------------------------------------------------------------

@@ -66,7 +66,7 @@ def run_job(tasks: list[tuple]) -> list:
     """Rank function: run each (kind, *args) task in turn; returns their results."""
     kinds = {"train": train, "resume_copy": resume_copy, "train_interrupted": train_interrupted,
              "train_while_locked": train_while_locked, "train_disk_full": train_disk_full,
-             "damage": damage, "listing": listing, "killed_during_save": killed_during_save,
+             "damage": damage, "listing": listing, "rename": rename, "killed_during_save": killed_during_save,
              "killed_before_latest": killed_before_latest,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
              "resumed_checkpoint": resumed_checkpoint, "weight_decays": weight_decays,
@@ -257,6 +257,14 @@ def killed_before_latest(argv: list[str], iteration: int) -> dict:
 
 def listing(directory: str) -> list[str]:
     return sorted(p.name for p in Path(directory).iterdir())
+
+
+def rename(path: str, to: str) -> None:
+    """Rank 0 renames ``path`` (a run killed between keep_checkpoints' rename and deletion)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        Path(path).rename(to)
 
 
 def damage(save: str, copy: str, file: str, how: str) -> None:

@@ -564,12 +564,18 @@ def test_keep_checkpoints_deletes_the_older_ones_and_the_run_resumes_as_uninterr
     tasks = [("train", argv("every", 6)),
              ("train", argv("kept", 4, "keep_checkpoints=2")),
              ("listing", str(tmp_path / "kept")),
+             ("rename", str(tmp_path / "kept" / "iter_0000003"),
+              str(tmp_path / "kept" / "iter_0000003.deleting")),
              ("train", argv("kept", 6, "keep_checkpoints=2", "--resume"))]
-    every, first, listed, resumed = run_on_ranks(run_job, 2, args=(tasks,))[0]
+    every, first, listed, _, resumed = run_on_ranks(run_job, 2, args=(tasks,))[0]
     checkpoints = sorted(p.name for p in (tmp_path / "every").glob("iter_*"))
     assert checkpoints == [f"iter_000000{i}" for i in range(1, 7)]
     assert sorted(n for n in listed if n.startswith("iter_")) == ["iter_0000003", "iter_0000004"]
     assert "deleted iter_0000002 (keep_checkpoints=2)" in ok(first)["stdout"]
+    # What a run killed between the rename and the deletion left goes before the first save
+    # (2 TB at 145B, which that save might not fit beside), not at it.
+    assert "finished deleting iter_0000003.deleting, older checkpoints whose deletion" in ok(
+        resumed)["stdout"]
     assert sorted(p.name for p in (tmp_path / "kept").glob("iter_*")) == [
         "iter_0000005", "iter_0000006"]
     assert (tmp_path / "kept" / "latest").read_text() == "6"
