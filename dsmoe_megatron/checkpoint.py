@@ -251,28 +251,21 @@ def remove_partial_checkpoints(save_dir: str | Path, suffix: str = ".partial") -
     return [path for path in removed if not path.exists()]
 
 
-def prune_checkpoints(save_dir: str | Path, keep: int) -> list[int]:
-    """Delete the complete checkpoints older than the ``keep`` newest up to ``latest``
-    (``keep_checkpoints``); returns their iterations. Each is renamed ``.deleting`` first, so
-    that one whose deletion is cut short is never taken for a checkpoint; what such a cut left
-    is deleted here too."""
+def prune_checkpoints(save_dir: str | Path, keep: int) -> list[Path]:
+    """Rename the complete checkpoints older than the ``keep`` newest up to ``latest`` to
+    ``iter_XXXXXXX.deleting`` (``keep_checkpoints``); returns the new names. From then on no
+    tool takes them for a checkpoint, and ``remove_partial_checkpoints(save_dir, ".deleting")``
+    deletes them, with what a deletion cut short left."""
     save_dir = Path(save_dir)
     latest = latest_iteration(save_dir)
     if latest is None:
         return []
-    older = [i for i in complete_iterations(save_dir) if i <= latest][:-keep]
-    for i in older:
+    renamed = []
+    for i in [i for i in complete_iterations(save_dir) if i <= latest][:-keep]:
         path = iteration_dir(save_dir, i)
-        os.replace(path, path.with_name(path.name + ".deleting"))
-    failed = None
-    for path in sorted(save_dir.glob("iter_*.deleting")):
-        try:
-            shutil.rmtree(path)
-        except OSError as error:  # one that cannot go yet (a file open over NFS) keeps no other
-            failed = failed or error
-    if failed:
-        raise failed
-    return older
+        renamed.append(path.with_name(path.name + ".deleting"))
+        os.replace(path, renamed[-1])
+    return renamed
 
 
 # ---- finding and checking a checkpoint --------------------------------------------------------

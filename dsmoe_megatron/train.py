@@ -143,6 +143,7 @@ class Trainer:
 
         self.started = time.monotonic()  # exit_duration_in_mins counts setup too
         self.stopped_early: str | None = None
+        self._deleting: threading.Thread | None = None  # keep_checkpoints' deletion, rank 0
         self.run = run
         train = run.train
         self.rt = runtime.initialize(run.layout, seed=train.seed,
@@ -615,21 +616,44 @@ class Trainer:
                          "global_batch": self.run.train.global_batch(self.dp_size)},
             run_config_yaml=run_yaml,
         )
-        keep = self.run.train.keep_checkpoints
-        if keep and _rank0():
-            from tqdm import tqdm  # its write keeps the progress bar whole
-
-            try:
-                deleted = checkpoint.prune_checkpoints(save, keep)
-            except OSError as error:  # a week's run does not stop for an old checkpoint
-                tqdm.write(describe_os_error(f"keep_checkpoints={keep}: deleting an older "
-                                             "checkpoint failed", error, save)
-                           + "; training goes on, and the next save tries again")
-            else:
-                names = ", ".join(checkpoint.iteration_dir(save, i).name for i in deleted)
-                if names:
-                    tqdm.write(f"deleted {names} (keep_checkpoints={keep})")
+        if self.run.train.keep_checkpoints and _rank0():
+            self._prune(save, self.run.train.keep_checkpoints)
         return final
+
+    def _prune(self, save: Path, keep: int) -> None:
+        """keep_checkpoints, on rank 0: the older checkpoints are renamed at once and deleted by
+        a background thread, so that no rank waits on the filesystem (2 TB a checkpoint at
+        145B) at its next collective. One deletion at a time; the run waits for the last."""
+        from tqdm import tqdm  # its write keeps the progress bar whole
+
+        from dsmoe_megatron import checkpoint
+
+        self.wait_for_deletions()
+        try:
+            checkpoint.prune_checkpoints(save, keep)
+        except OSError as error:  # a week's run does not stop for an old checkpoint
+            tqdm.write(describe_os_error(f"keep_checkpoints={keep}: setting an older checkpoint "
+                                         "aside failed", error, save)
+                       + "; training goes on, and the next save tries again")
+            return
+
+        def delete():
+            gone = checkpoint.remove_partial_checkpoints(save, ".deleting")
+            if gone:
+                names = ", ".join(p.name.removesuffix(".deleting") for p in gone)
+                tqdm.write(f"deleted {names} (keep_checkpoints={keep})")
+            left = ", ".join(p.name for p in sorted(save.glob("iter_*.deleting")))
+            if left:  # a file of it held open (NFS), a permission
+                tqdm.write(f"keep_checkpoints={keep}: {left} could not be deleted yet; training "
+                           "goes on, and the next save tries again")
+
+        self._deleting = threading.Thread(target=delete, name="keep_checkpoints", daemon=True)
+        self._deleting.start()
+
+    def wait_for_deletions(self) -> None:
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> Path | None:
@@ -863,6 +887,8 @@ def main(argv=None) -> int:
         if on_sigterm is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
         if run.train.save is not None:  # a start refused while setting up leaves no trace
+            if trainer is not None:
+                trainer.wait_for_deletions()  # under the lock, as the next run would
             unlock_save_dir(run.train.save, remove=trainer is None)
         runtime.shutdown(destroy_process_group=started_process_group)
 

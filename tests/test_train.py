@@ -584,8 +584,8 @@ def test_keep_checkpoints_deletes_the_older_ones_and_the_run_resumes_as_uninterr
             records(every)[iteration]["lm_loss"], rel=1e-6)
 
 
-def test_prune_keeps_the_newest_up_to_latest_and_finishes_a_cut_short_deletion(tmp_path):
-    from dsmoe_megatron.checkpoint import prune_checkpoints
+def test_prune_sets_aside_the_older_ones_up_to_latest_and_deletion_finishes_them(tmp_path):
+    from dsmoe_megatron.checkpoint import prune_checkpoints, remove_partial_checkpoints
 
     for name in ("iter_0000002", "iter_0000004", "iter_0000006", "iter_0000008",
                  "iter_0000001.deleting", "iter_0000003.discarded", "iter_0000009.partial"):
@@ -593,37 +593,40 @@ def test_prune_keeps_the_newest_up_to_latest_and_finishes_a_cut_short_deletion(t
         (tmp_path / name / "metadata.json").write_text("{}")
     (tmp_path / "iter_0000010").mkdir()  # not complete: no metadata.json
     (tmp_path / "latest").write_text("6")  # set back by hand: 8 is not the run's
-    assert prune_checkpoints(tmp_path, 2) == [2]
+    assert prune_checkpoints(tmp_path, 2) == [tmp_path / "iter_0000002.deleting"]
+    assert prune_checkpoints(tmp_path, 2) == []
+    assert remove_partial_checkpoints(tmp_path, ".deleting") == [
+        tmp_path / "iter_0000001.deleting", tmp_path / "iter_0000002.deleting"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "iter_0000003.discarded", "iter_0000004", "iter_0000006", "iter_0000008",
         "iter_0000009.partial", "iter_0000010", "latest"]
-    assert prune_checkpoints(tmp_path, 2) == []
 
 
-def test_prune_keeps_deleting_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeypatch):
+def test_deletion_goes_on_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeypatch):
     """A .deleting directory that could not be deleted (a file of it held open over NFS, where
-    the directory then stays non-empty) stopped the deletion of every newer one, at every save:
-    the disk filled while keep_checkpoints was set."""
+    the directory then stays non-empty) must not stop the deletion of the newer ones, at every
+    save: the disk would fill while keep_checkpoints was set."""
     import shutil
 
-    from dsmoe_megatron.checkpoint import prune_checkpoints
+    from dsmoe_megatron.checkpoint import remove_partial_checkpoints
 
-    for name in ("iter_0000001.deleting", "iter_0000002", "iter_0000004", "iter_0000006"):
+    for name in ("iter_0000001.deleting", "iter_0000002.deleting", "iter_0000004"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metadata.json").write_text("{}")
-    (tmp_path / "latest").write_text("6")
     rmtree, stuck = shutil.rmtree, tmp_path / "iter_0000001.deleting"
 
-    def held_open(path, *args, **kwargs):
+    def held_open(path, ignore_errors=False, **kwargs):
         if path == stuck:
-            raise OSError(39, "Directory not empty", str(path))
-        rmtree(path, *args, **kwargs)
+            if not ignore_errors:
+                raise OSError(39, "Directory not empty", str(path))
+            return
+        rmtree(path, ignore_errors=ignore_errors, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", held_open)
-    with pytest.raises(OSError, match="Directory not empty"):
-        prune_checkpoints(tmp_path, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "iter_0000001.deleting", "iter_0000004", "iter_0000006", "latest"]
+    assert remove_partial_checkpoints(tmp_path, ".deleting") == [
+        tmp_path / "iter_0000002.deleting"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001.deleting",
+                                                          "iter_0000004"]
 
 
 def test_checkpoints_past_the_resumed_one_are_renamed_not_replaced(tmp_path):
