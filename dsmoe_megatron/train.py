@@ -231,9 +231,10 @@ class Trainer:
                 if save is not None:
                     lock_save_dir(save)
                 resumed, removed = decide_resume(save, resume, overwrite)
-                unfinished, cut_short = ([p.name for p in remove_partial_checkpoints(save, suffix)]
-                                         if save is not None else []
-                                         for suffix in (".partial", ".deleting"))
+                unfinished = cut_short = []
+                if save is not None:
+                    unfinished = [p.name for p in remove_partial_checkpoints(save)]
+                    cut_short = [p.name for p in remove_partial_checkpoints(save, ".deleting")]
                 outcome[0] = resumed, removed, unfinished, cut_short
             except OSError as error:  # read-only, under a file, ...
                 outcome[0] = RunDirError(describe_os_error(f"cannot use save={save}", error))
