@@ -624,7 +624,7 @@ class Trainer:
     def _prune(self, save: Path, keep: int) -> None:
         """keep_checkpoints, on rank 0: the older checkpoints are renamed at once and deleted by
         a background thread, so that no rank waits on the filesystem (2 TB a checkpoint at
-        145B) at its next collective. One deletion at a time; the run waits for the last."""
+        145B) at its next collective. One deletion at a time; fit waits for the last."""
         from tqdm import tqdm  # its write keeps the progress bar whole
 
         from dsmoe_megatron import checkpoint
@@ -696,6 +696,7 @@ class Trainer:
             # Still within the exit handler: the signal repeated during this save is no stop.
             if train.save and saved_at != self.iteration:
                 saved = self.save()
+        self.wait_for_deletions()  # a run that stops on an error leaves them to the next start
         return saved
 
     def _log_window(self, window: list[StepStats], bar) -> None:
@@ -888,8 +889,6 @@ def main(argv=None) -> int:
         if on_sigterm is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
         if run.train.save is not None:  # a start refused while setting up leaves no trace
-            if trainer is not None:
-                trainer.wait_for_deletions()  # under the lock, as the next run would
             unlock_save_dir(run.train.save, remove=trainer is None)
         runtime.shutdown(destroy_process_group=started_process_group)
 
