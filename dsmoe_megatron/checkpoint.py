@@ -242,9 +242,10 @@ def partial_dir(final: Path) -> Path:
     return final.with_name(final.name + ".partial")
 
 
-def remove_partial_checkpoints(save_dir: str | Path, suffix: str = ".partial") -> list[Path]:
-    """Delete the ``.partial`` directories of interrupted saves (never named by ``latest``);
-    ``suffix=".deleting"``: what a run killed while ``prune_checkpoints`` deleted left."""
+def remove_leftover_dirs(save_dir: str | Path, suffix: str = ".partial") -> list[Path]:
+    """Delete the ``iter_*`` directories of ``save_dir`` named with ``suffix``, never
+    checkpoints: ``.partial``, those of interrupted saves (never named by ``latest``);
+    ``.deleting``, those ``prune_checkpoints`` set aside. Returns those that are gone."""
     removed = sorted(Path(save_dir).glob(f"iter_*{suffix}"))
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
@@ -254,7 +255,7 @@ def remove_partial_checkpoints(save_dir: str | Path, suffix: str = ".partial") -
 def prune_checkpoints(save_dir: str | Path, keep: int) -> list[Path]:
     """Rename the complete checkpoints older than the ``keep`` newest up to ``latest`` to
     ``iter_XXXXXXX.deleting`` (``keep_checkpoints``); returns the new names. From then on no
-    tool takes them for a checkpoint, and ``remove_partial_checkpoints(save_dir, ".deleting")``
+    tool takes them for a checkpoint, and ``remove_leftover_dirs(save_dir, ".deleting")``
     deletes them, with what a deletion cut short left."""
     save_dir = Path(save_dir)
     latest = latest_iteration(save_dir)

@@ -221,7 +221,7 @@ class Trainer:
         clears) for all ranks: one view of the files. Holding the lock, it removes what a run
         killed mid-save left (``.partial`` directories: no live run writes them) or while
         keep_checkpoints deleted (``.deleting`` ones)."""
-        from dsmoe_megatron.checkpoint import remove_partial_checkpoints
+        from dsmoe_megatron.checkpoint import remove_leftover_dirs
         from dsmoe_megatron.run_dir import (RunDirError, decide_resume, lock_save_dir,
                                             unlock_save_dir)
 
@@ -233,8 +233,8 @@ class Trainer:
                 resumed, removed = decide_resume(save, resume, overwrite)
                 unfinished = cut_short = []
                 if save is not None:
-                    unfinished = [p.name for p in remove_partial_checkpoints(save)]
-                    cut_short = [p.name for p in remove_partial_checkpoints(save, ".deleting")]
+                    unfinished = [p.name for p in remove_leftover_dirs(save)]
+                    cut_short = [p.name for p in remove_leftover_dirs(save, ".deleting")]
                 outcome[0] = resumed, removed, unfinished, cut_short
             except OSError as error:  # read-only, under a file, ...
                 outcome[0] = RunDirError(describe_os_error(f"cannot use save={save}", error))
@@ -639,7 +639,7 @@ class Trainer:
             return
 
         def delete():
-            gone = checkpoint.remove_partial_checkpoints(save, ".deleting")
+            gone = checkpoint.remove_leftover_dirs(save, ".deleting")
             if gone:
                 names = ", ".join(p.name.removesuffix(".deleting") for p in gone)
                 tqdm.write(f"deleted {names} (keep_checkpoints={keep})")
@@ -930,7 +930,7 @@ def _interrupted(run, trainer, what: str = "interrupted") -> str:
 
     where = f"{what} at iteration {trainer.iteration}" if trainer is not None else what
     if run.train.save is not None:
-        checkpoint.remove_partial_checkpoints(run.train.save)
+        checkpoint.remove_leftover_dirs(run.train.save)
     return f"{where}; {_where_to_continue(run)}"
 
 

@@ -585,7 +585,7 @@ def test_keep_checkpoints_deletes_the_older_ones_and_the_run_resumes_as_uninterr
 
 
 def test_prune_sets_aside_the_older_ones_up_to_latest_and_deletion_finishes_them(tmp_path):
-    from dsmoe_megatron.checkpoint import prune_checkpoints, remove_partial_checkpoints
+    from dsmoe_megatron.checkpoint import prune_checkpoints, remove_leftover_dirs
 
     for name in ("iter_0000002", "iter_0000004", "iter_0000006", "iter_0000008",
                  "iter_0000001.deleting", "iter_0000003.discarded", "iter_0000009.partial"):
@@ -595,7 +595,7 @@ def test_prune_sets_aside_the_older_ones_up_to_latest_and_deletion_finishes_them
     (tmp_path / "latest").write_text("6")  # set back by hand: 8 is not the run's
     assert prune_checkpoints(tmp_path, 2) == [tmp_path / "iter_0000002.deleting"]
     assert prune_checkpoints(tmp_path, 2) == []
-    assert remove_partial_checkpoints(tmp_path, ".deleting") == [
+    assert remove_leftover_dirs(tmp_path, ".deleting") == [
         tmp_path / "iter_0000001.deleting", tmp_path / "iter_0000002.deleting"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "iter_0000003.discarded", "iter_0000004", "iter_0000006", "iter_0000008",
@@ -608,7 +608,7 @@ def test_deletion_goes_on_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeyp
     save: the disk would fill while keep_checkpoints was set."""
     import shutil
 
-    from dsmoe_megatron.checkpoint import remove_partial_checkpoints
+    from dsmoe_megatron.checkpoint import remove_leftover_dirs
 
     for name in ("iter_0000001.deleting", "iter_0000002.deleting", "iter_0000004"):
         (tmp_path / name).mkdir()
@@ -623,7 +623,7 @@ def test_deletion_goes_on_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeyp
         rmtree(path, ignore_errors=ignore_errors, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", held_open)
-    assert remove_partial_checkpoints(tmp_path, ".deleting") == [
+    assert remove_leftover_dirs(tmp_path, ".deleting") == [
         tmp_path / "iter_0000002.deleting"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001.deleting",
                                                           "iter_0000004"]
