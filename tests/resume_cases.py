@@ -66,7 +66,8 @@ def run_job(tasks: list[tuple]) -> list:
     """Rank function: run each (kind, *args) task in turn; returns their results."""
     kinds = {"train": train, "resume_copy": resume_copy, "train_interrupted": train_interrupted,
              "train_while_locked": train_while_locked, "train_disk_full": train_disk_full,
-             "damage": damage, "listing": listing, "rename": rename, "killed_during_save": killed_during_save,
+             "damage": damage, "listing": listing, "rename": rename,
+             "killed_during_save": killed_during_save,
              "killed_before_latest": killed_before_latest,
              "initial_weights": initial_weights, "expert_gradient_share": expert_gradient_share,
              "resumed_checkpoint": resumed_checkpoint, "weight_decays": weight_decays,

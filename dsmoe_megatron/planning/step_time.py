@@ -189,10 +189,10 @@ def layer_time(ctx: _Context, moe: bool, f: LayerFlops) -> tuple[dict, dict]:
     # 2 FLOPs per multiply-add: a weight matrix's FLOPs per token are twice its parameters
     proj_fwd, proj_bwd = _gemm_time(ctx, T * f.projections / t, f.projections / 2 / t, gemm)
     mlp_fwd, mlp_bwd = _gemm_time(ctx, T * f.dense / t, f.dense / 2 / t, gemm)
-    local_experts = m.experts // m.ep if moe else 0
-    routed_fwd, routed_bwd = _gemm_time(
-        ctx, T * f.routed / t, f.routed / (2 * m.topk) * local_experts / m.etp if moe else 0,
-        gemm * r.grouped_gemm)
+    # this GPU's routed experts: experts / EP of them, each sharded over expert TP
+    routed_params = f.routed / (2 * m.topk) * (m.experts // m.ep) / m.etp if moe else 0
+    routed_fwd, routed_bwd = _gemm_time(ctx, T * f.routed / t, routed_params,
+                                        gemm * r.grouped_gemm)
     plain = replace(m, recompute=frozenset())
     elementwise = r.memory_passes * sum(layer_activations(plain, moe).values()) \
         / gpu.memory_bandwidth
