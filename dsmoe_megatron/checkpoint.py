@@ -245,28 +245,40 @@ def partial_dir(final: Path) -> Path:
 def remove_leftover_dirs(save_dir: str | Path, suffix: str = ".partial") -> list[Path]:
     """Delete the ``iter_*`` directories of ``save_dir`` named with ``suffix``, never
     checkpoints: ``.partial``, those of interrupted saves (never named by ``latest``);
-    ``.deleting``, those ``prune_checkpoints`` set aside. Returns those that are gone."""
+    ``.deleting``, those set aside for deletion. Returns those that are gone."""
     removed = sorted(Path(save_dir).glob(f"iter_*{suffix}"))
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return [path for path in removed if not path.exists()]
 
 
+def set_aside_for_deletion(path: Path) -> Path:
+    """Rename ``path`` to a ``.deleting`` name (one rename, however large it is): from then on no
+    tool takes it for a checkpoint, a save of the same iteration does not meet it, and
+    ``remove_leftover_dirs(save_dir, ".deleting")`` deletes it. Returns the new name."""
+    aside, n = path.with_name(f"{path.name}.deleting"), 1
+    while aside.exists():  # one whose deletion was cut short
+        n += 1
+        aside = path.with_name(f"{path.name}.{n}.deleting")
+    os.replace(path, aside)
+    return aside
+
+
+def set_aside_unfinished_saves(save_dir: str | Path) -> list[Path]:
+    """Set the ``.partial`` directories of interrupted saves aside for deletion (no live run
+    writes them: the caller holds the save directory's run lock); returns their new names."""
+    return [set_aside_for_deletion(path) for path in sorted(Path(save_dir).glob("iter_*.partial"))]
+
+
 def prune_checkpoints(save_dir: str | Path, keep: int) -> list[Path]:
-    """Rename the complete checkpoints older than the ``keep`` newest up to ``latest`` to
-    ``iter_XXXXXXX.deleting`` (``keep_checkpoints``); returns the new names. From then on no
-    tool takes them for a checkpoint, and ``remove_leftover_dirs(save_dir, ".deleting")``
-    deletes them, with what a deletion cut short left."""
+    """Set the complete checkpoints older than the ``keep`` newest up to ``latest`` aside for
+    deletion (``keep_checkpoints``); returns their new names."""
     save_dir = Path(save_dir)
     latest = latest_iteration(save_dir)
     if latest is None:
         return []
-    renamed = []
-    for i in [i for i in complete_iterations(save_dir) if i <= latest][:-keep]:
-        path = iteration_dir(save_dir, i)
-        renamed.append(path.with_name(path.name + ".deleting"))
-        os.replace(path, renamed[-1])
-    return renamed
+    return [set_aside_for_deletion(iteration_dir(save_dir, i))
+            for i in [i for i in complete_iterations(save_dir) if i <= latest][:-keep]]
 
 
 # ---- finding and checking a checkpoint --------------------------------------------------------
@@ -409,6 +421,14 @@ def resolve(path: str | Path) -> Path:
     return found
 
 
+# Directories beside the checkpoints that are none, by suffix: what each is.
+_NOT_CHECKPOINTS = {
+    ".partial": "the unfinished save of an interrupted run",
+    ".deleting": "set aside for deletion (an older checkpoint keep_checkpoints is deleting, or an "
+                 "unfinished save; a killed run may have cut the deletion short)",
+}
+
+
 def check_readable(ckpt: Path) -> None:
     """Every file of the checkpoint is present and as long as its index says (no data is read)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -421,15 +441,12 @@ def check_readable(ckpt: Path) -> None:
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist; check the path (load: / "
                               "--checkpoint)")
-    if ckpt.name.endswith(".partial"):
+    what = next((what for suffix, what in _NOT_CHECKPOINTS.items()
+                 if ckpt.name.endswith(suffix)), None)
+    if what is not None:
         raise CheckpointError(
-            f"{ckpt} is the unfinished save of an interrupted run, not a checkpoint; pass the "
-            f"save directory {ckpt.parent} for its newest complete one (named by {latest})")
-    if ckpt.name.endswith(".deleting"):
-        raise CheckpointError(
-            f"{ckpt} is an older checkpoint that keep_checkpoints is deleting (or whose deletion "
-            f"a killed run cut short), not a checkpoint; pass the save directory {ckpt.parent} "
-            f"for its newest complete one (named by {latest}), or one of its iter_ directories")
+            f"{ckpt} is {what}, not a checkpoint; pass the save directory {ckpt.parent} for its "
+            f"newest complete one (named by {latest}), or one of its iter_ directories")
     marker = ckpt / "metadata.json"
     if not marker.exists() and any(ckpt.glob("mp_rank_*/model_optim_rng.pt")):
         raise CheckpointError(

@@ -14,6 +14,10 @@ One live run per save directory: rank 0 holds an ``flock`` on ``.dsmoe-train.loc
 it trains, and a second run is refused with the first one's host and pid. A killed torchrun can
 leave its workers training, and a resubmitted job would otherwise replace their checkpoints (and
 they its). The kernel drops the lock when the holder dies, however it dies.
+
+Directories to delete (older checkpoints under ``keep_checkpoints``, unfinished saves) are first
+renamed ``.deleting``, then deleted by a thread of rank 0 (``Deletions``): at 145B each is 2 TB,
+which no rank should wait for at its next collective.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from dsmoe_megatron import checkpoint
@@ -236,3 +241,34 @@ def _logged_after(line: str, iteration: int) -> bool:
         return json.loads(line).get("iteration", 0) > iteration
     except (ValueError, AttributeError):  # not a record
         return True
+
+
+class Deletions:
+    """Deletes a save directory's ``.deleting`` directories on a thread, one deletion at a time.
+    ``wait`` before a save makes room for it, and before the run ends."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+
+    def start(self, save: str | Path, why: str) -> None:
+        from tqdm import tqdm  # its write keeps the progress bar whole
+
+        self.wait()
+
+        def delete():
+            gone = checkpoint.remove_leftover_dirs(save, ".deleting")
+            if gone:
+                names = ", ".join(p.name.removesuffix(".deleting") for p in gone)
+                tqdm.write(f"deleted {names} ({why})")
+            left = ", ".join(p.name for p in sorted(Path(save).glob("iter_*.deleting")))
+            if left:  # a file of it held open (NFS), a permission
+                tqdm.write(f"{why}: {left} could not be deleted yet; training goes on, and the "
+                           "next save tries again")
+
+        self._thread = threading.Thread(target=delete, name="dsmoe-deletions", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

@@ -138,12 +138,13 @@ class Trainer:
 
         from dsmoe_megatron import runtime
         from dsmoe_megatron.model import padded_vocab_size
+        from dsmoe_megatron.run_dir import Deletions
         from dsmoe_megatron.tokenizer import ByteTokenizer
         from dsmoe_megatron.yaml_config import check_world_size
 
         self.started = time.monotonic()  # exit_duration_in_mins counts setup too
         self.stopped_early: str | None = None
-        self._deleting: threading.Thread | None = None  # keep_checkpoints' deletion, rank 0
+        self.deletions = Deletions()  # rank 0's
         self.run = run
         train = run.train
         self.rt = runtime.initialize(run.layout, seed=train.seed,
@@ -158,7 +159,11 @@ class Trainer:
             check_corpus_tokenizer(train)
         resume = self._claim_save_dir(resume, overwrite)
         if resume:
-            self._stop_if_complete()
+            try:
+                self._stop_if_complete()
+            except RunComplete:  # a chained job's last start: leave nothing to delete
+                self.deletions.wait()
+                raise
         self.config = run.model
         self.config.pipeline_dtype = self.config.params_dtype
         self.tokenizer = ByteTokenizer()
@@ -218,10 +223,10 @@ class Trainer:
 
     def _claim_save_dir(self, resume: str, overwrite: bool) -> bool:
         """Rank 0 takes the save directory's run lock, then decides (and with --overwrite
-        clears) for all ranks: one view of the files. Holding the lock, it removes what a run
-        killed mid-save left (``.partial`` directories: no live run writes them) or while
-        keep_checkpoints deleted (``.deleting`` ones)."""
-        from dsmoe_megatron.checkpoint import remove_leftover_dirs
+        clears) for all ranks: one view of the files. Holding the lock, it sets aside what a run
+        killed mid-save left (``.partial`` directories: no live run writes them) and deletes it
+        in the background, with what keep_checkpoints had not deleted (``.deleting`` ones)."""
+        from dsmoe_megatron.checkpoint import set_aside_unfinished_saves
         from dsmoe_megatron.run_dir import (RunDirError, decide_resume, lock_save_dir,
                                             unlock_save_dir)
 
@@ -233,8 +238,9 @@ class Trainer:
                 resumed, removed = decide_resume(save, resume, overwrite)
                 unfinished = cut_short = []
                 if save is not None:
-                    unfinished = [p.name for p in remove_leftover_dirs(save)]
-                    cut_short = [p.name for p in remove_leftover_dirs(save, ".deleting")]
+                    cut_short = [p.name for p in sorted(Path(save).glob("iter_*.deleting"))]
+                    unfinished = [p.name.removesuffix(".deleting")
+                                  for p in set_aside_unfinished_saves(save)]
                 outcome[0] = resumed, removed, unfinished, cut_short
             except OSError as error:  # read-only, under a file, ...
                 outcome[0] = RunDirError(describe_os_error(f"cannot use save={save}", error))
@@ -250,10 +256,12 @@ class Trainer:
             _log(f"--overwrite: deleted the previous run's {len(removed)} files in "
                  f"{self.run.train.save}")
         if unfinished:
-            _log(f"removed the unfinished save of an interrupted run: {', '.join(unfinished)}")
-        if cut_short:  # 2 TB each at 145B: the first save would not fit beside them
-            _log(f"finished deleting {', '.join(cut_short)}, older checkpoints whose deletion "
-                 "(keep_checkpoints) a killed run cut short")
+            _log(f"deleting the unfinished save of an interrupted run: {', '.join(unfinished)}")
+        if cut_short:
+            _log(f"deleting {', '.join(cut_short)}, set aside by a killed run that had not "
+                 "deleted them")
+        if _rank0() and (unfinished or cut_short):  # before the first save, which waits for it
+            self.deletions.start(save, "left by a killed run")
         return resumed
 
     # ---- construction ---------------------------------------------------------------------
@@ -599,6 +607,7 @@ class Trainer:
         Costs one forward pass of a global batch (the next one) per save."""
         from dsmoe_megatron import checkpoint
 
+        self.deletions.wait()  # room for this checkpoint (2 TB at 145B)
         if not self._weights_finite():
             self._diverged("a weight", math.nan, weights_changed=True)
         # The batch of the next step; after the last step (no next one), the last step's.
@@ -622,14 +631,12 @@ class Trainer:
         return final
 
     def _prune(self, save: Path, keep: int) -> None:
-        """keep_checkpoints, on rank 0: the older checkpoints are renamed at once and deleted by
-        a background thread, so that no rank waits on the filesystem (2 TB a checkpoint at
-        145B) at its next collective. One deletion at a time; fit waits for the last."""
+        """keep_checkpoints, on rank 0: the older checkpoints are renamed at once and deleted in
+        the background, so that no rank waits on the filesystem at its next collective."""
         from tqdm import tqdm  # its write keeps the progress bar whole
 
         from dsmoe_megatron import checkpoint
 
-        self.wait_for_deletions()
         try:
             checkpoint.prune_checkpoints(save, keep)
         except OSError as error:  # a week's run does not stop for an old checkpoint
@@ -637,24 +644,7 @@ class Trainer:
                                          "aside failed", error, save)
                        + "; training goes on, and the next save tries again")
             return
-
-        def delete():
-            gone = checkpoint.remove_leftover_dirs(save, ".deleting")
-            if gone:
-                names = ", ".join(p.name.removesuffix(".deleting") for p in gone)
-                tqdm.write(f"deleted {names} (keep_checkpoints={keep})")
-            left = ", ".join(p.name for p in sorted(save.glob("iter_*.deleting")))
-            if left:  # a file of it held open (NFS), a permission
-                tqdm.write(f"keep_checkpoints={keep}: {left} could not be deleted yet; training "
-                           "goes on, and the next save tries again")
-
-        self._deleting = threading.Thread(target=delete, name="keep_checkpoints", daemon=True)
-        self._deleting.start()
-
-    def wait_for_deletions(self) -> None:
-        if self._deleting is not None:
-            self._deleting.join()
-            self._deleting = None
+        self.deletions.start(save, f"keep_checkpoints={keep}")
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> Path | None:
@@ -696,7 +686,7 @@ class Trainer:
             # Still within the exit handler: the signal repeated during this save is no stop.
             if train.save and saved_at != self.iteration:
                 saved = self.save()
-        self.wait_for_deletions()  # a run that stops on an error leaves them to the next start
+        self.deletions.wait()  # a run that stops on an error leaves them to the next start
         return saved
 
     def _log_window(self, window: list[StepStats], bar) -> None:

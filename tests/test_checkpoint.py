@@ -247,6 +247,12 @@ def test_a_checkpoint_being_deleted_is_not_loaded(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as error:
         checkpoint.resolve(tmp_path / "iter_0000002.deleting")
     assert str(error.value).startswith(
-        f"{tmp_path / 'iter_0000002.deleting'} is an older checkpoint that keep_checkpoints is "
-        f"deleting"), error.value
+        f"{tmp_path / 'iter_0000002.deleting'} is set aside for deletion (an older checkpoint "
+        "keep_checkpoints is deleting"), error.value
     assert f"pass the save directory {tmp_path} for its newest complete one" in str(error.value)
+    (tmp_path / "iter_0000002.deleting").rename(tmp_path / "iter_0000002.partial")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.resolve(tmp_path / "iter_0000002.partial")
+    assert str(error.value).startswith(
+        f"{tmp_path / 'iter_0000002.partial'} is the unfinished save of an interrupted run, not a "
+        "checkpoint; pass the save directory"), error.value

@@ -306,9 +306,11 @@ def test_a_resume_after_a_kill_mid_save_leaves_one_history(cli):
     ok(cli.results["to be killed"])
     resumed = ok(cli.results["after kill"])
     save = cli.root / "killed"
-    assert "removed the unfinished save of an interrupted run: iter_0000002.partial" in resumed[
+    assert "deleting the unfinished save of an interrupted run: iter_0000002.partial" in resumed[
         "stdout"]
-    assert not list(save.glob("*.partial")) and (save / "latest").read_text() == "3"
+    assert "deleted iter_0000002.partial (left by a killed run)" in resumed["stdout"]
+    assert not list(save.glob("*.partial")) and not list(save.glob("*.deleting"))
+    assert (save / "latest").read_text() == "3"
     board = EventAccumulator(str(save / "tensorboard"))
     board.Reload()
     events = board.Scalars("lm_loss")
@@ -574,8 +576,10 @@ def test_keep_checkpoints_deletes_the_older_ones_and_the_run_resumes_as_uninterr
     assert "deleted iter_0000002 (keep_checkpoints=2)" in ok(first)["stdout"]
     # What a run killed between the rename and the deletion left goes before the first save
     # (2 TB at 145B, which that save might not fit beside), not at it.
-    assert "finished deleting iter_0000003.deleting, older checkpoints whose deletion" in ok(
-        resumed)["stdout"]
+    out = ok(resumed)["stdout"]
+    assert "deleting iter_0000003.deleting, set aside by a killed run" in out
+    assert out.index("deleted iter_0000003 (left by a killed run)") < out.index(
+        "deleted iter_0000004 (keep_checkpoints=2)")
     assert sorted(p.name for p in (tmp_path / "kept").glob("iter_*")) == [
         "iter_0000005", "iter_0000006"]
     assert (tmp_path / "kept" / "latest").read_text() == "6"
@@ -585,21 +589,54 @@ def test_keep_checkpoints_deletes_the_older_ones_and_the_run_resumes_as_uninterr
 
 
 def test_prune_sets_aside_the_older_ones_up_to_latest_and_deletion_finishes_them(tmp_path):
-    from dsmoe_megatron.checkpoint import prune_checkpoints, remove_leftover_dirs
+    from dsmoe_megatron.checkpoint import (prune_checkpoints, remove_leftover_dirs,
+                                           set_aside_unfinished_saves)
 
     for name in ("iter_0000002", "iter_0000004", "iter_0000006", "iter_0000008",
-                 "iter_0000001.deleting", "iter_0000003.discarded", "iter_0000009.partial"):
+                 "iter_0000001.deleting", "iter_0000003.discarded", "iter_0000009.partial",
+                 "iter_0000007.partial", "iter_0000007.partial.deleting"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metadata.json").write_text("{}")
     (tmp_path / "iter_0000010").mkdir()  # not complete: no metadata.json
     (tmp_path / "latest").write_text("6")  # set back by hand: 8 is not the run's
     assert prune_checkpoints(tmp_path, 2) == [tmp_path / "iter_0000002.deleting"]
     assert prune_checkpoints(tmp_path, 2) == []
+    # at a start: 7's earlier deletion was cut short, and its name is taken
+    assert set_aside_unfinished_saves(tmp_path) == [
+        tmp_path / "iter_0000007.partial.2.deleting", tmp_path / "iter_0000009.partial.deleting"]
     assert remove_leftover_dirs(tmp_path, ".deleting") == [
-        tmp_path / "iter_0000001.deleting", tmp_path / "iter_0000002.deleting"]
+        tmp_path / "iter_0000001.deleting", tmp_path / "iter_0000002.deleting",
+        tmp_path / "iter_0000007.partial.2.deleting", tmp_path / "iter_0000007.partial.deleting",
+        tmp_path / "iter_0000009.partial.deleting"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "iter_0000003.discarded", "iter_0000004", "iter_0000006", "iter_0000008",
-        "iter_0000009.partial", "iter_0000010", "latest"]
+        "iter_0000010", "latest"]
+
+
+def test_deletion_runs_beside_training_and_a_save_waits_for_it(tmp_path, monkeypatch):
+    """keep_checkpoints' deletion (2 TB a checkpoint at 145B) must not hold rank 0, and so every
+    rank at its next collective: start returns while the deletion still runs; wait (before a
+    save, and at the end of the run) returns once it is done."""
+    import shutil
+    import threading
+
+    from dsmoe_megatron.run_dir import Deletions
+
+    (tmp_path / "iter_0000001.deleting").mkdir()
+    rmtree, release, entered = shutil.rmtree, threading.Event(), threading.Event()
+
+    def slow(path, *args, **kwargs):
+        entered.set()
+        assert release.wait(30), "the deletion was not released"
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow)
+    deletions = Deletions()
+    deletions.start(tmp_path, "keep_checkpoints=1")  # a synchronous deletion would hang here
+    assert entered.wait(30) and (tmp_path / "iter_0000001.deleting").exists()
+    release.set()
+    deletions.wait()
+    assert not (tmp_path / "iter_0000001.deleting").exists()
 
 
 def test_deletion_goes_on_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeypatch):
