@@ -232,27 +232,24 @@ def test_a_damaged_checkpoint_of_megatron_lm_names_its_tracker(tmp_path):
             f"{tmp_path / checkpoint.MEGATRON_LM_TRACKER}, ") in str(damaged.value)
 
 
-def test_a_checkpoint_being_deleted_is_not_loaded(tmp_path):
+@pytest.mark.parametrize("suffix, what", [
+    (".deleting", "set aside for deletion (an older checkpoint keep_checkpoints is deleting"),
+    (".partial", "the unfinished save of an interrupted run"),
+])
+def test_a_checkpoint_being_deleted_or_written_is_not_loaded(tmp_path, suffix, what):
     """keep_checkpoints renames an older checkpoint iter_XXXXXXX.deleting before it deletes it;
     named by hand (--checkpoint, load:), one still whole, or half deleted by another process,
-    was read as a checkpoint."""
+    was read as a checkpoint. A save is written as iter_XXXXXXX.partial."""
     import torch
     from torch.distributed.checkpoint import save
 
     from dsmoe_megatron import checkpoint
 
-    save({"w": torch.zeros(2)}, checkpoint_id=str(tmp_path / "iter_0000002"), no_dist=True)
-    (tmp_path / "iter_0000002" / "metadata.json").write_text("{}")
-    (tmp_path / "iter_0000002").rename(tmp_path / "iter_0000002.deleting")
+    ckpt = tmp_path / f"iter_0000002{suffix}"
+    save({"w": torch.zeros(2)}, checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "metadata.json").write_text("{}")
     with pytest.raises(checkpoint.CheckpointError) as error:
-        checkpoint.resolve(tmp_path / "iter_0000002.deleting")
-    assert str(error.value).startswith(
-        f"{tmp_path / 'iter_0000002.deleting'} is set aside for deletion (an older checkpoint "
-        "keep_checkpoints is deleting"), error.value
-    assert f"pass the save directory {tmp_path} for its newest complete one" in str(error.value)
-    (tmp_path / "iter_0000002.deleting").rename(tmp_path / "iter_0000002.partial")
-    with pytest.raises(checkpoint.CheckpointError) as error:
-        checkpoint.resolve(tmp_path / "iter_0000002.partial")
-    assert str(error.value).startswith(
-        f"{tmp_path / 'iter_0000002.partial'} is the unfinished save of an interrupted run, not a "
-        "checkpoint; pass the save directory"), error.value
+        checkpoint.resolve(ckpt)
+    assert str(error.value).startswith(f"{ckpt} is {what}"), error.value
+    assert (f"not a checkpoint; pass the save directory {tmp_path} for its newest complete one"
+            in str(error.value))
