@@ -306,7 +306,7 @@ def markdown(meta, results, baseline) -> str:
 def _traffic_lines(results, baseline, ep, shape) -> list[str]:
     rows = results[ep][0][shape]["traffic"]
     dense = results["1"][0][shape]["traffic"]["dense-equivalent"] if "1" in results else None
-    lines = [f"Bytes moved outside the GEMMs, per token (forward + backward, bf16, rank 0; "
+    lines = ["Bytes moved outside the GEMMs, per token (forward + backward, bf16, rank 0; "
              "profiling.bytes_moved):", "",
              "| impl | forward | backward | total | x dense-equivalent | before | of which row "
              "moves | before | GEMM operands |", "| --- | --- | --- | --- | --- | --- | --- | --- "

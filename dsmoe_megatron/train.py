@@ -183,43 +183,9 @@ class Trainer:
         self.consumed_samples = 0
         self._load_if_asked(resume)
         self.train_ds, self.valid_ds = self._build_data()
-        batch = train.global_batch(self.dp_size)
-        if len(self.train_ds) < batch and _rank0():
-            print(f"warning: the train split holds {len(self.train_ds)} samples of "
-                  f"{train.seq_length} tokens, fewer than one global batch ({batch}): every step "
-                  "repeats samples; add data, a larger train share of split, or a smaller "
-                  "global_batch_size or seq_length", file=sys.stderr, flush=True)
-        valid = len(self.valid_ds) if self.valid_ds is not None else math.inf
-        if valid < train.eval_iters * batch and _rank0():
-            fits = valid // batch
-            print(f"warning: the valid split holds {valid} samples of "
-                  f"{train.seq_length} tokens, fewer than an evaluation reads (eval_iters x "
-                  f"global batch = {train.eval_iters} x {batch}): each evaluation repeats "
-                  "samples and valid_loss weights some of them more than others; "
-                  + (f"set eval_iters <= {fits}, or " if fits else "")
-                  + "add data or a larger valid share of split", file=sys.stderr, flush=True)
+        self._warn_if_splits_are_small()
         self.writer = self._tensorboard()
-        self.metrics_file = None
-        if _rank0() and train.save:
-            from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME
-            from dsmoe_megatron.run_dir import (METRICS_NAME, rewind_metrics,
-                                                set_aside_newer_checkpoints)
-            from dsmoe_megatron.yaml_config import dump_run_config
-
-            Path(train.save).mkdir(parents=True, exist_ok=True)
-            # The merged config beside the checkpoints; each checkpoint carries a copy.
-            dump_run_config(run, Path(train.save) / RUN_CONFIG_NAME)
-            moved = rewind_metrics(train.save, self.iteration)
-            if moved:
-                since = (f"after iteration {self.iteration} (after the checkpoint resumed from)"
-                         if self.iteration else "by an earlier run that saved no checkpoint")
-                _log(f"moved {moved} metrics records logged {since} to metrics.discarded.jsonl")
-            aside = set_aside_newer_checkpoints(train.save, self.iteration)
-            if aside:
-                _log(f"kept the checkpoints past the one resumed from, which this run would "
-                     f"replace, as {', '.join(aside)} in {train.save}; delete them when not "
-                     "needed")
-            self.metrics_file = open(Path(train.save) / METRICS_NAME, "a")
+        self.metrics_file = self._prepare_save_dir() if _rank0() and train.save else None
 
     def _claim_save_dir(self, resume: str, overwrite: bool) -> bool:
         """Rank 0 takes the save directory's run lock, then decides (and with --overwrite
@@ -265,6 +231,51 @@ class Trainer:
         return resumed
 
     # ---- construction ---------------------------------------------------------------------
+    def _warn_if_splits_are_small(self) -> None:
+        if not _rank0():
+            return
+        train = self.run.train
+        batch = train.global_batch(self.dp_size)
+        if len(self.train_ds) < batch:
+            print(f"warning: the train split holds {len(self.train_ds)} samples of "
+                  f"{train.seq_length} tokens, fewer than one global batch ({batch}): every step "
+                  "repeats samples; add data, a larger train share of split, or a smaller "
+                  "global_batch_size or seq_length", file=sys.stderr, flush=True)
+        valid = len(self.valid_ds) if self.valid_ds is not None else math.inf
+        if valid < train.eval_iters * batch:
+            fits = valid // batch
+            print(f"warning: the valid split holds {valid} samples of "
+                  f"{train.seq_length} tokens, fewer than an evaluation reads (eval_iters x "
+                  f"global batch = {train.eval_iters} x {batch}): each evaluation repeats "
+                  "samples and valid_loss weights some of them more than others; "
+                  + (f"set eval_iters <= {fits}, or " if fits else "")
+                  + "add data or a larger valid share of split", file=sys.stderr, flush=True)
+
+    def _prepare_save_dir(self):
+        """Rank 0: the run's config beside its checkpoints, and what a crashed attempt logged or
+        saved past the checkpoint this run continues from set aside; returns metrics.jsonl,
+        open to append."""
+        from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME
+        from dsmoe_megatron.run_dir import (METRICS_NAME, rewind_metrics,
+                                            set_aside_newer_checkpoints)
+        from dsmoe_megatron.yaml_config import dump_run_config
+
+        train = self.run.train
+        Path(train.save).mkdir(parents=True, exist_ok=True)
+        # The merged config beside the checkpoints; each checkpoint carries a copy.
+        dump_run_config(self.run, Path(train.save) / RUN_CONFIG_NAME)
+        moved = rewind_metrics(train.save, self.iteration)
+        if moved:
+            since = (f"after iteration {self.iteration} (after the checkpoint resumed from)"
+                     if self.iteration else "by an earlier run that saved no checkpoint")
+            _log(f"moved {moved} metrics records logged {since} to metrics.discarded.jsonl")
+        aside = set_aside_newer_checkpoints(train.save, self.iteration)
+        if aside:
+            _log(f"kept the checkpoints past the one resumed from, which this run would "
+                 f"replace, as {', '.join(aside)} in {train.save}; delete them when not "
+                 "needed")
+        return open(Path(train.save) / METRICS_NAME, "a")
+
     def _build_model(self):
         from megatron.core.transformer.module import Float16Module
 

@@ -483,8 +483,6 @@ def test_a_refused_start_removing_its_lock_file_lets_no_two_runs_in(tmp_path, mo
     """A start refused while it set up removes the lock file and the directory it created. A
     start that made the directory or opened the file just before then takes the lock on the
     file there now: it locked the removed one (or failed to open it), and a third start got in."""
-    import fcntl
-
     from dsmoe_megatron import run_dir
 
     save = tmp_path / "run"
@@ -617,7 +615,6 @@ def test_deletion_runs_beside_training_and_a_save_waits_for_it(tmp_path, monkeyp
     """keep_checkpoints' deletion (2 TB a checkpoint at 145B) must not hold rank 0, and so every
     rank at its next collective: start returns while the deletion still runs; wait (before a
     save, and at the end of the run) returns once it is done."""
-    import shutil
     import threading
 
     from dsmoe_megatron.run_dir import Deletions
@@ -643,8 +640,6 @@ def test_deletion_goes_on_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeyp
     """A .deleting directory that could not be deleted (a file of it held open over NFS, where
     the directory then stays non-empty) must not stop the deletion of the newer ones, at every
     save: the disk would fill while keep_checkpoints was set."""
-    import shutil
-
     from dsmoe_megatron.checkpoint import remove_leftover_dirs
 
     for name in ("iter_0000001.deleting", "iter_0000002.deleting", "iter_0000004"):
