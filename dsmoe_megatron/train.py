@@ -369,12 +369,10 @@ class Trainer:
                 f"{train.train_iters} leaves nothing to train (the iteration carries over); "
                 f"raise train_iters above {self.iteration}, or set finetune: true to start "
                 "from its weights at iteration 0")
-        # the lr schedule a resume changes (not the one of an import at iteration 0)
-        if resume and saved is not None and checkpoint.iteration_of(ckpt):
-            was, now = learning_rate(saved.train, self.updates), learning_rate(train, self.updates)
-            if not math.isclose(was, now):  # e.g. a finished cosine schedule extended
-                _log(f"the lr schedule changes: the next step (iteration {self.iteration + 1}) "
-                     f"trains at lr {now:.4g}, where the checkpoint's settings give {was:.4g}")
+        # A resume without the first run's key=value overrides takes the YAML's (a checkpoint
+        # at iteration 0, from-hf's, was trained with nothing).
+        if resume and saved is not None and self.iteration:
+            self._report_changed_training(ckpt, saved.train)
         was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
         if was is not None and was != now:
             before = saved.train if saved is not None else train  # eval_iters may change too
@@ -386,6 +384,21 @@ class Trainer:
                     "validation samples (eval_iters x global batch)"
                     + (f", where it averaged {evaluated}" if evaluated else "")
                     if train.eval_interval and evaluated != train.eval_iters * now else ""))
+
+    def _report_changed_training(self, ckpt: Path, before) -> None:
+        """Name the training settings a resume changes, and the next step's lr where the
+        schedule changes it (e.g. a finished cosine schedule extended)."""
+        now = self.run.train
+        changed = [f"{name} {getattr(before, name)} -> {getattr(now, name)}"
+                   for name in _TRAINED_WITH if getattr(before, name) != getattr(now, name)]
+        if changed:
+            _log(f"the config changes what {ckpt} was trained with: {', '.join(changed)}; "
+                 "the run continues with the new values (to keep the old ones, give the "
+                 "key=value overrides the run was started with again)")
+        was, lr = learning_rate(before, self.updates), learning_rate(now, self.updates)
+        if not math.isclose(was, lr):
+            _log(f"the lr schedule changes: the next step (iteration {self.iteration + 1}) "
+                 f"trains at lr {lr:.4g}, where the checkpoint's settings give {was:.4g}")
 
     def _stop_if_complete(self) -> None:
         """A chained job (sbatch --dependency=singleton) that finds the run complete ends before
@@ -403,7 +416,7 @@ class Trainer:
         hyper-parameters, but only into the model it was saved from: name the first field of
         its run.yaml that differs. Returns the run config it was saved with (None without
         one)."""
-        from dsmoe_megatron.checkpoint import iteration_of, model_difference, saved_run_config
+        from dsmoe_megatron.checkpoint import model_difference, saved_run_config
 
         saved = saved_run_config(ckpt)
         if saved is None:
@@ -414,16 +427,6 @@ class Trainer:
         if saved.layout != self.run.layout:
             _log(f"resharding {ckpt} from {_describe_layout(saved.layout)} to "
                  f"{_describe_layout(self.run.layout)}")
-        # A resume without the first run's key=value overrides takes the YAML's (a checkpoint
-        # at iteration 0, from-hf's, was trained with nothing).
-        if resume and iteration_of(ckpt):
-            changed = [f"{name} {getattr(saved.train, name)} -> {getattr(self.run.train, name)}"
-                       for name in _TRAINED_WITH
-                       if getattr(saved.train, name) != getattr(self.run.train, name)]
-            if changed:
-                _log(f"the config changes what {ckpt} was trained with: {', '.join(changed)}; "
-                     "the run continues with the new values (to keep the old ones, give the "
-                     "key=value overrides the run was started with again)")
         if (resume or not self.run.train.finetune) \
                 and saved.train.seq_length != self.run.train.seq_length:
             _log(f"seq_length changes from {saved.train.seq_length} to "
