@@ -67,6 +67,7 @@ def model_summary(run: RunConfig) -> dict:
     per_token = flops_per_token(cfg, params.padded_vocab_size, train.seq_length)
     nominal = nominal_flops_per_token(cfg, params.vocab_size, train.seq_length)
     pattern = cfg.moe_layer_pattern()
+    checkpoint = params.total * (bytes_per_weight(cfg) + CHECKPOINT_OPTIMIZER_BYTES)
     return {
         "total_params": params.total,
         "activated_params": params.activated,
@@ -85,7 +86,12 @@ def model_summary(run: RunConfig) -> dict:
         "nominal_flops_per_4k_tokens": nominal * TOKENS_4K,
         "flops_convention": FLOPS_CONVENTION,
         "nominal_flops_convention": NOMINAL_CONVENTION,
-        "checkpoint_bytes": params.total * (bytes_per_weight(cfg) + CHECKPOINT_OPTIMIZER_BYTES),
+        "checkpoint_bytes": checkpoint,
+        # keep_checkpoints=N: a save writes the next one beside the N kept, then deletes the
+        # oldest (and waits for an earlier deletion first). null: every checkpoint stays.
+        "keep_checkpoints": train.keep_checkpoints,
+        "checkpoints_peak_bytes": (checkpoint * (train.keep_checkpoints + 1)
+                                   if train.keep_checkpoints else None),
     }
 
 
@@ -231,10 +237,13 @@ def format_model(plan: dict, config_path: str) -> list[str]:
         f"({plan['total_params']:,} total, {plan['activated_params']:,} activated; untied "
         "embedding and output layer, padded vocabulary rows included; activated = all but the "
         "routed experts a token does not visit)", "  ", "   ")
+    keep = plan["keep_checkpoints"]
     lines += _wrap(f"checkpoint: {_si(plan['checkpoint_bytes'], 'B')} on disk, all ranks' "
                    f"shards together ({plan['checkpoint_bytes'] // plan['total_params']} bytes "
-                   "per parameter: the weights, and Adam's fp32 master weights and moments; "
-                   "keep_checkpoints bounds how many stay)", "  ", "   ")
+                   "per parameter: the weights, and Adam's fp32 master weights and moments); "
+                   + (f"keep_checkpoints={keep}: up to {keep + 1} at once while a save runs, "
+                      f"{_si(plan['checkpoints_peak_bytes'], 'B')}" if keep else
+                      "every one is kept: keep_checkpoints: N keeps the newest N"), "  ", "   ")
     lines.append("")
     lines.append("Training compute")
     lines.append(f"  per token            {_si(plan['flops_per_token'], 'FLOPs')}")

@@ -1058,3 +1058,18 @@ def test_the_planned_checkpoint_size_is_what_a_save_writes(tmp_path, precision):
     written = sum(f.stat().st_size for f in (tmp_path / "run" / "iter_0000001").rglob("*"))
     planned = make("tiny.yaml", overrides, world_size=2)["checkpoint_bytes"]
     assert 0 <= written - planned < 2**20
+
+
+def test_keep_checkpoints_bounds_the_disk_a_run_takes(capsys):
+    """A save writes the next checkpoint beside the N kept, then deletes the oldest: N + 1 at
+    once. At 145B (144.6B parameters, bf16: 2 + 12 bytes each) keep_checkpoints=3 needs
+    4 x 2.025 TB."""
+    every = make("deepseekmoe_145b.yaml")
+    kept = make("deepseekmoe_145b.yaml", ["keep_checkpoints=3"])
+    assert every["checkpoints_peak_bytes"] is None
+    assert kept["checkpoint_bytes"] == every["checkpoint_bytes"] == every["total_params"] * 14
+    assert kept["checkpoints_peak_bytes"] == 4 * kept["total_params"] * 14
+    assert f"{kept['checkpoints_peak_bytes'] / 1e12:.2f}" == "8.10"
+    assert plan.main(["yaml_configs/deepseekmoe_145b.yaml", "keep_checkpoints=3"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "keep_checkpoints=3: up to 4 at once while a save runs, 8.099TB" in text
