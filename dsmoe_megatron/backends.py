@@ -16,6 +16,7 @@ import os
 import sys
 
 import torch
+from torch.torch_version import TorchVersion
 
 DISABLE_TE_ENV = "DSMOE_DISABLE_TE"
 
@@ -55,13 +56,18 @@ def apex_available() -> bool:
 
 
 @functools.cache
-def grouped_mm_runs() -> bool:
-    """Whether ``torch._grouped_mm`` runs on this machine's device: torch 2.8 has it for CUDA
-    only (no CPU kernel; 2.9 added one), so a tiny call tells on the CPU."""
+def grouped_mm_runs(dtype: torch.dtype | None = None) -> bool:
+    """Whether ``torch._grouped_mm`` runs on this machine's device (in ``dtype``, if given).
+
+    torch 2.8 has it for CUDA only (no CPU kernel; 2.9 added one), so a tiny call tells on the
+    CPU. On CUDA, torch 2.8 has only its grouped kernel: bf16 on sm90 ("only supported on CUDA
+    devices with compute capability = 9.0"); 2.9 added a loop of GEMMs for the rest.
+    """
     if not hasattr(torch, "_grouped_mm"):
         return False
     if torch.cuda.is_available():
-        return True
+        return TorchVersion(torch.__version__) >= "2.9" or (
+            dtype in (None, torch.bfloat16) and torch.cuda.get_device_capability()[0] == 9)
     try:
         torch._grouped_mm(torch.zeros(2, 8), torch.zeros(1, 8, 8),
                           offs=torch.tensor([2], dtype=torch.int32))
@@ -73,15 +79,16 @@ def grouped_mm_runs() -> bool:
 def grouped_mm_available(dtype: torch.dtype | None = None) -> bool:
     """Whether ``torch._grouped_mm`` runs a grouped kernel here (for ``dtype``, if given).
 
-    On CUDA torch has one for bf16 on sm90 and newer only; elsewhere it falls back to a GEMM per
+    On CUDA torch has one for bf16 on sm90 and sm100 only (its gate is compute capability major
+    9 or 10: not sm120, the RTX / workstation Blackwell); elsewhere it falls back to a GEMM per
     expert after copying the offsets to the host, a host sync per GEMM (the per-expert loop
     syncs once per layer). On the CPU any dtype runs, from torch 2.9.
     """
-    if not grouped_mm_runs():
+    if not grouped_mm_runs(dtype):
         return False
     if not torch.cuda.is_available():
         return True
-    return dtype in (None, torch.bfloat16) and torch.cuda.get_device_capability() >= (9, 0)
+    return dtype in (None, torch.bfloat16) and torch.cuda.get_device_capability()[0] in (9, 10)
 
 
 def resolve_expert_backend(requested: str, dtype: torch.dtype | None = None) -> str:

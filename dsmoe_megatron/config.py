@@ -408,10 +408,12 @@ def validate(cfg: DeepSeekMoEConfig) -> None:
             "moe_expert_backend='te' needs Transformer Engine, which does not import here; use "
             "'auto' (picks te > grouped_mm > sequential) or install dsmoe-megatron[te]"
         )
-    if cfg.moe_expert_backend == "grouped_mm" and not _grouped_mm_runs():
+    if cfg.moe_expert_backend == "grouped_mm" and not _grouped_mm_runs(cfg.params_dtype):
         raise ConfigError(
-            "moe_expert_backend='grouped_mm' needs torch._grouped_mm for this device (torch >= "
-            "2.8 on GPUs, >= 2.9 on the CPU); use 'auto' (the per-expert loop here) or a newer torch"
+            "moe_expert_backend='grouped_mm' needs torch._grouped_mm for this device and "
+            f"params_dtype {cfg.params_dtype} (torch >= 2.8 for bf16 on sm90 GPUs, >= 2.9 on other "
+            "GPUs, in other dtypes and on the CPU); use 'auto' (the per-expert loop here) or a "
+            "newer torch"
         )
 
 
@@ -421,10 +423,10 @@ def _te_available() -> bool:
     return te_available()
 
 
-def _grouped_mm_runs() -> bool:
+def _grouped_mm_runs(dtype: torch.dtype) -> bool:
     from dsmoe_megatron.backends import grouped_mm_runs
 
-    return grouped_mm_runs()
+    return grouped_mm_runs(dtype)
 
 
 def _gpu_capability() -> tuple[int, int] | None:

@@ -281,8 +281,9 @@ def test_grouped_mm_backend_needs_a_torch_that_runs_it_here(monkeypatch, grouped
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     grouped_mm_runs.cache_clear()
     try:
-        with pytest.raises(ConfigError, match=r"needs torch._grouped_mm for this device \(torch "
-                                              r">= 2.8 on GPUs, >= 2.9 on the CPU\); use 'auto'"):
+        with pytest.raises(ConfigError, match=r"needs torch._grouped_mm for this device and "
+                                              r"params_dtype torch.float32 \(torch >= 2.8 for "
+                                              r"bf16 on sm90 GPUs, >= 2.9 .*\); use 'auto'"):
             tiny_config(moe_expert_backend="grouped_mm")
         assert resolve_expert_backend("auto", torch.float32) == "sequential"
     finally:
