@@ -106,6 +106,16 @@ class DeepSeekMoE(MegatronModule):
         self.layer_number = layer_number
         self.router.set_layer_number(layer_number)
 
+    @property
+    def linear_fc1(self):
+        """What Megatron's TransformerLayer tells to keep the pre-MLP norm's output unquantized
+        (``set_save_original_input``) when it recomputes that norm under FP8 / FP4
+        (``recompute_modules`` with ``layernorm``); its MoELayer names its shared experts' fc1 the
+        same way. The router and the routed experts keep no quantized copy of it."""
+        if self.shared_experts is None:
+            return _NoSharedExperts()
+        return self.shared_experts.linear_fc1
+
     def take_expert_load(self) -> torch.Tensor | None:
         load, self.expert_load = self.expert_load, None
         return load
@@ -216,3 +226,9 @@ class DeepSeekMoE(MegatronModule):
         if self._experts_sharded():
             return mappings.reduce_from_tensor_model_parallel_region(routed, group=group)
         return mappings.gather_from_sequence_parallel_region(routed, False, group=group)
+
+
+class _NoSharedExperts:
+    """``DeepSeekMoE.linear_fc1`` of a block without shared experts: nothing to tell."""
+
+    save_original_input = False

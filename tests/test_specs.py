@@ -109,3 +109,40 @@ def test_local_norms_are_zero_centered_as_transformer_engines(single_rank):
     with torch.no_grad():
         norm.weight.fill_(0.5)
     torch.testing.assert_close(norm(x), normed * 1.5)
+
+
+@pytest.mark.parametrize("shared", [1, 0])
+def test_fp8_layernorm_recompute_builds_moe_layers(single_rank, monkeypatch, shared):
+    """Recomputing the pre-MLP norm under FP8 (recompute_modules 'layernorm', a recipe other
+    than delayed), Megatron's TransformerLayer calls set_save_original_input on
+    ``mlp.linear_fc1`` of every MLP that is not its MoELayer: every MoE layer failed to build
+    ("'DeepSeekMoE' object has no attribute 'linear_fc1'"). The shared experts' fc1 now takes
+    the norm's output unquantized, as in Megatron's MoELayer. Transformer Engine is a stand-in:
+    its modules' save_original_input flag, set by Megatron's helper."""
+    import torch
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.transformer import transformer_config
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from dsmoe_megatron import config as config_module
+
+    monkeypatch.setattr(config_module, "_te_available", lambda: True)
+    monkeypatch.setattr(config_module, "_gpu_supports", lambda capability: True)
+    monkeypatch.setattr(transformer_config, "is_te_min_version", lambda *a, **k: True)
+    kept = []
+
+    def set_save_original_input(module):
+        module.save_original_input = True
+        kept.append(module)
+
+    monkeypatch.setattr(te_extension, "set_save_original_input", set_save_original_input)
+    cfg = tiny_config(fp8="hybrid", fp8_recipe="tensorwise", bf16=True,
+                      params_dtype=torch.bfloat16, recompute_granularity="selective",
+                      recompute_modules=["layernorm"], moe_num_shared_experts=shared)
+    block = TransformerBlock(cfg, get_dsmoe_block_spec(cfg, use_te=False))
+    moe_layers = [layer for layer in block.layers if isinstance(layer.mlp, DeepSeekMoE)]
+    assert len(moe_layers) == 3 and all(l.recompute_pre_mlp_layernorm for l in moe_layers)
+    if shared:
+        assert all(layer.mlp.shared_experts.linear_fc1.save_original_input
+                   for layer in moe_layers)
+        assert all(layer.mlp.shared_experts.linear_fc1 in kept for layer in moe_layers)
