@@ -17,7 +17,7 @@ top-k weights not renormalised (DeepSeekMoE)   ``moe_router_pre_softmax=True`` (
                                                experts, then top-k); ``False`` renormalises
 FP8                                            ``fp8`` (``"e4m3"`` / ``"hybrid"``) and
                                                ``fp8_recipe``; needs TE and a GPU that runs
-                                               the recipe (``mxfp8``: Blackwell)
+                                               the recipe (``mxfp8``: B200 / B300)
 =============================================  ==============================================
 
 Added here: the shared-expert count, the first dense layers, the device-level balance loss and
@@ -102,6 +102,9 @@ _RECIPE_MIN_CAPABILITY = {
 }
 _GPU_GENERATIONS = {(8, 9): "FP8 tensor cores: Ada, Hopper or newer", (9, 0): "Hopper or newer",
                     (10, 0): "Blackwell"}
+# The first GPU a recipe stops running on: Transformer Engine has no MXFP8 GEMMs for compute
+# capability 12.x (RTX / workstation Blackwell), only for 10.x (B200, B300).
+_RECIPE_END_CAPABILITY = {("fp8", "mxfp8"): (12, 0)}
 
 
 _DROPLESS = "routing is dropless: every token reaches its k experts"
@@ -287,17 +290,21 @@ def _check_low_precision(cfg: DeepSeekMoEConfig) -> None:
                 f"{setting} needs Transformer Engine, which does not import here; install "
                 f"dsmoe-megatron[te] on a CUDA machine or set {fmt}: null")
         need = _RECIPE_MIN_CAPABILITY.get((fmt, recipe))
-        if need is None or _gpu_supports(need):
+        end = _RECIPE_END_CAPABILITY.get((fmt, recipe))
+        if need is None or _gpu_supports(need, end):
             continue
         have = _gpu_capability()
         usable = [r for (f, r), c in _RECIPE_MIN_CAPABILITY.items()
-                  if f == fmt and r != "custom" and have is not None and c <= have]
+                  if f == fmt and r != "custom" and have is not None and c <= have
+                  and have < _RECIPE_END_CAPABILITY.get((f, r), (99, 0))]
         fix = (f"use {recipe_field}: {' or '.join(usable)}, or set {fmt}: null" if usable
                else f"set {fmt}: null on this machine")
         here = f"this GPU is {have[0]}.{have[1]}" if have else "there is no GPU here"
+        beyond = (f" and below {end[0]}.{end[1]} (Transformer Engine has no {recipe} kernels for "
+                  f"{end[0]}.x)" if end and have and have >= end else "")
         raise ConfigError(
             f"{setting} needs a GPU of compute capability >= {need[0]}.{need[1]} "
-            f"({_GPU_GENERATIONS[need]}); {here}: {fix}")
+            f"({_GPU_GENERATIONS[need]}){beyond}; {here}: {fix}")
 
 
 def _fill_deepseek_defaults(cfg: DeepSeekMoEConfig) -> None:
@@ -433,9 +440,10 @@ def _gpu_capability() -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
 
 
-def _gpu_supports(capability: tuple[int, int]) -> bool:
+def _gpu_supports(capability: tuple[int, int], end: tuple[int, int] | None = None) -> bool:
+    """Whether this GPU's compute capability is ``capability`` or newer (and below ``end``)."""
     have = _gpu_capability()
-    return have is not None and have >= capability
+    return have is not None and have >= capability and (end is None or have < end)
 
 
 def _gpu_supports_fp8() -> bool:

@@ -233,6 +233,12 @@ def low_precision(**fields):
     ((9, 0), dict(fp4="e2m1"),
      "fp4='e2m1' (fp4_recipe='nvfp4') needs a GPU of compute capability >= 10.0 (Blackwell); "
      "this GPU is 9.0: set fp4: null on this machine"),
+    # RTX / workstation Blackwell: Transformer Engine refuses MXFP8 at the first step ("MXFP8
+    # (for all gemm layouts) is not supported on 12.0+ architectures yet").
+    ((12, 0), dict(fp8="hybrid", fp8_recipe="mxfp8"),
+     "fp8='hybrid' (fp8_recipe='mxfp8') needs a GPU of compute capability >= 10.0 (Blackwell) "
+     "and below 12.0 (Transformer Engine has no mxfp8 kernels for 12.x); this GPU is 12.0: use "
+     "fp8_recipe: delayed or tensorwise or blockwise, or set fp8: null"),
 ])
 def test_low_precision_recipes_are_checked_against_the_gpu(monkeypatch, capability, fields,
                                                            message):
@@ -247,7 +253,10 @@ def test_low_precision_recipes_are_checked_against_the_gpu(monkeypatch, capabili
     ((9, 0), dict(fp8="hybrid", fp8_recipe="tensorwise")),
     ((9, 0), dict(fp8="e4m3", fp8_recipe="blockwise")),
     ((10, 0), dict(fp8="hybrid", fp8_recipe="mxfp8")),
+    ((10, 3), dict(fp8="hybrid", fp8_recipe="mxfp8")),
+    ((12, 0), dict(fp8="hybrid", fp8_recipe="tensorwise")),
     ((10, 0), dict(fp4="e2m1")),
+    ((12, 0), dict(fp4="e2m1")),
 ])
 def test_low_precision_recipes_the_gpu_runs_are_accepted(monkeypatch, capability, fields):
     fake_gpu(monkeypatch, capability)

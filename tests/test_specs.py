@@ -127,7 +127,7 @@ def test_fp8_layernorm_recompute_builds_moe_layers(single_rank, monkeypatch, sha
     from dsmoe_megatron import config as config_module
 
     monkeypatch.setattr(config_module, "_te_available", lambda: True)
-    monkeypatch.setattr(config_module, "_gpu_supports", lambda capability: True)
+    monkeypatch.setattr(config_module, "_gpu_supports", lambda *args: True)
     monkeypatch.setattr(transformer_config, "is_te_min_version", lambda *a, **k: True)
     kept = []
 
