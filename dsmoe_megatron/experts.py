@@ -236,6 +236,12 @@ class TEGroupedExperts(RoutedExperts):
             self.num_local_experts, config.moe_ffn_hidden_size, hidden,
             init_method=config.output_layer_init_method, **common)
         self.pad_multiple = get_align_size_for_quantization(config)
+        if self.recompute_activation and (config.fp8 or config.fp4):
+            # Else fc2 keeps its own quantized copy of the SwiGLU output, which the recompute
+            # exists not to keep (Megatron's TEGroupedMLP does the same).
+            from megatron.core.extensions.transformer_engine import set_save_original_input
+
+            set_save_original_input(self.down_proj)
 
     def fc1(self, rows, counts, host_counts):
         return self.gate_up_proj(rows, host_counts)[0]

@@ -396,3 +396,39 @@ def test_router_padding_for_fp8_is_refused_with_the_reason():
     for key in ("moe_router_padding_for_fp8", "moe_router_padding_for_quantization"):
         with pytest.raises(ConfigError, match="pad each expert's rows for FP8 themselves"):
             tiny_config(**{key: True})
+
+
+def test_te_experts_recomputing_the_activation_under_fp8_keep_it_unquantized(monkeypatch):
+    """With recompute_modules moe_act under FP8 / FP4, Transformer Engine's fc2 kept its own
+    quantized copy of the SwiGLU output, which the recompute then drops and remakes for nothing:
+    fc2 must keep the original (set_save_original_input), as Megatron's TEGroupedMLP does.
+    Transformer Engine's grouped linears are stand-ins (one weight per expert)."""
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from dsmoe_megatron.experts import TEGroupedExperts
+
+    class GroupedLinear(torch.nn.Module):
+        def __init__(self, num_gemms, input_size, output_size, **kwargs):
+            super().__init__()
+            for i in range(num_gemms):
+                self.register_parameter(f"weight{i}",
+                                        torch.nn.Parameter(torch.zeros(output_size, input_size)))
+            self.save_original_input = False
+
+    kept = []
+
+    def set_save_original_input(module):
+        module.save_original_input = True
+        kept.append(module)
+
+    for name in ("TEColumnParallelGroupedLinear", "TERowParallelGroupedLinear"):
+        monkeypatch.setattr(te_extension, name, GroupedLinear, raising=False)
+    monkeypatch.setattr(te_extension, "set_save_original_input", set_save_original_input)
+    for recompute, quantized in ((["moe_act"], True), (["moe_act"], False), (["core_attn"], True)):
+        cfg = tiny_config(recompute_granularity="selective", recompute_modules=recompute)
+        cfg.fp8 = "hybrid" if quantized else None  # after the config's checks: no TE here
+        kept.clear()
+        routed = TEGroupedExperts(cfg, ProcessGroupCollection.use_mpu_process_groups())
+        expected = [routed.down_proj] if quantized and recompute == ["moe_act"] else []
+        assert kept == expected, (recompute, quantized)
