@@ -114,7 +114,8 @@ class RoutedExperts(torch.nn.Module):
         if self.config.bias_activation_fusion:
             from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
-            return weighted_bias_swiglu_impl(fc1, None, probs.unsqueeze(-1))
+            return weighted_bias_swiglu_impl(fc1, None, probs.unsqueeze(-1),
+                                             self.config.activation_func_fp8_input_store)
         return ops.weighted_swiglu(fc1, probs)
 
     def _sharded(self, key, tensor, width_axis, sharded_offsets, replica_id, expert=None):

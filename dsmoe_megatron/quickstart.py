@@ -4,8 +4,9 @@ What the hardware needs is decided here, in one place:
 
 - no GPU: the YAML as it is, in this process (the trainer trains in fp32 on CPU);
 - GPUs: ``torchrun`` on all of them, bf16 (fp32 on a GPU without bf16 tensor cores, where the
-  expert backend ``auto`` then picks the per-expert loop), and the smallest global batch of at
-  least the YAML's that every data-parallel rank's micro-batches divide.
+  expert backend ``auto`` then picks the per-expert loop unless Transformer Engine imports), and
+  the smallest global batch of at least the YAML's that every data-parallel rank's micro-batches
+  divide.
 
 Overrides given on the command line come last, so they win.
 """

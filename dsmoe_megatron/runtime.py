@@ -170,17 +170,25 @@ def _device_index(local_rank: int) -> int:
 
 def _limit_cuda_connections(layout: ParallelLayout) -> None:
     """Megatron-core orders tensor-parallel communication against compute with a single CUDA
-    hardware queue (``CUDA_DEVICE_MAX_CONNECTIONS=1``, read when the CUDA context is created).
-    Set it before this process touches CUDA; warn if that is already too late."""
+    hardware queue (``CUDA_DEVICE_MAX_CONNECTIONS=1``, read when a device's CUDA context is
+    created). Set it before this process creates one; warn if that is already too late."""
     if layout.tensor == 1 and not layout.sequence_parallel:
         return
-    if not torch.cuda.is_initialized():
+    if not _cuda_context_created():
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     elif os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
         warnings.warn(
             "tensor parallelism wants CUDA_DEVICE_MAX_CONNECTIONS=1, but CUDA was initialised "
             "before dsmoe_megatron.runtime.initialize() could set it; export it in the launch "
             "script", stacklevel=3)
+
+
+def _cuda_context_created() -> bool:
+    """Whether a device's CUDA context exists. Asking about the devices, as Transformer Engine's
+    import does (with flash-attn: their compute capability), starts torch's CUDA but creates no
+    context, so the variable set then still holds."""
+    return torch.cuda.is_initialized() and any(
+        torch._C._cuda_hasPrimaryContext(i) for i in range(torch.cuda.device_count()))
 
 
 def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234,

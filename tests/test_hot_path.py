@@ -332,6 +332,24 @@ def test_fusions_follow_the_machine():
         assert not any(allowed.values())
 
 
+@pytest.mark.parametrize("fp8_store", [False, True])
+def test_the_fused_expert_swiglu_keeps_its_input_as_the_config_says(fp8_store):
+    """activation_func_fp8_input_store: Megatron's fused weighted SwiGLU (a GPU's
+    bias_activation_fusion; it also runs here) keeps fc1's output for backward in FP8, as its
+    MoE experts ask. The routed experts called it without the setting, which was ignored."""
+    block = make_block()
+    experts = block.experts
+    experts.config.bias_activation_fusion = True  # off on a CPU machine: set by hand
+    experts.config.activation_func_fp8_input_store = fp8_store
+    fc1 = torch.randn(6, 2 * experts.config.moe_ffn_hidden_size, dtype=torch.bfloat16,
+                      requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t,
+                                                  lambda t: t):
+        experts.activation(fc1, torch.rand(6))
+    assert (torch.float8_e4m3fn in kept) == fp8_store, kept
+
+
 def test_a_kernel_extension_that_fails_to_import_leaves_its_fusion_off(monkeypatch, tmp_path,
                                                                        capsys):
     """On a GPU machine, apex's fused_weight_gradient_mlp_cuda built for another torch is found

@@ -164,3 +164,27 @@ def test_leftover_launcher_variables_stop_dsmoe_train_in_one_line(world_size, pr
     line = f"dsmoe-train: RANK='0', WORLD_SIZE={world_size!r}, LOCAL_RANK='0': {problem}"
     assert proc.stderr.splitlines()[-1].startswith(line), proc.stderr
     assert proc.stderr.endswith(f"{TORCHRUN_FIX}\n") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_tensor_parallel_limits_cuda_connections_until_a_context_exists(monkeypatch, context):
+    """CUDA_DEVICE_MAX_CONNECTIONS is read when a device's context is created. Transformer
+    Engine's import (with flash-attn) asks for the compute capability, which starts torch's CUDA
+    (torch.cuda.is_initialized) without a context: the variable was then never set, on every
+    tensor-parallel run with TE. It is set unless a context exists, and else the run is told."""
+    import warnings
+
+    import torch
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch._C, "_cuda_hasPrimaryContext", lambda i: context and i == 1,
+                        raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runtime._limit_cuda_connections(runtime.ParallelLayout(tensor=2))
+        runtime._limit_cuda_connections(runtime.ParallelLayout())  # no TP: left as it is
+    told = [str(w.message) for w in caught if "CUDA_DEVICE_MAX_CONNECTIONS" in str(w.message)]
+    assert os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == (None if context else "1")
+    assert len(told) == context
