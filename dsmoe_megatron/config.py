@@ -105,6 +105,8 @@ _GPU_GENERATIONS = {(8, 9): "FP8 tensor cores: Ada, Hopper or newer", (9, 0): "H
 # The first GPU a recipe stops running on: Transformer Engine has no MXFP8 GEMMs for compute
 # capability 12.x (RTX / workstation Blackwell), only for 10.x (B200, B300).
 _RECIPE_END_CAPABILITY = {("fp8", "mxfp8"): (12, 0)}
+# The CUDA a recipe's Transformer Engine kernels need of torch's build (torch.version.cuda).
+_RECIPE_MIN_CUDA = {("fp8", "blockwise"): (12, 9)}
 
 
 _DROPLESS = "routing is dropless: every token reaches its k experts"
@@ -289,6 +291,13 @@ def _check_low_precision(cfg: DeepSeekMoEConfig) -> None:
             raise ConfigError(
                 f"{setting} needs Transformer Engine, which does not import here; install "
                 f"dsmoe-megatron[te] on a CUDA machine or set {fmt}: null")
+        cuda = _RECIPE_MIN_CUDA.get((fmt, recipe))
+        if cuda is not None and _gpu_capability() is not None and _torch_cuda() < cuda:
+            raise ConfigError(
+                f"{setting} needs torch built for CUDA >= {cuda[0]}.{cuda[1]} (Transformer "
+                f"Engine's block-scaled FP8 GEMMs); this torch is built for CUDA "
+                f"{torch.version.cuda}: install a torch for CUDA {cuda[0]}.{cuda[1]} or newer "
+                f"(PyPI's default is CUDA 13), or use {recipe_field}: tensorwise")
         need = _RECIPE_MIN_CAPABILITY.get((fmt, recipe))
         end = _RECIPE_END_CAPABILITY.get((fmt, recipe))
         if need is None or _gpu_supports(need, end):
@@ -438,6 +447,10 @@ def _grouped_mm_runs(dtype: torch.dtype) -> bool:
 
 def _gpu_capability() -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+
+
+def _torch_cuda() -> tuple[int, ...]:
+    return tuple(int(part) for part in (torch.version.cuda or "0.0").split(".")[:2])
 
 
 def _gpu_supports(capability: tuple[int, int], end: tuple[int, int] | None = None) -> bool:

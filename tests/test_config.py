@@ -248,6 +248,23 @@ def test_low_precision_recipes_are_checked_against_the_gpu(monkeypatch, capabili
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("cuda, refused", [("12.8", True), ("12.9", False), ("13.0", False)])
+def test_blockwise_fp8_needs_a_torch_built_for_cuda_12_9(monkeypatch, cuda, refused):
+    """Transformer Engine runs block-scaled FP8 GEMMs with CUDA >= 12.9 only ("FP8 block scaled
+    GEMM requires compute capability 9.0 or higher and CUDA >= 12.9"), at the first FP8 step."""
+    fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    if not refused:
+        assert low_precision(fp8="e4m3", fp8_recipe="blockwise").fp8_recipe == "blockwise"
+        return
+    with pytest.raises(ConfigError) as err:
+        low_precision(fp8="e4m3", fp8_recipe="blockwise")
+    assert ("fp8='e4m3' (fp8_recipe='blockwise') needs torch built for CUDA >= 12.9 (Transformer "
+            "Engine's block-scaled FP8 GEMMs); this torch is built for CUDA 12.8: install a torch "
+            "for CUDA 12.9 or newer (PyPI's default is CUDA 13), or use fp8_recipe: tensorwise"
+            ) in str(err.value)
+
+
 @pytest.mark.parametrize("capability, fields", [
     ((8, 9), dict(fp8="hybrid")),
     ((9, 0), dict(fp8="hybrid", fp8_recipe="tensorwise")),
