@@ -535,6 +535,18 @@ def _index_digest(prefixes: Sequence[str]) -> str:
     return f"idx_{digest.hexdigest()[:16]}"
 
 
+class _DocumentTokenizer:
+    """What Megatron's GPTDataset reads of a tokenizer, without its pad id, which the dataset
+    zeroes in the inputs and masks in the loss. Indexed documents hold no padding, and data
+    tokenized with an imported model's own tokenizer uses the byte tokenizer's pad id (258) for
+    a word piece of its own."""
+
+    def __init__(self, tokenizer: ByteTokenizer) -> None:
+        self.eod = tokenizer.eod
+        self.vocab_size = tokenizer.vocab_size
+        self.unique_identifiers = tokenizer.unique_identifiers  # names the cached indices
+
+
 def build_gpt_datasets(
     data_path: Sequence[str] | str,
     seq_length: int,
@@ -580,7 +592,7 @@ def build_gpt_datasets(
         blend=(prefixes, weights),
         split=split,
         path_to_cache=os.fspath(cache_dir),
-        tokenizer=tokenizer,
+        tokenizer=_DocumentTokenizer(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

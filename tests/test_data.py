@@ -542,6 +542,30 @@ def test_gpt_samples_come_from_corpus(corpus_prefix, tmp_path):
             assert torch.equal(sample["position_ids"], torch.arange(seq_length))
 
 
+def test_ids_of_a_models_own_tokenizer_are_neither_zeroed_nor_masked(tmp_path):
+    """Text tokenized with an imported model's tokenizer holds ids the byte tokenizer gives its
+    special tokens (258, its pad, is a common word piece of a byte-level BPE). Megatron's
+    dataset replaced every id equal to the tokenizer's pad by 0 and left it out of the loss;
+    indexed documents hold no padding, so every token is trained on as written."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    pad = ByteTokenizer().pad
+    documents = [[300 + i % 7, pad, 256, 257, pad, pad, 301] for i in range(60)]
+    prefix = str(tmp_path / "own_tokenizer")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(400))
+    for document in documents:
+        builder.add_item(torch.tensor(document))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    train, _ = data.build_gpt_datasets([prefix], 16, seed=0, split="100,0,0", cache_dir=tmp_path)
+    written = {token for document in documents for token in document}
+    for idx in range(len(train)):
+        sample = train[idx]
+        text = torch.cat([sample["tokens"], sample["labels"][-1:]]).tolist()
+        assert set(text) <= written and pad in text, text
+        assert sample["loss_mask"].sum() == 16
+
+
 def test_split_sizes(tmp_path):
     prefix = make_prefix(tmp_path, "ten", numbered_paragraphs("d", 10))
     train, valid = data.build_gpt_datasets(
