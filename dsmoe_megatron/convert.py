@@ -573,6 +573,10 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "
 
 def read_hf_config(hf_dir: str | Path) -> dict:
     given, hf_dir = str(hf_dir), Path(hf_dir)
+    if hf_dir.is_file():  # the index, config.json or a shard of the download
+        raise ConversionError(
+            f"--hf {hf_dir} is a file; --hf takes the model's directory, which holds "
+            f"config.json and the safetensors files: pass --hf {hf_dir.parent}")
     if not hf_dir.is_dir():
         hub = (f"; --hf takes a local directory: download a model of the Hugging Face Hub first "
                f"(hf download {given} --local-dir DIR), then pass --hf DIR"

@@ -1625,6 +1625,20 @@ def test_a_hub_model_id_given_as_hf_says_to_download_it(tmp_path, monkeypatch):
     assert "hf download" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "config.json",
+                                  "model-00001-of-00002.safetensors"])
+def test_a_file_of_the_model_given_as_hf_names_its_directory(tmp_path, name):
+    """--hf pointed at a file of the download (its index, config.json, a shard) said that the
+    directory does not exist, of a file that does."""
+    write_hf_model(tmp_path / "hf", small_hf_config())
+    with pytest.raises(ConversionError) as err:
+        convert.import_from_hf(tmp_path / "hf" / name, tmp_path / "megatron")
+    assert str(err.value) == (
+        f"--hf {tmp_path / 'hf' / name} is a file; --hf takes the model's directory, which "
+        f"holds config.json and the safetensors files: pass --hf {tmp_path / 'hf'}")
+    assert not (tmp_path / "megatron").exists()
+
+
 def test_the_readme_downloads_the_model_it_converts():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     local = re.search(r"^hf download deepseek-ai/deepseek-moe-16b-base --local-dir (\S+)", readme,
