@@ -88,6 +88,23 @@ def check_corpus_tokenizer(train) -> None:
         raise ConfigError(problem)
 
 
+def imported_tokenizer(train) -> tuple[Path, list[str]] | None:
+    """(directory, file names) of the tokenizer of the from-hf import the run started from
+    (``load:``), where it has one of its own."""
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.convert import kept_source, tokenizer_files
+
+    if not train.load:
+        return None
+    try:
+        kept = kept_source(checkpoint.resolve(train.load), train.vocab_size)
+    except CheckpointError:
+        return None
+    files = tokenizer_files(kept, "replace it with a complete copy of the model's original "
+                            "file") if kept else []
+    return (kept, files) if files else None
+
+
 def learning_rate(train, updates: int) -> float:
     """The lr of the update after ``updates`` applied ones: linear warmup, then step decay (x
     factor at each fraction of train_iters), cosine or constant."""
@@ -456,12 +473,20 @@ class Trainer:
         index past the embedding: an IndexError on a CPU, a device-side assert on a GPU."""
         largest = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
         if largest >= self.vocab_size:
+            data = (f"data_path {self.run.train.data_path or '(the shipped corpus)'} holds token "
+                    f"id {largest}, but vocab_size is {self.vocab_size}")
+            own = imported_tokenizer(self.run.train)
+            if own:  # the import's vocabulary is fixed by its weights: its tokenizer is the fix
+                kept, files = own
+                raise ValueError(
+                    f"{data}: the data was tokenized with a larger vocabulary than the model's "
+                    f"own tokenizer ({', '.join(files)} in {kept}); tokenize the text with it "
+                    f"(dsmoe-preprocess --tokenizer {kept} --input FILE ... --output-prefix "
+                    "PREFIX) and set data_path to its prefix")
             raise ValueError(
-                f"data_path {self.run.train.data_path or '(the shipped corpus)'} holds token id "
-                f"{largest}, but vocab_size "
-                f"is {self.vocab_size}: the data was tokenized with a larger vocabulary; set "
-                "vocab_size to that tokenizer's size (GPT-2's: 50257), or preprocess the text "
-                "with dsmoe-preprocess for the byte-level vocabulary (259)")
+                f"{data}: the data was tokenized with a larger vocabulary; set vocab_size to that "
+                "tokenizer's size (GPT-2's: 50257), or preprocess the text with dsmoe-preprocess "
+                "for the byte-level vocabulary (259)")
 
     def _forward_backward(self, data_iterator, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func

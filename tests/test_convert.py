@@ -764,6 +764,33 @@ def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt,
     check_corpus_tokenizer(SimpleNamespace(load=str(save), vocab_size=300))
 
 
+def test_data_beyond_an_imports_vocabulary_points_to_the_imports_tokenizer(rt, tmp_path):
+    """Text tokenized with another model's tokenizer (ids past the import's vocabulary) was
+    refused with the advice to change vocab_size, which the import's weights fix, or to
+    tokenize for the byte tokenizer, which the model does not read: the fix is its own."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    write_hf_model(tmp_path / "hf", small_hf_config(), dtype=torch.float32, shards=1)
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    save = convert.import_from_hf(tmp_path / "hf", tmp_path / "import")
+    prefix = str(tmp_path / "other_tokenizer")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(1000))
+    for start in range(0, 4000, 100):
+        builder.add_item(torch.arange(start, start + 100) % 1000)
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        train_from(save, tmp_path / "run", f"data_path=[{prefix}]", "split=100,0,0")
+    err = refused.value.stderr.decode()
+    assert "Traceback" not in err, err
+    kept = save / convert.HF_SOURCE_DIR
+    assert re.search(re.escape(f"data_path ['{prefix}'] holds token id ") + r"\d+" + re.escape(
+        f", but vocab_size is 300: the data was tokenized with a larger vocabulary than the "
+        f"model's own tokenizer (tokenizer.json in {kept}); tokenize the text with it "
+        f"(dsmoe-preprocess --tokenizer {kept} --input FILE ... --output-prefix PREFIX) and set "
+        "data_path to its prefix\n"), err), err
+
+
 def test_a_run_from_an_import_resumes_after_the_import_is_removed(rt, tmp_path):
     """A resume reads its own save directory, not load:. The check of the import's tokenizer
     resolved load: first, so a run whose import's weights were deleted after it started (tens
