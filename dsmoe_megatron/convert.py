@@ -736,7 +736,21 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
         run = build_run_config(hf, [*_dtype_overrides(dtype), *overrides])
     check_shapes(shapes, hf_expected_shapes(dims), f"{hf_dir}:", shape_of=lambda s: s)
     params_dtype = run.model.params_dtype
-    sources = hf_to_megatron(reader.get, dims, padded)
+
+    def get(name: str) -> torch.Tensor:
+        """The source tensor, refused where it does not fit in the run's dtype (bf16 or fp32
+        weights beyond fp16's range would be written as inf)."""
+        t = reader.get(name)
+        if t.is_floating_point() and torch.finfo(params_dtype).max < torch.finfo(t.dtype).max:
+            overflow = int(torch.isinf(t.to(params_dtype)).sum())
+            if overflow:
+                raise ConversionError(
+                    f"{name} in {reader.files[name]}: {overflow} of {t.numel()} values overflow "
+                    f"{DTYPE_NAMES[params_dtype]} (the largest is {float(t.abs().max()):.4g}); "
+                    "import with --dtype bf16 or fp32")
+        return t
+
+    sources = hf_to_megatron(get, dims, padded)
 
     def tensor_of(key: str) -> torch.Tensor:
         return sources[canonical_name(key)]().to(params_dtype)

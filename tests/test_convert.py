@@ -1192,6 +1192,24 @@ def test_import_refuses_non_finite_weights_naming_tensor_and_file(rt, tmp_path, 
     assert not out.exists() and not out.with_name("m.partial").exists()
 
 
+def test_import_refuses_weights_that_overflow_fp16_naming_tensor_and_file(rt, tmp_path, capsys):
+    """--dtype fp16 of bf16 weights beyond fp16's range (65504) wrote inf into the checkpoint
+    without a word: the run from it diverged at once, and to-hf called the weights broken."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    write_hf_model(tmp_path / "hf", small_hf_config(torch_dtype="bfloat16"), shards=1)
+    edit_tensors(tmp_path / "hf", lambda t: t[name].__setitem__((3, 5), 1e6))
+    [path] = (tmp_path / "hf").glob("*.safetensors")
+    out = tmp_path / "m"
+    code, err = run_cli(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out),
+                         "--dtype", "fp16"], capsys)
+    assert code == 2, err
+    [line] = [x for x in err.splitlines() if x.startswith("dsmoe-convert: error: ")]
+    assert line.endswith(f"{name} in {path}: 1 of {64 * 96} values overflow float16 (the "
+                         "largest is 9.994e+05); import with --dtype bf16 or fp32"), line
+    assert not out.exists() and not out.with_name("m.partial").exists()
+    assert convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(out)]) == 0
+
+
 @pytest.mark.parametrize("change, message", [
     ([1, 2], "must hold a JSON object of model settings .*, not a list"),
     (dict(hidden_size="64"), r"hidden_size must be a positive integer, got '64' \(a string\)"),
