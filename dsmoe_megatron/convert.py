@@ -589,12 +589,26 @@ def read_hf_config(hf_dir: str | Path) -> dict:
         ours = (f"; {hf_dir} is a checkpoint of dsmoe-train or Megatron-LM: to-hf exports it"
                 if checkpoint.is_ours(hf_dir)
                 or (hf_dir / checkpoint.MEGATRON_LM_TRACKER).exists() else "")
+        snapshot = _hub_cache_snapshot(hf_dir)
+        if snapshot is not None:  # `hf download` without --local-dir
+            ours = (f"; it is the Hugging Face cache's folder of the model: pass its snapshot, "
+                    f"--hf {snapshot}")
         raise ConversionError(f"{path} is missing, so {hf_dir} is not a Hugging Face model "
                               f"directory (--hf){ours}")
     hf = read_json(path, "replace it with a complete copy",
                    holding=' of model settings ("hidden_size": 2048, ...)')
     model_fields_from_hf(hf, where=str(path))  # what the Megatron model cannot represent
     return hf
+
+
+def _hub_cache_snapshot(folder: Path) -> Path | None:
+    """The model directory in a Hugging Face Hub cache folder (models--ORG--NAME): the snapshot
+    refs/main names, else the newest one holding a config.json."""
+    snapshots = [d for d in (folder / "snapshots").glob("*") if (d / "config.json").is_file()]
+    main = folder / "refs" / "main"
+    if main.is_file() and folder / "snapshots" / main.read_text().strip() in snapshots:
+        return folder / "snapshots" / main.read_text().strip()
+    return max(snapshots, key=lambda d: d.stat().st_mtime, default=None)
 
 
 def make_run_config(model_fields: Mapping, vocab_size: int | None = None,

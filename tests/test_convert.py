@@ -1684,6 +1684,29 @@ def test_a_file_of_the_model_given_as_hf_names_its_directory(tmp_path, name):
     assert not (tmp_path / "megatron").exists()
 
 
+def test_a_hub_cache_folder_given_as_hf_names_its_snapshot(tmp_path):
+    """`hf download` without --local-dir keeps the model in the Hub cache, in
+    models--ORG--NAME/snapshots/COMMIT; --hf of the models-- folder said only that it holds no
+    config.json."""
+    cache = tmp_path / "models--deepseek-ai--deepseek-moe-16b-base"
+    old, new = cache / "snapshots" / "0a1b", cache / "snapshots" / "9f8e"
+    for snapshot in (old, new):
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(json.dumps(small_hf_config()))
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0a1b")  # the one the download named
+    with pytest.raises(ConversionError) as err:
+        convert.import_from_hf(cache, tmp_path / "megatron")
+    assert str(err.value) == (
+        f"{cache / 'config.json'} is missing, so {cache} is not a Hugging Face model directory "
+        f"(--hf); it is the Hugging Face cache's folder of the model: pass its snapshot, --hf "
+        f"{old}")
+    (cache / "refs" / "main").unlink()
+    os.utime(old, (1, 1))  # without refs/main: the newest snapshot
+    with pytest.raises(ConversionError, match=re.escape(f"pass its snapshot, --hf {new}")):
+        convert.import_from_hf(cache, tmp_path / "megatron")
+
+
 def test_the_readme_downloads_the_model_it_converts():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     local = re.search(r"^hf download deepseek-ai/deepseek-moe-16b-base --local-dir (\S+)", readme,
