@@ -65,6 +65,7 @@ from dsmoe_megatron.hf.streaming import (  # noqa: E402
     DistCheckpointReader,
     SafetensorsReader,
     StreamingSaveStrategy,
+    check_fits,
     write_safetensors_shards,
 )
 
@@ -754,14 +755,10 @@ def import_from_hf(hf_dir: str | Path, out_dir: str | Path, overrides: Iterable[
     def get(name: str) -> torch.Tensor:
         """The source tensor, refused where it does not fit in the run's dtype (bf16 or fp32
         weights beyond fp16's range would be written as inf)."""
-        t = reader.get(name)
+        t = reader.get(name)  # finite: the reader checks
         if t.is_floating_point() and torch.finfo(params_dtype).max < torch.finfo(t.dtype).max:
-            overflow = int(torch.isinf(t.to(params_dtype)).sum())
-            if overflow:
-                raise ConversionError(
-                    f"{name} in {reader.files[name]}: {overflow} of {t.numel()} values overflow "
-                    f"{DTYPE_NAMES[params_dtype]} (the largest is {float(t.abs().max()):.4g}); "
-                    "import with --dtype bf16 or fp32")
+            check_fits(f"{name} in {reader.files[name]}", t, t.to(params_dtype),
+                       "import with --dtype bf16 or fp32")
         return t
 
     sources = hf_to_megatron(get, dims, padded)

@@ -184,10 +184,18 @@ def _exported(name: str, t: torch.Tensor, dtype: torch.dtype,
         return out
     check_finite(name, t, "the checkpoint", "these weights are broken; export an earlier "
                  "checkpoint, or pass --allow-non-finite to write them anyway")
-    raise ConversionError(
-        f"{name}: {int((~torch.isfinite(out)).sum())} of {out.numel()} values overflow "
-        f"{DTYPE_NAMES[dtype]} (the largest is {float(t.abs().max()):.4g}); export with "
-        "--dtype bf16 or fp32")
+    check_fits(name, t, out, "export with --dtype bf16 or fp32")
+    return out  # not reached: t or out is not finite
+
+
+def check_fits(name: str, t: torch.Tensor, out: torch.Tensor, fix: str) -> None:
+    """Refuse ``out``, the finite tensor ``name`` (``t``) cast to a narrower dtype, where values
+    overflowed it (bf16 or fp32 weights beyond fp16's range become inf)."""
+    overflow = int((~torch.isfinite(out)).sum())
+    if overflow:
+        raise ConversionError(
+            f"{name}: {overflow} of {out.numel()} values overflow {DTYPE_NAMES[out.dtype]} (the "
+            f"largest is {float(t.abs().max()):.4g}); {fix}")
 
 
 def check_finite(name: str, t: torch.Tensor, where: str, fix: str) -> None:
