@@ -388,8 +388,8 @@ class Trainer:
                 "from its weights at iteration 0")
         # A resume without the first run's key=value overrides takes the YAML's (a checkpoint
         # at iteration 0, from-hf's, was trained with nothing).
-        if resume and saved is not None and self.iteration:
-            self._report_changed_training(ckpt, saved.train)
+        if saved is not None and self.iteration:
+            self._report_changed_training(ckpt, saved.train, resume)
         was, now = extra.get("global_batch"), train.global_batch(self.dp_size)
         if was is not None and was != now:
             before = saved.train if saved is not None else train  # eval_iters may change too
@@ -402,10 +402,17 @@ class Trainer:
                     + (f", where it averaged {evaluated}" if evaluated else "")
                     if train.eval_interval and evaluated != train.eval_iters * now else ""))
 
-    def _report_changed_training(self, ckpt: Path, before) -> None:
-        """Name the training settings a resume changes, and the next step's lr where the
-        schedule changes it (e.g. a finished cosine schedule extended)."""
+    def _report_changed_training(self, ckpt: Path, before, resume: bool) -> None:
+        """Name what the config changes of how the checkpoint was trained: the sample stream
+        a run continues (not an import's, at iteration 0) and, on resume, the training
+        settings and the next step's lr (e.g. a finished cosine schedule extended)."""
         now = self.run.train
+        if before.seq_length != now.seq_length:
+            _log(f"seq_length changes from {before.seq_length} to {now.seq_length}: the data is "
+                 "cut into other samples, so the run does not continue the sample stream it was "
+                 "reading")
+        if not resume:
+            return
         changed = [f"{name} {getattr(before, name)} -> {getattr(now, name)}"
                    for name in _TRAINED_WITH if getattr(before, name) != getattr(now, name)]
         if changed:
@@ -444,11 +451,6 @@ class Trainer:
         if saved.layout != self.run.layout:
             _log(f"resharding {ckpt} from {_describe_layout(saved.layout)} to "
                  f"{_describe_layout(self.run.layout)}")
-        if (resume or not self.run.train.finetune) \
-                and saved.train.seq_length != self.run.train.seq_length:
-            _log(f"seq_length changes from {saved.train.seq_length} to "
-                 f"{self.run.train.seq_length}: the data is cut into other samples, so the run "
-                 "does not continue the sample stream it was reading")
         return saved
 
     # ---- one step -------------------------------------------------------------------------

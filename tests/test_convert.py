@@ -683,13 +683,15 @@ def train_from(save: Path, out: Path, *overrides: str) -> Path:
     """One dsmoe-train step from the checkpoint in ``save`` (``load:``), with the model of its
     run.yaml and a learning rate too small to move a weight by a bf16 rounding step."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    subprocess.run([sys.executable, "-m", "dsmoe_megatron.train",
-                    str(checkpoint.resolve(save) / checkpoint.RUN_CONFIG_NAME), f"load={save}",
-                    f"save={out}", f"seq_length={SEQ}", "micro_batch_size=2",
-                    "global_batch_size=2", "train_iters=1", "save_interval=1", "lr=1e-9",
-                    "min_lr=0", "lr_warmup_iters=0", "eval_interval=null",
-                    "tensorboard_dir=null", *overrides],
-                   env=env, check=True, timeout=600, capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "dsmoe_megatron.train",
+                             str(checkpoint.resolve(save) / checkpoint.RUN_CONFIG_NAME),
+                             f"load={save}", f"save={out}", f"seq_length={SEQ}",
+                             "micro_batch_size=2", "global_batch_size=2", "train_iters=1",
+                             "save_interval=1", "lr=1e-9", "min_lr=0", "lr_warmup_iters=0",
+                             "eval_interval=null", "tensorboard_dir=null", *overrides],
+                            env=env, check=True, timeout=600, capture_output=True, text=True)
+    # An import, at iteration 0, was read from no sample stream, whatever its seq_length.
+    assert "the sample stream it was reading" not in result.stdout + result.stderr
     return checkpoint.resolve(out)
 
 
@@ -701,7 +703,8 @@ def test_a_run_from_a_bf16_import_trains_the_imported_weights(rt, tmp_path, prec
     takes the bf16 weights as they are."""
     write_hf_model(tmp_path / "hf", small_hf_config(torch_dtype="bfloat16"), shards=1)
     save = convert.import_from_hf(tmp_path / "hf", tmp_path / "import")  # bf16, the source's
-    after = train_from(save, tmp_path / "run", f"model_parallel.bf16={precision == 'bf16'}")
+    after = train_from(save, tmp_path / "run", f"model_parallel.bf16={precision == 'bf16'}",
+                       "seq_length=8")  # another than the import's: no stream to continue
     before = streaming.DistCheckpointReader(checkpoint.resolve(save))
     trained = streaming.DistCheckpointReader(after)
     for name in before.shapes:
@@ -1549,9 +1552,9 @@ def test_export_of_a_dsmoe_train_checkpoint_with_optimizer_state(tmp_path):
     save = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     subprocess.run([sys.executable, "-m", "dsmoe_megatron.train", "yaml_configs/tiny.yaml",
-                    "train_iters=2", "lr_warmup_iters=1", "eval_interval=null", f"save={save}", "save_interval=2",
-                    "tensorboard_dir=null"], cwd=REPO, env=env, check=True, timeout=600,
-                   capture_output=True)
+                    "train_iters=2", "lr_warmup_iters=1", "eval_interval=null", f"save={save}",
+                    "save_interval=2", "tensorboard_dir=null"], cwd=REPO, env=env, check=True,
+                   timeout=600, capture_output=True)
     ckpt = checkpoint.resolve(save)
     from torch.distributed.checkpoint import FileSystemReader
 
