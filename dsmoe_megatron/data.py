@@ -14,6 +14,7 @@ import argparse
 import bz2
 import collections
 import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -522,16 +523,39 @@ def check_blend(data_path: Sequence[str] | str, split: str, seq_length: int, val
     return prefixes, weights, one_pass
 
 
+def index_digests(prefixes: Sequence[str]) -> list[str]:
+    """The sha256 of each dataset's .idx file, which fixes every document's length, and so
+    the samples: a dataset rebuilt at the same prefix has another."""
+    digests = []
+    for prefix in prefixes:
+        stat = os.stat(get_idx_path(prefix))
+        digests.append(_file_sha256(get_idx_path(prefix), stat.st_ino, stat.st_size,
+                                    stat.st_mtime_ns))
+    return digests
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    """Read once per version of the file (an .idx of a large corpus is gigabytes)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def blend_index_digests(data_path: Sequence[str]) -> dict[str, str]:
+    """{prefix: its .idx file's sha256} for the datasets of a Megatron blend."""
+    prefixes, _ = get_blend_from_list([os.fspath(p) for p in data_path])
+    return dict(zip(prefixes, index_digests(prefixes)))
+
+
 def _index_digest(prefixes: Sequence[str]) -> str:
-    """A digest of the datasets' .idx files, which fix every document's length.
+    """A digest of the datasets' .idx files.
 
     Megatron names its cached sample indices after the dataset's path, not its content: a
     dataset rebuilt at the same prefix (``dsmoe-preprocess --force``) would otherwise be read
     through the old one's indices, giving wrong samples or an IndexError."""
     digest = hashlib.sha256()
-    for prefix in prefixes:
-        with open(get_idx_path(prefix), "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+    for one in index_digests(prefixes):
+        digest.update(bytes.fromhex(one))
     return f"idx_{digest.hexdigest()[:16]}"
 
 

@@ -198,8 +198,10 @@ class Trainer:
         # overflow, and as in Megatron-LM a skipped step does not advance the schedule.
         self.updates = 0
         self.consumed_samples = 0
+        self.saved_data_indexes: tuple[Path, dict] | None = None  # set by a checkpoint's load
         self._load_if_asked(resume)
         self.train_ds, self.valid_ds = self._build_data()
+        self._say_which_datasets_changed()
         self._warn_if_splits_are_small()
         self.writer = self._tensorboard()
         self.metrics_file = self._prepare_save_dir() if _rank0() and train.save else None
@@ -328,7 +330,8 @@ class Trainer:
         return get_megatron_optimizer(opt_config, self.model)
 
     def _build_data(self):
-        from dsmoe_megatron.data import build_gpt_datasets, default_corpus_prefix
+        from dsmoe_megatron.data import (blend_index_digests, build_gpt_datasets,
+                                         default_corpus_prefix)
 
         train = self.run.train
         data_path = train.data_path
@@ -340,6 +343,7 @@ class Trainer:
                 holder = [data_path]
                 dist.broadcast_object_list(holder, src=0)
                 data_path = holder[0]
+        self.data_indexes = blend_index_digests(data_path)  # kept in each checkpoint
         # One pass over each split, whatever train_iters: a run extended on resume keeps its
         # sample stream (iterate_batches reshuffles per pass).
         # Without evaluation the valid split is neither built nor required to hold a sample.
@@ -379,6 +383,8 @@ class Trainer:
         self.iteration = int(extra.get("iteration", 0))
         self.updates = int(extra.get("updates", self.iteration))
         self.consumed_samples = int(extra.get("consumed_samples", 0))
+        if "data_indexes" in extra:  # not in checkpoints of earlier versions
+            self.saved_data_indexes = (ckpt, extra["data_indexes"])
         _log(f"loaded {ckpt} (iteration {self.iteration})")
         if self.iteration >= train.train_iters:  # a new run that would train nothing
             raise CheckpointError(
@@ -423,6 +429,19 @@ class Trainer:
         if not math.isclose(was, lr):
             _log(f"the lr schedule changes: the next step (iteration {self.iteration + 1}) "
                  f"trains at lr {lr:.4g}, where the checkpoint's settings give {was:.4g}")
+
+    def _say_which_datasets_changed(self) -> None:
+        """A dataset rebuilt at its prefix (``dsmoe-preprocess --force``) since the checkpoint
+        keeps its data_path, so the config change note does not name it: say it here."""
+        if self.saved_data_indexes is None:
+            return
+        ckpt, saved = self.saved_data_indexes
+        changed = [prefix for prefix, digest in self.data_indexes.items()
+                   if saved.get(prefix, digest) != digest]
+        if changed:
+            _log(f"the dataset{'s' * (len(changed) > 1)} {', '.join(changed)} changed since "
+                 f"{ckpt} was saved (another .idx: rebuilt in place?): the run does not "
+                 "continue the sample stream it was reading")
 
     def _stop_if_complete(self) -> None:
         """A chained job (sbatch --dependency=singleton) that finds the run complete ends before
@@ -664,7 +683,8 @@ class Trainer:
             save, self.iteration, self.model, self.optimizer,
             extra_state={"iteration": self.iteration, "updates": self.updates,
                          "consumed_samples": self.consumed_samples,
-                         "global_batch": self.run.train.global_batch(self.dp_size)},
+                         "global_batch": self.run.train.global_batch(self.dp_size),
+                         "data_indexes": self.data_indexes},
             run_config_yaml=run_yaml,
         )
         if self.run.train.keep_checkpoints and _rank0():

@@ -843,6 +843,35 @@ def test_a_train_split_smaller_than_a_global_batch_is_said(tmp_path):
             "(4): every step repeats samples") in out.stderr
 
 
+def test_a_resume_says_when_a_dataset_was_rebuilt_in_place(tmp_path):
+    """A dataset replaced at its prefix (dsmoe-preprocess --force) keeps data_path as it was:
+    the resume read other samples without a word."""
+    from dsmoe_megatron.data import preprocess
+
+    def write(name, texts):
+        source = tmp_path / name
+        source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        return source
+
+    prefix = preprocess([write("old.jsonl", ["a" * 300] * 4)], tmp_path / "corpus")
+    save = tmp_path / "run"
+
+    def train(iters, *extra):
+        out = subprocess.run(
+            [sys.executable, "-m", "dsmoe_megatron.train", TINY, *SMALL, f"train_iters={iters}",
+             "split=100,0,0", f"data_path=[{prefix}]", f"save={save}", "tensorboard_dir=null",
+             *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        return out.stdout + out.stderr
+
+    train(2)
+    assert "changed since" not in train(3, "--resume")
+    preprocess([write("new.jsonl", ["b" * 500] * 3)], prefix, force=True)
+    assert (f"the dataset {prefix} changed since {save / 'iter_0000003'} was saved (another "
+            ".idx: rebuilt in place?): the run does not continue the sample stream it was "
+            "reading") in train(4, "--resume")
+
+
 def test_a_valid_split_smaller_than_an_evaluation_is_said(tmp_path):
     """eval_iters=10 of a global batch of 4 read 40 samples of a valid split holding 5: each
     evaluation repeated them, some more often than others, without a word."""
