@@ -88,14 +88,18 @@ def _read_documents(path: str, min_document_chars: int, json_key: str = "text"
                     if text:
                         yield text
                 return
-            first = f.readline()
-            if _is_json_object(first):
+            # Blank lines, then the first with text ("" at the end; a bounded look ahead).
+            leading = [f.readline()]
+            while leading[-1] and not leading[-1].strip() and len(leading) < 10_000:
+                leading.append(f.readline())
+            if _is_json_object(leading[-1]):
                 raise ValueError(
-                    f"input file {path} looks like JSON lines (its first line is a JSON object) "
+                    f"input file {path} looks like JSON lines (its first non-blank line is a "
+                    "JSON object) "
                     "but is read as plain text because of its name, which would train on the "
                     "JSON syntax; give it the suffix .jsonl (or .json / .ndjson, before any .gz "
                     "/ .bz2 / .xz) to take each record's text")
-            lines = itertools.chain([first], f)
+            lines = itertools.chain(leading, f)
             yield from _merge_paragraphs(_paragraphs(lines, path), min_document_chars)
     except UnicodeDecodeError as err:
         compressed = "" if opener is open else f" once decompressed as {compression}"

@@ -148,10 +148,14 @@ def test_preprocess_refuses_json_lines_named_as_text(tmp_path):
     dataset = data.open_indexed_dataset(data.preprocess([tmp_path / "a.ndjson"], tmp_path / "a"))
     assert dataset[0].tolist() == TOKENIZER.tokenize("one") + [TOKENIZER.eod]
     (tmp_path / "b.txt.gz").write_bytes(gzip.compress(b'{"content": "two"}\n{"content": "x"}\n'))
-    with pytest.raises(ValueError, match=r"b\.txt\.gz looks like JSON lines \(its first line is a "
-                                         r"JSON object\) but is read as plain text"):
+    with pytest.raises(ValueError, match=r"b\.txt\.gz looks like JSON lines \(its first non-blank "
+                                         r"line is a JSON object\) but is read as plain text"):
         data.preprocess([tmp_path / "b.txt.gz"], tmp_path / "b")
     assert not list(tmp_path.glob("b.bin*"))
+    # Blank lines (and a byte-order mark) before the first record hid it.
+    (tmp_path / "d.txt").write_bytes(b'\xef\xbb\xbf\n \r\n{"text": "three"}\n')
+    with pytest.raises(ValueError, match=r"d\.txt looks like JSON lines"):
+        data.preprocess([tmp_path / "d.txt"], tmp_path / "d")
     (tmp_path / "c.txt").write_text("{braces} in prose\n\n{}x\n")  # text is still text
     data.preprocess([tmp_path / "c.txt"], tmp_path / "c")
 
