@@ -247,11 +247,23 @@ class TrainingArgs:
                 raise YamlConfigError(
                     f"data_path: {item!r} is one prefix with spaces, not a blend; list its "
                     f"parts: data_path=[{', '.join(w for i in blend for w in i.split())}]")
-        if not any(map(_is_number, blend)):  # [a, 0.7, b] lacks a weight, not a dataset 0.7
-            return
-        if len(blend) % 2 or not all(_is_number(w) for w in blend[::2]):
+        weighted = any(map(_is_number, blend))  # [a, 0.7, b] lacks a weight, not a dataset 0.7
+        if weighted and (len(blend) % 2 or not all(_is_number(w) for w in blend[::2])):
             raise YamlConfigError(f"data_path: {blend} looks like a weighted blend but is not "
                                   "'weight, prefix' pairs")
+        # A dataset listed twice is most likely a typo for another one.
+        seen: dict[str, str] = {}
+        for prefix in blend[1::2] if weighted else blend:
+            first = seen.get(os.path.normpath(prefix))
+            seen[os.path.normpath(prefix)] = prefix
+            if first is not None:
+                also = f" (also as {first})" if first != prefix else ""
+                raise YamlConfigError(
+                    f"data_path: {prefix} is given twice{also}; list each dataset once"
+                    + (", with the sum of its weights" if weighted else
+                       " (to weight datasets, give weights: [0.7, a, 0.3, b])"))
+        if not weighted:
+            return
         for weight, prefix in zip(blend[::2], blend[1::2]):
             if not (math.isfinite(float(weight)) and float(weight) > 0):
                 raise YamlConfigError(

@@ -538,6 +538,21 @@ def test_a_blend_with_a_missing_weight_is_refused(blend):
         load_run_config(TINY, [f"data_path={blend}"])
 
 
+@pytest.mark.parametrize("blend, message", [
+    ("[0.5, data/a, 0.5, data/a]", "data_path: data/a is given twice; list each dataset once, "
+                                   "with the sum of its weights"),
+    ("[1, a, 1, a]", "data_path: a is given twice; list each dataset once"),
+    ("[data/a, ./data/a]", "data_path: ./data/a is given twice (also as data/a); list each "
+                           "dataset once (to weight datasets, give weights"),
+])
+def test_a_dataset_given_twice_in_a_blend_is_refused(blend, message):
+    """[0.5, a, 0.5, a] trained on a alone, where the second entry was most likely meant to
+    name another dataset."""
+    with pytest.raises(YamlConfigError) as err:
+        load_run_config(TINY, [f"data_path={blend}"])
+    assert message in str(err.value)
+
+
 def test_a_blend_written_as_one_string_is_refused(tmp_path):
     """Megatron-LM's --data-path takes '0.7 a 0.3 b'; here that string is one prefix. The list
     to write holds every item's parts (it held the first item's only, dropping '0.3 b')."""
