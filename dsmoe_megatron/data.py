@@ -443,6 +443,12 @@ def _preprocess_hint(prefix: str) -> str:
                 + ("" if os.path.isfile(get_idx_path(stem)) else f"; {_preprocess_hint(stem)}"))
     present = any(map(os.path.exists, (get_bin_path(prefix), get_idx_path(prefix))))
     if not present:
+        if os.path.isdir(prefix):  # data_path=[data/]: "preprocess into data/" cannot be done
+            names = sorted(glob.glob(os.path.join(glob.escape(prefix), "*.idx")))[:4]
+            return (f"{prefix} is a directory; data_path takes a dataset's prefix, the path of "
+                    "its .bin / .idx without the extension"
+                    + (f", e.g. {names[0][:-4]} (of {', '.join(map(os.path.basename, names[:3]))}"
+                       f"{', ...' if len(names) > 3 else ''} there)" if names else ""))
         if os.path.isfile(prefix):  # data_path=[data/a.txt]
             name, compression = os.path.splitext(prefix)  # data/a.jsonl.gz -> data/a
             stem = os.path.splitext(name if compression.lower() in COMPRESSED_OPENERS

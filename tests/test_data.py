@@ -627,6 +627,20 @@ def test_missing_and_corrupt_dataset_errors(tmp_path):
         data.build_gpt_datasets([prefix], 16, seed=0)
 
 
+def test_data_path_naming_a_directory_asks_for_a_prefix_in_it(tmp_path):
+    """The advice was to preprocess into the directory's name, which dsmoe-preprocess refuses
+    (or makes a hidden data/.bin for data/)."""
+    for given in (str(tmp_path), f"{tmp_path}/"):
+        with pytest.raises(FileNotFoundError, match=r"is a directory; data_path takes a "
+                                                    r"dataset's prefix.*extension$"):
+            data.open_indexed_dataset(given)
+    make_prefix(tmp_path, "b", numbered_paragraphs("x", 5))
+    make_prefix(tmp_path, "a", numbered_paragraphs("x", 5))
+    with pytest.raises(FileNotFoundError) as err:
+        data.open_indexed_dataset(f"{tmp_path}/")
+    assert str(err.value).endswith(f"e.g. {tmp_path / 'a'} (of a.idx, b.idx there)")
+
+
 @pytest.mark.parametrize("name", ["my corpus.txt", "shard.jsonl.gz"])
 def test_data_path_naming_the_text_file_gives_the_command_that_makes_its_dataset(tmp_path,
                                                                                name):
