@@ -251,17 +251,6 @@ class TrainingArgs:
         if weighted and (len(blend) % 2 or not all(_is_number(w) for w in blend[::2])):
             raise YamlConfigError(f"data_path: {blend} looks like a weighted blend but is not "
                                   "'weight, prefix' pairs")
-        # A dataset listed twice is most likely a typo for another one.
-        seen: dict[str, str] = {}
-        for prefix in blend[1::2] if weighted else blend:
-            first = seen.get(os.path.normpath(prefix))
-            seen[os.path.normpath(prefix)] = prefix
-            if first is not None:
-                also = f" (also as {first})" if first != prefix else ""
-                raise YamlConfigError(
-                    f"data_path: {prefix} is given twice{also}; list each dataset once"
-                    + (", with the sum of its weights" if weighted else
-                       " (to weight datasets, give weights: [0.7, a, 0.3, b])"))
         if not weighted:
             return
         for weight, prefix in zip(blend[::2], blend[1::2]):
@@ -683,8 +672,9 @@ def split_shares(text: str) -> tuple[float, float, float] | None:
 
 
 def _check_paths(train: TrainingArgs) -> None:
-    """The output directories can be created and written, the checkpoint to load exists.
-    Nothing is created here: a run config is only read."""
+    """The output directories can be created and written, the checkpoint to load exists, no
+    dataset is listed twice. Nothing is created here: a run config is only read."""
+    _refuse_repeated_datasets(train.data_path or [])
     for key in ("save", "tensorboard_dir"):
         path = getattr(train, key)
         problem = output_dir_problem(path) if path is not None else None
@@ -695,6 +685,22 @@ def _check_paths(train: TrainingArgs) -> None:
         raise YamlConfigError(
             f"load={train.load}: {what} a checkpoint directory (the save directory of an earlier "
             "run); correct the path or set load: null")
+
+
+def _refuse_repeated_datasets(blend: list[str]) -> None:
+    """A dataset listed twice is most likely a typo for another one. Checked for a run about to
+    start, not in the run.yaml of a checkpoint, which earlier versions wrote with such blends."""
+    weighted = any(map(_is_number, blend))
+    seen: dict[str, str] = {}
+    for prefix in blend[1::2] if weighted else blend:
+        first = seen.get(os.path.normpath(prefix))
+        seen[os.path.normpath(prefix)] = prefix
+        if first is not None:
+            also = f" (also as {first})" if first != prefix else ""
+            raise YamlConfigError(
+                f"data_path: {prefix} is given twice{also}; list each dataset once"
+                + (", with the sum of its weights" if weighted else
+                   " (to weight datasets, give weights: [0.7, a, 0.3, b])"))
 
 
 def output_dir_problem(path: str) -> str | None:

@@ -553,6 +553,19 @@ def test_a_dataset_given_twice_in_a_blend_is_refused(blend, message):
     assert message in str(err.value)
 
 
+def test_a_checkpoint_whose_blend_lists_a_dataset_twice_still_reads(tmp_path):
+    """Earlier versions trained on [0.5, a, 0.5, b, 0.5, a]; the refusal of a dataset given twice
+    made the run.yaml of their checkpoints unreadable, so that no --resume, load: or to-hf
+    could use them."""
+    from dsmoe_megatron.checkpoint import RUN_CONFIG_NAME, saved_run_config
+
+    doc = yaml.safe_load(TINY.read_text())
+    doc["data_path"] = ["0.5", "data/a", "0.5", "data/b", "0.5", "data/a"]
+    (tmp_path / RUN_CONFIG_NAME).write_text(yaml.safe_dump(doc))
+    assert saved_run_config(tmp_path).train.data_path == [
+        "0.5", "data/a", "0.5", "data/b", "0.5", "data/a"]
+
+
 def test_a_blend_written_as_one_string_is_refused(tmp_path):
     """Megatron-LM's --data-path takes '0.7 a 0.3 b'; here that string is one prefix. The list
     to write holds every item's parts (it held the first item's only, dropping '0.3 b')."""
