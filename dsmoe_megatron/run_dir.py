@@ -28,7 +28,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -58,7 +57,8 @@ def run_files(save: Path) -> list[Path]:
 
 
 def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, list[Path]]:
-    """(whether this start continues the run in ``save``, the old run's files it deleted).
+    """(whether this start continues the run in ``save``, the old run's files it deleted or,
+    directories, set aside for deletion: ``Deletions`` deletes them).
 
     Raises RunDirError when the start may not happen; deletes only with ``overwrite``.
     """
@@ -108,7 +108,11 @@ def decide_resume(save: str | None, mode: str, overwrite: bool) -> tuple[bool, l
             f"{save_dir} already holds a run ({held}); pass {resume} to continue it, "
             "--overwrite to delete its files and start over, or choose another save directory")
     for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():  # a checkpoint (2 TB at 145B): renamed, deleted in the background
+            if not path.name.endswith(".deleting"):
+                checkpoint.set_aside_for_deletion(path)
+        else:
+            path.unlink()
     return False, existing
 
 

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -220,10 +221,11 @@ class Trainer:
             try:
                 if save is not None:
                     lock_save_dir(save)
-                resumed, removed = decide_resume(save, resume, overwrite)
-                unfinished = cut_short = []
+                cut_short = unfinished = []
                 if save is not None:
                     cut_short = [p.name for p in sorted(Path(save).glob("iter_*.deleting"))]
+                resumed, removed = decide_resume(save, resume, overwrite)
+                if save is not None:
                     unfinished = [p.name.removesuffix(".deleting")
                                   for p in set_aside_unfinished_saves(save)]
                 outcome[0] = resumed, removed, unfinished, cut_short
@@ -238,15 +240,15 @@ class Trainer:
             raise outcome[0]
         resumed, removed, unfinished, cut_short = outcome[0]
         if removed:
-            _log(f"--overwrite: deleted the previous run's {len(removed)} files in "
+            _log(f"--overwrite: deleting the previous run's {len(removed)} files in "
                  f"{self.run.train.save}")
         if unfinished:
             _log(f"deleting the unfinished save of an interrupted run: {', '.join(unfinished)}")
         if cut_short:
             _log(f"deleting {', '.join(cut_short)}, set aside by a killed run that had not "
                  "deleted them")
-        if _rank0() and (unfinished or cut_short):  # before the first save, which waits for it
-            self.deletions.start(save, "left by a killed run")
+        if _rank0() and (removed or unfinished or cut_short):  # the first save waits for it
+            self.deletions.start(save, "--overwrite" if removed else "left by a killed run")
         return resumed
 
     # ---- construction ---------------------------------------------------------------------
@@ -667,7 +669,10 @@ class Trainer:
         Costs one forward pass of a global batch (the next one) per save."""
         from dsmoe_megatron import checkpoint
 
-        self.deletions.wait()  # room for this checkpoint (2 TB at 145B)
+        # Room for this checkpoint (2 TB at 145B); the save of a stop, in a scheduler's grace
+        # time, goes first.
+        if not self.stopped_early:
+            self.deletions.wait()
         if not self._weights_finite():
             self._diverged("a weight", math.nan, weights_changed=True)
         # The batch of the next step; after the last step (no next one), the last step's.
@@ -981,7 +986,10 @@ def _interrupted(run, trainer, what: str = "interrupted") -> str:
 
     where = f"{what} at iteration {trainer.iteration}" if trainer is not None else what
     if run.train.save is not None:
-        checkpoint.remove_leftover_dirs(run.train.save)
+        # Renamed first: a kill during the deletion leaves a .deleting, which the next start
+        # finishes, not a .partial.
+        for path in checkpoint.set_aside_unfinished_saves(run.train.save):
+            shutil.rmtree(path, ignore_errors=True)
     return f"{where}; {_where_to_continue(run)}"
 
 

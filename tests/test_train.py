@@ -170,6 +170,7 @@ def test_overwrite_starts_over(cli):
     assert sorted(after) == [1]  # metrics.jsonl holds the new run only
     assert (cli.root / "run" / "latest").read_text() == "1"
     assert not (cli.root / "run" / "iter_0000002").exists()
+    assert not list((cli.root / "run").glob("*.deleting"))  # deleted before the run ended
 
 
 @pytest.mark.distributed
@@ -241,7 +242,7 @@ def test_ctrl_c_names_the_last_complete_checkpoint(cli, when):
     save = cli.root / f"ctrl-c {when}"
     assert result["code"] == 130
     assert "Traceback" not in result["stderr"] and "KeyboardInterrupt" not in result["stderr"]
-    assert not list(save.glob("*.partial"))
+    assert not list(save.glob("*.partial")) and not list(save.glob("*.deleting"))
     if when == "after save":
         assert (save / "latest").read_text() == "1"
         assert f"last complete checkpoint is {save / 'iter_0000001'}" in result["stderr"]
@@ -259,7 +260,7 @@ def test_sigterm_stops_like_ctrl_c(cli):
     assert result["code"] == 143
     assert "Traceback" not in result["stderr"]
     assert "terminated (SIGTERM) at iteration 1; no complete checkpoint" in result["stderr"]
-    assert not list(save.glob("*.partial"))
+    assert not list(save.glob("*.partial")) and not list(save.glob("*.deleting"))
     # Its run.yaml stays, so a plain start would be refused: --resume says what works.
     refused(cli.results["resume before a checkpoint"], "no checkpoint",
             "--overwrite to start it over", "--resume auto")
@@ -423,6 +424,50 @@ def test_the_valid_loss_note_of_a_batch_change_counts_the_checkpoint_eval_iters(
             "first 12 validation samples (eval_iters x global batch), where it averaged 8") in more
     assert ("global batch changes from 4 to 8 samples per step; valid_loss now averages the "
             "first 8 validation samples (eval_iters x global batch)\n") in was_off
+
+
+def test_overwrite_sets_the_old_checkpoints_aside_for_deletion(tmp_path):
+    """--overwrite deleted every old checkpoint (2 TB each at 145B) on rank 0 before its first
+    broadcast, every rank waiting; each is now one rename, deleted in the background."""
+    from dsmoe_megatron.run_dir import decide_resume
+
+    for name in ("iter_0000001", "iter_0000002", "iter_0000003.deleting"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metadata.json").write_text("{}")
+    for name in ("latest", "run.yaml", "metrics.jsonl"):
+        (tmp_path / name).write_text("2")
+    resumed, removed = decide_resume(str(tmp_path), "never", overwrite=True)
+    assert not resumed and sorted(p.name for p in removed) == [
+        "iter_0000001", "iter_0000002", "iter_0000003.deleting", "latest", "metrics.jsonl",
+        "run.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000001.deleting", "iter_0000002.deleting", "iter_0000003.deleting"]
+
+
+def test_the_save_of_a_stop_does_not_wait_for_a_deletion():
+    """A save waits for keep_checkpoints' deletion of the older checkpoints, to have their room;
+    the save a stop asks for (exit_signal_handler, exit_duration_in_mins) does not: a deletion
+    of 2 TB could outlast the scheduler's grace time, and the save would be lost."""
+    from types import SimpleNamespace
+
+    from dsmoe_megatron.train import Trainer
+
+    class Saving(Exception):
+        pass
+
+    def saving():
+        raise Saving
+
+    trainer = Trainer.__new__(Trainer)  # only what save() reads before it writes
+    waited = []
+    trainer.deletions = SimpleNamespace(wait=lambda: waited.append(True))
+    trainer._weights_finite = saving
+    for stopped_early, waits in ((None, [True]), ("SIGTERM received", [])):
+        waited.clear()
+        trainer.stopped_early = stopped_early
+        with pytest.raises(Saving):
+            trainer.save()
+        assert waited == waits
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_continued_by_resume_auto(tmp_path):
