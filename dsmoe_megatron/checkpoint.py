@@ -252,16 +252,22 @@ def remove_leftover_dirs(save_dir: str | Path, suffix: str = ".partial") -> list
     return [path for path in removed if not path.exists()]
 
 
-def set_aside_for_deletion(path: Path) -> Path:
-    """Rename ``path`` to a ``.deleting`` name (one rename, however large it is): from then on no
-    tool takes it for a checkpoint, a save of the same iteration does not meet it, and
-    ``remove_leftover_dirs(save_dir, ".deleting")`` deletes it. Returns the new name."""
-    aside, n = path.with_name(f"{path.name}.deleting"), 1
-    while aside.exists():  # one whose deletion was cut short
+def set_aside(path: Path, suffix: str) -> Path:
+    """Rename ``path`` to ``path.name + suffix``, or ``.2`` + suffix and so on where that is
+    taken (one rename, however large it is); returns the new name."""
+    aside, n = path.with_name(path.name + suffix), 1
+    while aside.exists():
         n += 1
-        aside = path.with_name(f"{path.name}.{n}.deleting")
+        aside = path.with_name(f"{path.name}.{n}{suffix}")
     os.replace(path, aside)
     return aside
+
+
+def set_aside_for_deletion(path: Path) -> Path:
+    """Rename ``path`` ``.deleting``: from then on no tool takes it for a checkpoint, a save of
+    the same iteration does not meet it, and ``remove_leftover_dirs(save_dir, ".deleting")``
+    deletes it. Returns the new name."""
+    return set_aside(path, ".deleting")
 
 
 def set_aside_unfinished_saves(save_dir: str | Path) -> list[Path]:

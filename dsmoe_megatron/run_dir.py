@@ -213,12 +213,7 @@ def set_aside_newer_checkpoints(save: str | Path, iteration: int) -> list[str]:
     moved = []
     for path in sorted(Path(save).glob("iter_*")):
         if (checkpoint.iteration_of(path) or 0) > iteration:
-            aside, n = path.with_name(f"{path.name}.discarded"), 1
-            while aside.exists():
-                n += 1
-                aside = path.with_name(f"{path.name}.discarded.{n}")
-            path.rename(aside)
-            moved.append(aside.name)
+            moved.append(checkpoint.set_aside(path, ".discarded").name)
     return moved
 
 

@@ -714,11 +714,11 @@ def test_checkpoints_past_the_resumed_one_are_renamed_not_replaced(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "what").write_text(name)
     assert set_aside_newer_checkpoints(tmp_path, 2) == [
-        "iter_0000004.discarded.2", "iter_0000006.discarded"]
+        "iter_0000004.2.discarded", "iter_0000006.discarded"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "iter_0000002", "iter_0000004.discarded", "iter_0000004.discarded.2",
+        "iter_0000002", "iter_0000004.2.discarded", "iter_0000004.discarded",
         "iter_0000006.discarded", "iter_0000006.partial"]
-    assert (tmp_path / "iter_0000004.discarded.2" / "what").read_text() == "iter_0000004"
+    assert (tmp_path / "iter_0000004.2.discarded" / "what").read_text() == "iter_0000004"
 
 
 def test_a_metrics_line_cut_short_does_not_block_the_resume(tmp_path):
