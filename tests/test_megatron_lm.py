@@ -217,6 +217,27 @@ def test_yaml_flags_lose_to_explicit_flags():
                                                     "--lr-decay-style", "cosine"])
 
 
+def test_an_explicit_shared_expert_width_wins_over_the_yamls_count(parse_args):
+    """--moe-shared-expert-intermediate-size with tiny.yaml (1 shared expert) was refused as
+    disagreeing with moe_num_shared_experts, which only the file set. Explicit flags win: the
+    count is the width over the expert width (64), as on the --spec path."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from dsmoe_megatron.megatron_lm import CPU_FLAGS
+    from dsmoe_megatron.specs import config_from_megatron
+
+    def shared_experts(*flags):
+        parse_args.reset()
+        args = parse_args([*CPU_FLAGS, "--dsmoe-yaml", TINY, *flags])
+        return config_from_megatron(core_transformer_config_from_args(args)).moe_num_shared_experts
+
+    assert shared_experts() == 1
+    assert shared_experts("--moe-shared-expert-intermediate-size", "128") == 2
+    assert shared_experts("--moe-num-shared-experts", "3") == 3
+    with pytest.raises(ConfigError, match="=100 must be a multiple of --moe-ffn-hidden-size=64"):
+        shared_experts("--moe-shared-expert-intermediate-size", "100")
+
+
 def test_yaml_exit_settings_become_megatron_lms(tmp_path):
     """exit_* are Megatron-LM's own settings; its --exit-signal takes a signal's name."""
     from dsmoe_megatron.megatron_lm import expand_dsmoe_yaml
