@@ -475,6 +475,11 @@ def _check_megatron_lm_arguments(run, ckpt: Path) -> dict:
         # leaves num_query_groups at 1 until its first FLOP count (a checkpoint saved before
         # any step, e.g. by --ckpt-convert-format, keeps that 1).
         trained_with["num_query_groups"] = trained_with.get("num_attention_heads")
+    width, expert_width = (trained_with.get("moe_shared_expert_intermediate_size"),
+                           trained_with.get("moe_ffn_hidden_size"))
+    if trained_with.get("moe_num_shared_experts") is None and width and expert_width:
+        # Without --moe-num-shared-experts the count is the shared width over the expert width.
+        trained_with["moe_num_shared_experts"] = width // expert_width
     pairs = [(key, trained_with.get(_ARG_NAMES.get(key, key)), getattr(run.model, key))
              for key in SAME_MODEL_FIELDS]
     pairs.append(("vocab_size", trained_with.get("vocab_size"), run.train.vocab_size))

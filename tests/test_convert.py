@@ -1620,6 +1620,27 @@ def test_megatron_lm_arguments_without_group_query_attention_mean_a_kv_head_per_
         convert._check_megatron_lm_arguments(run, tmp_path)
 
 
+def test_megatron_lm_arguments_give_the_shared_experts_by_width(tmp_path, monkeypatch):
+    """A run given its shared experts as pretrain_gpt.py's width
+    (--moe-shared-expert-intermediate-size 32 over --moe-ffn-hidden-size 16: 2) keeps no count:
+    an export with another count was refused only by the tensors' shapes. Now by name, with the
+    --set that fits."""
+    from megatron.core import dist_checkpointing
+
+    run = convert.make_run_config(TINY, vocab_size=None, seq_length=SEQ)  # 1 shared expert
+    args = SimpleNamespace(moe_shared_expert_intermediate_size=32, moe_ffn_hidden_size=16,
+                           moe_num_shared_experts=None)
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda _: {"args": args})
+    with pytest.raises(ConversionError, match="trained with moe_num_shared_experts=2 .*"
+                                              "use --set moe_num_shared_experts=2"):
+        convert._check_megatron_lm_arguments(run, tmp_path)
+    args.moe_shared_expert_intermediate_size = 16
+    convert._check_megatron_lm_arguments(run, tmp_path)
+    # A count given otherwise (DSMOE_NUM_SHARED_EXPERTS) leaves the width unset: not checked.
+    args.moe_shared_expert_intermediate_size = None
+    convert._check_megatron_lm_arguments(run, tmp_path)
+
+
 def test_a_checkpoint_in_megatron_lms_torch_format_is_named_with_the_way_to_convert_it(
         tmp_path, capsys):
     """Megatron-LM's --ckpt-format torch (mp_rank_*/model_optim_rng.pt) was called an incomplete
