@@ -577,11 +577,13 @@ def yaml_to_megatron_flags(path: str, parser, given: list[str] = ()) -> list[str
     run = load_run_config(path, instantiate_checks=False)
     given_dests = {parser._option_string_actions[t.partition("=")[0]].dest
                    for t in given if t.partition("=")[0] in parser._option_string_actions}
-    # The shared experts' width and their count are one setting (width = count x expert width):
-    # a flag giving either replaces the file's.
-    shared = {"moe_shared_expert_intermediate_size", "moe_num_shared_experts"}
-    if given_dests & shared:
-        given_dests |= shared
+    # Settings given by two keys together: the shared experts' width and count (width = count x
+    # expert width), and which layers are MoE (moe_layer_freq, after moe_first_k_dense dense
+    # ones). A flag giving either key replaces the file's setting, both keys.
+    for setting in ({"moe_shared_expert_intermediate_size", "moe_num_shared_experts"},
+                    {"moe_layer_freq", "moe_first_k_dense"}):
+        if given_dests & setting:
+            given_dests |= setting
     # The file's model keys and DeepSeekMoE's architecture defaults (SwiGLU, RMSNorm, no biases,
     # routing); the kernel fusions it turns off stay Megatron-LM's unless the file sets them.
     model_keys = {k for s in ("language_model", "model_parallel", "deepseekmoe")

@@ -238,6 +238,25 @@ def test_an_explicit_shared_expert_width_wins_over_the_yamls_count(parse_args):
         shared_experts("--moe-shared-expert-intermediate-size", "100")
 
 
+def test_an_explicit_moe_layer_freq_wins_over_the_yamls_dense_layers(parse_args):
+    """--moe-layer-freq "[1]*4" with tiny.yaml (first layer dense) still trained layer 0 dense:
+    the file's moe_first_k_dense applied on top of the pattern the flag gave in full."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from dsmoe_megatron.megatron_lm import CPU_FLAGS
+    from dsmoe_megatron.specs import config_from_megatron
+
+    def pattern(*flags):
+        parse_args.reset()
+        args = parse_args([*CPU_FLAGS, "--dsmoe-yaml", TINY, *flags])
+        return config_from_megatron(core_transformer_config_from_args(args)).moe_layer_pattern()
+
+    assert pattern() == [False, True, True, True]
+    assert pattern("--moe-layer-freq", "[1]*4") == [True] * 4
+    assert pattern("--moe-layer-freq", "[1,0,1,1]") == [True, False, True, True]
+    assert pattern("--moe-first-k-dense", "2") == [False, False, True, True]
+
+
 def test_yaml_exit_settings_become_megatron_lms(tmp_path):
     """exit_* are Megatron-LM's own settings; its --exit-signal takes a signal's name."""
     from dsmoe_megatron.megatron_lm import expand_dsmoe_yaml
