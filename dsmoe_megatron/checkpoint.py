@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -37,8 +38,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dsmoe_megatron import optimizer_precision as precision
-from dsmoe_megatron.cli import (PEER_EXITED, describe_os_error, first_sentence, peer_exited,
-                                root_cause)
+from dsmoe_megatron.cli import (PEER_EXITED, describe_os_error, find_cause, first_sentence,
+                                peer_exited, root_cause)
 
 RUN_CONFIG_NAME = "run.yaml"
 LATEST_NAME = "latest"
@@ -112,6 +113,43 @@ def collect_write_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+# The OSErrors this process's checkpoint writers met in the current save. Megatron's writer
+# reports a failed write as "Worker failure: ... <class 'RuntimeError'>", dropping the OSError
+# that torch's stream writer had chained to its own error: a quota or a file size limit, which
+# leave free space on the disk, was said to be an unknown failure.
+_writer_os_errors: list[OSError] = []
+
+
+def record_writer_os_errors() -> None:
+    """Keep the OSError behind each failed write of Megatron's writer in _writer_os_errors."""
+    write_item = filesystem_async._write_item
+    if getattr(write_item, "records_os_errors", False):
+        return
+
+    @functools.wraps(write_item)  # the writer reads its signature
+    def recording(*args, **kwargs):
+        try:
+            return write_item(*args, **kwargs)
+        except Exception as error:
+            cause = find_cause(error, OSError)
+            if cause is not None:
+                _writer_os_errors.append(cause)
+            raise
+
+    recording.records_os_errors = True
+    filesystem_async._write_item = recording
+
+
+def _writers_os_error() -> OSError | None:
+    """The first OSError a writer of any rank met in this save (a collective)."""
+    mine = _writer_os_errors[0] if _writer_os_errors else None
+    if not dist.is_initialized():
+        return mine
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return next((e for e in every if e is not None), None)
+
+
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
@@ -167,6 +205,8 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
 
     _on_rank0_for_all(start, save_dir, iteration, partial)
     collect_write_results_in_process()
+    record_writer_os_errors()
+    _writer_os_errors.clear()
     chunks = [_unwrap(c) for c in model_chunks]
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
@@ -182,10 +222,12 @@ def save(save_dir: str | Path, iteration: int, model_chunks, optimizer=None,
         dist_checkpointing.save(state, str(partial), sharded_strategy=sharded_strategy)
     except CheckpointException as error:  # a BaseException, raised on every rank with the
         # ranks' failures on rank 0 (the coordinator) only: every rank says rank 0's
-        _raise_on_every_rank(_save_failed(save_dir, iteration, error, partial)
+        cause = _writers_os_error() or error
+        _raise_on_every_rank(_save_failed(save_dir, iteration, cause, partial)
                              if _rank() == 0 else None, partial, error)
     except Exception as error:  # this rank's own
-        message = _save_failed(save_dir, iteration, error, partial)
+        message = _save_failed(save_dir, iteration, (
+            _writer_os_errors[0] if _writer_os_errors else error), partial)
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(message) from error

@@ -73,7 +73,8 @@ def run_job(tasks: list[tuple]) -> list:
              "resumed_checkpoint": resumed_checkpoint, "weight_decays": weight_decays,
              "experts_on_gpu_rng": experts_on_gpu_rng,
              "extra_state_round_trip": extra_state_round_trip,
-             "damaged_tensor_data": damaged_tensor_data, "with_adam": with_adam}
+             "damaged_tensor_data": damaged_tensor_data, "with_adam": with_adam,
+             "save_over_a_file_size_limit": save_over_a_file_size_limit}
     return [kinds[kind](*args) for kind, *args in tasks]
 
 
@@ -488,3 +489,32 @@ def damaged_tensor_data(directory: str, tensor_parallel: int) -> dict:
         except checkpoint.CheckpointError as error:
             out[case] = str(error)
     return out
+
+
+def save_over_a_file_size_limit(directory: str) -> str:
+    """Save a model where no file may pass 64 KiB (RLIMIT_FSIZE, as ulimit -f: the write fails
+    with EFBIG, as one over a quota fails with EDQUOT, while the disk has room); returns the
+    error the save raised on this rank."""
+    import resource
+
+    import torch.distributed as dist
+
+    from common import build_chunks, tiny_config
+    from dsmoe_megatron import checkpoint
+    from dsmoe_megatron.runtime import ParallelLayout
+
+    torch.manual_seed(0)
+    chunks = build_chunks(tiny_config(ParallelLayout(tensor=dist.get_world_size())))
+    save = Path(directory)
+    if dist.get_rank() == 0:
+        (save / checkpoint.LATEST_NAME).write_text("2")
+    dist.barrier()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**10, hard))
+    try:
+        checkpoint.save(save, 4, chunks)
+    except checkpoint.CheckpointError as error:
+        return str(error)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    return "saved"

@@ -164,6 +164,23 @@ def test_a_full_disk_the_writer_does_not_name_is_said_to_be_one(tmp_path, monkey
         assert f"{free // 2**20:,} MiB free on the filesystem of {tmp_path}" in str(error.value)
 
 
+@pytest.mark.distributed
+def test_a_save_over_a_file_size_limit_or_quota_says_why(tmp_path):
+    """A write refused while the disk had room (a quota, a file size limit) was reported as
+    Megatron's writer words it, 'Worker failure: ... <class 'RuntimeError'>': the cause, which
+    torch had chained to its stream writer's error, was dropped."""
+    from dsmoe_megatron.runtime import ParallelLayout
+
+    results = run_on_ranks(run_job, 2, ParallelLayout(tensor=2),
+                           args=([("save_over_a_file_size_limit", str(tmp_path))],))
+    for [said] in results:
+        assert said.startswith(f"saving iteration 4 to {tmp_path} failed: File too large ("), said
+        assert said.endswith(f"Nothing was lost: the last complete checkpoint, "
+                             f"{tmp_path / 'iter_0000002'}, is untouched and --resume continues "
+                             "from it once the cause is fixed"), said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
 def test_a_damaged_checkpoint_names_the_complete_ones_beside_it(tmp_path):
     """The advice to resume from an earlier checkpoint named none: a requeued job that stops on
     a damaged newest checkpoint needs the iteration to write into 'latest'."""
