@@ -160,8 +160,14 @@ def _rank() -> int:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        # No stray temporary file beside it, and the error names the file that could not be
+        # replaced (an immutable or read-only `latest`), not the temporary one.
+        tmp.unlink(missing_ok=True)
+        raise type(error)(error.errno, error.strerror, str(path)) from error
 
 
 def _model_keys(num_chunks: int) -> list[str]:

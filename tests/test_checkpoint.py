@@ -181,6 +181,33 @@ def test_a_save_over_a_file_size_limit_or_quota_says_why(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 
 
+def test_a_latest_that_cannot_be_replaced_is_named_and_leaves_no_temporary_file(tmp_path,
+                                                                               monkeypatch):
+    """A `latest` made immutable (chattr +i) mid-run stopped the save naming latest.tmpPID, a
+    file the user never made, and left it beside `latest` for good."""
+    import errno
+    import os
+
+    from dsmoe_megatron import checkpoint
+
+    latest, replace = tmp_path / checkpoint.LATEST_NAME, os.replace
+    latest.write_text("2")
+
+    def immutable(source, destination):
+        if str(destination) == str(latest):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source),
+                                  None, str(destination))
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", immutable)
+    with pytest.raises(PermissionError) as error:
+        checkpoint.write_text_atomic(latest, "4")
+    assert error.value.filename == str(latest)
+    assert error.value.errno == errno.EPERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LATEST_NAME]
+    assert latest.read_text() == "2"
+
+
 def test_a_damaged_checkpoint_names_the_complete_ones_beside_it(tmp_path):
     """The advice to resume from an earlier checkpoint named none: a requeued job that stops on
     a damaged newest checkpoint needs the iteration to write into 'latest'."""
