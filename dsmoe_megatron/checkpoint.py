@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import functools
 import json
+import logging
 import os
 import queue
 import shutil
@@ -138,6 +139,9 @@ def record_writer_os_errors() -> None:
 
     recording.records_os_errors = True
     filesystem_async._write_item = recording
+    # The writer then logs the failure in two lines that name no cause; the save's error says it.
+    logging.getLogger(filesystem_async.__name__).addFilter(
+        lambda record: record.levelno < logging.ERROR or not _writer_os_errors)
 
 
 def _writers_os_error() -> OSError | None:

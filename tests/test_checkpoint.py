@@ -165,10 +165,11 @@ def test_a_full_disk_the_writer_does_not_name_is_said_to_be_one(tmp_path, monkey
 
 
 @pytest.mark.distributed
-def test_a_save_over_a_file_size_limit_or_quota_says_why(tmp_path):
+def test_a_save_over_a_file_size_limit_or_quota_says_why(tmp_path, capfd):
     """A write refused while the disk had room (a quota, a file size limit) was reported as
     Megatron's writer words it, 'Worker failure: ... <class 'RuntimeError'>': the cause, which
-    torch had chained to its stream writer's error, was dropped."""
+    torch had chained to its stream writer's error, was dropped; the writer's own two lines
+    on it came first."""
     from dsmoe_megatron.runtime import ParallelLayout
 
     results = run_on_ranks(run_job, 2, ParallelLayout(tensor=2),
@@ -179,6 +180,7 @@ def test_a_save_over_a_file_size_limit_or_quota_says_why(tmp_path):
                              f"{tmp_path / 'iter_0000002'}, is untouched and --resume continues "
                              "from it once the cause is fixed"), said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+    assert "Local worker" not in capfd.readouterr().err
 
 
 def test_a_latest_that_cannot_be_replaced_is_named_and_leaves_no_temporary_file(tmp_path,
