@@ -277,8 +277,14 @@ def _save_failed(save_dir, iteration: int, error: BaseException, partial: Path) 
         latest = latest_iteration(save_dir)
     except (CheckpointError, OSError):
         latest = None
-    written = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if (
-        partial.is_dir()) else 0
+    final = iteration_dir(save_dir, iteration)
+    if partial.is_dir():
+        size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+        written = f" ({size / 2**20:,.1f} MiB of it had been written)"
+    elif (final / "metadata.json").exists():  # renamed into place: `latest` could not name it
+        written = f" (after {final.name} was complete)"
+    else:
+        written = ""
     kept = (f"the last complete checkpoint, {iteration_dir(save_dir, latest)}, is untouched and "
             "--resume continues from it once the cause is fixed" if latest is not None else
             "there is no complete checkpoint in it yet")
@@ -286,8 +292,7 @@ def _save_failed(save_dir, iteration: int, error: BaseException, partial: Path) 
     # A rank killed mid-save (OOM, a scheduler) leaves its peers Gloo's word, not a cause.
     return ((f"{what}: {PEER_EXITED}" if peer_exited(error)
              else describe_os_error(what, error, save_dir, writer=True))
-            + f" ({written / 2**20:,.1f} MiB of it had been written). Nothing was lost: "
-            + kept)
+            + written + ". Nothing was lost: " + kept)
 
 
 def partial_dir(final: Path) -> Path:

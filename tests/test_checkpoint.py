@@ -208,6 +208,13 @@ def test_a_latest_that_cannot_be_replaced_is_named_and_leaves_no_temporary_file(
     assert error.value.errno == errno.EPERM
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LATEST_NAME]
     assert latest.read_text() == "2"
+    # The save's line: its checkpoint was complete (renamed into place) when latest failed, not
+    # "0.0 MiB of it had been written".
+    (tmp_path / "iter_0000004").mkdir()
+    (tmp_path / "iter_0000004" / "metadata.json").write_text("{}")
+    said = checkpoint._save_failed(tmp_path, 4, error.value, tmp_path / "iter_0000004.partial")
+    assert f"(after iter_0000004 was complete). Nothing was lost: the last complete checkpoint, " \
+           f"{tmp_path / 'iter_0000002'}, is untouched" in said, said
 
 
 def test_a_damaged_checkpoint_names_the_complete_ones_beside_it(tmp_path):
