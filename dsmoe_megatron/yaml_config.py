@@ -247,12 +247,11 @@ class TrainingArgs:
                 raise YamlConfigError(
                     f"data_path: {item!r} is one prefix with spaces, not a blend; list its "
                     f"parts: data_path=[{', '.join(w for i in blend for w in i.split())}]")
-        weighted = any(map(_is_number, blend))  # [a, 0.7, b] lacks a weight, not a dataset 0.7
-        if weighted and (len(blend) % 2 or not all(_is_number(w) for w in blend[::2])):
+        if not any(map(_is_number, blend)):  # [a, 0.7, b] lacks a weight, not a dataset 0.7
+            return
+        if len(blend) % 2 or not all(_is_number(w) for w in blend[::2]):
             raise YamlConfigError(f"data_path: {blend} looks like a weighted blend but is not "
                                   "'weight, prefix' pairs")
-        if not weighted:
-            return
         for weight, prefix in zip(blend[::2], blend[1::2]):
             if not (math.isfinite(float(weight)) and float(weight) > 0):
                 raise YamlConfigError(
