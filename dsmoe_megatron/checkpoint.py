@@ -299,11 +299,10 @@ def partial_dir(final: Path) -> Path:
     return final.with_name(final.name + ".partial")
 
 
-def remove_leftover_dirs(save_dir: str | Path, suffix: str = ".partial") -> list[Path]:
-    """Delete the ``iter_*`` directories of ``save_dir`` named with ``suffix``, never
-    checkpoints: ``.partial``, those of interrupted saves (never named by ``latest``);
-    ``.deleting``, those set aside for deletion. Returns those that are gone."""
-    removed = sorted(Path(save_dir).glob(f"iter_*{suffix}"))
+def delete_set_aside(save_dir: str | Path) -> list[Path]:
+    """Delete the ``iter_*.deleting`` directories of ``save_dir`` (``set_aside_for_deletion``);
+    returns those that are gone (one a file of which is held open may not be yet)."""
+    removed = sorted(Path(save_dir).glob("iter_*.deleting"))
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return [path for path in removed if not path.exists()]
@@ -322,8 +321,8 @@ def set_aside(path: Path, suffix: str) -> Path:
 
 def set_aside_for_deletion(path: Path) -> Path:
     """Rename ``path`` ``.deleting``: from then on no tool takes it for a checkpoint, a save of
-    the same iteration does not meet it, and ``remove_leftover_dirs(save_dir, ".deleting")``
-    deletes it. Returns the new name."""
+    the same iteration does not meet it, and ``delete_set_aside`` deletes it. Returns the new
+    name."""
     return set_aside(path, ".deleting")
 
 

@@ -255,7 +255,7 @@ class Deletions:
         self.wait()
 
         def delete():
-            gone = checkpoint.remove_leftover_dirs(save, ".deleting")
+            gone = checkpoint.delete_set_aside(save)
             if gone:
                 names = ", ".join(p.name.removesuffix(".deleting") for p in gone)
                 tqdm.write(f"deleted {names} ({why})")

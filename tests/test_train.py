@@ -632,7 +632,7 @@ def test_keep_checkpoints_deletes_the_older_ones_and_the_run_resumes_as_uninterr
 
 
 def test_prune_sets_aside_the_older_ones_up_to_latest_and_deletion_finishes_them(tmp_path):
-    from dsmoe_megatron.checkpoint import (prune_checkpoints, remove_leftover_dirs,
+    from dsmoe_megatron.checkpoint import (delete_set_aside, prune_checkpoints,
                                            set_aside_unfinished_saves)
 
     for name in ("iter_0000002", "iter_0000004", "iter_0000006", "iter_0000008",
@@ -647,7 +647,7 @@ def test_prune_sets_aside_the_older_ones_up_to_latest_and_deletion_finishes_them
     # at a start: 7's earlier deletion was cut short, and its name is taken
     assert set_aside_unfinished_saves(tmp_path) == [
         tmp_path / "iter_0000007.partial.2.deleting", tmp_path / "iter_0000009.partial.deleting"]
-    assert remove_leftover_dirs(tmp_path, ".deleting") == [
+    assert delete_set_aside(tmp_path) == [
         tmp_path / "iter_0000001.deleting", tmp_path / "iter_0000002.deleting",
         tmp_path / "iter_0000007.partial.2.deleting", tmp_path / "iter_0000007.partial.deleting",
         tmp_path / "iter_0000009.partial.deleting"]
@@ -685,7 +685,7 @@ def test_deletion_goes_on_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeyp
     """A .deleting directory that could not be deleted (a file of it held open over NFS, where
     the directory then stays non-empty) must not stop the deletion of the newer ones, at every
     save: the disk would fill while keep_checkpoints was set."""
-    from dsmoe_megatron.checkpoint import remove_leftover_dirs
+    from dsmoe_megatron.checkpoint import delete_set_aside
 
     for name in ("iter_0000001.deleting", "iter_0000002.deleting", "iter_0000004"):
         (tmp_path / name).mkdir()
@@ -700,7 +700,7 @@ def test_deletion_goes_on_past_a_checkpoint_that_cannot_go_yet(tmp_path, monkeyp
         rmtree(path, ignore_errors=ignore_errors, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", held_open)
-    assert remove_leftover_dirs(tmp_path, ".deleting") == [
+    assert delete_set_aside(tmp_path) == [
         tmp_path / "iter_0000002.deleting"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001.deleting",
                                                           "iter_0000004"]
