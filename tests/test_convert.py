@@ -725,7 +725,7 @@ def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt,
     save = convert.import_from_hf(tmp_path / "hf", tmp_path / "import")
     with pytest.raises(subprocess.CalledProcessError) as refused:
         train_from(save, tmp_path / "run")
-    err = refused.value.stderr.decode()
+    err = refused.value.stderr
     assert refused.value.returncode == 1 and "Traceback" not in err, err
     kept = save / convert.HF_SOURCE_DIR
     assert (f"data_path is null, which trains on the corpus shipped with dsmoe_megatron in the "
@@ -759,7 +759,7 @@ def test_a_run_from_an_import_with_its_own_tokenizer_refuses_the_byte_corpus(rt,
     (kept / "tokenizer.json").write_text('{"model": ')
     with pytest.raises(subprocess.CalledProcessError) as refused:
         train_from(save, tmp_path / "run")
-    err = refused.value.stderr.decode()
+    err = refused.value.stderr
     assert "Traceback" not in err and f"{kept / 'tokenizer.json'} is not valid JSON" in err, err
     assert "replace it with a complete copy of the model's original file" in err, err
     assert "--no-tokenizer" not in err, err  # dsmoe-convert's option, not dsmoe-train's
@@ -784,7 +784,7 @@ def test_data_beyond_an_imports_vocabulary_points_to_the_imports_tokenizer(rt, t
     builder.finalize(prefix + ".idx")
     with pytest.raises(subprocess.CalledProcessError) as refused:
         train_from(save, tmp_path / "run", f"data_path=[{prefix}]", "split=100,0,0")
-    err = refused.value.stderr.decode()
+    err = refused.value.stderr
     assert "Traceback" not in err, err
     kept = save / convert.HF_SOURCE_DIR
     assert re.search(re.escape(f"data_path ['{prefix}'] holds token id ") + r"\d+" + re.escape(
