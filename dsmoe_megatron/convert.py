@@ -611,10 +611,10 @@ def _hub_cache_snapshot(folder: Path) -> Path | None:
     """The model directory in a Hugging Face Hub cache folder (models--ORG--NAME): the snapshot
     refs/main names, else the newest one holding a config.json."""
     snapshots = [d for d in (folder / "snapshots").glob("*") if (d / "config.json").is_file()]
-    main = folder / "refs" / "main"
-    if main.is_file() and folder / "snapshots" / main.read_text().strip() in snapshots:
-        return folder / "snapshots" / main.read_text().strip()
-    return max(snapshots, key=lambda d: d.stat().st_mtime, default=None)
+    ref = folder / "refs" / "main"
+    main = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    return main if main in snapshots else max(snapshots, key=lambda d: d.stat().st_mtime,
+                                              default=None)
 
 
 def make_run_config(model_fields: Mapping, vocab_size: int | None = None,

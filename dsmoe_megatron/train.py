@@ -703,6 +703,9 @@ class Trainer:
 
         from dsmoe_megatron import checkpoint
 
+        # After the save of a stop, which did not wait, a deletion may still run: its report
+        # would take the checkpoints renamed now for ones it could not delete.
+        self.deletions.wait()
         try:
             checkpoint.prune_checkpoints(save, keep)
         except OSError as error:  # a week's run does not stop for an old checkpoint
